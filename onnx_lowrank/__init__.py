@@ -1,0 +1,19 @@
+"""onnx-lowrank: factorize the weights of an ONNX model into low-rank chains, exactly at full rank."""
+
+from .api import LayerInfo, Options, compress, compress_file, inspect
+from .errors import BoundNotMet, InputError
+from .report import LayerReport, Report, SkippedLayer, Validation
+
+__all__ = [
+    "BoundNotMet",
+    "InputError",
+    "LayerInfo",
+    "LayerReport",
+    "Options",
+    "Report",
+    "SkippedLayer",
+    "Validation",
+    "compress",
+    "compress_file",
+    "inspect",
+]

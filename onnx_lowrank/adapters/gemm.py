@@ -1,0 +1,59 @@
+"""Gemm: Y = alpha * A' @ B' + beta * C, with a constant B (usual) or a constant A.
+
+Constant B (K x N): the map on rows is W = B'^T (N x K); emitted as Gemm(A, B1) -> Gemm(T, B2, C) with
+alpha, beta and C on the second node. Constant A (M x K): W = A'; emitted as Gemm(A1, B) -> Gemm(A2, T, C).
+Factors keep the original transA/transB storage layout.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..layers import Layer
+from ..weights import ConstantIndex, resolve
+
+
+class GemmAdapter:
+    op_type: ClassVar[str] = "Gemm"
+
+    def check(self, node: gs.Node, index: ConstantIndex, opset: int) -> Layer | str:
+        if opset < 7:
+            return f"Gemm before opset 7 (opset {opset}) uses legacy broadcasting"
+        a_weight = resolve(node.inputs[0], index)
+        b_weight = resolve(node.inputs[1], index)
+        a_const, b_const = not isinstance(a_weight, str), not isinstance(b_weight, str)
+        if a_const and b_const:
+            return "both A and B are constants (fold constants first)"
+        if not (a_const or b_const):
+            return "no constant weight (both A and B are computed)"
+        side = "B" if b_const else "A"
+        weight = b_weight if b_const else a_weight
+        if weight.value.ndim != 2:
+            return f"weight {weight.name} is not 2-D"
+        transposed = bool(node.attrs.get(f"trans{side}", 0))
+        effective = weight.value.T if transposed else weight.value  # A' (M x K) or B' (K x N)
+        matrix = effective.T if side == "B" else effective
+        return Layer(node, self, weight, matrix[None], info={"side": side, "transposed": transposed, "opset": opset})
+
+    def rewrite(self, layer: Layer, first: np.ndarray, second: np.ndarray, emit) -> None:
+        attrs = layer.node.attrs
+        side, transposed = layer.info["side"], layer.info["transposed"]
+        zero = [emit.weight("zero_c", np.zeros(1))] if layer.info["opset"] < 11 else []  # C optional from opset 11
+        c = emit.inputs[2:3] or zero
+        tail = {"alpha": attrs.get("alpha", 1.0), "beta": attrs.get("beta", 1.0)}
+        middle = emit.variable("mid")
+        if side == "B":
+            # B' ~= first^T (K x r) @ second^T (r x N); stored transposed when transB=1
+            b1, b2 = (first[0], second[0]) if transposed else (first[0].T, second[0].T)
+            head = {"transA": attrs.get("transA", 0), "transB": int(transposed)}
+            emit.node("a", "Gemm", [emit.inputs[0], emit.weight("a", b1), *zero], [middle], head)
+            emit.node("b", "Gemm", [middle, emit.weight("b", b2), *c], emit.outputs, {**tail, "transB": int(transposed)})
+        else:
+            # A' ~= second (M x r) @ first (r x K); stored transposed when transA=1
+            a1, a2 = (first[0].T, second[0].T) if transposed else (first[0], second[0])
+            head = {"transA": int(transposed), "transB": attrs.get("transB", 0)}
+            emit.node("a", "Gemm", [emit.weight("a", a1), emit.inputs[1], *zero], [middle], head)
+            emit.node("b", "Gemm", [emit.weight("b", a2), middle, *c], emit.outputs, {**tail, "transA": int(transposed)})

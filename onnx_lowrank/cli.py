@@ -1,0 +1,111 @@
+"""The `onnx-lowrank` command: compress and inspect.
+
+Exit codes: 0 written (and within the bound), 1 the bound cannot be met (nothing written),
+2 bad input or usage (one line on stderr), 3 an internal error (a bug; one line, the traceback with
+ONNX_LOWRANK_DEBUG=1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from .adapters import ADAPTERS
+from .api import METHODS, compress_file, inspect
+from .errors import BoundNotMet, InputError
+from .model_io import check_output_path, write_text
+from .ranks import load_ranks_file
+from .summary import print_compress, print_inspect
+
+PROG = "onnx-lowrank"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit 2, like every other bad input."""
+
+    def error(self, message: str):
+        raise InputError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Factorize the weights of an ONNX model into low-rank chains.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = commands.add_parser("compress", help="write a model with factorized layers")
+    run.add_argument("input", type=Path, help="the ONNX model (never modified)")
+    run.add_argument("-o", "--output", type=Path, required=True, help="where to write the new model")
+    rank = run.add_mutually_exclusive_group()
+    rank.add_argument("--ranks", type=Path, metavar="FILE.json",
+                      help='ranks per node or weight name: {"name" | "*": int | "full"}')
+    rank.add_argument("--target-params", type=float, metavar="F",
+                      help="keep this fraction of the factorizable parameters, spent where it loses least energy")
+    rank.add_argument("--energy", type=float, metavar="E",
+                      help="per layer, the smallest rank keeping this fraction of the singular-value energy")
+    run.add_argument("--method", choices=METHODS, default="auto", help="decomposition (auto: the best available)")
+    run.add_argument("--no-data", action="store_true", help="factorize from the weights alone")
+    run.add_argument("--ops", default=",".join(ADAPTERS), metavar="LIST",
+                     help=f"comma-separated op types to consider (default {','.join(ADAPTERS)})")
+    run.add_argument("--allow-larger", action="store_true", help="keep factorizations that do not shrink a layer")
+    run.add_argument("--report", type=Path, metavar="FILE.json", help="write the machine-readable report here")
+    run.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+
+    look = commands.add_parser("inspect", help="per-layer table: shapes, parameters, spectrum, break-even rank")
+    look.add_argument("input", type=Path, help="the ONNX model")
+    look.add_argument("--ops", default=",".join(ADAPTERS), metavar="LIST", help="comma-separated op types")
+    return parser
+
+
+def _ops(text: str) -> tuple[str, ...]:
+    return tuple(op.strip() for op in text.split(",") if op.strip())
+
+
+def _compress(args: argparse.Namespace, console: Console) -> int:
+    ranks = load_ranks_file(args.ranks) if args.ranks is not None else None
+    if args.report is not None:
+        check_output_path(args.report, args.input)
+    report = compress_file(
+        args.input,
+        args.output,
+        ranks=ranks,
+        target_params=args.target_params,
+        energy=args.energy,
+        method=args.method,
+        ops=_ops(args.ops),
+        allow_larger=args.allow_larger,
+    )
+    if args.report is not None:
+        write_text(args.report, report.to_json())
+    if not args.quiet:
+        print_compress(report, console)
+        console.print(f"wrote {args.output}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace, console: Console) -> int:
+    print_inspect(inspect(args.input, ops=_ops(args.ops)), console)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    try:
+        args = _parser().parse_args(argv)
+        return _compress(args, console) if args.command == "compress" else _inspect(args, console)
+    except InputError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    except BoundNotMet as error:
+        print(f"{PROG}: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # a bug: still one line unless asked for the traceback
+        if os.environ.get("ONNX_LOWRANK_DEBUG"):
+            raise
+        print(f"{PROG}: internal error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 3

@@ -1,0 +1,153 @@
+"""What can be factorized in a graph: layers (one node + its weight) grouped into units (one weight matrix set).
+
+Every adapter views its node's weight as G matrices in one orientation, out x in (G = groups of a
+grouped conv or batch matrices of a batched MatMul), so the decompositions and rank choice never see
+op types. A weight shared by several nodes in the same orientation forms one unit: factorized once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .weights import ConstantIndex, Weight, weight_users
+
+
+@dataclass
+class Layer:
+    """One node whose weight can be factorized, with its weight as matrices (G, out, in)."""
+
+    node: gs.Node
+    adapter: Adapter
+    weight: Weight
+    matrices: np.ndarray
+    info: dict = field(default_factory=dict)  # adapter-specific facts found by check()
+
+
+@dataclass
+class Unit:
+    """A set of weight matrices factorized once, used by one or more layers."""
+
+    key: str
+    layers: list[Layer]
+
+    @property
+    def matrices(self) -> np.ndarray:
+        return self.layers[0].matrices
+
+    @property
+    def weight(self) -> Weight:
+        return self.layers[0].weight
+
+    @property
+    def name(self) -> str:
+        """The first node's name: how tables and reports refer to the unit."""
+        return self.layers[0].node.name
+
+    @property
+    def op(self) -> str:
+        return self.layers[0].node.op
+
+    @property
+    def groups(self) -> int:
+        return self.matrices.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out, in) of one matrix."""
+        return self.matrices.shape[1], self.matrices.shape[2]
+
+    @property
+    def params(self) -> int:
+        return int(self.matrices.size)
+
+    @property
+    def full_rank(self) -> int:
+        return min(self.shape)
+
+    def factor_params(self, rank: int) -> int:
+        """Parameters of the two factors at this rank (all groups)."""
+        out_dim, in_dim = self.shape
+        return self.groups * rank * (out_dim + in_dim)
+
+    @property
+    def break_even(self) -> int:
+        """The largest rank whose factors are strictly smaller than the dense weight (0 if none is)."""
+        out_dim, in_dim = self.shape
+        return -(-(out_dim * in_dim) // (out_dim + in_dim)) - 1
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A node an adapter looked at and left, with the reason."""
+
+    node: str
+    op: str
+    reason: str
+
+
+class Adapter(Protocol):
+    """One op type: `check` a node (a Layer, or the reason it is skipped) and `rewrite` it as a chain."""
+
+    op_type: ClassVar[str]
+
+    def check(self, node: gs.Node, index: ConstantIndex, opset: int) -> Layer | str: ...
+
+    def rewrite(self, layer: Layer, first: np.ndarray, second: np.ndarray, splice) -> None:
+        """Emit nodes computing second @ first @ x per group; `first` is (G, r, in), `second` (G, out, r)."""
+
+
+@dataclass
+class Plan:
+    units: list[Unit]
+    skipped: list[Skipped]
+
+
+def find_layers(graph: gs.Graph, model: onnx.ModelProto, adapters: dict[str, Adapter]) -> Plan:
+    """Check every node of a handled op type; group the factorizable ones into units by shared weight."""
+    index = ConstantIndex(model)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    skipped: list[Skipped] = []
+    units: dict[str, Unit] = {}
+    for node in graph.nodes:
+        adapter = adapters.get(node.op)
+        if adapter is None or node.domain not in ("", "ai.onnx", None):
+            continue
+        found = adapter.check(node, index, opset)
+        if isinstance(found, str):
+            skipped.append(Skipped(node.name, node.op, found))
+            continue
+        key = _unit_key(found)
+        units.setdefault(key, Unit(key, [])).layers.append(found)
+    graph_outputs = {t.name for t in graph.outputs}
+    kept: list[Unit] = []
+    for unit in units.values():
+        reason = _sharing_problem(unit, graph_outputs)
+        if reason:
+            skipped.extend(Skipped(layer.node.name, layer.node.op, reason) for layer in unit.layers)
+        else:
+            kept.append(unit)
+    return Plan(kept, skipped)
+
+
+def _unit_key(layer: Layer) -> str:
+    digest = hashlib.sha1(np.ascontiguousarray(layer.matrices).tobytes()).hexdigest()[:16]
+    return f"{layer.weight.name}:{layer.matrices.shape}:{digest}"
+
+
+def _sharing_problem(unit: Unit, graph_outputs: set[str]) -> str | None:
+    """A reason not to factorize when the weight is also used outside this unit (that would add parameters)."""
+    users, to_output = weight_users(unit.weight.stored, graph_outputs)
+    if to_output:
+        return f"weight {unit.weight.name} is also a graph output"
+    mine = {id(layer.node) for layer in unit.layers}
+    others = [user for user in users if id(user) not in mine]
+    if others:
+        other = others[0]
+        return f"weight {unit.weight.name} is also used by {other.op} node {other.name!r} in another way"
+    return None

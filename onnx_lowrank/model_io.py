@@ -1,0 +1,168 @@
+"""Reading and writing models: clear errors for bad files, external data kept, atomic writes."""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
+
+from .errors import InputError
+
+TWO_GB = 2**31
+FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.BFLOAT16,
+    onnx.TensorProto.DOUBLE,
+}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model and how it came: its path (None for an in-memory proto) and whether it used external data."""
+
+    model: onnx.ModelProto
+    path: Path | None
+    external_data: bool
+
+
+def load_model(model_or_path: onnx.ModelProto | str | os.PathLike) -> LoadedModel:
+    """Load and check a model; raise InputError naming the problem when it is not a usable ONNX model."""
+    if isinstance(model_or_path, onnx.ModelProto):
+        model, path, external = model_or_path, None, False
+    else:
+        path = Path(model_or_path)
+        if not path.is_file():
+            raise InputError(f"cannot read model {path}: no such file")
+        if path.stat().st_size == 0:
+            raise InputError(f"cannot read model {path}: the file is empty")
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+            external = any(
+                external_data_helper.uses_external_data(t)
+                for t in external_data_helper._get_all_tensors(model)
+            )
+            if external:
+                external_data_helper.load_external_data_for_model(model, str(path.parent))
+        except DecodeError:
+            raise InputError(f"{path} is not an ONNX model (it does not parse as a protobuf ModelProto)") from None
+        except (OSError, ValueError) as error:
+            raise InputError(f"cannot read model {path}: {error}") from None
+    if not model.HasField("graph") or not model.opset_import:
+        where = path if path is not None else "the given model"
+        raise InputError(f"{where} is not an ONNX model (no graph or no opset import)")
+    try:
+        if path is not None and model.ByteSize() >= TWO_GB:
+            onnx.checker.check_model(str(path))
+        else:
+            onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise InputError(f"invalid model: {first_line}") from None
+    return LoadedModel(model, path, external)
+
+
+def check_output_path(output: str | os.PathLike, source: Path | None) -> Path:
+    """Fail early (before any work) when the output cannot be written or would overwrite the input."""
+    output = Path(output)
+    if output.is_dir():
+        raise InputError(f"cannot write {output}: it is a directory")
+    parent = output.parent if str(output.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"cannot write {output}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"cannot write {output}: directory {parent} is not writable")
+    if source is not None and output.resolve() == source.resolve():
+        raise InputError(f"output {output} is the input model; choose another path")
+    return output
+
+
+def save_model(model: onnx.ModelProto, output: str | os.PathLike, external_data: bool) -> None:
+    """Write the model atomically: into a temporary folder beside the target, then rename into place.
+
+    With external data (asked for, or forced by a model over 2 GB) the tensors go to OUTPUT.data.
+    """
+    output = Path(output)
+    external_data = external_data or model.ByteSize() >= TWO_GB
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        staged = staging / output.name
+        data_name = output.name + ".data"
+        if external_data:
+            onnx.save_model(
+                model,
+                str(staged),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=1024,
+            )
+            # save_model moves the tensors out of the proto; load them back so the caller's model stays whole
+            external_data_helper.load_external_data_for_model(model, str(staging))
+        else:
+            onnx.save_model(model, str(staged))
+        if (staging / data_name).exists():
+            os.replace(staging / data_name, output.parent / data_name)
+        os.replace(staged, output)
+    except OSError as error:
+        raise InputError(f"cannot write {output}: {error.strerror or error}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a small text file (the JSON report) atomically."""
+    path = Path(path)
+    handle, staged = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+        os.replace(staged, path)
+    except OSError as error:
+        Path(staged).unlink(missing_ok=True)
+        raise InputError(f"cannot write {path}: {error.strerror or error}") from None
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """What the before/after summary compares."""
+
+    params: int
+    bytes: int
+    ops: dict[str, int]
+
+
+def model_stats(model: onnx.ModelProto) -> ModelStats:
+    """Parameters (elements of floating-point constants), serialized bytes and node counts by op type."""
+    params = 0
+    for tensor in _constant_tensors(model.graph):
+        if tensor.data_type in FLOAT_TYPES:
+            count = 1
+            for dim in tensor.dims:
+                count *= dim
+            params += count
+    ops = collections.Counter(node.op_type for node in model.graph.node)
+    return ModelStats(params=params, bytes=_serialized_bytes(model), ops=dict(sorted(ops.items())))
+
+
+def _constant_tensors(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attribute in node.attribute:
+                if attribute.name == "value":
+                    yield attribute.t
+
+
+def _serialized_bytes(model: onnx.ModelProto) -> int:
+    try:
+        return model.ByteSize()
+    except Exception:  # protobuf refuses to size messages over 2 GB; count the tensor payloads instead
+        return sum(len(t.raw_data) for t in _constant_tensors(model.graph))

@@ -1,0 +1,139 @@
+"""Replacing layers by their factor chains with onnx-graphsurgeon, and exporting the result faithfully."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterator
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER
+
+from .layers import Layer
+
+META_PREFIX = "onnx_lowrank."
+
+
+@contextlib.contextmanager
+def quiet_graphsurgeon() -> Iterator[None]:
+    """onnx-graphsurgeon logs warnings (e.g. about bfloat16) that mean nothing to our users."""
+    severity = G_LOGGER.severity
+    G_LOGGER.severity = G_LOGGER.ERROR
+    try:
+        yield
+    finally:
+        G_LOGGER.severity = severity
+
+
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    """Import a model; nodes of the op types we may touch get unique names if the exporter left them blank."""
+    with quiet_graphsurgeon():
+        graph = gs.import_onnx(model)
+    taken = {node.name for node in graph.nodes}
+    for position, node in enumerate(graph.nodes):
+        if not node.name:
+            name = f"{node.op}_{position}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+    return graph
+
+
+class Splice:
+    """Shared state of one rewrite: names in use, factor constants made so far, metadata of added nodes."""
+
+    def __init__(self, graph: gs.Graph, method: str):
+        self.graph = graph
+        self.method = method
+        self._names = {node.name for node in graph.nodes} | set(graph.tensors())
+        self._constants: dict[tuple[str, str], gs.Tensor] = {}
+        self.metadata: dict[str, dict[str, str]] = {}
+
+    def unique(self, name: str) -> str:
+        candidate, suffix = name, 1
+        while candidate in self._names:
+            suffix += 1
+            candidate = f"{name}_{suffix}"
+        self._names.add(candidate)
+        return candidate
+
+    def replace(self, layer: Layer, first: np.ndarray, second: np.ndarray) -> None:
+        """Disconnect the layer's node and let its adapter emit the chain in its place."""
+        node = layer.node
+        emit = Emitter(self, layer, rank=first.shape[1], inputs=list(node.inputs), outputs=list(node.outputs))
+        node.inputs.clear()
+        node.outputs.clear()
+        layer.adapter.rewrite(layer, first, second, emit)
+
+
+class Emitter:
+    """What an adapter uses to build one layer's chain: its original inputs/outputs and node/weight makers."""
+
+    def __init__(self, splice: Splice, layer: Layer, rank: int, inputs: list, outputs: list):
+        self._splice = splice
+        self._layer = layer
+        self.rank = rank
+        self.inputs = inputs
+        self.outputs = outputs
+
+    def weight(self, role: str, value: np.ndarray) -> gs.Tensor:
+        """A factor stored in the weight's own element type, cast to what the node sees when the two differ.
+
+        Identical factors of one weight (a weight shared by several nodes) become one constant.
+        """
+        weight = self._layer.weight
+        stored = np.ascontiguousarray(value.astype(weight.storage_dtype))
+        key = (weight.name, hashlib.sha1(stored.tobytes() + str(stored.shape).encode()).hexdigest())
+        if key in self._splice._constants:
+            return self._splice._constants[key]
+        tensor: gs.Tensor = gs.Constant(self._splice.unique(f"{weight.name}.lowrank_{role}"), stored)
+        if weight.node_type != weight.storage_type:
+            cast = gs.Variable(self._splice.unique(f"{tensor.name}.cast"), dtype=weight.node_dtype)
+            self.node(f"{role}_cast", "Cast", [tensor], [cast], {"to": weight.node_type})
+            tensor = cast
+        self._splice._constants[key] = tensor
+        return tensor
+
+    def variable(self, role: str) -> gs.Variable:
+        """An intermediate tensor of the chain, in the element type the layer computes in."""
+        return gs.Variable(self._splice.unique(f"{self._layer.node.name}.lowrank_{role}"), dtype=self._layer.weight.node_dtype)
+
+    def node(self, role: str, op: str, inputs: list, outputs: list, attrs: dict | None = None) -> gs.Node:
+        name = self._splice.unique(f"{self._layer.node.name}.lowrank_{role}")
+        node = gs.Node(op, name=name, attrs=attrs or {}, inputs=inputs, outputs=outputs)
+        self._splice.graph.nodes.append(node)
+        self._splice.metadata[name] = {
+            "source": self._layer.node.name,
+            "method": self._splice.method,
+            "rank": str(self.rank),
+        }
+        return node
+
+
+def export(graph: gs.Graph, original: onnx.ModelProto, metadata: dict[str, dict[str, str]]) -> onnx.ModelProto:
+    """Export the spliced graph, keeping the original model's IR version, opsets, functions and metadata."""
+    graph.cleanup().toposort()
+    with quiet_graphsurgeon():
+        exported = gs.export_onnx(graph, do_type_check=False)
+    model = onnx.ModelProto(
+        ir_version=original.ir_version,
+        producer_name=original.producer_name,
+        producer_version=original.producer_version,
+        domain=original.domain,
+        model_version=original.model_version,
+        doc_string=original.doc_string,
+    )
+    model.opset_import.extend(original.opset_import)
+    model.metadata_props.extend(original.metadata_props)
+    model.functions.extend(original.functions)
+    model.graph.CopyFrom(exported.graph)
+    del model.graph.metadata_props[:]
+    model.graph.metadata_props.extend(original.graph.metadata_props)
+    for node in model.graph.node:
+        for key, value in metadata.get(node.name, {}).items():
+            model_entry = node.metadata_props.add()
+            model_entry.key, model_entry.value = META_PREFIX + key, value
+    return model

@@ -1,0 +1,95 @@
+"""Terminal tables: the before/after summary and per-layer tables of `compress` and `inspect`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from .api import LayerInfo
+from .report import Report
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.2f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def _ratio(after: float, before: float) -> str:
+    return f"{after / before:.1%}" if before else "-"
+
+
+def print_compress(report: Report, console: Console) -> None:
+    """Per-layer table, skipped layers, then the before/after summary (parameters, bytes, nodes by op)."""
+    if report.layers:
+        layers = Table(title="Factorized layers", title_justify="left")
+        for column in ("node", "op", "weight shape", "method", "rank", "params", "predicted error"):
+            layers.add_column(column, justify="right" if column in ("rank", "params", "predicted error") else "left")
+        for layer in report.layers:
+            shared = f" (+{len(layer.nodes) - 1} sharing)" if len(layer.nodes) > 1 else ""
+            layers.add_row(
+                layer.node + shared,
+                layer.op,
+                "x".join(map(str, layer.shape)),
+                layer.method,
+                str(layer.rank),
+                f"{layer.params_before:,} -> {layer.params_after:,}",
+                f"{layer.predicted_error:.2e}",
+            )
+        console.print(layers)
+    if report.skipped:
+        skipped = Table(title="Left as they were", title_justify="left")
+        for column in ("node", "op", "reason"):
+            skipped.add_column(column)
+        for entry in report.skipped:
+            skipped.add_row(entry.node, entry.op, entry.reason)
+        console.print(skipped)
+    summary = Table(title="Model", title_justify="left")
+    for column, justify in (("", "left"), ("before", "right"), ("after", "right"), ("ratio", "right")):
+        summary.add_column(column, justify=justify)
+    summary.add_row("parameters", f"{report.params_before:,}", f"{report.params_after:,}",
+                    _ratio(report.params_after, report.params_before))
+    summary.add_row("bytes", human_bytes(report.bytes_before), human_bytes(report.bytes_after),
+                    _ratio(report.bytes_after, report.bytes_before))
+    for op in sorted(set(report.ops_before) | set(report.ops_after)):
+        before, after = report.ops_before.get(op, 0), report.ops_after.get(op, 0)
+        summary.add_row(f"{op} nodes", str(before), str(after), "" if before == after else f"{after - before:+d}")
+    summary.add_row("time", "", f"{report.seconds:.2f} s", "")
+    console.print(summary)
+    if not report.layers:
+        console.print("Nothing was factorized; the model is written unchanged.")
+
+
+def print_inspect(rows: Sequence[LayerInfo], console: Console) -> None:
+    table = Table(title="Layers", title_justify="left")
+    columns = ("node", "op", "weight shape", "groups x matrix", "params", "break-even", "eff. rank",
+               "r90 / r99", "energy at break-even", "reason skipped")
+    for column in columns:
+        table.add_column(column, justify="right" if column in ("params", "break-even", "eff. rank") else "left")
+    for row in rows:
+        if row.reason is not None:
+            table.add_row(row.node, row.op, *[""] * 7, row.reason)
+            continue
+        shared = f" (+{len(row.shared_by)} sharing)" if row.shared_by else ""
+        table.add_row(
+            row.node + shared,
+            row.op,
+            "x".join(map(str, row.shape)),
+            f"{row.groups} x {row.matrix[0]}x{row.matrix[1]}",
+            f"{row.params:,}",
+            str(row.break_even),
+            f"{row.effective_rank:.1f}",
+            f"{row.rank_90} / {row.rank_99}",
+            f"{row.energy_at_break_even:.1%}",
+            "",
+        )
+    console.print(table)
+    factorizable = [row for row in rows if row.reason is None]
+    console.print(
+        f"{len(factorizable)} factorizable layers ({sum(r.params for r in factorizable):,} parameters), "
+        f"{len(rows) - len(factorizable)} skipped."
+    )

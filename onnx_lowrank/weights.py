@@ -1,0 +1,115 @@
+"""Finding a node's constant weight wherever exporters put it.
+
+Weights live in initializers, in `Constant` nodes (paddle2onnx keeps every weight this way), and behind
+Identity / Transpose / Cast chains. A `Weight` records the stored tensor, the value the node actually sees
+(in float64, after the chain) and the two element types, so factors can be stored like the original.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import helper, numpy_helper
+
+from .model_io import FLOAT_TYPES
+
+CHAIN_OPS = ("Identity", "Transpose", "Cast")
+
+
+@dataclass
+class Weight:
+    """A constant weight as one node sees it."""
+
+    name: str  # the stored tensor: an initializer or the output of a Constant node
+    stored: gs.Tensor  # that tensor in the graph
+    value: np.ndarray  # float64, after the chain's transposes
+    storage_type: int  # TensorProto element type as stored
+    node_type: int  # element type the consuming node sees (differs when the chain casts)
+
+    @property
+    def storage_dtype(self) -> np.dtype:
+        return helper.tensor_dtype_to_np_dtype(self.storage_type)
+
+    @property
+    def node_dtype(self) -> np.dtype:
+        return helper.tensor_dtype_to_np_dtype(self.node_type)
+
+
+class ConstantIndex:
+    """Stored constants of a model by tensor name, read from the proto so every dtype (bfloat16 too) survives."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self._tensors: dict[str, onnx.TensorProto] = {t.name: t for t in model.graph.initializer}
+        for node in model.graph.node:
+            if node.op_type == "Constant" and node.output:
+                for attribute in node.attribute:
+                    if attribute.name == "value":
+                        self._tensors[node.output[0]] = attribute.t
+
+    def get(self, name: str) -> onnx.TensorProto | None:
+        return self._tensors.get(name)
+
+
+def stored_constant(tensor: gs.Tensor) -> gs.Tensor | None:
+    """The tensor holding a constant's stored value: the initializer itself, or a Constant node's output."""
+    if isinstance(tensor, gs.Constant):
+        return tensor
+    if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
+        return tensor
+    return None
+
+
+def resolve(tensor: gs.Tensor, index: ConstantIndex) -> Weight | str:
+    """Follow `tensor` back through Identity / Transpose / Cast to a stored constant.
+
+    Returns the Weight, or a reason why the input is not a usable constant weight.
+    """
+    steps: list[gs.Node] = []
+    while stored_constant(tensor) is None:
+        producers = tensor.inputs
+        if not producers:
+            return f"{tensor.name} is a graph input, not a constant"
+        producer = producers[0]
+        if producer.op not in CHAIN_OPS:
+            return f"{tensor.name} is computed by {producer.op} node {producer.name!r}, not a constant"
+        steps.append(producer)
+        tensor = producer.inputs[0]
+    proto = index.get(tensor.name)
+    if proto is None:
+        return f"constant {tensor.name} has no tensor value (sparse or scalar-attribute Constant)"
+    if proto.data_type not in FLOAT_TYPES:
+        return f"weight {tensor.name} has element type {helper.tensor_dtype_to_string(proto.data_type)}, not floating point"
+    value = numpy_helper.to_array(proto).astype(np.float64)
+    node_type = proto.data_type
+    for step in reversed(steps):
+        if step.op == "Transpose":
+            value = np.transpose(value, step.attrs.get("perm"))
+        elif step.op == "Cast":
+            node_type = step.attrs["to"]
+            if node_type not in FLOAT_TYPES:
+                return f"weight {tensor.name} is cast to {helper.tensor_dtype_to_string(node_type)}, not floating point"
+            value = value.astype(helper.tensor_dtype_to_np_dtype(node_type)).astype(np.float64)
+    return Weight(name=tensor.name, stored=tensor, value=value, storage_type=proto.data_type, node_type=node_type)
+
+
+def weight_users(stored: gs.Tensor, graph_outputs: set[str]) -> tuple[list[gs.Node], bool]:
+    """The nodes that consume a stored constant, looking through chain ops; and whether it reaches a graph output."""
+    users: list[gs.Node] = []
+    to_output = False
+    frontier = [stored]
+    seen: set[int] = set()
+    while frontier:
+        current = frontier.pop()
+        to_output = to_output or current.name in graph_outputs
+        for consumer in current.outputs:
+            if id(consumer) in seen:
+                continue
+            seen.add(id(consumer))
+            if consumer.op in CHAIN_OPS:
+                frontier.extend(consumer.outputs)
+            else:
+                users.append(consumer)
+    return users, to_output
