@@ -85,18 +85,17 @@ def by_budget(units: Sequence[Unit], spectra: Sequence[Spectrum], fraction: floa
         raise InputError(
             f"target-params {fraction:g} is below what rank 1 everywhere keeps ({floor / total:.3f} of the parameters)"
         )
-    low, high = 0.0, 1.0
-    while sum(o.best(high)[1] for o in options) <= budget and high < 1e300:
-        low, high = high, high * 1e3
-    for _ in range(200):
-        middle = math.sqrt(low * high) if low > 0 else high / 1e3
-        if sum(o.best(middle)[1] for o in options) <= budget:
+    # params(lambda) grows with lambda; errors are relative (<= 1) so lambda beyond 1e3 * total keeps all dense
+    low, high = -6.0, math.log10(1e3 * total + 1)
+    if sum(o.best(10**high)[1] for o in options) <= budget:
+        low = high
+    for _ in range(100):
+        middle = (low + high) / 2
+        if sum(o.best(10**middle)[1] for o in options) <= budget:
             low = middle
         else:
             high = middle
-        if high / max(low, 1e-300) < 1 + 1e-9:
-            break
-    picks = [o.best(low)[0] for o in options]
+    picks = [o.best(10**low)[0] for o in options]
     _top_up(options, picks, budget - sum(o.params[i] for o, i in zip(options, picks)))
     return [o.choice(i) for o, i in zip(options, picks)]
 

@@ -1,0 +1,123 @@
+"""Rank choice: explicit ranks, energy threshold, and the parameter budget spent where it loses least."""
+
+import itertools
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from onnx_lowrank.errors import InputError
+from onnx_lowrank.layers import Layer, Unit
+from onnx_lowrank.ranks import by_budget, by_energy, explicit, validate_ranks
+from onnx_lowrank.svd import spectrum_of
+from onnx_lowrank.weights import Weight
+
+
+def make_unit(name: str, matrices: np.ndarray, weight: str | None = None) -> Unit:
+    node = gs.Node("MatMul", name=name)
+    stored = gs.Constant(weight or f"{name}.w", np.zeros(1, np.float32))
+    value = matrices[0].T
+    layer = Layer(node, None, Weight(stored.name, stored, value, 1, 1), matrices)
+    return Unit(name, [layer])
+
+
+def decaying(out_dim: int, in_dim: int, decay: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    u, _ = np.linalg.qr(rng.standard_normal((out_dim, out_dim)))
+    v, _ = np.linalg.qr(rng.standard_normal((in_dim, in_dim)))
+    k = min(out_dim, in_dim)
+    return (u[:, :k] * decay ** np.arange(k)) @ v[:, :k].T
+
+
+def total(units, spectra, choices):
+    params = sum(u.params if c.rank is None else u.factor_params(c.rank) for u, c in zip(units, choices))
+    error = sum(0.0 if c.rank is None else s.dropped[c.rank] for s, c in zip(spectra, choices))
+    return params, error
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    shapes=st.lists(st.tuples(st.integers(4, 40), st.integers(4, 40), st.floats(0.5, 0.99)), min_size=1, max_size=5),
+    fraction=st.floats(0.3, 1.0),
+    seed=st.integers(0, 100),
+)
+def test_budget_is_respected_and_beats_uniform(shapes, fraction, seed):
+    units = [make_unit(f"n{i}", decaying(m, n, d, seed + i)[None]) for i, (m, n, d) in enumerate(shapes)]
+    spectra = [spectrum_of(u.matrices) for u in units]
+    budget = fraction * sum(u.params for u in units)
+    floor = sum(u.factor_params(1) if u.break_even >= 1 else u.params for u in units)
+    if floor > budget:
+        with pytest.raises(InputError, match="target-params"):
+            by_budget(units, spectra, fraction)
+        return
+    choices = by_budget(units, spectra, fraction)
+    params, error = total(units, spectra, choices)
+    assert params <= budget
+    for unit, choice in zip(units, choices):
+        assert choice.rank is None or 1 <= choice.rank <= unit.break_even
+    # uniform: every layer keeps the same fraction of its own parameters (the naive allocation)
+    uniform = []
+    for unit in units:
+        rank = int(fraction * unit.params // unit.factor_params(1))
+        uniform.append(min(rank, unit.break_even))
+    if all(r >= 1 for r in uniform):
+        uniform_error = sum(s.dropped[r] for s, r in zip(spectra, uniform))
+        assert error <= uniform_error + 1e-12
+
+
+def test_budget_matches_brute_force_on_small_cases():
+    rng = np.random.default_rng(7)
+    units = [make_unit(f"n{i}", rng.standard_normal((1, 6, 9)) * (i + 1)) for i in range(3)]
+    spectra = [spectrum_of(u.matrices) for u in units]
+    fraction = 0.5
+    budget = fraction * sum(u.params for u in units)
+    menus = [[None, *range(1, u.break_even + 1)] for u in units]
+    best = min(
+        total(units, spectra, [type("C", (), {"rank": r})() for r in combo])[1]
+        for combo in itertools.product(*menus)
+        if total(units, spectra, [type("C", (), {"rank": r})() for r in combo])[0] <= budget
+    )
+    _, error = total(units, spectra, by_budget(units, spectra, fraction))
+    assert error == pytest.approx(best, rel=1e-9)
+
+
+def test_whole_budget_keeps_everything_dense():
+    units = [make_unit("a", decaying(20, 30, 0.8, 0)[None])]
+    choices = by_budget(units, [spectrum_of(units[0].matrices)], 1.0)
+    assert choices[0].rank is None
+
+
+def test_energy_threshold_picks_smallest_rank_and_respects_break_even():
+    unit = make_unit("a", np.diag([10.0, 1.0, 0.1, 0.01, 0, 0, 0, 0])[None])
+    spectrum = spectrum_of(unit.matrices)
+    assert by_energy([unit], [spectrum], 0.99, allow_larger=False)[0].rank == 1
+    assert by_energy([unit], [spectrum], 0.999999, allow_larger=False)[0].rank == 3
+    flat = make_unit("b", np.eye(8)[None])
+    choice = by_energy([flat], [spectrum_of(flat.matrices)], 0.99, allow_larger=False)[0]
+    assert choice.rank is None and "break-even" in choice.reason
+    assert by_energy([flat], [spectrum_of(flat.matrices)], 0.99, allow_larger=True)[0].rank == 8
+
+
+def test_explicit_ranks_by_node_weight_and_default():
+    a = make_unit("a", np.ones((1, 16, 16)), weight="wa")
+    b = make_unit("b", np.ones((1, 16, 16)), weight="wb")
+    c = make_unit("c", np.ones((1, 16, 16)), weight="wc")
+    known = {"a", "b", "c", "wa", "wb", "wc"}
+    choices = explicit([a, b, c], {"a": 2, "wb": 3, "*": 5}, known, allow_larger=False)
+    assert [ch.rank for ch in choices] == [2, 3, 5]
+    choices = explicit([a, b, c], {"a": "full", "b": 99, "c": 9}, known, allow_larger=True)
+    assert [ch.rank for ch in choices] == [16, 16, 9]
+    choices = explicit([a, b, c], {"a": 9, "b": 7}, known, allow_larger=False)
+    assert choices[0].rank is None and "break-even rank 7" in choices[0].reason
+    assert choices[1].rank == 7 and choices[2].rank is None
+
+
+def test_explicit_ranks_refuse_unknown_names_and_bad_values():
+    unit = make_unit("a", np.ones((1, 4, 4)))
+    with pytest.raises(InputError, match="'nope'"):
+        explicit([unit], {"nope": 2}, {"a"}, allow_larger=False)
+    for bad in ({"a": 0}, {"a": -1}, {"a": 1.5}, {"a": "half"}, {"a": True}, ["a"]):
+        with pytest.raises(InputError):
+            validate_ranks(bad)
