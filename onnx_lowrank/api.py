@@ -84,7 +84,9 @@ def compress_file(
 def _compress(loaded: LoadedModel, settings: Options) -> tuple[onnx.ModelProto, Report]:
     start = time.perf_counter()
     original = loaded.model
-    graph = import_graph(original)
+    before = model_stats(original)
+    imported = import_graph(original)
+    graph = imported.graph
     plan = find_layers(graph, original, {op: ADAPTERS[op] for op in settings.ops})
     svds = [TruncatedSVD(unit.matrices) for unit in plan.units]
     choices = _choose(plan, svds, settings, known={n.name for n in graph.nodes} | set(graph.tensors()))
@@ -114,12 +116,12 @@ def _compress(loaded: LoadedModel, settings: Options) -> tuple[onnx.ModelProto, 
             )
         )
     if layers:
-        result = export(graph, original, splice.metadata)
+        result = export(imported, original, splice.metadata)
         _check_output(result)
     else:
         result = onnx.ModelProto()
         result.CopyFrom(original)
-    before, after = model_stats(original), model_stats(result)
+    after = model_stats(result)
     report = Report(
         params_before=before.params,
         params_after=after.params,
@@ -178,7 +180,7 @@ def inspect(model_or_path: onnx.ModelProto | str | os.PathLike, ops: Sequence[st
     unknown = [op for op in chosen if op not in ADAPTERS]
     if unknown:
         raise InputError(f"unknown op type {unknown[0]!r} in ops; choose from {', '.join(ADAPTERS)}")
-    graph = import_graph(loaded.model)
+    graph = import_graph(loaded.model).graph
     plan = find_layers(graph, loaded.model, {op: ADAPTERS[op] for op in chosen})
     rows = []
     for unit in plan.units:

@@ -67,6 +67,8 @@ def _compress(args: argparse.Namespace, console: Console) -> int:
     ranks = load_ranks_file(args.ranks) if args.ranks is not None else None
     if args.report is not None:
         check_output_path(args.report, args.input)
+        if args.report.resolve() == args.output.resolve():
+            raise InputError(f"--report {args.report} is the output model; choose another path")
     report = compress_file(
         args.input,
         args.output,

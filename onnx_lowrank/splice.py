@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from dataclasses import dataclass
 from collections.abc import Iterator
 
 import numpy as np
@@ -27,19 +28,36 @@ def quiet_graphsurgeon() -> Iterator[None]:
         G_LOGGER.severity = severity
 
 
-def import_graph(model: onnx.ModelProto) -> gs.Graph:
-    """Import a model; nodes of the op types we may touch get unique names if the exporter left them blank."""
+@dataclass
+class Imported:
+    """A graph to splice, plus what onnx-graphsurgeon drops on the way: node doc strings and metadata."""
+
+    graph: gs.Graph
+    node_extras: dict[str, onnx.NodeProto]  # by node name: only doc_string and metadata_props are used
+
+
+def import_graph(model: onnx.ModelProto) -> Imported:
+    """Import a shape-inferred copy of the model (the caller's proto is never touched; activation ranks
+    become known); nodes left unnamed by the exporter get unique names."""
+    try:
+        working = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # inference is a help, not a requirement (e.g. models over 2 GB, unknown domains)
+        working = onnx.ModelProto()
+        working.CopyFrom(model)
     with quiet_graphsurgeon():
-        graph = gs.import_onnx(model)
+        graph = gs.import_onnx(working)
     taken = {node.name for node in graph.nodes}
-    for position, node in enumerate(graph.nodes):
+    extras: dict[str, onnx.NodeProto] = {}
+    for position, (node, proto) in enumerate(zip(graph.nodes, working.graph.node)):
         if not node.name:
             name = f"{node.op}_{position}"
             while name in taken:
                 name += "_"
             node.name = name
             taken.add(name)
-    return graph
+        if proto.doc_string or proto.metadata_props:
+            extras[node.name] = proto
+    return Imported(graph, extras)
 
 
 class Splice:
@@ -113,8 +131,10 @@ class Emitter:
         return node
 
 
-def export(graph: gs.Graph, original: onnx.ModelProto, metadata: dict[str, dict[str, str]]) -> onnx.ModelProto:
-    """Export the spliced graph, keeping the original model's IR version, opsets, functions and metadata."""
+def export(imported: Imported, original: onnx.ModelProto, metadata: dict[str, dict[str, str]]) -> onnx.ModelProto:
+    """Export the spliced graph, keeping the original model's IR version, opsets, functions and metadata,
+    and the doc strings and metadata of the nodes it did not replace."""
+    graph = imported.graph
     graph.cleanup().toposort()
     with quiet_graphsurgeon():
         exported = gs.export_onnx(graph, do_type_check=False)
@@ -132,8 +152,19 @@ def export(graph: gs.Graph, original: onnx.ModelProto, metadata: dict[str, dict[
     model.graph.CopyFrom(exported.graph)
     del model.graph.metadata_props[:]
     model.graph.metadata_props.extend(original.graph.metadata_props)
+    if model.ir_version < 4:  # before IR 4 every initializer must also be a graph input
+        listed = {value.name for value in model.graph.input}
+        model.graph.input.extend(
+            onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+            for t in model.graph.initializer
+            if t.name not in listed
+        )
     for node in model.graph.node:
+        kept = imported.node_extras.get(node.name)
+        if kept is not None:
+            node.doc_string = kept.doc_string
+            node.metadata_props.extend(kept.metadata_props)
         for key, value in metadata.get(node.name, {}).items():
-            model_entry = node.metadata_props.add()
-            model_entry.key, model_entry.value = META_PREFIX + key, value
+            entry = node.metadata_props.add()
+            entry.key, entry.value = META_PREFIX + key, value
     return model

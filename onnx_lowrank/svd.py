@@ -14,19 +14,25 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Spectrum:
-    """Singular values (G, k), descending per group."""
+    """Energies of the rank components, (G, k) descending per group: squared singular values of the
+    weight (weight-only) or eigenvalues of the layer's output second moment (data-aware).
 
-    values: np.ndarray
+    `total` is the energy the errors are relative to; by default the sum of all components, but a
+    data-aware layer measures against its whole output energy, mean and bias included.
+    """
+
+    energies: np.ndarray
+    total: float | None = None
 
     @cached_property
     def energy(self) -> np.ndarray:
-        """Energy (sum of squared singular values over groups) of each rank component."""
-        return np.sum(self.values**2, axis=0)
+        """Energy of each rank component, summed over groups (grouped layers share one rank)."""
+        return np.sum(self.energies, axis=0)
 
     @cached_property
     def dropped(self) -> np.ndarray:
-        """Predicted error at rank r = 0..k: dropped energy over total energy (0 for an all-zero weight)."""
-        total = self.energy.sum()
+        """Predicted error at rank r = 0..k: dropped energy over total energy (0 for an all-zero layer)."""
+        total = self.energy.sum() if self.total is None else self.total
         tail = np.concatenate([np.cumsum(self.energy[::-1])[::-1], [0.0]])
         return tail / total if total > 0 else np.zeros_like(tail)
 
@@ -70,7 +76,7 @@ class Factorization:
 
 def spectrum_of(matrices: np.ndarray) -> Spectrum:
     """Singular values only: what `inspect` and rank choice need before any factor is built."""
-    return Spectrum(np.linalg.svd(np.asarray(matrices, dtype=np.float64), compute_uv=False))
+    return Spectrum(np.linalg.svd(np.asarray(matrices, dtype=np.float64), compute_uv=False) ** 2)
 
 
 class TruncatedSVD:
@@ -86,13 +92,14 @@ class TruncatedSVD:
         signs[signs == 0] = 1.0
         self._u = u * signs
         self._vt = vt * np.swapaxes(signs, 1, 2)
-        self.spectrum = Spectrum(s)
+        self._singular_values = s
+        self.spectrum = Spectrum(s**2)
 
     def factorize(self, rank: int) -> Factorization:
         """Factors at this rank, the singular values split evenly (keeps fp16/bf16 factors in range)."""
-        if not 1 <= rank <= self.spectrum.values.shape[1]:
-            raise ValueError(f"rank {rank} outside 1..{self.spectrum.values.shape[1]}")
-        root = np.sqrt(self.spectrum.values[:, :rank])
+        if not 1 <= rank <= self._singular_values.shape[1]:
+            raise ValueError(f"rank {rank} outside 1..{self._singular_values.shape[1]}")
+        root = np.sqrt(self._singular_values[:, :rank])
         first = root[:, :, None] * self._vt[:, :rank, :]
         second = self._u[:, :, :rank] * root[:, None, :]
         return Factorization(self.method, rank, first, second, float(self.spectrum.dropped[rank]))

@@ -33,6 +33,12 @@ class MatMulAdapter:
         if value.ndim < 2:
             return f"weight {weight.name} is a vector (no rank to reduce)"
         batch = value.shape[:-2]
+        if batch:
+            activation = node.inputs[0 if side == "right" else 1]
+            if activation.shape is None:
+                return "batched weight with an activation of unknown rank (a 1-D one would change the result)"
+            if len(activation.shape) < 2:
+                return "batched weight with a 1-D activation"
         matrices = value.reshape(-1, *value.shape[-2:])
         if side == "right":
             matrices = matrices.transpose(0, 2, 1)  # x @ W maps rows: out x in = W^T

@@ -1,0 +1,147 @@
+"""Shared helpers for the model-level tests: build tiny ONNX models, compress them, run them in onnxruntime."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+import onnx_lowrank
+
+OPSET = 17
+IR_VERSION = 8
+
+# max|diff| <= REL * max|ref| + ABS, by the element type the weights are stored in
+TOLERANCES = {
+    "float32": (1e-4, 1e-5),
+    "float16": (5e-3, 1e-5),
+    "bfloat16": (3e-2, 1e-5),
+    "float64": (1e-10, 1e-12),
+}
+
+
+def value_info(name: str, shape: Sequence[int] | None, elem_type: int = TensorProto.FLOAT) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, elem_type, None if shape is None else list(shape))
+
+
+def make_model(
+    nodes: Sequence[onnx.NodeProto],
+    inputs: Mapping[str, Sequence[int]],
+    outputs: Sequence[str] | Mapping[str, Sequence[int] | None],
+    initializers: Mapping[str, np.ndarray] | None = None,
+    opset: int = OPSET,
+    ir_version: int = IR_VERSION,
+    elem_type: int = TensorProto.FLOAT,
+) -> onnx.ModelProto:
+    """A model with graph inputs by name -> static shape, all of `elem_type`, and outputs by name
+    (their shapes inferred by ONNX unless given)."""
+    if not isinstance(outputs, Mapping):
+        outputs = {name: None for name in outputs}
+    graph = helper.make_graph(
+        list(nodes),
+        "test",
+        [value_info(name, shape, elem_type) for name, shape in inputs.items()],
+        [value_info(name, shape, elem_type) for name, shape in outputs.items()],
+        [numpy_helper.from_array(np.asarray(value), name) for name, value in (initializers or {}).items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version)
+    if any(shape is None for shape in outputs.values()):
+        # the checker wants typed outputs: take the shapes ONNX infers for those not given
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+        for declared, found in zip(model.graph.output, inferred.graph.output):
+            declared.CopyFrom(found)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def one_node_model(
+    op: str,
+    node_inputs: Sequence[str],
+    graph_inputs: Mapping[str, Sequence[int]],
+    initializers: Mapping[str, np.ndarray] | None = None,
+    attrs: Mapping | None = None,
+    opset: int = OPSET,
+    name: str | None = None,
+    elem_type: int = TensorProto.FLOAT,
+) -> onnx.ModelProto:
+    """One `op` node named `name` (default: the op in lower case) computing output "y"."""
+    node = helper.make_node(op, list(node_inputs), ["y"], name=name or op.lower(), **dict(attrs or {}))
+    return make_model([node], graph_inputs, ["y"], initializers, opset=opset, elem_type=elem_type)
+
+
+def session(model: onnx.ModelProto) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """All outputs of the model, in a real onnxruntime CPU session with graph optimizations disabled."""
+    return session(model).run(None, dict(feeds))
+
+
+def random_feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+    """Standard-normal values for every graph input (static shapes, each in its declared element type)."""
+    rng = np.random.default_rng(seed)
+    initializers = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for graph_input in model.graph.input:
+        if graph_input.name in initializers:
+            continue
+        tensor_type = graph_input.type.tensor_type
+        shape = [d.dim_value for d in tensor_type.shape.dim]
+        dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        feeds[graph_input.name] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+def compress_checked(model: onnx.ModelProto, **options) -> tuple[onnx.ModelProto, onnx_lowrank.Report]:
+    """compress (full rank, larger allowed, unless told otherwise) and run the full ONNX checker on the result."""
+    options.setdefault("ranks", {"*": "full"})
+    options.setdefault("allow_larger", True)
+    before = model.SerializeToString()
+    new, report = onnx_lowrank.compress(model, **options)
+    assert model.SerializeToString() == before, "compress modified its input model"
+    onnx.checker.check_model(new, full_check=True)
+    return new, report
+
+
+def assert_close(reference: Sequence[np.ndarray], got: Sequence[np.ndarray], dtype: str = "float32") -> None:
+    rel, abs_ = TOLERANCES[dtype]
+    assert len(reference) == len(got)
+    for ref, out in zip(reference, got):
+        assert out.shape == ref.shape, f"output shape {out.shape} != reference {ref.shape}"
+        assert out.dtype == ref.dtype
+        scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+        diff = float(np.max(np.abs(out.astype(np.float64) - ref.astype(np.float64)))) if ref.size else 0.0
+        assert diff <= rel * scale + abs_, f"max|diff| {diff:.3g} > {rel:g} * {scale:.3g} + {abs_:g}"
+
+
+def assert_same_outputs(original: onnx.ModelProto, new: onnx.ModelProto, dtype: str = "float32", seed: int = 0):
+    feeds = random_feeds(original, seed)
+    reference = run(original, feeds)
+    assert_close(reference, run(new, feeds), dtype)
+    return reference
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def assert_factorized(report: onnx_lowrank.Report, original: onnx.ModelProto, new: onnx.ModelProto,
+                      node: str, op: str) -> None:
+    """The node was rewritten: the report names it and the op count grew by one per node of the unit."""
+    names = [layer.node for layer in report.layers]
+    assert node in names, f"{node} not factorized; skipped: {report.skipped}"
+    layer = report.layers[names.index(node)]
+    assert layer.op == op
+    assert op_counts(new).get(op, 0) == op_counts(original).get(op, 0) + len(layer.nodes)
+    assert node not in {n.name for n in new.graph.node}, "the original node is still in the graph"

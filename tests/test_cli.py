@@ -1,0 +1,477 @@
+"""The `onnx-lowrank` command line, run for real in a subprocess (`python -m onnx_lowrank ...`).
+
+Success paths: a tiny four-layer model built here (Conv, ConvTranspose, Gemm, MatMul with nearly rank-2
+weights) and the real PaddleOCR classifier in models/. Every bad input must end with exit code 2, exactly one
+`onnx-lowrank: error: ...` line on stderr naming the problem, no traceback, and nothing changed on disk:
+the input byte-identical, no output, no temporary file left behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = Path(__file__).resolve().parents[1]
+PPOCR = ROOT / "models" / "ppocr_cls.onnx"
+PREFIX = "onnx-lowrank: error:"
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def cli(*args: str | os.PathLike, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "ONNX_LOWRANK_DEBUG"}
+    return subprocess.run(
+        [sys.executable, "-m", "onnx_lowrank", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def low_rank(rng: np.random.Generator, shape: tuple[int, ...], rank: int = 2, noise: float = 0.01) -> np.ndarray:
+    """A weight whose (rows x rest) matrix is rank `rank` plus a little noise: energy 0.99 keeps rank <= 2."""
+    rows, cols = shape[0], int(np.prod(shape[1:]))
+    matrix = rng.standard_normal((rows, rank)) @ rng.standard_normal((rank, cols)) / np.sqrt(cols)
+    matrix += noise * rng.standard_normal((rows, cols)) / np.sqrt(cols)
+    return matrix.reshape(shape).astype(np.float32)
+
+
+def tiny_model() -> onnx.ModelProto:
+    """x[2,8,6,6] -> Conv 3x3 -> Relu -> ConvTranspose 2x2/2 -> GAP -> Flatten -> Gemm(transB) -> MatMul -> y[2,24]."""
+    rng = np.random.default_rng(1234)
+    weights = {
+        "conv_w": low_rank(rng, (16, 8, 3, 3)),
+        "conv_b": rng.standard_normal(16).astype(np.float32),
+        # ConvTranspose W is (Cin, Cout, k, k); the map per group is Cout x (Cin * k * k)
+        "deconv_w": low_rank(rng, (8, 16, 2, 2)).transpose(1, 0, 2, 3).copy(),
+        "gemm_w": low_rank(rng, (32, 8)),
+        "gemm_c": rng.standard_normal(32).astype(np.float32),
+        "matmul_w": low_rank(rng, (24, 32)).T.copy(),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "conv_w", "conv_b"], ["c1"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
+        helper.make_node("ConvTranspose", ["r1", "deconv_w"], ["d1"], name="deconv", strides=[2, 2]),
+        helper.make_node("GlobalAveragePool", ["d1"], ["p1"], name="pool"),
+        helper.make_node("Flatten", ["p1"], ["f1"], name="flatten"),
+        helper.make_node("Gemm", ["f1", "gemm_w", "gemm_c"], ["g1"], name="gemm", transB=1),
+        helper.make_node("MatMul", ["g1", "matmul_w"], ["y"], name="matmul"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 24])],
+        [numpy_helper.from_array(value, name) for name, value in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+TINY_LAYERS = {"conv": "Conv", "deconv": "ConvTranspose", "gemm": "Gemm", "matmul": "MatMul"}
+
+
+def run_model(model: onnx.ModelProto | Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else Path(model).read_bytes()
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def tiny_feeds() -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(7).standard_normal((2, 8, 6, 6)).astype(np.float32)}
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every path under root (hidden ones too) -> sha256 of a file, or 'dir'."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        key = str(path.relative_to(root))
+        found[key] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+REPORT_KEYS = {"params_before", "params_after", "bytes_before", "bytes_after", "seconds", "layers", "validation"}
+LAYER_KEYS = {"node", "op", "method", "rank", "params_before", "params_after", "predicted_error"}
+
+
+def check_report(path: Path) -> dict:
+    report = json.loads(path.read_text())
+    assert REPORT_KEYS <= set(report), f"report lacks {REPORT_KEYS - set(report)}"
+    for key in ("params_before", "params_after", "bytes_before", "bytes_after"):
+        assert isinstance(report[key], int) and report[key] > 0, (key, report[key])
+    assert isinstance(report["seconds"], (int, float)) and report["seconds"] >= 0
+    assert report["validation"] is None
+    assert isinstance(report["layers"], list)
+    for layer in report["layers"]:
+        assert LAYER_KEYS <= set(layer), f"layer entry lacks {LAYER_KEYS - set(layer)}: {layer}"
+        assert layer["method"] == "svd"
+        assert isinstance(layer["rank"], int) and layer["rank"] >= 1
+        assert isinstance(layer["params_before"], int) and isinstance(layer["params_after"], int)
+        assert 0.0 <= layer["predicted_error"] <= 1.0
+    return report
+
+
+def check_written_model(path: Path) -> onnx.ModelProto:
+    assert path.is_file(), f"{path} was not written"
+    onnx.checker.check_model(str(path), full_check=True)
+    return onnx.load(str(path))
+
+
+@pytest.fixture()
+def tiny(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.onnx"
+    onnx.save(tiny_model(), str(path))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- success
+
+
+def test_compress_tiny_with_report(tiny: Path, tmp_path: Path):
+    out, report_path = tmp_path / "tiny.small.onnx", tmp_path / "report.json"
+    before = tiny.read_bytes()
+    done = cli("compress", tiny, "-o", out, "--energy", "0.99", "--report", report_path, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert "parameters" in done.stdout
+    assert tiny.read_bytes() == before
+
+    model = check_written_model(out)
+    report = check_report(report_path)
+    assert {layer["node"]: layer["op"] for layer in report["layers"]} == TINY_LAYERS
+    for layer in report["layers"]:
+        assert layer["rank"] <= 2, layer  # every weight is rank 2 + 1% noise
+        assert layer["params_after"] < layer["params_before"], layer
+        assert layer["predicted_error"] < 0.01, layer
+    assert report["params_after"] < report["params_before"]
+    assert report["bytes_after"] < report["bytes_before"]
+    assert report["bytes_after"] == len(out.read_bytes())
+
+    reference = run_model(tiny, tiny_feeds())[0]
+    got = run_model(model, tiny_feeds())[0]
+    assert got.shape == reference.shape == (2, 24)
+    assert np.linalg.norm(got - reference) <= 0.05 * np.linalg.norm(reference)
+
+
+def test_compress_tiny_full_rank_is_exact(tiny: Path, tmp_path: Path):
+    ranks, out = tmp_path / "ranks.json", tmp_path / "full.onnx"
+    ranks.write_text(json.dumps({"*": "full"}))
+    done = cli("compress", tiny, "-o", out, "--ranks", ranks, "--allow-larger", "-q", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    model = check_written_model(out)
+    names = {node.name for node in model.graph.node}
+    assert not names & set(TINY_LAYERS), "the original layers should all have been replaced"
+    reference = run_model(tiny, tiny_feeds())[0]
+    np.testing.assert_allclose(run_model(model, tiny_feeds())[0], reference, rtol=1e-4,
+                               atol=1e-5 * np.abs(reference).max())
+
+
+def test_quiet_prints_nothing(tiny: Path, tmp_path: Path):
+    out = tmp_path / "q.onnx"
+    done = cli("compress", tiny, "-o", out, "--target-params", "0.5", "-q", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    assert done.stderr == ""
+    check_written_model(out)
+
+
+def test_module_and_console_script_agree(tiny: Path, tmp_path: Path):
+    """`python -m onnx_lowrank` is the same program as the installed `onnx-lowrank` script."""
+    script = Path(sys.executable).with_name("onnx-lowrank")
+    if not script.exists():
+        pytest.skip("no onnx-lowrank console script beside the interpreter")
+    done = subprocess.run([str(script), "inspect", str(tiny)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == cli("inspect", tiny, cwd=tmp_path).stdout
+
+
+def test_ranks_file_by_node_weight_and_star(tiny: Path, tmp_path: Path):
+    ranks, out, report_path = tmp_path / "ranks.json", tmp_path / "r.onnx", tmp_path / "r.json"
+    # node name "conv", weight name "gemm_w" (its node is "gemm"), "*" for the rest
+    ranks.write_text(json.dumps({"conv": 2, "gemm_w": 3, "*": 1}))
+    done = cli("compress", tiny, "-o", out, "--ranks", ranks, "--report", report_path, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    check_written_model(out)
+    report = check_report(report_path)
+    assert {layer["node"]: layer["rank"] for layer in report["layers"]} == {
+        "conv": 2, "gemm": 3, "deconv": 1, "matmul": 1
+    }
+
+
+def test_ops_conv_only_touches_conv(tiny: Path, tmp_path: Path):
+    out, report_path = tmp_path / "c.onnx", tmp_path / "c.json"
+    done = cli("compress", tiny, "-o", out, "--energy", "0.9", "--ops", "Conv", "--report", report_path,
+               cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    model = check_written_model(out)
+    report = check_report(report_path)
+    assert [(layer["node"], layer["op"]) for layer in report["layers"]] == [("conv", "Conv")]
+
+    original = onnx.load(str(tiny))
+    untouched = {n.name: n for n in original.graph.node if n.op_type in ("ConvTranspose", "Gemm", "MatMul")}
+    written = {n.name: n for n in model.graph.node if n.op_type in ("ConvTranspose", "Gemm", "MatMul")}
+    assert written.keys() == untouched.keys()
+    for name, node in untouched.items():
+        assert list(written[name].input) == list(node.input), name
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for name in ("deconv_w", "gemm_w", "gemm_c", "matmul_w"):
+        expected = next(numpy_helper.to_array(t) for t in original.graph.initializer if t.name == name)
+        np.testing.assert_array_equal(weights[name], expected)
+    assert "conv" not in {n.name for n in model.graph.node}
+
+
+def test_inspect_tiny_lists_layers(tiny: Path, tmp_path: Path):
+    done = cli("inspect", tiny, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    for node, op in TINY_LAYERS.items():
+        assert any(node in line and op in line for line in done.stdout.splitlines()), (node, done.stdout)
+    for column in ("weight shape", "params", "break-even"):
+        assert column in done.stdout
+    assert tree(tmp_path) == {"tiny.onnx": hashlib.sha256(tiny.read_bytes()).hexdigest()}, "inspect wrote files"
+
+
+def test_inspect_ops_filter(tiny: Path, tmp_path: Path):
+    done = cli("inspect", tiny, "--ops", "Gemm,MatMul", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if "│" in line]
+    assert any("gemm" in row for row in rows) and any("matmul" in row for row in rows)
+    assert not any("Conv" in row for row in rows), done.stdout
+
+
+def test_inspect_ppocr(tmp_path: Path):
+    done = cli("inspect", PPOCR, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    # weights live in Constant nodes: the 1x1 convs and the final MatMul are found, depthwise convs skipped
+    assert "Conv@0" in done.stdout and "MatMul@0" in done.stdout
+    assert "depthwise" in done.stdout
+    assert "factorizable layers" in done.stdout
+
+
+def test_compress_ppocr_target_params(tmp_path: Path):
+    source = tmp_path / "in" / "ppocr_cls.onnx"
+    source.parent.mkdir()
+    source.write_bytes(PPOCR.read_bytes())
+    out, report_path = tmp_path / "ppocr.small.onnx", tmp_path / "ppocr.json"
+    done = cli("compress", source, "-o", out, "--target-params", "0.7", "--no-data", "--method", "svd",
+               "--report", report_path, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "parameters" in done.stdout
+    assert source.read_bytes() == PPOCR.read_bytes()
+    model = check_written_model(out)
+    report = check_report(report_path)
+    assert report["layers"], "the Constant-node weights of ppocr should be found"
+    assert report["params_after"] < report["params_before"]
+    assert report["bytes_after"] < report["bytes_before"]
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 48, 192)).astype(np.float32)
+    probabilities = run_model(model, {"x": x})[0]
+    assert probabilities.shape == (2, 2) and np.all(np.isfinite(probabilities))
+
+
+def test_compress_ppocr_energy_099(tmp_path: Path):
+    out, report_path = tmp_path / "e.onnx", tmp_path / "e.json"
+    done = cli("compress", PPOCR, "-o", out, "--energy", "0.99", "--report", report_path, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "parameters" in done.stdout
+    check_written_model(out)
+    report = check_report(report_path)
+    # at 99% energy every kept factorization must be below break-even (no --allow-larger)
+    for layer in report["layers"]:
+        assert layer["params_after"] < layer["params_before"], layer
+    assert report["params_after"] <= report["params_before"]
+
+
+def test_compress_ppocr_ops_conv(tmp_path: Path):
+    out, report_path = tmp_path / "c.onnx", tmp_path / "c.json"
+    done = cli("compress", PPOCR, "-o", out, "--energy", "0.9", "--ops", "Conv", "--report", report_path,
+               cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    model = check_written_model(out)
+    report = check_report(report_path)
+    assert report["layers"] and {layer["op"] for layer in report["layers"]} == {"Conv"}
+    assert "MatMul@0" not in {layer["node"] for layer in report["layers"]}
+    original = onnx.load(str(PPOCR))
+    assert [n for n in model.graph.node if n.op_type == "MatMul"] == [
+        n for n in original.graph.node if n.op_type == "MatMul"
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+@dataclass(frozen=True)
+class Bad:
+    """A failing invocation: `make` prepares files under tmp_path and returns the argv after the program."""
+
+    make: Callable[[Path, Path], list[str]]  # (tmp_path, valid tiny model path) -> argv
+    names: tuple[str, ...]  # each must appear (case-insensitive) in the error line
+
+
+def _write(path: Path, data: bytes | str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    return path
+
+
+def _checker_failing_model() -> bytes:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    node = helper.make_node("MatMul", ["x", "nosuch_tensor"], ["y"], name="mm")
+    model = helper.make_model(helper.make_graph([node], "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    return model.SerializeToString()
+
+
+def _ranks(text: str, *extra: str) -> Callable[[Path, Path], list[str]]:
+    def make(tmp: Path, model: Path) -> list[str]:
+        ranks = _write(tmp / "ranks.json", text)
+        return ["compress", str(model), "-o", "out/compressed.onnx", "--ranks", str(ranks), *extra]
+
+    return make
+
+
+def _compress(*options: str, output: str = "out/compressed.onnx") -> Callable[[Path, Path], list[str]]:
+    return lambda tmp, model: ["compress", str(model), "-o", output, *options]
+
+
+def _bad_model(data: Callable[[], bytes], name: str = "bad.onnx") -> Callable[[Path, Path], list[str]]:
+    def make(tmp: Path, model: Path) -> list[str]:
+        bad = _write(tmp / "in" / name, data())
+        return ["compress", str(bad), "-o", "out/compressed.onnx", "--energy", "0.9"]
+
+    return make
+
+
+BAD = {
+    "missing-file": Bad(lambda tmp, model: ["compress", "in/absent.onnx", "-o", "out/compressed.onnx",
+                                            "--energy", "0.9"], ("absent.onnx", "no such file")),
+    "empty-file": Bad(_bad_model(lambda: b"", "empty.onnx"), ("empty.onnx", "empty")),
+    "random-bytes": Bad(_bad_model(lambda: np.random.default_rng(3).bytes(4096), "noise.onnx"),
+                        ("noise.onnx", "not an onnx model")),
+    "truncated-protobuf": Bad(_bad_model(lambda: PPOCR.read_bytes()[: PPOCR.stat().st_size // 2], "half.onnx"),
+                              ("half.onnx",)),
+    "fails-checker": Bad(_bad_model(_checker_failing_model, "unchecked.onnx"), ("invalid", "nosuch_tensor")),
+    "inspect-missing-file": Bad(lambda tmp, model: ["inspect", "in/absent.onnx"], ("absent.onnx",)),
+    "inspect-random-bytes": Bad(
+        lambda tmp, model: ["inspect", str(_write(tmp / "in" / "noise.onnx", np.random.default_rng(4).bytes(999)))],
+        ("noise.onnx",)),
+    "method-foo": Bad(_compress("--energy", "0.9", "--method", "foo"), ("method", "foo")),
+    "ops-Foo": Bad(_compress("--energy", "0.9", "--ops", "Conv,Foo"), ("Foo",)),
+    "inspect-ops-Foo": Bad(lambda tmp, model: ["inspect", str(model), "--ops", "Foo"], ("Foo",)),
+    "target-params-0": Bad(_compress("--target-params", "0"), ("target-params", "0")),
+    "target-params-1.5": Bad(_compress("--target-params", "1.5"), ("target-params", "1.5")),
+    "target-params-nan": Bad(_compress("--target-params", "nan"), ("target-params", "nan")),
+    "target-params-abc": Bad(_compress("--target-params", "abc"), ("target-params", "abc")),
+    "energy-0": Bad(_compress("--energy", "0"), ("energy",)),
+    "energy-1.5": Bad(_compress("--energy", "1.5"), ("energy", "1.5")),
+    "no-rank-option": Bad(_compress(), ("--ranks", "--target-params", "--energy")),
+    "two-rank-options": Bad(_compress("--energy", "0.9", "--target-params", "0.5"), ("--energy", "--target-params")),
+    "unknown-option": Bad(_compress("--energy", "0.9", "--frobnicate"), ("--frobnicate",)),
+    "no-output-option": Bad(lambda tmp, model: ["compress", str(model), "--energy", "0.9"], ("-o",)),
+    "ranks-not-json": Bad(_ranks("{not json"), ("ranks.json", "JSON")),
+    "ranks-not-object": Bad(_ranks("[1, 2]"), ("ranks.json", "object")),
+    "ranks-negative": Bad(_ranks('{"*": -3}'), ("ranks.json", "-3")),
+    "ranks-zero": Bad(_ranks('{"conv": 0}'), ("ranks.json", "conv", "0")),
+    "ranks-abc": Bad(_ranks('{"*": "abc"}'), ("ranks.json", "abc")),
+    "ranks-float": Bad(_ranks('{"*": 2.5}'), ("ranks.json", "2.5")),
+    "ranks-missing-file": Bad(
+        lambda tmp, model: ["compress", str(model), "-o", "out/compressed.onnx", "--ranks", "absent.json"],
+        ("absent.json",)),
+    "ranks-unknown-node": Bad(_ranks('{"conv": 2, "no_such_node": 3}'), ("no_such_node",)),
+    "target-params-below-rank-1": Bad(_compress("--target-params", "0.001"), ("target-params",)),
+    "output-dir-missing": Bad(_compress("--energy", "0.9", output="nowhere/compressed.onnx"),
+                              ("nowhere", "does not exist")),
+    "output-is-input": Bad(lambda tmp, model: ["compress", str(model), "-o", str(model), "--energy", "0.9"],
+                           ("input",)),
+    "output-is-input-relative": Bad(
+        lambda tmp, model: ["compress", str(model), "-o", f"out/../{model.relative_to(tmp)}", "--energy", "0.9"],
+        ("input",)),
+    "output-is-input-dot": Bad(
+        lambda tmp, model: ["compress", f"./{model.relative_to(tmp)}", "-o", str(model), "--energy", "0.9"],
+        ("input",)),
+    "output-is-directory": Bad(_compress("--energy", "0.9", output="out"), ("out", "directory")),
+    "report-dir-missing": Bad(_compress("--energy", "0.9", "--report", "nowhere/r.json"), ("nowhere",)),
+    "report-is-input": Bad(lambda tmp, model: ["compress", str(model), "-o", "out/c.onnx", "--energy", "0.9",
+                                               "--report", str(model)], ("input",)),
+}
+
+
+@pytest.mark.parametrize("case", BAD.values(), ids=BAD.keys())
+def test_bad_input_exits_2_with_one_line(case: Bad, tiny: Path, tmp_path: Path):
+    (tmp_path / "out").mkdir()
+    argv = case.make(tmp_path, tiny)
+    tiny_bytes = tiny.read_bytes()
+    snapshot = tree(tmp_path)
+
+    done = cli(*argv, cwd=tmp_path)
+
+    assert done.returncode == 2, f"exit {done.returncode}; stderr: {done.stderr!r}"
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, f"stderr should be one line, got {len(lines)}: {done.stderr!r}"
+    line = lines[0]
+    assert line.startswith(PREFIX), line
+    for name in case.names:
+        assert name.lower() in line.lower(), f"{name!r} not named in {line!r}"
+    assert done.stdout == "", done.stdout
+    assert tiny.read_bytes() == tiny_bytes, "the input model changed"
+    assert not (tmp_path / "out" / "compressed.onnx").exists()
+    assert tree(tmp_path) == snapshot, "files were created, removed or changed (partial output or temp files?)"
+
+
+def test_failed_run_leaves_existing_output_untouched(tiny: Path, tmp_path: Path):
+    """The run fails only after the model was loaded and the output path checked: nothing is written."""
+    out = _write(tmp_path / "out" / "compressed.onnx", b"precious bytes, not a model")
+    report = _write(tmp_path / "out" / "report.json", '{"old": true}')
+    ranks = _write(tmp_path / "ranks.json", '{"*": 2, "missing_node": 1}')
+    snapshot = tree(tmp_path)
+    for options in (["--ranks", str(ranks)], ["--target-params", "0.001"]):
+        done = cli("compress", tiny, "-o", out, "--report", report, *options, cwd=tmp_path)
+        assert done.returncode == 2, done.stderr
+        assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith(PREFIX), done.stderr
+        assert tree(tmp_path) == snapshot, f"{options}: existing files changed or temp files left"
+
+
+def test_bad_model_leaves_existing_output_untouched(tmp_path: Path):
+    bad = _write(tmp_path / "bad.onnx", PPOCR.read_bytes()[:1000])
+    out = _write(tmp_path / "out.onnx", b"keep me")
+    snapshot = tree(tmp_path)
+    done = cli("compress", bad, "-o", out, "--energy", "0.9", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(PREFIX) and len(done.stderr.splitlines()) == 1, done.stderr
+    assert tree(tmp_path) == snapshot
+
+
+def test_report_path_equal_to_output_is_refused(tiny: Path, tmp_path: Path):
+    """`--report` naming the same file as `-o` must not replace the written model with JSON.
+
+    Either refuse it as bad usage (exit 2, nothing written) or keep a valid model at OUTPUT; exiting 0 with
+    the model overwritten by the report is wrong.
+    """
+    out = tmp_path / "same.onnx"
+    done = cli("compress", tiny, "-o", out, "--energy", "0.99", "--report", out, cwd=tmp_path)
+    if done.returncode == 2:
+        assert done.stderr.startswith(PREFIX) and len(done.stderr.splitlines()) == 1, done.stderr
+        assert not out.exists()
+    else:
+        assert done.returncode == 0, done.stderr
+        holds_report = out.read_bytes().lstrip().startswith(b"{")
+        assert not holds_report, f"exit 0 but {out.name} now holds the JSON report instead of the model"
+        onnx.checker.check_model(str(out), full_check=True)
