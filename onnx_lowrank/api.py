@@ -91,7 +91,7 @@ def _compress(loaded: LoadedModel, settings: Options) -> tuple[onnx.ModelProto, 
     svds = [TruncatedSVD(unit.matrices) for unit in plan.units]
     choices = _choose(plan, svds, settings, known={n.name for n in graph.nodes} | set(graph.tensors()))
 
-    splice = Splice(graph, method=TruncatedSVD.method)
+    splice = Splice(graph)
     layers: list[LayerReport] = []
     skipped = [SkippedLayer(s.node, s.op, s.reason) for s in plan.skipped]
     for unit, svd, choice in zip(plan.units, svds, choices):
@@ -100,7 +100,7 @@ def _compress(loaded: LoadedModel, settings: Options) -> tuple[onnx.ModelProto, 
             continue
         factors = svd.factorize(choice.rank)
         for layer in unit.layers:
-            splice.replace(layer, factors.first, factors.second)
+            splice.replace(layer, factors)
         layers.append(
             LayerReport(
                 node=unit.name,

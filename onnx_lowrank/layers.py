@@ -15,7 +15,27 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from .svd import Factorization
 from .weights import ConstantIndex, Weight, weight_users
+
+
+@dataclass
+class BiasSite:
+    """Where a layer's output mean can go when its statistics are centred: its own bias input (added if
+    absent) or the constant of the Add that follows it. Centring anywhere else would drop the mean."""
+
+    node: gs.Node  # the node holding the bias: the layer itself or the following Add
+    index: int  # position of the bias among that node's inputs
+    value: np.ndarray  # the current bias (zeros if none yet), float64, in its stored shape
+    channel_axis: int  # the axis of `value` along which the layer's output channels run
+    scale: float = 1.0  # the node multiplies the bias by this (Gemm's beta)
+    weight: Weight | None = None  # how the current bias is stored (None: like the layer's weight)
+
+    def shifted(self, shift: np.ndarray) -> np.ndarray:
+        """The bias plus a per-channel shift, in a shape that broadcasts like the original."""
+        shape = [1] * max(self.value.ndim, -self.channel_axis if self.channel_axis < 0 else self.channel_axis + 1)
+        shape[self.channel_axis] = shift.size
+        return self.value + (shift / self.scale).reshape(shape)
 
 
 @dataclass
@@ -27,6 +47,7 @@ class Layer:
     weight: Weight
     matrices: np.ndarray
     info: dict = field(default_factory=dict)  # adapter-specific facts found by check()
+    bias: BiasSite | None = None  # where the output mean can be absorbed (None: statistics stay uncentred)
 
 
 @dataclass
@@ -98,8 +119,16 @@ class Adapter(Protocol):
 
     def check(self, node: gs.Node, index: ConstantIndex, opset: int) -> Layer | str: ...
 
-    def rewrite(self, layer: Layer, first: np.ndarray, second: np.ndarray, splice) -> None:
-        """Emit nodes computing second @ first @ x per group; `first` is (G, r, in), `second` (G, out, r)."""
+    def observed(self, layer: Layer) -> tuple[gs.Tensor, str]:
+        """The tensor whose statistics describe the layer, and its side: "input" (vectors the weight
+        multiplies) or "output" (the node's output, bias included)."""
+
+    def rows(self, layer: Layer, array: np.ndarray) -> np.ndarray:
+        """That tensor's values as (G, positions, channels): one row per vector the weight meets."""
+
+    def rewrite(self, layer: Layer, factors: Factorization, emit) -> None:
+        """Emit nodes computing second @ first @ x per group (`first` (G, r, in), `second` (G, out, r)),
+        moving `factors.bias_shift` (when set) into the layer's bias site."""
 
 
 @dataclass
@@ -124,10 +153,9 @@ def find_layers(graph: gs.Graph, model: onnx.ModelProto, adapters: dict[str, Ada
             continue
         key = _unit_key(found)
         units.setdefault(key, Unit(key, [])).layers.append(found)
-    graph_outputs = {t.name for t in graph.outputs}
     kept: list[Unit] = []
     for unit in units.values():
-        reason = _sharing_problem(unit, graph_outputs)
+        reason = _sharing_problem(unit, index.graph_outputs)
         if reason:
             skipped.extend(Skipped(layer.node.name, layer.node.op, reason) for layer in unit.layers)
         else:

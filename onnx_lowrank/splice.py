@@ -12,7 +12,9 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
-from .layers import Layer
+from .layers import BiasSite, Layer
+from .svd import Factorization
+from .weights import Weight
 
 META_PREFIX = "onnx_lowrank."
 
@@ -63,9 +65,8 @@ def import_graph(model: onnx.ModelProto) -> Imported:
 class Splice:
     """Shared state of one rewrite: names in use, factor constants made so far, metadata of added nodes."""
 
-    def __init__(self, graph: gs.Graph, method: str):
+    def __init__(self, graph: gs.Graph):
         self.graph = graph
-        self.method = method
         self._names = {node.name for node in graph.nodes} | set(graph.tensors())
         self._constants: dict[tuple[str, str], gs.Tensor] = {}
         self.metadata: dict[str, dict[str, str]] = {}
@@ -78,31 +79,36 @@ class Splice:
         self._names.add(candidate)
         return candidate
 
-    def replace(self, layer: Layer, first: np.ndarray, second: np.ndarray) -> None:
+    def replace(self, layer: Layer, factors: Factorization) -> None:
         """Disconnect the layer's node and let its adapter emit the chain in its place."""
         node = layer.node
-        emit = Emitter(self, layer, rank=first.shape[1], inputs=list(node.inputs), outputs=list(node.outputs))
+        emit = Emitter(self, layer, factors, inputs=list(node.inputs), outputs=list(node.outputs))
         node.inputs.clear()
         node.outputs.clear()
-        layer.adapter.rewrite(layer, first, second, emit)
+        layer.adapter.rewrite(layer, factors, emit)
 
 
 class Emitter:
     """What an adapter uses to build one layer's chain: its original inputs/outputs and node/weight makers."""
 
-    def __init__(self, splice: Splice, layer: Layer, rank: int, inputs: list, outputs: list):
+    def __init__(self, splice: Splice, layer: Layer, factors: Factorization, inputs: list, outputs: list):
         self._splice = splice
         self._layer = layer
-        self.rank = rank
+        self._factors = factors
         self.inputs = inputs
         self.outputs = outputs
 
-    def weight(self, role: str, value: np.ndarray) -> gs.Tensor:
-        """A factor stored in the weight's own element type, cast to what the node sees when the two differ.
+    def bias(self, site: BiasSite, shift: np.ndarray) -> gs.Tensor:
+        """The layer's bias moved by `shift` (G, out), stored like the bias it replaces."""
+        return self.weight("bias", site.shifted(shift.reshape(-1)), like=site.weight)
+
+    def weight(self, role: str, value: np.ndarray, like: Weight | None = None) -> gs.Tensor:
+        """A constant stored in the element type of the weight it derives from (`like`, by default the
+        layer's weight), cast to what the node sees when the two differ.
 
         Identical factors of one weight (a weight shared by several nodes) become one constant.
         """
-        weight = self._layer.weight
+        weight = like or self._layer.weight
         stored = np.ascontiguousarray(value.astype(weight.storage_dtype))
         key = (weight.name, hashlib.sha1(stored.tobytes() + str(stored.shape).encode()).hexdigest())
         if key in self._splice._constants:
@@ -125,8 +131,8 @@ class Emitter:
         self._splice.graph.nodes.append(node)
         self._splice.metadata[name] = {
             "source": self._layer.node.name,
-            "method": self._splice.method,
-            "rank": str(self.rank),
+            "method": self._factors.method,
+            "rank": str(self._factors.rank),
         }
         return node
 

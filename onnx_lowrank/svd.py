@@ -60,6 +60,7 @@ class Factorization:
     first: np.ndarray
     second: np.ndarray
     predicted_error: float
+    bias_shift: np.ndarray | None = None  # (G, out): what the layer's bias must gain (affine optimum)
 
     @property
     def params(self) -> int:

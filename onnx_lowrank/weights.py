@@ -39,9 +39,11 @@ class Weight:
 
 
 class ConstantIndex:
-    """Stored constants of a model by tensor name, read from the proto so every dtype (bfloat16 too) survives."""
+    """Stored constants of a model by tensor name, read from the proto so every dtype (bfloat16 too) survives;
+    and the names of the graph outputs (a constant or activation that is one cannot be changed)."""
 
     def __init__(self, model: onnx.ModelProto):
+        self.graph_outputs = {output.name for output in model.graph.output}
         self._tensors: dict[str, onnx.TensorProto] = {t.name: t for t in model.graph.initializer}
         for node in model.graph.node:
             if node.op_type == "Constant" and node.output:

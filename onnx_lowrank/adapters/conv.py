@@ -5,6 +5,8 @@ Conv(k, Cin -> g*r, original attributes) -> Conv(1x1, g*r -> Cout, group g, bias
 ConvTranspose W (Cin, Cout/g, *k): per group the matrix (Cout/g, Cin/g * prod(k)); emitted as
 ConvTranspose(k, Cin -> g*r, original attributes) -> ConvTranspose(1x1, g*r -> Cout, group g, bias).
 Depthwise layers (one input channel per group) have no channel rank to cut and are skipped.
+Statistics are taken on the output channels (inputs would be unfolded patches); the output mean goes
+into the second node's bias (added when absent, unless the bias is computed).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from typing import ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..layers import Layer
+from ..layers import BiasSite, Layer
+from ..svd import Factorization
 from ..weights import ConstantIndex, Weight, resolve
 
 
@@ -32,11 +35,38 @@ def _grouped_weight(node: gs.Node, index: ConstantIndex) -> tuple[Weight, int] |
     return weight, groups
 
 
-def _unit_kernel(rank: int) -> dict:
-    return {"kernel_shape": [1] * rank}
+def _bias_site(layer: Layer, index: ConstantIndex, out_channels: int) -> BiasSite | None:
+    node = layer.node
+    if len(node.inputs) < 3:
+        return BiasSite(node, 2, np.zeros(out_channels), 0)
+    current = resolve(node.inputs[2], index)
+    return None if isinstance(current, str) else BiasSite(node, 2, current.value, 0, weight=current)
 
 
-class ConvAdapter:
+class _ChannelStatistics:
+    """Shared by Conv and ConvTranspose: statistics of the output channels, grouped."""
+
+    def observed(self, layer: Layer) -> tuple[gs.Tensor, str]:
+        return layer.node.outputs[0], "output"
+
+    def rows(self, layer: Layer, array: np.ndarray) -> np.ndarray:
+        groups, channels = layer.matrices.shape[:2]
+        rows = np.moveaxis(array, 1, -1).reshape(-1, groups, channels)
+        return rows.swapaxes(0, 1)
+
+    def _tail(self, layer: Layer, factors: Factorization, emit, op: str, w2: np.ndarray) -> gs.Variable:
+        """The 1x1 node mapping g*r channels to the output, carrying the (shifted) bias."""
+        bias = emit.inputs[2:]
+        if factors.bias_shift is not None:
+            bias = [emit.bias(layer.bias, factors.bias_shift)]
+        middle = emit.variable("mid")
+        spatial = w2.ndim - 2
+        attrs = {"group": layer.info["groups"], "kernel_shape": [1] * spatial}
+        emit.node("b", op, [middle, emit.weight("b", w2), *bias], emit.outputs, attrs)
+        return middle
+
+
+class ConvAdapter(_ChannelStatistics):
     op_type: ClassVar[str] = "Conv"
 
     def check(self, node: gs.Node, index: ConstantIndex, opset: int) -> Layer | str:
@@ -44,22 +74,22 @@ class ConvAdapter:
         if isinstance(found, str):
             return found
         weight, groups = found
-        out_channels, in_per_group = weight.value.shape[:2]
+        out_channels = weight.value.shape[0]
         matrices = weight.value.reshape(groups, out_channels // groups, -1)
-        return Layer(node, self, weight, matrices, info={"groups": groups})
+        layer = Layer(node, self, weight, matrices, info={"groups": groups})
+        layer.bias = _bias_site(layer, index, out_channels)
+        return layer
 
-    def rewrite(self, layer: Layer, first: np.ndarray, second: np.ndarray, emit) -> None:
+    def rewrite(self, layer: Layer, factors: Factorization, emit) -> None:
         kernel = layer.weight.value.shape
-        groups, rank, spatial = layer.info["groups"], emit.rank, len(kernel) - 2
-        w1 = first.reshape(groups * rank, kernel[1], *kernel[2:])
-        w2 = second.reshape(kernel[0], rank, *[1] * spatial)
-        middle = emit.variable("mid")
+        groups, rank, spatial = layer.info["groups"], factors.rank, len(kernel) - 2
+        w1 = factors.first.reshape(groups * rank, kernel[1], *kernel[2:])
+        w2 = factors.second.reshape(kernel[0], rank, *[1] * spatial)
+        middle = self._tail(layer, factors, emit, "Conv", w2)
         emit.node("a", "Conv", [emit.inputs[0], emit.weight("a", w1)], [middle], dict(layer.node.attrs))
-        tail = {"group": groups, **_unit_kernel(spatial)}
-        emit.node("b", "Conv", [middle, emit.weight("b", w2), *emit.inputs[2:]], emit.outputs, tail)
 
 
-class ConvTransposeAdapter:
+class ConvTransposeAdapter(_ChannelStatistics):
     op_type: ClassVar[str] = "ConvTranspose"
 
     def check(self, node: gs.Node, index: ConstantIndex, opset: int) -> Layer | str:
@@ -70,15 +100,16 @@ class ConvTransposeAdapter:
         in_channels, out_per_group = weight.value.shape[:2]
         blocks = weight.value.reshape(groups, in_channels // groups, out_per_group, -1)
         matrices = blocks.transpose(0, 2, 1, 3).reshape(groups, out_per_group, -1)
-        return Layer(node, self, weight, matrices, info={"groups": groups})
+        layer = Layer(node, self, weight, matrices, info={"groups": groups})
+        layer.bias = _bias_site(layer, index, groups * out_per_group)
+        return layer
 
-    def rewrite(self, layer: Layer, first: np.ndarray, second: np.ndarray, emit) -> None:
+    def rewrite(self, layer: Layer, factors: Factorization, emit) -> None:
         kernel = layer.weight.value.shape
-        groups, rank, spatial = layer.info["groups"], emit.rank, len(kernel) - 2
+        groups, rank, spatial = layer.info["groups"], factors.rank, len(kernel) - 2
         in_per_group = kernel[0] // groups
-        w1 = first.reshape(groups, rank, in_per_group, -1).transpose(0, 2, 1, 3).reshape(kernel[0], rank, *kernel[2:])
-        w2 = second.transpose(0, 2, 1).reshape(groups * rank, kernel[1], *[1] * spatial)
-        middle = emit.variable("mid")
+        w1 = factors.first.reshape(groups, rank, in_per_group, -1).transpose(0, 2, 1, 3)
+        w1 = w1.reshape(kernel[0], rank, *kernel[2:])
+        w2 = factors.second.transpose(0, 2, 1).reshape(groups * rank, kernel[1], *[1] * spatial)
+        middle = self._tail(layer, factors, emit, "ConvTranspose", w2)
         emit.node("a", "ConvTranspose", [emit.inputs[0], emit.weight("a", w1)], [middle], dict(layer.node.attrs))
-        tail = {"group": groups, **_unit_kernel(spatial)}
-        emit.node("b", "ConvTranspose", [middle, emit.weight("b", w2), *emit.inputs[2:]], emit.outputs, tail)

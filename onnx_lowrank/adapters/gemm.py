@@ -2,7 +2,8 @@
 
 Constant B (K x N): the map on rows is W = B'^T (N x K); emitted as Gemm(A, B1) -> Gemm(T, B2, C) with
 alpha, beta and C on the second node. Constant A (M x K): W = A'; emitted as Gemm(A1, B) -> Gemm(A2, T, C).
-Factors keep the original transA/transB storage layout.
+Factors keep the original transA/transB storage layout. Statistics are taken on the other operand's
+vectors; the output mean goes into C (added when absent, unless beta is 0 or C is computed).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from typing import ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..layers import Layer
+from ..layers import BiasSite, Layer
+from ..svd import Factorization
 from ..weights import ConstantIndex, resolve
 
 
@@ -36,13 +38,28 @@ class GemmAdapter:
         transposed = bool(node.attrs.get(f"trans{side}", 0))
         effective = weight.value.T if transposed else weight.value  # A' (M x K) or B' (K x N)
         matrix = effective.T if side == "B" else effective
-        return Layer(node, self, weight, matrix[None], info={"side": side, "transposed": transposed, "opset": opset})
+        layer = Layer(node, self, weight, matrix[None], info={"side": side, "transposed": transposed, "opset": opset})
+        layer.bias = _bias_site(layer, index)
+        return layer
 
-    def rewrite(self, layer: Layer, first: np.ndarray, second: np.ndarray, emit) -> None:
+    def observed(self, layer: Layer) -> tuple[gs.Tensor, str]:
+        return layer.node.inputs[1 if layer.info["side"] == "A" else 0], "input"
+
+    def rows(self, layer: Layer, array: np.ndarray) -> np.ndarray:
+        if layer.info["side"] == "B":  # rows of A'
+            vectors = array.T if layer.node.attrs.get("transA", 0) else array
+        else:  # columns of B'
+            vectors = array if layer.node.attrs.get("transB", 0) else array.T
+        return vectors[None]
+
+    def rewrite(self, layer: Layer, factors: Factorization, emit) -> None:
         attrs = layer.node.attrs
+        first, second = factors.first, factors.second
         side, transposed = layer.info["side"], layer.info["transposed"]
         zero = [emit.weight("zero_c", np.zeros(1))] if layer.info["opset"] < 11 else []  # C optional from opset 11
         c = emit.inputs[2:3] or zero
+        if factors.bias_shift is not None:
+            c = [emit.bias(layer.bias, factors.bias_shift)]
         tail = {"alpha": attrs.get("alpha", 1.0), "beta": attrs.get("beta", 1.0)}
         middle = emit.variable("mid")
         if side == "B":
@@ -57,3 +74,19 @@ class GemmAdapter:
             head = {"transA": int(transposed), "transB": attrs.get("transB", 0)}
             emit.node("a", "Gemm", [emit.weight("a", a1), emit.inputs[1], *zero], [middle], head)
             emit.node("b", "Gemm", [emit.weight("b", a2), middle, *c], emit.outputs, {**tail, "transA": int(transposed)})
+
+
+def _bias_site(layer: Layer, index: ConstantIndex) -> BiasSite | None:
+    """C absorbs the mean per output channel: columns for a constant B, rows for a constant A."""
+    beta = float(layer.node.attrs.get("beta", 1.0))
+    if beta == 0.0:
+        return None
+    channels = layer.matrices.shape[1]
+    axis = -1 if layer.info["side"] == "B" else -2
+    if len(layer.node.inputs) < 3:
+        value = np.zeros(channels) if axis == -1 else np.zeros((channels, 1))
+        return BiasSite(layer.node, 2, value, axis, scale=beta)
+    current = resolve(layer.node.inputs[2], index)
+    if isinstance(current, str):
+        return None
+    return BiasSite(layer.node, 2, current.value, axis, scale=beta, weight=current)

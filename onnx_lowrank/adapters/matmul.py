@@ -3,6 +3,8 @@
 x @ W (W: ..., K x N): the map is W^T per batch; emitted as MatMul(x, W1) -> MatMul(T, W2), so a bias Add
 that follows stays where it was and ONNX Runtime's MatMul+Add fusion still applies.
 W @ x (W: ..., M x K): emitted as MatMul(W1, x) -> MatMul(W2, T).
+Statistics are taken on the activation's vectors; the output mean can only go into the constant of an
+Add that alone consumes the output (MatMul has no bias of its own).
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from typing import ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..layers import Layer
-from ..weights import ConstantIndex, resolve
+from ..layers import BiasSite, Layer
+from ..svd import Factorization
+from ..weights import ConstantIndex, resolve, weight_users
 
 
 class MatMulAdapter:
@@ -42,9 +45,28 @@ class MatMulAdapter:
         matrices = value.reshape(-1, *value.shape[-2:])
         if side == "right":
             matrices = matrices.transpose(0, 2, 1)  # x @ W maps rows: out x in = W^T
-        return Layer(node, self, weight, matrices, info={"side": side, "batch": batch})
+        layer = Layer(node, self, weight, matrices, info={"side": side, "batch": batch})
+        layer.bias = _following_add(layer, index)
+        return layer
 
-    def rewrite(self, layer: Layer, first: np.ndarray, second: np.ndarray, emit) -> None:
+    def observed(self, layer: Layer) -> tuple[gs.Tensor, str]:
+        return layer.node.inputs[0 if layer.info["side"] == "right" else 1], "input"
+
+    def rows(self, layer: Layer, array: np.ndarray) -> np.ndarray:
+        batch = layer.info["batch"]
+        vectors = array if layer.info["side"] == "right" else np.swapaxes(array, -1, -2)
+        if vectors.ndim == 1:
+            vectors = vectors[None]
+        if batch:
+            lead = np.broadcast_shapes(vectors.shape[:-2], batch)
+            vectors = np.broadcast_to(vectors, (*lead, *vectors.shape[-2:]))
+            groups = int(np.prod(batch))
+            vectors = vectors.reshape(-1, groups, *vectors.shape[-2:]).swapaxes(0, 1)
+            return vectors.reshape(groups, -1, vectors.shape[-1])
+        return vectors.reshape(1, -1, vectors.shape[-1])
+
+    def rewrite(self, layer: Layer, factors: Factorization, emit) -> None:
+        first, second = factors.first, factors.second
         batch = layer.info["batch"]
         middle = emit.variable("mid")
         if layer.info["side"] == "right":
@@ -59,3 +81,31 @@ class MatMulAdapter:
             w2 = second.reshape(*batch, *second.shape[1:])
             emit.node("a", "MatMul", [emit.weight("a", w1), emit.inputs[1]], [middle])
             emit.node("b", "MatMul", [emit.weight("b", w2), middle], emit.outputs)
+        if factors.bias_shift is not None:
+            site = layer.bias
+            site.node.inputs[site.index] = emit.bias(site, factors.bias_shift)
+
+
+def _following_add(layer: Layer, index: ConstantIndex) -> BiasSite | None:
+    """The Add that alone consumes a 2-D-weight MatMul's output, if its other operand is a per-channel constant."""
+    if layer.info["batch"]:
+        return None
+    consumers = layer.node.outputs[0].outputs
+    if len(consumers) != 1 or consumers[0].op != "Add" or layer.node.outputs[0].name in index.graph_outputs:
+        return None
+    add = consumers[0]
+    position = 1 if add.inputs[0] is layer.node.outputs[0] else 0
+    constant = resolve(add.inputs[position], index)
+    if isinstance(constant, str):
+        return None
+    channels = layer.matrices.shape[1]
+    axis = -1 if layer.info["side"] == "right" else -2
+    shape = constant.value.shape
+    per_channel = len(shape) >= -axis and shape[axis] in (1, channels) and all(
+        size == 1 for i, size in enumerate(shape) if i != len(shape) + axis
+    )
+    users, to_output = weight_users(constant.stored, index.graph_outputs)
+    if not per_channel or to_output or len(users) != 1:
+        return None
+    return BiasSite(add, position, constant.value, axis, weight=constant)
+
