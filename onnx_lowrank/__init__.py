@@ -1,6 +1,7 @@
 """onnx-lowrank: factorize the weights of an ONNX model into low-rank chains, exactly at full rank."""
 
-from .api import LayerInfo, Options, compress, compress_file, inspect
+from .api import Options, compress, compress_file
+from .inspection import LayerInfo, inspect
 from .errors import BoundNotMet, InputError
 from .report import LayerReport, Report, SkippedLayer, Validation
 

@@ -1,4 +1,10 @@
-"""The Python API: `compress` and `inspect`, configured by one typed `Options` object."""
+"""The Python API: `compress` and `compress_file`, configured by one typed `Options` object.
+
+Ranks come from one of: explicit `ranks`, an `energy` threshold, a parameter budget (`target_params`,
+size mode) or, with calibration data and none of those, the fewest parameters whose validated error is
+within `tolerance` (compact mode). With calibration data the factors are data-aware (unless `no_data`)
+and the result is validated in ONNX Runtime on held-out samples.
+"""
 
 from __future__ import annotations
 
@@ -11,138 +17,288 @@ from dataclasses import dataclass, field
 import onnx
 
 from .adapters import ADAPTERS
-from .errors import InputError
-from .layers import Plan, find_layers
+from .calibration import Samples, load_calibration, split
+from .data_aware import DataAwareSVD
+from .errors import BoundNotMet, InputError
+from .layers import Unit, find_layers
+from .metrics import DEFAULT_METRIC, DEFAULT_TOLERANCE, check_metric
 from .model_io import LoadedModel, check_output_path, load_model, model_stats, save_model
 from .ranks import Choice, by_budget, by_energy, explicit, validate_ranks
-from .report import LayerReport, Report, SkippedLayer
-from .splice import Splice, export, import_graph
-from .svd import TruncatedSVD, spectrum_of
+from .report import LayerReport, Report, SkippedLayer, Validation
+from .runtime import PROVIDERS, resolve_provider
+from .search import PROBE_SAMPLES, Evaluator, Search, build, sensitivities
+from .splice import import_graph
+from .statistics import Moments, collect
+from .svd import Factorization, TruncatedSVD
 
 METHODS = ("auto", "svd")
 
 
 @dataclass(frozen=True)
 class Options:
-    """How to compress. Exactly one of `ranks`, `target_params`, `energy` chooses the ranks."""
+    """How to compress. At most one of `ranks`, `target_params`, `energy`; with none, calibration data
+    is needed and compact mode finds the fewest parameters within `tolerance`."""
 
     ranks: Mapping[str, int | str] | None = None  # {"node or weight name" | "*": int | "full"}
     target_params: float | None = None  # keep this fraction of the factorizable parameters
-    energy: float | None = None  # per layer, the smallest rank keeping this fraction of singular-value energy
+    energy: float | None = None  # per layer, the smallest rank keeping this fraction of the predicted energy
+    tolerance: float | None = None  # bound on the validated error (compact mode default: per metric)
+    metric: str = DEFAULT_METRIC
     method: str = "auto"
+    no_data: bool = False  # weight-only factors even when calibration data is given
     ops: Sequence[str] = field(default_factory=lambda: tuple(ADAPTERS))
+    provider: str = "cpu"  # cpu | cuda | auto: where validation runs
     allow_larger: bool = False  # keep factorizations that do not shrink a layer
+    seed: int = 0  # the calibration split
+    batch_size: int = 8  # samples per ONNX Runtime run
 
     def __post_init__(self) -> None:
         given = [name for name in ("ranks", "target_params", "energy") if getattr(self, name) is not None]
-        if len(given) != 1:
-            raise InputError("choose ranks with exactly one of --ranks, --target-params or --energy")
+        if len(given) > 1:
+            raise InputError("choose ranks with only one of --ranks, --target-params or --energy")
         if self.ranks is not None:
             object.__setattr__(self, "ranks", validate_ranks(self.ranks))
-        _check_fraction("target-params", self.target_params, allow_one=True)
-        _check_fraction("energy", self.energy, allow_one=True)
+        _check_fraction("target-params", self.target_params)
+        _check_fraction("energy", self.energy)
+        if self.tolerance is not None:
+            if isinstance(self.tolerance, bool) or not isinstance(self.tolerance, (int, float)):
+                raise InputError(f"tolerance must be a number, got {self.tolerance!r}")
+            if not math.isfinite(self.tolerance) or self.tolerance < 0 or (self.tolerance == 0 and self.metric != "accuracy"):
+                raise InputError(f"tolerance must be a positive number (0 only for accuracy), got {self.tolerance:g}")
+        check_metric(self.metric, has_labels=True)
         if self.method not in METHODS:
             raise InputError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         unknown = [op for op in self.ops if op not in ADAPTERS]
         if unknown or not self.ops:
             raise InputError(f"unknown op type {unknown[0] if unknown else '(none)'!r} in ops; choose from {', '.join(ADAPTERS)}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise InputError(f"batch size must be a positive integer, got {self.batch_size!r}")
+        if self.provider not in PROVIDERS:
+            raise InputError(f"unknown provider {self.provider!r}; choose one of {', '.join(PROVIDERS)}")
+
+    @property
+    def mode(self) -> str:
+        if self.ranks is not None:
+            return "ranks"
+        if self.energy is not None:
+            return "energy"
+        return "size" if self.target_params is not None else "compact"
 
 
-def _check_fraction(name: str, value: float | None, allow_one: bool) -> None:
+def _check_fraction(name: str, value: float | None) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise InputError(f"{name} must be a number in (0, 1], got {value!r}")
-    if not (0 < value <= 1 if allow_one else 0 < value < 1):
+    if not 0 < value <= 1:
         raise InputError(f"{name} must be in (0, 1], got {value:g}")
 
 
-def compress(model_or_path: onnx.ModelProto | str | os.PathLike, **options) -> tuple[onnx.ModelProto, Report]:
+def compress(
+    model_or_path: onnx.ModelProto | str | os.PathLike, calibration=None, labels=None, **options
+) -> tuple[onnx.ModelProto, Report]:
     """Factorize the model's layers; return the new model and a report. The input is never modified.
 
-    `options` are the fields of `Options`. Raises InputError for unusable input or options.
+    `calibration`: a path (.npz of stacked samples, or a folder of .npz feeds), an onnxruntime
+    CalibrationDataReader, a dict of stacked arrays or an iterable of feed dicts. `labels`: a path to an
+    .npy or an array, one per sample (for the accuracy metric). `options` are the fields of `Options`.
+    Raises InputError for unusable input, BoundNotMet when the tolerance cannot be met.
     """
     settings = Options(**options)
-    return _compress(load_model(model_or_path), settings)
+    return _compress(load_model(model_or_path), settings, calibration, labels)
 
 
 def compress_file(
-    input_path: str | os.PathLike, output_path: str | os.PathLike, **options
+    input_path: str | os.PathLike, output_path: str | os.PathLike, calibration=None, labels=None, **options
 ) -> Report:
     """Compress a model file into another, atomically; external data is kept when the input had it.
 
-    Options, model and output path are all checked before any work is done.
+    Options, model and output path are all checked before any work is done; nothing is written when
+    the run fails (BoundNotMet included).
     """
     settings = Options(**options)
     loaded = load_model(input_path)
     output = check_output_path(output_path, loaded.path)
-    model, report = _compress(loaded, settings)
+    model, report = _compress(loaded, settings, calibration, labels)
     save_model(model, output, external_data=loaded.external_data)
     return report
 
 
-def _compress(loaded: LoadedModel, settings: Options) -> tuple[onnx.ModelProto, Report]:
-    start = time.perf_counter()
+class _Clock:
+    """Seconds per phase, for the report."""
+
+    def __init__(self):
+        self.start = self._mark = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - self._mark
+        self._mark = now
+
+
+def _compress(loaded: LoadedModel, settings: Options, calibration, labels) -> tuple[onnx.ModelProto, Report]:
+    clock = _Clock()
     original = loaded.model
     before = model_stats(original)
+    adapters = {op: ADAPTERS[op] for op in settings.ops}
     imported = import_graph(original)
-    graph = imported.graph
-    plan = find_layers(graph, original, {op: ADAPTERS[op] for op in settings.ops})
-    svds = [TruncatedSVD(unit.matrices) for unit in plan.units]
-    choices = _choose(plan, svds, settings, known={n.name for n in graph.nodes} | set(graph.tensors()))
+    plan = find_layers(imported.graph, original, adapters)
+    known = {n.name for n in imported.graph.nodes} | set(imported.graph.tensors())
+    samples = _calibration(settings, original, calibration, labels)
+    clock.lap("load")
 
-    splice = Splice(graph)
-    layers: list[LayerReport] = []
-    skipped = [SkippedLayer(s.node, s.op, s.reason) for s in plan.skipped]
-    for unit, svd, choice in zip(plan.units, svds, choices):
-        if choice.rank is None:
-            skipped.extend(SkippedLayer(layer.node.name, layer.node.op, choice.reason) for layer in unit.layers)
-            continue
-        factors = svd.factorize(choice.rank)
-        for layer in unit.layers:
-            splice.replace(layer, factors)
-        layers.append(
-            LayerReport(
-                node=unit.name,
-                op=unit.op,
-                weight=unit.weight.name,
-                shape=list(unit.weight.value.shape),
-                method=factors.method,
-                rank=factors.rank,
-                params_before=unit.params,
-                params_after=factors.params,
-                predicted_error=factors.predicted_error,
-                nodes=[layer.node.name for layer in unit.layers],
-            )
-        )
-    if layers:
-        result = export(imported, original, splice.metadata)
+    units = plan.units
+    parts = split(samples, settings.seed) if samples is not None else None
+    if samples is not None and not settings.no_data:
+        factorizers = _data_aware(original, units, samples, parts.fit, settings)
+        clock.lap("statistics")
+    else:
+        factorizers = [TruncatedSVD(unit.matrices) for unit in units]
+        clock.lap("factorize")
+
+    validation, sensitivity, trial, search = None, None, None, None
+    mode = settings.mode
+    if samples is not None:
+        provider = resolve_provider(settings.provider)
+        evaluator = Evaluator(original, samples, provider, settings.batch_size)
+        search = Search(original, adapters, units, factorizers, evaluator, parts.validation,
+                        range(len(samples)), settings.metric, samples.labels)
+        if mode in ("size", "compact"):
+            probe = parts.fit[:PROBE_SAMPLES]
+            sensitivity = sensitivities(original, adapters, units, factorizers, evaluator, probe)
+            clock.lap("sensitivity")
+    spectra = [f.spectrum for f in factorizers]
+    tolerance = settings.tolerance
+    if mode == "ranks":
+        choices = explicit(units, settings.ranks, known, settings.allow_larger)
+    elif mode == "energy":
+        choices = by_energy(units, spectra, settings.energy, settings.allow_larger)
+    elif mode == "size" and search is None:
+        choices = by_budget(units, spectra, settings.target_params)
+    elif mode == "size":
+        trial = search.at_budget(sensitivity, settings.target_params)
+        choices = trial.choices
+    else:
+        tolerance = DEFAULT_TOLERANCE[settings.metric] if tolerance is None else tolerance
+        trial = search.compact(sensitivity, tolerance)
+        choices = trial.choices if trial is not None else [Choice(None, "within the tolerance only dense")] * len(units)
+    clock.lap("search" if search is not None else "choose")
+
+    factors = {
+        unit.key: factorizer.factorize(choice.rank)
+        for unit, factorizer, choice in zip(units, factorizers, choices)
+        if choice.rank is not None
+    }
+    if factors:
+        result = build(original, adapters, factors)
         _check_output(result)
     else:
         result = onnx.ModelProto()
         result.CopyFrom(original)
+    if search is not None:
+        value = trial.error if trial is not None else search.try_(choices).error
+        validation = Validation(
+            metric=settings.metric,
+            value=value,
+            tolerance=tolerance,
+            passed=None if tolerance is None else value <= tolerance,
+            provider=search.evaluator.provider_used,
+            samples=len(search.indices),
+        )
+        clock.lap("validate")
     after = model_stats(result)
     report = Report(
         params_before=before.params,
         params_after=after.params,
         bytes_before=before.bytes,
         bytes_after=after.bytes,
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - clock.start,
         ops_before=before.ops,
         ops_after=after.ops,
-        layers=layers,
-        skipped=skipped,
+        layers=_layer_reports(units, choices, factors, sensitivity),
+        skipped=[SkippedLayer(s.node, s.op, s.reason) for s in plan.skipped]
+        + [
+            SkippedLayer(layer.node.name, layer.node.op, choice.reason)
+            for unit, choice in zip(units, choices)
+            if choice.rank is None
+            for layer in unit.layers
+        ],
+        validation=validation,
+        mode=mode,
+        phases=clock.phases,
+        trace=[{"params": t.params, "error": t.error, "samples": t.samples} for t in search.trials] if search else [],
     )
+    if mode == "compact" and trial is None and units:
+        closest = search.closest()
+        if closest is not None:
+            report.validation = Validation(settings.metric, closest.error, tolerance, False,
+                                           search.evaluator.provider_used, len(search.indices))
+        raise BoundNotMet(
+            f"no factorization keeps {settings.metric} within {tolerance:g}"
+            + (f" (the closest removed some parameters at {closest.error:.4g})" if closest else ""),
+            report,
+        )
+    if validation is not None and validation.passed is False:
+        raise BoundNotMet(f"{settings.metric} is {validation.value:.4g}, above the tolerance {tolerance:g}", report)
     return result, report
 
 
-def _choose(plan: Plan, svds: list[TruncatedSVD], settings: Options, known: set[str]) -> list[Choice]:
-    spectra = [svd.spectrum for svd in svds]
-    if settings.ranks is not None:
-        return explicit(plan.units, settings.ranks, known, settings.allow_larger)
-    if settings.energy is not None:
-        return by_energy(plan.units, spectra, settings.energy, settings.allow_larger)
-    return by_budget(plan.units, spectra, settings.target_params)
+def _calibration(settings: Options, model: onnx.ModelProto, calibration, labels) -> Samples | None:
+    if calibration is None:
+        if settings.mode == "compact":
+            raise InputError("choose ranks with --ranks, --target-params or --energy, or give --calib for compact mode")
+        if settings.tolerance is not None:
+            raise InputError("--tolerance needs calibration data (--calib)")
+        if labels is not None:
+            raise InputError("--labels needs calibration data (--calib)")
+        return None
+    samples = load_calibration(calibration, model, labels)
+    check_metric(settings.metric, has_labels=samples.labels is not None)
+    split(samples, settings.seed)  # too few samples is an input error before any work
+    return samples
+
+
+def _data_aware(model, units: list[Unit], samples: Samples, fit: list[int], settings: Options) -> list[DataAwareSVD]:
+    """Statistics over the fit samples, merged per unit (shared weights), then data-aware factors."""
+    layers = [layer for unit in units for layer in unit.layers]
+    provider = resolve_provider(settings.provider)
+    moments = iter(collect(model, layers, samples, fit, provider, settings.batch_size))
+    factorizers = []
+    for unit in units:
+        merged: Moments | None = None
+        for _ in unit.layers:
+            one = next(moments)
+            merged = one if merged is None else merged.merged(one)
+        side = unit.layers[0].adapter.observed(unit.layers[0])[1]
+        factorizers.append(DataAwareSVD(unit.layers[0], merged, side))
+    return factorizers
+
+
+def _layer_reports(
+    units: list[Unit], choices: list[Choice], factors: dict[str, Factorization], sensitivity: list[float] | None
+) -> list[LayerReport]:
+    reports = []
+    for position, (unit, choice) in enumerate(zip(units, choices)):
+        if choice.rank is None:
+            continue
+        factorization = factors[unit.key]
+        reports.append(
+            LayerReport(
+                node=unit.name,
+                op=unit.op,
+                weight=unit.weight.name,
+                shape=list(unit.weight.value.shape),
+                method=factorization.method,
+                rank=factorization.rank,
+                params_before=unit.params,
+                params_after=factorization.params,
+                predicted_error=factorization.predicted_error,
+                nodes=[layer.node.name for layer in unit.layers],
+                sensitivity=None if sensitivity is None else sensitivity[position],
+            )
+        )
+    return reports
 
 
 def _check_output(model: onnx.ModelProto) -> None:
@@ -151,56 +307,3 @@ def _check_output(model: onnx.ModelProto) -> None:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
         raise RuntimeError(f"the rewritten model fails the ONNX checker: {error}") from error
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """One row of `inspect`: a candidate layer's shape, size and spectrum, or why it is skipped."""
-
-    node: str
-    op: str
-    weight: str | None = None
-    shape: list[int] | None = None  # the weight as the node sees it
-    groups: int | None = None  # matrices factorized at one rank (conv groups, MatMul batch)
-    matrix: tuple[int, int] | None = None  # (out, in) of each matrix
-    params: int | None = None
-    break_even: int | None = None  # largest rank that still shrinks the layer
-    effective_rank: float | None = None
-    rank_90: int | None = None  # smallest rank keeping 90% of the singular-value energy
-    rank_99: int | None = None
-    energy_at_break_even: float | None = None  # energy kept by the largest rank that still saves
-    shared_by: list[str] = field(default_factory=list)
-    reason: str | None = None  # why the node is not factorizable
-
-
-def inspect(model_or_path: onnx.ModelProto | str | os.PathLike, ops: Sequence[str] | None = None) -> list[LayerInfo]:
-    """Per-layer facts without changing anything: what can be factorized, how far, and what cannot."""
-    loaded = load_model(model_or_path)
-    chosen = tuple(ops) if ops is not None else tuple(ADAPTERS)
-    unknown = [op for op in chosen if op not in ADAPTERS]
-    if unknown:
-        raise InputError(f"unknown op type {unknown[0]!r} in ops; choose from {', '.join(ADAPTERS)}")
-    graph = import_graph(loaded.model).graph
-    plan = find_layers(graph, loaded.model, {op: ADAPTERS[op] for op in chosen})
-    rows = []
-    for unit in plan.units:
-        spectrum = spectrum_of(unit.matrices)
-        rows.append(
-            LayerInfo(
-                node=unit.name,
-                op=unit.op,
-                weight=unit.weight.name,
-                shape=list(unit.weight.value.shape),
-                groups=unit.groups,
-                matrix=unit.shape,
-                params=unit.params,
-                break_even=unit.break_even,
-                effective_rank=spectrum.effective_rank,
-                rank_90=spectrum.rank_for_energy(0.90),
-                rank_99=spectrum.rank_for_energy(0.99),
-                energy_at_break_even=float(1.0 - spectrum.dropped[unit.break_even]),
-                shared_by=[layer.node.name for layer in unit.layers[1:]],
-            )
-        )
-    rows += [LayerInfo(node=s.node, op=s.op, reason=s.reason) for s in plan.skipped]
-    return rows

@@ -15,8 +15,11 @@ from pathlib import Path
 from rich.console import Console
 
 from .adapters import ADAPTERS
-from .api import METHODS, compress_file, inspect
+from .api import METHODS, compress_file
+from .inspection import inspect
 from .errors import BoundNotMet, InputError
+from .metrics import DEFAULT_METRIC, DEFAULT_TOLERANCE, METRICS
+from .runtime import PROVIDERS
 from .model_io import check_output_path, write_text
 from .ranks import load_ranks_file
 from .summary import print_compress, print_inspect
@@ -45,8 +48,18 @@ def _parser() -> argparse.ArgumentParser:
                       help="keep this fraction of the factorizable parameters, spent where it loses least energy")
     rank.add_argument("--energy", type=float, metavar="E",
                       help="per layer, the smallest rank keeping this fraction of the singular-value energy")
+    run.add_argument("--calib", type=Path, metavar="PATH",
+                     help=".npz of stacked samples (one array per graph input, axis 0 = samples) or a folder of .npz feeds")
+    run.add_argument("--tolerance", type=float, metavar="T",
+                     help="max validated error on the held-out calibration part, in --metric "
+                          f"(compact-mode default per metric: {_defaults()})")
+    run.add_argument("--metric", choices=METRICS, default=DEFAULT_METRIC, help="error measure (default %(default)s)")
+    run.add_argument("--labels", type=Path, metavar="PATH", help=".npy of one label per calibration sample (accuracy)")
     run.add_argument("--method", choices=METHODS, default="auto", help="decomposition (auto: the best available)")
-    run.add_argument("--no-data", action="store_true", help="factorize from the weights alone")
+    run.add_argument("--no-data", action="store_true", help="factorize from the weights alone (still validate on --calib)")
+    run.add_argument("--provider", choices=PROVIDERS, default="cpu", help="execution provider for validation")
+    run.add_argument("--seed", type=int, default=0, help="seed of the fit / validation split")
+    run.add_argument("--batch-size", type=int, default=8, help="calibration samples per ONNX Runtime run")
     run.add_argument("--ops", default=",".join(ADAPTERS), metavar="LIST",
                      help=f"comma-separated op types to consider (default {','.join(ADAPTERS)})")
     run.add_argument("--allow-larger", action="store_true", help="keep factorizations that do not shrink a layer")
@@ -59,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _defaults() -> str:
+    return ", ".join(f"{metric} {value:g}" for metric, value in DEFAULT_TOLERANCE.items())
+
+
 def _ops(text: str) -> tuple[str, ...]:
     return tuple(op.strip() for op in text.split(",") if op.strip())
 
@@ -69,20 +86,35 @@ def _compress(args: argparse.Namespace, console: Console) -> int:
         check_output_path(args.report, args.input)
         if args.report.resolve() == args.output.resolve():
             raise InputError(f"--report {args.report} is the output model; choose another path")
-    report = compress_file(
-        args.input,
-        args.output,
-        ranks=ranks,
-        target_params=args.target_params,
-        energy=args.energy,
-        method=args.method,
-        ops=_ops(args.ops),
-        allow_larger=args.allow_larger,
-    )
+    try:
+        report = compress_file(
+            args.input,
+            args.output,
+            calibration=args.calib,
+            labels=args.labels,
+            ranks=ranks,
+            target_params=args.target_params,
+            energy=args.energy,
+            tolerance=args.tolerance,
+            metric=args.metric,
+            method=args.method,
+            no_data=args.no_data,
+            ops=_ops(args.ops),
+            provider=args.provider,
+            allow_larger=args.allow_larger,
+            seed=args.seed,
+            batch_size=args.batch_size,
+        )
+    except BoundNotMet as failure:
+        if args.report is not None:
+            write_text(args.report, failure.report.to_json())
+        if not args.quiet:
+            print_compress(failure.report, console, written=False)
+        raise
     if args.report is not None:
         write_text(args.report, report.to_json())
     if not args.quiet:
-        print_compress(report, console)
+        print_compress(report, console, written=True)
         console.print(f"wrote {args.output}")
     return 0
 
@@ -101,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     except BoundNotMet as error:
-        print(f"{PROG}: {error}", file=sys.stderr)
+        print(f"{PROG}: bound not met, nothing written: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

@@ -75,9 +75,11 @@ def by_energy(units: Sequence[Unit], spectra: Sequence[Spectrum], keep: float, a
     return [_keep_if_smaller(u, max(1, s.rank_for_energy(keep)), allow_larger) for u, s in zip(units, spectra)]
 
 
-def by_budget(units: Sequence[Unit], spectra: Sequence[Spectrum], fraction: float) -> list[Choice]:
-    """Keep at most `fraction` of the units' parameters, at the least total predicted error."""
-    options = [_Options(unit, spectrum) for unit, spectrum in zip(units, spectra)]
+def by_budget(
+    units: Sequence[Unit], spectra: Sequence[Spectrum], fraction: float, weights: Sequence[float] | None = None
+) -> list[Choice]:
+    """Keep at most `fraction` of the units' parameters at the least total (weighted) predicted error."""
+    options = _menus(units, spectra, weights)
     total = sum(unit.params for unit in units)
     budget = fraction * total
     floor = sum(o.params[0] for o in options)
@@ -85,34 +87,58 @@ def by_budget(units: Sequence[Unit], spectra: Sequence[Spectrum], fraction: floa
         raise InputError(
             f"target-params {fraction:g} is below what rank 1 everywhere keeps ({floor / total:.3f} of the parameters)"
         )
-    # params(lambda) grows with lambda; errors are relative (<= 1) so lambda beyond 1e3 * total keeps all dense
-    low, high = -6.0, math.log10(1e3 * total + 1)
-    if sum(o.best(10**high)[1] for o in options) <= budget:
+    # params(lambda) grows with lambda: bisect log10(lambda) for the largest that fits the budget
+    low, high = LOG_LAMBDA
+    if _params(options, high) <= budget:
         low = high
     for _ in range(100):
         middle = (low + high) / 2
-        if sum(o.best(10**middle)[1] for o in options) <= budget:
+        if _params(options, middle) <= budget:
             low = middle
         else:
             high = middle
-    picks = [o.best(10**low)[0] for o in options]
+    picks = [o.best(10**low) for o in options]
     _top_up(options, picks, budget - sum(o.params[i] for o, i in zip(options, picks)))
     return [o.choice(i) for o, i in zip(options, picks)]
 
 
-class _Options:
-    """A unit's menu for the budget: ranks 1..break-even, then dense (last entry)."""
+def frontier(
+    units: Sequence[Unit], spectra: Sequence[Spectrum], weights: Sequence[float] | None = None, points: int = 600
+) -> list[list[Choice]]:
+    """The distinct allocations params(r) + lambda * weight * error(r) traces as lambda grows: from the
+    smallest model (rank 1 nearly everywhere) to the largest; ends with everything dense."""
+    options = _menus(units, spectra, weights)
+    seen: dict[tuple[int, ...], None] = {}
+    for log_lambda in np.linspace(*LOG_LAMBDA, points):
+        seen.setdefault(tuple(o.best(10**log_lambda) for o in options), None)
+    seen.setdefault(tuple(len(o.params) - 1 for o in options), None)
+    return [[o.choice(i) for o, i in zip(options, picks)] for picks in seen]
 
-    def __init__(self, unit: Unit, spectrum: Spectrum):
-        self.unit = unit
+
+LOG_LAMBDA = (-6.0, 24.0)  # errors are relative (<= 1 per unit), params counts below 1e12
+
+
+def _params(options: list[_Menu], log_lambda: float) -> int:
+    return sum(int(o.params[o.best(10**log_lambda)]) for o in options)
+
+
+def _menus(units, spectra, weights) -> list[_Menu]:
+    weights = [1.0] * len(units) if weights is None else weights
+    return [_Menu(unit, spectrum, weight) for unit, spectrum, weight in zip(units, spectra, weights)]
+
+
+class _Menu:
+    """A unit's options: ranks 1..break-even, then dense (last entry); errors weighted by the unit's
+    sensitivity (1 when unknown)."""
+
+    def __init__(self, unit: Unit, spectrum: Spectrum, weight: float):
         ranks = np.arange(1, unit.break_even + 1)
         self.ranks = ranks
-        self.params = np.append(ranks * (unit.factor_params(1)), unit.params)
-        self.errors = np.append(spectrum.dropped[ranks], 0.0)
+        self.params = np.append(ranks * unit.factor_params(1), unit.params)
+        self.errors = weight * np.append(spectrum.dropped[ranks], 0.0)
 
-    def best(self, weight: float) -> tuple[int, int]:
-        index = int(np.argmin(self.params + weight * self.errors))
-        return index, int(self.params[index])
+    def best(self, multiplier: float) -> int:
+        return int(np.argmin(self.params + multiplier * self.errors))
 
     def choice(self, index: int) -> Choice:
         if index == len(self.ranks):
@@ -120,13 +146,13 @@ class _Options:
         return Choice(int(self.ranks[index]))
 
 
-def _top_up(options: list[_Options], picks: list[int], left: float) -> None:
+def _top_up(options: list[_Menu], picks: list[int], left: float) -> None:
     """Spend what bisection left of the budget on the steps with the best error drop per parameter."""
     while True:
         best, best_gain = None, 0.0
         for k, (option, index) in enumerate(zip(options, picks)):
             for step in {index + 1, len(option.params) - 1} - {index}:
-                if step >= len(option.params) or step < index:
+                if step >= len(option.params):
                     continue
                 cost = option.params[step] - option.params[index]
                 gain = (option.errors[index] - option.errors[step]) / max(cost, 1)

@@ -19,8 +19,9 @@ class LayerReport:
     rank: int
     params_before: int
     params_after: int
-    predicted_error: float  # relative dropped energy of the weight (weight-only) at this rank
+    predicted_error: float  # relative dropped energy at this rank: of the weight, or of W x on calibration data
     nodes: list[str]
+    sensitivity: float | None = None  # final-output squared relative error per unit of predicted error
 
 
 @dataclass(frozen=True)
@@ -32,11 +33,13 @@ class SkippedLayer:
 
 @dataclass(frozen=True)
 class Validation:
+    """The compressed model's error on the held-out calibration samples, in ONNX Runtime."""
+
     metric: str
     value: float
-    tolerance: float
-    passed: bool
-    provider: str
+    tolerance: float | None  # None: no bound was asked for (size or explicit ranks without --tolerance)
+    passed: bool | None
+    provider: str  # the execution provider that really ran: cpu or cuda
     samples: int
 
 
@@ -52,6 +55,9 @@ class Report:
     layers: list[LayerReport] = field(default_factory=list)
     skipped: list[SkippedLayer] = field(default_factory=list)
     validation: Validation | None = None
+    mode: str = ""  # ranks | energy | size | compact
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase
+    trace: list[dict] = field(default_factory=list)  # every validated candidate: params (of the units), error
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

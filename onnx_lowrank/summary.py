@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from .api import LayerInfo
+from .inspection import LayerInfo
 from .report import Report
 
 
@@ -23,12 +23,14 @@ def _ratio(after: float, before: float) -> str:
     return f"{after / before:.1%}" if before else "-"
 
 
-def print_compress(report: Report, console: Console) -> None:
-    """Per-layer table, skipped layers, then the before/after summary (parameters, bytes, nodes by op)."""
+def print_compress(report: Report, console: Console, written: bool) -> None:
+    """Per-layer table, skipped layers, the before/after summary (parameters, bytes, nodes by op) and
+    the validation result."""
     if report.layers:
         layers = Table(title="Factorized layers", title_justify="left")
-        for column in ("node", "op", "weight shape", "method", "rank", "params", "predicted error"):
-            layers.add_column(column, justify="right" if column in ("rank", "params", "predicted error") else "left")
+        numeric = ("rank", "params", "predicted error", "sensitivity")
+        for column in ("node", "op", "weight shape", "method", *numeric):
+            layers.add_column(column, justify="right" if column in numeric else "left")
         for layer in report.layers:
             shared = f" (+{len(layer.nodes) - 1} sharing)" if len(layer.nodes) > 1 else ""
             layers.add_row(
@@ -39,6 +41,7 @@ def print_compress(report: Report, console: Console) -> None:
                 str(layer.rank),
                 f"{layer.params_before:,} -> {layer.params_after:,}",
                 f"{layer.predicted_error:.2e}",
+                "" if layer.sensitivity is None else f"{layer.sensitivity:.3g}",
             )
         console.print(layers)
     if report.skipped:
@@ -60,7 +63,13 @@ def print_compress(report: Report, console: Console) -> None:
         summary.add_row(f"{op} nodes", str(before), str(after), "" if before == after else f"{after - before:+d}")
     summary.add_row("time", "", f"{report.seconds:.2f} s", "")
     console.print(summary)
-    if not report.layers:
+    check = report.validation
+    if check is not None:
+        bound = "no bound asked" if check.tolerance is None else (
+            f"{'within' if check.passed else 'ABOVE'} the tolerance {check.tolerance:g}")
+        console.print(f"validated on {check.samples} held-out samples ({check.provider}): "
+                      f"{check.metric} = {check.value:.4g}, {bound}")
+    if not report.layers and written:
         console.print("Nothing was factorized; the model is written unchanged.")
 
 

@@ -1,0 +1,85 @@
+"""How far a compressed model's outputs are from the original's on held-out samples (lower is better).
+
+Each metric compares, per floating-point graph output, the reference and candidate outputs of every
+sample (a sample's output is its rows along axis 0 for stacked .npz data, the whole output for a feed
+used as is); a model with several outputs takes the worst one.
+- rel-l2: ||candidate - reference|| / ||reference|| over all samples together.
+- cosine: 1 - the mean over samples of the cosine similarity of the flattened outputs.
+- max-abs: the largest absolute difference.
+- top1: the fraction of argmax decisions (over the last axis, at every position) that change.
+- accuracy: the fraction of samples the original classifies right (argmax over the last axis of the
+  first output, against the labels) and the compressed model gets wrong. Lucky fixes earn no credit, so
+  it bounds the accuracy drop from above; 0 means lossless: no sample lost, accuracy at least the
+  original's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .errors import InputError
+
+METRICS = ("rel-l2", "cosine", "max-abs", "top1", "accuracy")
+DEFAULT_METRIC = "rel-l2"
+DEFAULT_TOLERANCE = {"rel-l2": 0.05, "cosine": 0.002, "max-abs": 0.1, "top1": 0.01, "accuracy": 0.0}
+
+Outputs = list[list[np.ndarray]]  # per graph output, per sample
+
+
+def check_metric(metric: str, has_labels: bool) -> None:
+    if metric not in METRICS:
+        raise InputError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    if metric == "accuracy" and not has_labels:
+        raise InputError("the accuracy metric needs labels (--labels FILE.npy)")
+
+
+def score(metric: str, reference: Outputs, candidate: Outputs, labels: np.ndarray | None = None) -> float:
+    """The metric's value for the candidate's outputs against the reference's."""
+    if metric == "accuracy":
+        truth = np.asarray(labels).reshape(-1)
+        right_before = _predictions(reference[0], truth.size) == truth
+        right_after = _predictions(candidate[0], truth.size) == truth
+        return float(np.mean(right_before & ~right_after))
+    values = [_one(metric, ref, cand) for ref, cand in zip(reference, candidate) if _is_float(ref)]
+    if not values:
+        raise InputError("the model has no floating-point output to compare")
+    return max(values)
+
+
+def _predictions(samples: Sequence[np.ndarray], count: int) -> np.ndarray:
+    predictions = np.concatenate([np.argmax(s, axis=-1).reshape(-1) for s in samples])
+    if predictions.size != count:
+        raise InputError(f"{count} labels for {predictions.size} predictions of the first output")
+    return predictions
+
+
+def _one(metric: str, reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> float:
+    if metric == "rel-l2":
+        diff = sum(float(np.sum((c.astype(np.float64) - r) ** 2)) for r, c in zip(reference, candidate))
+        norm = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in reference)
+        return float(np.sqrt(diff / norm)) if norm > 0 else float(np.sqrt(diff))
+    if metric == "cosine":
+        similarities = [_cosine(r, c) for r, c in zip(reference, candidate)]
+        return 1.0 - float(np.mean(similarities))
+    if metric == "max-abs":
+        return max(float(np.max(np.abs(c.astype(np.float64) - r))) for r, c in zip(reference, candidate))
+    if metric == "top1":
+        changed = sum(int(np.sum(np.argmax(r, -1) != np.argmax(c, -1))) for r, c in zip(reference, candidate))
+        total = sum(int(np.prod(r.shape[:-1])) for r in reference)
+        return changed / max(total, 1)
+    raise AssertionError(metric)
+
+
+def _cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
+    a = reference.astype(np.float64).reshape(-1)
+    b = candidate.astype(np.float64).reshape(-1)
+    norms = np.linalg.norm(a) * np.linalg.norm(b)
+    if norms == 0:
+        return 1.0 if np.array_equal(a, b) else 0.0
+    return float(a @ b / norms)
+
+
+def _is_float(samples: Sequence[np.ndarray]) -> bool:
+    return bool(samples) and np.issubdtype(samples[0].dtype, np.floating)

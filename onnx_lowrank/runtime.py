@@ -1,0 +1,61 @@
+"""ONNX Runtime sessions on the chosen execution provider, with graph optimizations disabled so that the
+compared models run exactly the graphs that were written."""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+from .errors import InputError
+from .model_io import TWO_GB, save_model
+
+PROVIDERS = ("cpu", "cuda", "auto")
+_EP = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def resolve_provider(name: str) -> str:
+    """"cpu" or "cuda": `auto` takes CUDA when this onnxruntime has it; `cuda` without it warns and uses CPU."""
+    if name not in PROVIDERS:
+        raise InputError(f"unknown provider {name!r}; choose one of {', '.join(PROVIDERS)}")
+    has_cuda = _EP["cuda"] in ort.get_available_providers()
+    if name == "cuda" and not has_cuda:
+        warnings.warn(
+            "CUDA was asked for but this onnxruntime has no CUDAExecutionProvider "
+            "(install onnx-lowrank[gpu]); validating on the CPU instead",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return "cpu"
+    if name == "auto":
+        return "cuda" if has_cuda else "cpu"
+    return name
+
+
+class Session:
+    """An inference session of a model on a provider; reports the provider that really runs it."""
+
+    def __init__(self, model: onnx.ModelProto, provider: str, threads: int = 0):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        providers = [_EP["cuda"], _EP["cpu"]] if provider == "cuda" else [_EP["cpu"]]
+        if model.ByteSize() < TWO_GB:
+            self._session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+        else:
+            with tempfile.TemporaryDirectory() as folder:
+                path = Path(folder) / "model.onnx"
+                save_model(model, path, external_data=True)
+                self._session = ort.InferenceSession(str(path), options, providers=providers)
+        used = self._session.get_providers()[0]
+        self.provider = "cuda" if used == _EP["cuda"] else "cpu"
+        if provider == "cuda" and self.provider != "cuda":
+            warnings.warn("the CUDA execution provider failed to start; running on the CPU", RuntimeWarning, stacklevel=2)
+        self.output_names = [o.name for o in self._session.get_outputs()]
+
+    def run(self, feed: dict, outputs: list[str] | None = None) -> list:
+        return self._session.run(outputs, feed)

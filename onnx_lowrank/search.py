@@ -1,0 +1,209 @@
+"""Building candidate models, validating them in ONNX Runtime, and the searches of the two modes.
+
+- Sensitivity: per unit, one probe model with only that unit factorized (at about 1% predicted error)
+  measures how much the final outputs move per unit of the unit's predicted error.
+- Compact mode: the allocations along the Lagrangian frontier (params + lambda * sensitivity * error) are
+  ordered by size; a bisection over them, each step validated end to end, finds the smallest one whose
+  validated error is within the tolerance.
+- Size mode: at the parameter budget, allocations with sensitivity weights s**a (a = 0, 0.5, 1) are
+  validated and the least validated error wins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .calibration import Samples
+from .layers import Unit, find_layers
+from .metrics import Outputs, score
+from .ranks import Choice, by_budget, frontier
+from .runtime import Session
+from .splice import Splice, export, import_graph
+from .svd import Factorization, Spectrum
+
+PROBE_ERROR = 0.01  # predicted relative error at which each unit's sensitivity is probed
+PROBE_SAMPLES = 16
+SIZE_MODE_EXPONENTS = (0.0, 0.5, 1.0)
+
+
+def build(original: onnx.ModelProto, adapters: dict, factors: dict[str, Factorization]) -> onnx.ModelProto:
+    """The original with the units named by key replaced by their factor chains."""
+    imported = import_graph(original)
+    plan = find_layers(imported.graph, original, adapters)
+    splice = Splice(imported.graph)
+    for unit in plan.units:
+        if unit.key in factors:
+            for layer in unit.layers:
+                splice.replace(layer, factors[unit.key])
+    return export(imported, original, splice.metadata)
+
+
+class Evaluator:
+    """Runs candidates on held-out samples and scores them against the original's outputs."""
+
+    def __init__(self, original: onnx.ModelProto, samples: Samples, provider: str, batch_size: int):
+        self.samples = samples
+        self.batch_size = batch_size
+        self.provider = provider
+        self._original = Session(original, provider)
+        self.provider_used = self._original.provider
+        self._references: dict[tuple[int, ...], Outputs] = {}
+
+    def outputs(self, session: Session, indices: Sequence[int]) -> Outputs:
+        """Per graph output, per sample: its outputs (rows along axis 0 when the samples are stacked)."""
+        collected: Outputs = [[] for _ in session.output_names]
+        for chunk, feed in self.samples.batches(list(indices), self.batch_size):
+            for store, value in zip(collected, session.run(feed)):
+                if self.samples.batched and value.ndim and value.shape[0] == len(chunk):
+                    store.extend(np.split(value, len(chunk)))
+                else:
+                    store.append(value)
+        return collected
+
+    def reference(self, indices: Sequence[int]) -> Outputs:
+        key = tuple(indices)
+        if key not in self._references:
+            self._references[key] = self.outputs(self._original, indices)
+        return self._references[key]
+
+    def error(self, model: onnx.ModelProto, indices: Sequence[int], metric: str, labels=None) -> float:
+        candidate = self.outputs(Session(model, self.provider), indices)
+        return score(metric, self.reference(indices), candidate, labels)
+
+
+@dataclass
+class Trial:
+    """One validated candidate of a search."""
+
+    choices: list[Choice]
+    params: int  # parameters of the factorizable units after factorization
+    error: float
+    samples: int  # how many held-out samples it was validated on
+
+
+def sensitivities(
+    original: onnx.ModelProto,
+    adapters: dict,
+    units: Sequence[Unit],
+    factorizers: Sequence,
+    evaluator: Evaluator,
+    probe: Sequence[int],
+    tick: Callable[[], None] = lambda: None,
+) -> list[float]:
+    """Final-output squared relative error per unit of predicted error, measured one unit at a time."""
+    found = []
+    for unit, factorizer in zip(units, factorizers):
+        rank = _probe_rank(factorizer.spectrum, unit.full_rank)
+        if rank is None:
+            found.append(0.0)
+        else:
+            factors = factorizer.factorize(rank)
+            model = build(original, adapters, {unit.key: factors})
+            measured = evaluator.error(model, probe, "rel-l2") ** 2
+            found.append(measured / factors.predicted_error)
+        tick()
+    return found
+
+
+def _probe_rank(spectrum: Spectrum, full_rank: int) -> int | None:
+    """The smallest rank predicted within PROBE_ERROR, moved down while its predicted error is zero."""
+    dropped = spectrum.dropped
+    rank = min(int(np.argmax(dropped <= PROBE_ERROR)), full_rank - 1)
+    while rank >= 1 and dropped[rank] <= 1e-15:
+        rank -= 1
+    return rank if rank >= 1 else None
+
+
+class Search:
+    """Candidates over the units: build, validate, remember every trial (the report's trace)."""
+
+    def __init__(self, original, adapters, units, factorizers, evaluator: Evaluator, indices, everything, metric, labels):
+        self.original = original
+        self.adapters = adapters
+        self.units = units
+        self.factorizers = factorizers
+        self.evaluator = evaluator
+        self.indices = list(indices)  # the held-out samples
+        self.everything = list(everything)  # all calibration samples: a last check in compact mode
+        self.metric = metric
+        self.labels = labels
+        self.trials: list[Trial] = []
+
+    def factors(self, choices: Sequence[Choice]) -> dict[str, Factorization]:
+        return {
+            unit.key: factorizer.factorize(choice.rank)
+            for unit, factorizer, choice in zip(self.units, self.factorizers, choices)
+            if choice.rank is not None
+        }
+
+    def params(self, choices: Sequence[Choice]) -> int:
+        return sum(u.params if c.rank is None else u.factor_params(c.rank) for u, c in zip(self.units, choices))
+
+    def try_(self, choices: list[Choice], indices: Sequence[int] | None = None) -> Trial:
+        """Build and validate one allocation (on all held-out samples unless told which)."""
+        indices = self.indices if indices is None else list(indices)
+        labels = None if self.labels is None else self.labels[indices]
+        model = build(self.original, self.adapters, self.factors(choices))
+        error = self.evaluator.error(model, indices, self.metric, labels)
+        trial = Trial(choices, self.params(choices), error, len(indices))
+        self.trials.append(trial)
+        return trial
+
+    def compact(self, weights: Sequence[float], tolerance: float, tick=lambda: None) -> Trial | None:
+        """The smallest frontier allocation whose validated error is within the tolerance (None if only
+        the all-dense end passes).
+
+        Bisection on half of the held-out samples selects; the whole held-out part, and then every
+        calibration sample, confirm, and a second bisection above the selection runs if they do not:
+        choosing the edge on the same samples that certify it would favour candidates that pass by luck.
+        """
+        candidates = frontier(self.units, [f.spectrum for f in self.factorizers], weights)
+        last = len(candidates) - 1  # everything dense: the original, which passes by definition
+        selecting = self.indices[::2]
+        tried: dict[tuple[int, int], Trial] = {}
+
+        def passes(index: int, indices: list[int]) -> bool:
+            key = (index, len(indices))
+            if key not in tried:
+                tried[key] = self.try_(candidates[index], indices)
+                tick()
+            return tried[key].error <= tolerance
+
+        def smallest_passing(low: int, high: int, indices: list[int]) -> int:
+            """Bisect for the first passing index in (low, high], given low fails and high passes."""
+            while high - low > 1:
+                middle = (low + high) // 2
+                low, high = (low, middle) if passes(middle, indices) else (middle, high)
+            return high
+
+        chosen = 0 if passes(0, selecting) else smallest_passing(0, last, selecting)
+        for confirming in (self.indices, self.everything):
+            if chosen < last and not passes(chosen, confirming):
+                chosen = smallest_passing(chosen, last, confirming)
+        if chosen == last:
+            return None
+        passes(chosen, self.indices)
+        return tried[(chosen, len(self.indices))]
+
+    def at_budget(self, sensitivity: Sequence[float], fraction: float, tick=lambda: None) -> Trial:
+        """At the budget, the least validated error among allocations weighted by sensitivity**a."""
+        spectra = [f.spectrum for f in self.factorizers]
+        seen: dict[tuple, Trial] = {}
+        for exponent in SIZE_MODE_EXPONENTS:
+            weights = [max(s, 1e-12) ** exponent for s in sensitivity]
+            choices = by_budget(self.units, spectra, fraction, weights)
+            key = tuple(c.rank for c in choices)
+            if key not in seen:
+                seen[key] = self.try_(choices)
+            tick()
+        return min(seen.values(), key=lambda trial: trial.error)
+
+    def closest(self) -> Trial | None:
+        """The trial with the least validated error among those that removed parameters."""
+        total = sum(unit.params for unit in self.units)
+        shrunk = [t for t in self.trials if t.params < total and t.samples == len(self.indices)]
+        return min(shrunk, key=lambda t: t.error) if shrunk else None
