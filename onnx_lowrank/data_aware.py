@@ -29,22 +29,27 @@ class DataAwareSVD:
         weight = np.asarray(layer.matrices, dtype=np.float64)  # (G, m, n)
         groups, out_dim, in_dim = weight.shape
         centred = layer.bias is not None
+        # errors are weighed by how a following BatchNormalization scales each output channel: the
+        # optimum for D W (D = diag(scale)) is mapped back through D^-1
+        self._scale = _safe_scale(layer.output_scale, groups, out_dim)
+        scaled = self._scale[:, :, None] * weight
         if side == "output":
             # moments of y = W x + b: the mean of W x is the mean of y less the layer's own bias
             own_bias = layer.bias.value.reshape(groups, out_dim) if centred else np.zeros((groups, out_dim))
             self._mean = moments.mean - own_bias
-            covariance = moments.covariance
-            target = covariance if centred else covariance + _outer(self._mean)
+            covariance = moments.covariance * self._scale[:, :, None] * self._scale[:, None, :]
+            mean = self._scale * self._mean
+            target = covariance if centred else covariance + _outer(mean)
             energies, vectors = _top_eigen(target, min(out_dim, in_dim))
-            linear_energy = np.trace(covariance, axis1=1, axis2=2).sum() + np.sum(self._mean**2)
+            linear_energy = np.trace(covariance, axis1=1, axis2=2).sum() + np.sum(mean**2)
         else:
             self._mean = np.einsum("gmn,gn->gm", weight, moments.mean)
             root = _sqrt_psd(moments.covariance if centred else moments.second_moment)
-            u, s, _ = np.linalg.svd(weight @ root, full_matrices=False)
+            u, s, _ = np.linalg.svd(scaled @ root, full_matrices=False)
             energies, vectors = s**2, u
-            linear_energy = np.einsum("gmn,gnk,gmk->", weight, moments.second_moment, weight)
+            linear_energy = np.einsum("gmn,gnk,gmk->", scaled, moments.second_moment, scaled)
         self._vectors = _fix_signs(vectors)
-        self._weight = weight
+        self._weight = scaled
         self._centred = centred
         self.spectrum = Spectrum(np.maximum(energies, 0.0), total=float(linear_energy))
 
@@ -52,12 +57,23 @@ class DataAwareSVD:
         if not 1 <= rank <= self._vectors.shape[2]:
             raise ValueError(f"rank {rank} outside 1..{self._vectors.shape[2]}")
         basis = self._vectors[:, :, :rank]  # (G, m, r), orthonormal columns
-        first = np.swapaxes(basis, 1, 2) @ self._weight  # (G, r, n)
+        first = np.swapaxes(basis, 1, 2) @ self._weight  # (G, r, n): P^T D W
+        second = basis / self._scale[:, :, None]  # D^-1 P
         shift = None
         if self._centred:
-            kept = np.einsum("gmr,gr->gm", basis, np.einsum("gmr,gm->gr", basis, self._mean))
-            shift = self._mean - kept  # (I - P P^T) E[W x]
-        return Factorization(self.method, rank, first, basis, float(self.spectrum.dropped[rank]), bias_shift=shift)
+            mean = self._scale * self._mean
+            kept = np.einsum("gmr,gr->gm", basis, np.einsum("gmr,gm->gr", basis, mean))
+            shift = (mean - kept) / self._scale  # D^-1 (I - P P^T) D E[W x]
+        return Factorization(self.method, rank, first, second, float(self.spectrum.dropped[rank]), bias_shift=shift)
+
+
+def _safe_scale(scale: np.ndarray | None, groups: int, out_dim: int) -> np.ndarray:
+    """Per-channel error weights (G, m); ones when none, magnitudes floored so D^-1 stays finite."""
+    if scale is None:
+        return np.ones((groups, out_dim))
+    magnitude = np.abs(scale)
+    floor = 1e-6 * max(float(magnitude.max()), np.finfo(float).tiny)
+    return np.where(scale < 0, -1.0, 1.0).reshape(groups, out_dim) * np.maximum(magnitude, floor).reshape(groups, out_dim)
 
 
 def _outer(mean: np.ndarray) -> np.ndarray:

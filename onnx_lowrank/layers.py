@@ -16,7 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .svd import Factorization
-from .weights import ConstantIndex, Weight, weight_users
+from .weights import ConstantIndex, Weight, resolve, weight_users
 
 
 @dataclass
@@ -48,6 +48,23 @@ class Layer:
     matrices: np.ndarray
     info: dict = field(default_factory=dict)  # adapter-specific facts found by check()
     bias: BiasSite | None = None  # where the output mean can be absorbed (None: statistics stay uncentred)
+    output_scale: np.ndarray | None = None  # per output channel: how much a following BatchNormalization
+    # amplifies each channel's error (data-aware factors weigh output errors by it)
+
+
+def batchnorm_scale(node: gs.Node, index: ConstantIndex, channels: int) -> np.ndarray | None:
+    """scale / sqrt(var + eps) of the inference BatchNormalization that alone consumes the node's output
+    along axis 1 (None when there is none or its parameters are computed)."""
+    output = node.outputs[0]
+    if output.name in index.graph_outputs or len(output.outputs) != 1:
+        return None
+    norm = output.outputs[0]
+    if norm.op != "BatchNormalization" or len(norm.inputs) < 5 or norm.attrs.get("training_mode", 0):
+        return None
+    scale, variance = resolve(norm.inputs[1], index), resolve(norm.inputs[4], index)
+    if isinstance(scale, str) or isinstance(variance, str) or scale.value.size != channels:
+        return None
+    return scale.value.reshape(-1) / np.sqrt(variance.value.reshape(-1) + float(norm.attrs.get("epsilon", 1e-5)))
 
 
 @dataclass

@@ -42,37 +42,74 @@ def build(original: onnx.ModelProto, adapters: dict, factors: dict[str, Factoriz
     return export(imported, original, splice.metadata)
 
 
+SATURATING = ("Softmax", "LogSoftmax", "Sigmoid")
+
+
+def probe_outputs(model: onnx.ModelProto) -> list[str]:
+    """The tensors sensitivity is measured on: each graph output, or the input of the Softmax /
+    LogSoftmax / Sigmoid it comes from through Identity nodes (saturated probabilities hardly move while
+    logits do)."""
+    producers = {name: node for node in model.graph.node for name in node.output}
+    names = []
+    for output in model.graph.output:
+        name = output.name
+        while name in producers and producers[name].op_type == "Identity":
+            name = producers[name].input[0]
+        node = producers.get(name)
+        names.append(node.input[0] if node is not None and node.op_type in SATURATING else output.name)
+    return names
+
+
+def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """The model (changed in place) with `names` among its graph outputs."""
+    existing = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names) if n not in existing)
+    return model
+
+
 class Evaluator:
-    """Runs candidates on held-out samples and scores them against the original's outputs."""
+    """Runs candidates on calibration samples and scores them against the original's outputs: the graph
+    outputs for validation, the probe tensors (logits rather than probabilities) for sensitivity."""
 
     def __init__(self, original: onnx.ModelProto, samples: Samples, provider: str, batch_size: int):
         self.samples = samples
         self.batch_size = batch_size
         self.provider = provider
-        self._original = Session(original, provider)
+        self.probe_names = probe_outputs(original)
+        probing = onnx.ModelProto()
+        probing.CopyFrom(original)  # the extra outputs must not leak into the caller's model
+        self._original = Session(with_outputs(probing, self.probe_names), provider)
+        self.output_names = [o.name for o in original.graph.output]
         self.provider_used = self._original.provider
-        self._references: dict[tuple[int, ...], Outputs] = {}
+        self._references: dict[tuple, Outputs] = {}
 
-    def outputs(self, session: Session, indices: Sequence[int]) -> Outputs:
-        """Per graph output, per sample: its outputs (rows along axis 0 when the samples are stacked)."""
-        collected: Outputs = [[] for _ in session.output_names]
+    def outputs(self, session: Session, indices: Sequence[int], names: list[str]) -> Outputs:
+        """Per named tensor, per sample: its values (rows along axis 0 when the samples are stacked)."""
+        collected: Outputs = [[] for _ in names]
         for chunk, feed in self.samples.batches(list(indices), self.batch_size):
-            for store, value in zip(collected, session.run(feed)):
+            for store, value in zip(collected, session.run(feed, names)):
                 if self.samples.batched and value.ndim and value.shape[0] == len(chunk):
                     store.extend(np.split(value, len(chunk)))
                 else:
                     store.append(value)
         return collected
 
-    def reference(self, indices: Sequence[int]) -> Outputs:
-        key = tuple(indices)
+    def reference(self, indices: Sequence[int], names: list[str]) -> Outputs:
+        key = (tuple(indices), tuple(names))
         if key not in self._references:
-            self._references[key] = self.outputs(self._original, indices)
+            self._references[key] = self.outputs(self._original, indices, names)
         return self._references[key]
 
     def error(self, model: onnx.ModelProto, indices: Sequence[int], metric: str, labels=None) -> float:
-        candidate = self.outputs(Session(model, self.provider), indices)
-        return score(metric, self.reference(indices), candidate, labels)
+        """The metric over the graph outputs of a candidate."""
+        candidate = self.outputs(Session(model, self.provider), indices, self.output_names)
+        return score(metric, self.reference(indices, self.output_names), candidate, labels)
+
+    def probe_error(self, model: onnx.ModelProto, indices: Sequence[int]) -> float:
+        """Squared relative L2 error of the probe tensors of a candidate (changed in place)."""
+        session = Session(with_outputs(model, self.probe_names), self.provider)
+        candidate = self.outputs(session, indices, self.probe_names)
+        return score("rel-l2", self.reference(indices, self.probe_names), candidate) ** 2
 
 
 @dataclass
@@ -94,7 +131,7 @@ def sensitivities(
     probe: Sequence[int],
     tick: Callable[[], None] = lambda: None,
 ) -> list[float]:
-    """Final-output squared relative error per unit of predicted error, measured one unit at a time."""
+    """Final-output (logit) squared relative error per unit of predicted error, one unit at a time."""
     found = []
     for unit, factorizer in zip(units, factorizers):
         rank = _probe_rank(factorizer.spectrum, unit.full_rank)
@@ -103,8 +140,7 @@ def sensitivities(
         else:
             factors = factorizer.factorize(rank)
             model = build(original, adapters, {unit.key: factors})
-            measured = evaluator.error(model, probe, "rel-l2") ** 2
-            found.append(measured / factors.predicted_error)
+            found.append(evaluator.probe_error(model, probe) / factors.predicted_error)
         tick()
     return found
 

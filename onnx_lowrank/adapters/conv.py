@@ -16,7 +16,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..layers import BiasSite, Layer
+from ..layers import BiasSite, Layer, batchnorm_scale
 from ..svd import Factorization
 from ..weights import ConstantIndex, Weight, resolve
 
@@ -78,6 +78,7 @@ class ConvAdapter(_ChannelStatistics):
         matrices = weight.value.reshape(groups, out_channels // groups, -1)
         layer = Layer(node, self, weight, matrices, info={"groups": groups})
         layer.bias = _bias_site(layer, index, out_channels)
+        layer.output_scale = batchnorm_scale(node, index, out_channels)
         return layer
 
     def rewrite(self, layer: Layer, factors: Factorization, emit) -> None:
@@ -102,6 +103,7 @@ class ConvTransposeAdapter(_ChannelStatistics):
         matrices = blocks.transpose(0, 2, 1, 3).reshape(groups, out_per_group, -1)
         layer = Layer(node, self, weight, matrices, info={"groups": groups})
         layer.bias = _bias_site(layer, index, groups * out_per_group)
+        layer.output_scale = batchnorm_scale(node, index, groups * out_per_group)
         return layer
 
     def rewrite(self, layer: Layer, factors: Factorization, emit) -> None:

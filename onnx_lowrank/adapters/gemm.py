@@ -13,7 +13,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..layers import BiasSite, Layer
+from ..layers import BiasSite, Layer, batchnorm_scale
 from ..svd import Factorization
 from ..weights import ConstantIndex, resolve
 
@@ -40,6 +40,8 @@ class GemmAdapter:
         matrix = effective.T if side == "B" else effective
         layer = Layer(node, self, weight, matrix[None], info={"side": side, "transposed": transposed, "opset": opset})
         layer.bias = _bias_site(layer, index)
+        if side == "B":
+            layer.output_scale = batchnorm_scale(node, index, matrix.shape[0])
         return layer
 
     def observed(self, layer: Layer) -> tuple[gs.Tensor, str]:
