@@ -231,9 +231,9 @@ def _compress(loaded: LoadedModel, settings: Options, calibration, labels) -> tu
     )
     if mode == "compact" and trial is None and units:
         closest = search.closest()
-        if closest is not None:
-            report.validation = Validation(settings.metric, closest.error, tolerance, False,
-                                           search.evaluator.provider_used, len(search.indices))
+        report.validation = None if closest is None else Validation(
+            settings.metric, closest.error, tolerance, False, search.evaluator.provider_used, len(search.indices)
+        )
         raise BoundNotMet(
             f"no factorization keeps {settings.metric} within {tolerance:g}"
             + (f" (the closest removed some parameters at {closest.error:.4g})" if closest else ""),

@@ -239,7 +239,11 @@ class Search:
         return min(seen.values(), key=lambda trial: trial.error)
 
     def closest(self) -> Trial | None:
-        """The trial with the least validated error among those that removed parameters."""
+        """The trial with the least error among those that removed parameters, validated on the whole
+        held-out part (None when no trial removed any)."""
         total = sum(unit.params for unit in self.units)
-        shrunk = [t for t in self.trials if t.params < total and t.samples == len(self.indices)]
-        return min(shrunk, key=lambda t: t.error) if shrunk else None
+        shrunk = [t for t in self.trials if t.params < total]
+        if not shrunk:
+            return None
+        best = min(shrunk, key=lambda t: (t.error, t.samples != len(self.indices)))
+        return best if best.samples == len(self.indices) else self.try_(best.choices)
