@@ -28,7 +28,7 @@ class BiasSite:
     index: int  # position of the bias among that node's inputs
     value: np.ndarray  # the current bias (zeros if none yet), float64, in its stored shape
     channel_axis: int  # the axis of `value` along which the layer's output channels run
-    scale: float = 1.0  # the node multiplies the bias by this (Gemm's beta)
+    scale: float = 1.0  # bias units per unit of W x (Gemm: beta / alpha)
     weight: Weight | None = None  # how the current bias is stored (None: like the layer's weight)
 
     def shifted(self, shift: np.ndarray) -> np.ndarray:

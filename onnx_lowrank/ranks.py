@@ -99,6 +99,7 @@ def by_budget(
             high = middle
     picks = [o.best(10**low) for o in options]
     _top_up(options, picks, budget - sum(o.params[i] for o, i in zip(options, picks)))
+    _exchange(options, picks, budget)
     return [o.choice(i) for o, i in zip(options, picks)]
 
 
@@ -163,6 +164,38 @@ def _top_up(options: list[_Menu], picks: list[int], left: float) -> None:
         k, step, cost = best
         picks[k] = step
         left -= cost
+
+
+def _exchange(options: list[_Menu], picks: list[int], budget: float) -> None:
+    """Local search past what lambda can reach (the budget is a knapsack): raise one unit a step, paying
+    for it by lowering others where that loses least per parameter freed, while the total error drops."""
+    improved = True
+    while improved:
+        improved = False
+        for k, option in enumerate(options):
+            if picks[k] == len(option.params) - 1:
+                continue
+            up = picks[k] + 1
+            gain = option.errors[picks[k]] - option.errors[up]
+            need = sum(o.params[i] for o, i in zip(options, picks)) + option.params[up] - option.params[picks[k]] - budget
+            trial = list(picks)
+            trial[k] = up
+            loss = 0.0
+            while need > 0:
+                steps = [
+                    ((o.errors[trial[j] - 1] - o.errors[trial[j]]) / (o.params[trial[j]] - o.params[trial[j] - 1]), j)
+                    for j, o in enumerate(options)
+                    if j != k and trial[j] > 0
+                ]
+                if not steps:
+                    break
+                _, j = min(steps)
+                loss += options[j].errors[trial[j] - 1] - options[j].errors[trial[j]]
+                need -= options[j].params[trial[j]] - options[j].params[trial[j] - 1]
+                trial[j] -= 1
+            if need <= 0 and loss < gain - 1e-15:
+                picks[:] = trial
+                improved = True
 
 
 def _keep_if_smaller(unit: Unit, rank: int, allow_larger: bool) -> Choice:

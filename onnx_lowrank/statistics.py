@@ -20,11 +20,13 @@ from .runtime import Session
 
 @dataclass
 class Moments:
-    """Sums over rows of (G, positions, d) arrays: how many rows, their sum and their outer products."""
+    """Sums over rows of (G, positions, d) arrays, taken about an origin (the first batch's mean) so
+    that a large common offset, such as a bias inside a conv's outputs, does not swamp the spread."""
 
     count: int
-    total: np.ndarray  # (G, d)
-    outer: np.ndarray  # (G, d, d)
+    total: np.ndarray  # (G, d): sum of (row - origin)
+    outer: np.ndarray  # (G, d, d): sum of (row - origin)(row - origin)^T
+    origin: np.ndarray | None = None  # (G, d)
 
     @classmethod
     def empty(cls, groups: int, dim: int) -> Moments:
@@ -32,28 +34,43 @@ class Moments:
 
     def add(self, rows: np.ndarray) -> None:
         rows = np.asarray(rows, dtype=np.float64)
+        if rows.shape[1] == 0:
+            return
+        if self.origin is None:
+            self.origin = rows.mean(axis=1)
+        centred = rows - self.origin[:, None, :]
         self.count += rows.shape[1]
-        self.total += rows.sum(axis=1)
-        self.outer += np.swapaxes(rows, 1, 2) @ rows
+        self.total += centred.sum(axis=1)
+        self.outer += np.swapaxes(centred, 1, 2) @ centred
 
     def merged(self, other: Moments) -> Moments:
-        return Moments(self.count + other.count, self.total + other.total, self.outer + other.outer)
+        if other.origin is None:
+            return Moments(self.count, self.total.copy(), self.outer.copy(), self.origin)
+        if self.origin is None:
+            return other.merged(self)
+        delta = other.origin - self.origin  # re-express the other's sums about this origin
+        total = other.total + other.count * delta
+        outer = (other.outer + other.total[:, :, None] * delta[:, None, :] + delta[:, :, None] * other.total[:, None, :]
+                 + other.count * delta[:, :, None] * delta[:, None, :])
+        return Moments(self.count + other.count, self.total + total, self.outer + outer, self.origin)
 
     @property
     def mean(self) -> np.ndarray:
-        return self.total / max(self.count, 1)
-
-    @property
-    def second_moment(self) -> np.ndarray:
-        """E[v v^T] per group."""
-        return self.outer / max(self.count, 1)
+        offset = self.total / max(self.count, 1)
+        return offset if self.origin is None else self.origin + offset
 
     @property
     def covariance(self) -> np.ndarray:
         """E[(v - mean)(v - mean)^T] per group (symmetrised against rounding)."""
-        mean = self.mean
-        covariance = self.second_moment - mean[:, :, None] * mean[:, None, :]
+        offset = self.total / max(self.count, 1)
+        covariance = self.outer / max(self.count, 1) - offset[:, :, None] * offset[:, None, :]
         return (covariance + np.swapaxes(covariance, 1, 2)) / 2
+
+    @property
+    def second_moment(self) -> np.ndarray:
+        """E[v v^T] per group."""
+        mean = self.mean
+        return self.covariance + mean[:, :, None] * mean[:, None, :]
 
 
 def collect(

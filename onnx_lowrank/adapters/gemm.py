@@ -79,16 +79,18 @@ class GemmAdapter:
 
 
 def _bias_site(layer: Layer, index: ConstantIndex) -> BiasSite | None:
-    """C absorbs the mean per output channel: columns for a constant B, rows for a constant A."""
+    """C absorbs the mean per output channel: columns for a constant B, rows for a constant A.
+    The node computes alpha * W x + beta * C, so a shift of W x is alpha / beta in C."""
     beta = float(layer.node.attrs.get("beta", 1.0))
+    alpha = float(layer.node.attrs.get("alpha", 1.0))
     if beta == 0.0:
         return None
     channels = layer.matrices.shape[1]
     axis = -1 if layer.info["side"] == "B" else -2
     if len(layer.node.inputs) < 3:
         value = np.zeros(channels) if axis == -1 else np.zeros((channels, 1))
-        return BiasSite(layer.node, 2, value, axis, scale=beta)
+        return BiasSite(layer.node, 2, value, axis, scale=beta / alpha)
     current = resolve(layer.node.inputs[2], index)
     if isinstance(current, str):
         return None
-    return BiasSite(layer.node, 2, current.value, axis, scale=beta, weight=current)
+    return BiasSite(layer.node, 2, current.value, axis, scale=beta / alpha, weight=current)

@@ -1,0 +1,616 @@
+"""Data-aware factors: exact on planted low-rank data, predicted error = measured error, the bias shift is the
+affine optimum, rank-deficient statistics are fine, a following BatchNormalization weighs the errors.
+
+Layers come from real ONNX models (import_graph + find_layers), statistics from `collect` in onnxruntime,
+factorized models from `search.build`, run in onnxruntime. Errors are measured independently here: in
+float64 numpy from the model's own weights (tight), and end to end in onnxruntime (float32 tolerances).
+Convolutions on integer-valued inputs and kernels make onnxruntime's float32 outputs (the statistics of
+a Conv are its outputs) exact, so that their statistics and the float64 measurements agree tightly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import pytest
+from conftest import assert_close, make_model, one_node_model, run
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from numpy.lib.stride_tricks import sliding_window_view
+from onnx import helper
+
+from onnx_lowrank.adapters import ADAPTERS
+from onnx_lowrank.calibration import load_calibration
+from onnx_lowrank.data_aware import DataAwareSVD
+from onnx_lowrank.layers import BiasSite, Layer, Unit, find_layers
+from onnx_lowrank.search import build
+from onnx_lowrank.splice import import_graph
+from onnx_lowrank.statistics import Moments, collect
+from onnx_lowrank.svd import Factorization, TruncatedSVD
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+@dataclass
+class Fitted:
+    """One unit of a model with the statistics of its layer over the calibration arrays."""
+
+    model: onnx.ModelProto
+    unit: Unit
+    layer: Layer
+    moments: Moments
+    side: str
+    factorizer: DataAwareSVD
+
+    def built(self, factors: Factorization) -> onnx.ModelProto:
+        return build(self.model, ADAPTERS, {self.unit.key: factors})
+
+
+def fit(model: onnx.ModelProto, arrays: dict[str, np.ndarray], node: str | None = None) -> Fitted:
+    plan = find_layers(import_graph(model).graph, model, ADAPTERS)
+    units = [u for u in plan.units if node is None or u.name == node]
+    assert len(units) == 1, (plan.units, plan.skipped)
+    unit = units[0]
+    layer = unit.layers[0]
+    samples = load_calibration(arrays, model)
+    moments = collect(model, [layer], samples, list(range(len(samples))), "cpu", batch_size=5)[0]
+    side = layer.adapter.observed(layer)[1]
+    return Fitted(model, unit, layer, moments, side, DataAwareSVD(layer, moments, side))
+
+
+def conv_rows(x: np.ndarray, kernel: tuple[int, int], pad: int, groups: int) -> np.ndarray:
+    """im2col of a stride-1 2-D convolution: (G, N*Ho*Wo, Cin/G*kh*kw) patches, in the order a kernel
+    (Cout, Cin/G, kh, kw) flattens, so that a group's output at every position is matrix @ patch."""
+    x = np.pad(np.asarray(x, dtype=np.float64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    windows = sliding_window_view(x, kernel, axis=(2, 3))  # (N, C, Ho, Wo, kh, kw)
+    n, c, ho, wo = windows.shape[:4]
+    windows = windows.reshape(n, groups, c // groups, ho, wo, *kernel).transpose(1, 0, 3, 4, 2, 5, 6)
+    return windows.reshape(groups, n * ho * wo, -1)
+
+
+def relative_error(weight, rows, factors: Factorization, scale=None, shift=None) -> float:
+    """E||D (W x - W' x - shift)||^2 / E||D W x||^2 over rows (G, P, in), in float64, W (G, out, in)."""
+    weight = np.asarray(weight, dtype=np.float64)
+    exact = rows @ np.swapaxes(weight, 1, 2)
+    approx = rows @ np.swapaxes(factors.reconstruct(), 1, 2)
+    if shift is None:
+        shift = factors.bias_shift
+    shift = 0.0 if shift is None else shift[:, None, :]
+    d = 1.0 if scale is None else np.asarray(scale, dtype=np.float64).reshape(weight.shape[0], 1, -1)
+    return float(np.sum((d * (exact - approx - shift)) ** 2) / np.sum((d * exact) ** 2))
+
+
+def squared_difference(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.sum((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+
+
+def ints(rng, low, high, shape) -> np.ndarray:
+    return rng.integers(low, high + 1, shape).astype(np.float32)
+
+
+# ------------------------------------------------------------------- 1. planted low-rank inputs
+
+
+def test_matmul_inputs_in_a_subspace_are_reproduced_at_that_rank():
+    rng = np.random.default_rng(0)
+    rank = 5
+    weight = rng.standard_normal((32, 24)).astype(np.float32)
+    model = one_node_model("MatMul", ["x", "w"], {"x": ["n", 32]}, {"w": weight})
+    basis = rng.standard_normal((rank, 32))
+    calibration = (rng.standard_normal((40, rank)) @ basis).astype(np.float32)
+    fresh = (rng.standard_normal((30, rank)) @ basis).astype(np.float32)
+
+    fitted = fit(model, {"x": calibration})
+    assert fitted.side == "input" and fitted.layer.bias is None  # no Add: uncentred
+    assert np.linalg.matrix_rank(fitted.layer.matrices[0]) == 24  # the weight itself has full rank
+    factors = fitted.factorizer.factorize(rank)
+    assert factors.bias_shift is None
+    assert factors.predicted_error < 1e-9
+    reference = run(model, {"x": fresh})
+    assert_close(reference, run(fitted.built(factors), {"x": fresh}))
+
+    weight_only = TruncatedSVD(fitted.layer.matrices).factorize(rank)
+    got = run(fitted.built(weight_only), {"x": fresh})[0]
+    assert np.max(np.abs(got - reference[0])) > 0.1 * np.max(np.abs(reference[0]))
+
+
+def test_gemm_inputs_in_an_affine_subspace_are_reproduced_at_that_rank():
+    """transB=1 with C: the statistics are centred, so an offset outside the subspace goes into C."""
+    rng = np.random.default_rng(1)
+    rank = 4
+    b = rng.standard_normal((24, 32)).astype(np.float32)
+    c = rng.standard_normal(24).astype(np.float32)
+    model = one_node_model("Gemm", ["a", "b", "c"], {"a": ["n", 32]}, {"b": b, "c": c}, {"transB": 1})
+    basis, offset = rng.standard_normal((rank, 32)), 3 * rng.standard_normal(32)
+    calibration = (rng.standard_normal((40, rank)) @ basis + offset).astype(np.float32)
+    fresh = (rng.standard_normal((30, rank)) @ basis + offset).astype(np.float32)
+
+    fitted = fit(model, {"a": calibration})
+    assert fitted.layer.bias is not None
+    factors = fitted.factorizer.factorize(rank)
+    assert factors.bias_shift is not None and np.abs(factors.bias_shift).max() > 1.0  # the offset moved
+    assert factors.predicted_error < 1e-9
+    reference = run(model, {"a": fresh})
+    assert_close(reference, run(fitted.built(factors), {"a": fresh}))
+
+    weight_only = TruncatedSVD(fitted.layer.matrices).factorize(rank)
+    got = run(fitted.built(weight_only), {"a": fresh})[0]
+    assert np.max(np.abs(got - reference[0])) > 0.1 * np.max(np.abs(reference[0]))
+
+
+@pytest.mark.parametrize(
+    "kernel, pad, groups, c_in, c_out, subspace",
+    [
+        (1, 0, 1, 12, 16, 3),  # 1x1: output channels span <= 3 dims
+        (3, 1, 1, 12, 24, 2),  # 3x3: each of the 9 taps maps the subspace: <= 18 dims of 24
+        (2, 0, 2, 16, 32, 2),  # grouped 2x2: per group <= 8 dims of 16
+    ],
+    ids=["1x1", "3x3", "grouped-2x2"],
+)
+def test_conv_inputs_in_a_channel_subspace_are_reproduced(kernel, pad, groups, c_in, c_out, subspace):
+    rng = np.random.default_rng(2)
+    rank = subspace * kernel * kernel
+    per_group = c_in // groups
+    assert rank < min(c_out // groups, per_group * kernel * kernel)
+    weight = rng.standard_normal((c_out, per_group, kernel, kernel)).astype(np.float32)
+    bias = rng.standard_normal(c_out).astype(np.float32)
+    attrs = {"pads": [pad] * 4, "group": groups}
+    model = one_node_model("Conv", ["x", "w", "b"], {"x": ["n", c_in, 6, 6]}, {"w": weight, "b": bias}, attrs)
+    bases = rng.standard_normal((groups, subspace, per_group))  # one channel subspace per group
+
+    def images(count):
+        z = rng.standard_normal((count, groups, subspace, 6, 6))
+        return np.einsum("ngkhw,gkc->ngchw", z, bases).reshape(count, c_in, 6, 6).astype(np.float32)
+
+    calibration, fresh = images(16), images(8)
+    fitted = fit(model, {"x": calibration})
+    assert fitted.side == "output"
+    full = min(fitted.layer.matrices.shape[1:])
+    assert all(np.linalg.matrix_rank(m) == full for m in fitted.layer.matrices)
+    factors = fitted.factorizer.factorize(rank)
+    assert factors.predicted_error < 1e-9
+    reference = run(model, {"x": fresh})
+    assert_close(reference, run(fitted.built(factors), {"x": fresh}))
+
+    weight_only = TruncatedSVD(fitted.layer.matrices).factorize(rank)
+    got = run(fitted.built(weight_only), {"x": fresh})[0]
+    assert np.max(np.abs(got - reference[0])) > 0.05 * np.max(np.abs(reference[0]))
+
+
+# ---------------------------------------------------------- 2./3. predicted error, bias optimum
+
+
+@dataclass
+class Case:
+    model: onnx.ModelProto
+    arrays: dict[str, np.ndarray]
+    node: str
+    weight: np.ndarray  # (G, out, in): the map on vectors, built here from the model's own initializers
+    rows: np.ndarray  # (G, P, in): the vectors it multiplies in the calibration data, float64
+    scale: np.ndarray | None = None  # a following BatchNormalization's scale / sqrt(var + eps)
+    alpha: float = 1.0  # the layer's output is alpha * W x (+ bias)
+    output: int = 0  # graph output index holding the layer's output (or its BatchNormalization)
+
+
+def matmul_add_case() -> Case:
+    rng = np.random.default_rng(10)
+    w, b = rng.standard_normal((20, 12)).astype(np.float32), rng.standard_normal(12).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["t"], name="mm"), helper.make_node("Add", ["t", "b"], ["y"])]
+    model = make_model(nodes, {"x": ["n", 3, 20]}, ["y"], {"w": w, "b": b})
+    x = (rng.standard_normal((16, 3, 20)) @ rng.standard_normal((20, 20)) * 0.3 + 1.5).astype(np.float32)
+    return Case(model, {"x": x}, "mm", w.T[None].astype(np.float64), x.reshape(1, -1, 20).astype(np.float64))
+
+
+def gemm_case(alpha: float = 1.0, beta: float = 1.0) -> Case:
+    rng = np.random.default_rng(11)
+    b, c = rng.standard_normal((10, 16)).astype(np.float32), rng.standard_normal(10).astype(np.float32)
+    attrs = {"transB": 1, "alpha": alpha, "beta": beta}
+    model = one_node_model("Gemm", ["a", "b", "c"], {"a": ["n", 16]}, {"b": b, "c": c}, attrs)
+    a = (rng.standard_normal((48, 16)) @ rng.standard_normal((16, 16)) * 0.3 + 2.0).astype(np.float32)
+    return Case(model, {"a": a}, "gemm", b[None].astype(np.float64), a[None].astype(np.float64), alpha=alpha)
+
+
+def gemm_constant_a_case() -> Case:
+    """Y = A @ B^T + C with A constant (M x K) and B (samples x K) the input, transB=1: the map is A on
+    the rows of B, the output channels are Y's rows, C (M x 1) absorbs along axis -2."""
+    rng = np.random.default_rng(15)
+    a, c = rng.standard_normal((10, 16)).astype(np.float32), rng.standard_normal((10, 1)).astype(np.float32)
+    model = one_node_model("Gemm", ["a", "b", "c"], {"b": ["n", 16]}, {"a": a, "c": c}, {"transB": 1})
+    b = (rng.standard_normal((48, 16)) @ rng.standard_normal((16, 16)) * 0.3 - 1.0).astype(np.float32)
+    return Case(model, {"b": b}, "gemm", a[None].astype(np.float64), b[None].astype(np.float64))
+
+
+def conv_case(bias: bool, batchnorm: bool = False, groups: int = 1) -> Case:
+    """Integer inputs and kernel: onnxruntime's float32 conv output (the statistics) is exact."""
+    rng = np.random.default_rng(12 + 2 * bias + batchnorm + groups)
+    c_in, c_out = 4, 8
+    kernel = ints(rng, -2, 2, (c_out, c_in // groups, 3, 3))
+    initializers = {"w": kernel}
+    conv_inputs = ["x", "w"]
+    if bias:
+        initializers["b"] = ints(rng, -3, 3, (c_out,))
+        conv_inputs.append("b")
+    nodes = [helper.make_node("Conv", conv_inputs, ["c"], name="conv", pads=[1, 1, 1, 1], group=groups)]
+    scale = None
+    if batchnorm:
+        gamma = (rng.choice([-1, 1], c_out) * 10 ** rng.uniform(-1, 1, c_out)).astype(np.float32)
+        variance = rng.uniform(0.5, 3, c_out).astype(np.float32)
+        initializers |= {"gamma": gamma, "beta": rng.standard_normal(c_out).astype(np.float32),
+                         "mean": rng.standard_normal(c_out).astype(np.float32), "var": variance}
+        nodes.append(helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"],
+                                      epsilon=1e-3))
+        epsilon = float(np.float32(1e-3))  # attributes are stored as float32
+        scale = gamma.astype(np.float64) / np.sqrt(variance.astype(np.float64) + epsilon)
+    model = make_model(nodes, {"x": ["n", c_in, 7, 7]}, ["y" if batchnorm else "c"], initializers)
+    x = ints(rng, -1, 3, (6, c_in, 7, 7))
+    weight = kernel.astype(np.float64).reshape(groups, c_out // groups, -1)
+    return Case(model, {"x": x}, "conv", weight, conv_rows(x, (3, 3), 1, groups), scale=scale)
+
+
+CASES = {
+    "matmul+add": matmul_add_case,
+    "gemm": gemm_case,
+    "gemm-beta": lambda: gemm_case(beta=0.5),
+    "gemm-constant-A": gemm_constant_a_case,
+    "conv+bias": lambda: conv_case(bias=True),
+    "conv-no-bias": lambda: conv_case(bias=False),
+    "conv+batchnorm": lambda: conv_case(bias=True, batchnorm=True),
+    "grouped-conv": lambda: conv_case(bias=True, groups=2),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_predicted_error_equals_measured_error(name):
+    case = CASES[name]()
+    fitted = fit(case.model, case.arrays, case.node)
+    np.testing.assert_array_equal(fitted.layer.matrices, case.weight)
+    if case.scale is not None:
+        np.testing.assert_allclose(fitted.layer.output_scale, case.scale, rtol=1e-12)
+    full = min(case.weight.shape[1:])
+    assert fitted.factorizer.spectrum.energies.shape[1] == full
+    predicted = [fitted.factorizer.factorize(rank).predicted_error for rank in range(1, full + 1)]
+    for rank, expected in zip(range(1, full + 1), predicted):
+        factors = fitted.factorizer.factorize(rank)
+        assert factors.first.shape == (case.weight.shape[0], rank, case.weight.shape[2])
+        assert factors.second.shape == (case.weight.shape[0], case.weight.shape[1], rank)
+        measured = relative_error(case.weight, case.rows, factors, case.scale)
+        assert measured == pytest.approx(expected, rel=1e-7, abs=1e-12), f"rank {rank}"
+    assert all(a >= b for a, b in zip(predicted, predicted[1:])), predicted
+    assert predicted[-1] == 0.0
+    assert 0.0 < predicted[0] <= 1.0
+    assert fitted.factorizer.spectrum.dropped[0] <= 1.0 + 1e-12
+
+
+@pytest.mark.parametrize("name", [*CASES, "gemm-alpha-beta"])
+def test_predicted_error_equals_error_of_the_built_model_in_onnxruntime(name):
+    """End to end: the factorized model's output moves by what was predicted (float32 tolerances). The
+    bias shift must land in the model scaled right for this to hold (Gemm: alpha, beta)."""
+    case = gemm_case(alpha=2.0, beta=0.5) if name == "gemm-alpha-beta" else CASES[name]()
+    fitted = fit(case.model, case.arrays, case.node)
+    reference = run(case.model, case.arrays)[case.output]
+    d = 1.0 if case.scale is None else case.scale.reshape(case.weight.shape[0], 1, -1)
+    energy = case.alpha**2 * np.sum((d * (case.rows @ np.swapaxes(case.weight, 1, 2))) ** 2)
+    full = min(case.weight.shape[1:])
+    for rank in sorted({1, max(1, full // 2), full - 1, full}):
+        factors = fitted.factorizer.factorize(rank)
+        got = run(fitted.built(factors), case.arrays)[case.output]
+        measured = squared_difference(got, reference) / energy
+        assert measured == pytest.approx(factors.predicted_error, rel=2e-3, abs=1e-8), f"rank {rank}"
+
+
+@pytest.mark.parametrize("name", [n for n in CASES])
+def test_bias_shift_is_the_least_squares_constant(name):
+    """For the given factors the shift is E[W x - W' x], the constant minimising the (weighted) error."""
+    case = CASES[name]()
+    fitted = fit(case.model, case.arrays, case.node)
+    assert fitted.layer.bias is not None  # all of these layers have a bias site: centred statistics
+    rng = np.random.default_rng(5)
+    for rank in range(1, min(case.weight.shape[1:])):
+        factors = fitted.factorizer.factorize(rank)
+        assert factors.bias_shift is not None and factors.bias_shift.shape == case.weight.shape[:2]
+        residual = case.rows @ np.swapaxes(case.weight - factors.reconstruct(), 1, 2)  # (G, P, out)
+        optimum = residual.mean(axis=1)
+        scale = np.abs(residual).max()
+        np.testing.assert_allclose(factors.bias_shift, optimum, rtol=1e-7, atol=1e-10 * scale)
+        best = relative_error(case.weight, case.rows, factors, case.scale)
+        for _ in range(3):
+            moved = optimum + 1e-3 * scale * rng.standard_normal(optimum.shape)
+            assert relative_error(case.weight, case.rows, factors, case.scale, shift=moved) > best
+        none = relative_error(case.weight, case.rows, factors, case.scale, shift=np.zeros_like(optimum))
+        assert none >= best
+
+
+def test_uncentred_layer_keeps_the_mean_direction():
+    """A MatMul with no Add after it has nowhere to put an output mean: its statistics stay uncentred and
+    a large common input mean is kept by the rank-1 factors. Centring without absorbing the mean (what
+    the statistics must not do here) would drop it and lose almost all of the output."""
+    rng = np.random.default_rng(6)
+    weight = rng.standard_normal((16, 12)).astype(np.float32)
+    model = one_node_model("MatMul", ["x", "w"], {"x": ["n", 16]}, {"w": weight})
+    common = 5 * rng.standard_normal(16)
+    x = (common + 0.2 * rng.standard_normal((64, 16)) @ rng.standard_normal((16, 16))).astype(np.float32)
+    fitted = fit(model, {"x": x})
+    assert fitted.layer.bias is None
+    factors = fitted.factorizer.factorize(1)
+    assert factors.bias_shift is None
+    w = fitted.layer.matrices  # (1, 12, 16)
+    rows = x[None].astype(np.float64)
+    kept = relative_error(w, rows, factors)
+    assert kept == pytest.approx(factors.predicted_error, rel=1e-7)
+    assert kept < 0.05
+
+    # the centred rank-1 optimum, used without moving the mean anywhere
+    centred = rows - rows.mean(axis=1, keepdims=True)
+    u = np.linalg.svd(w[0] @ centred[0].T, full_matrices=False)[0][:, :1]
+    dropped_mean = Factorization("centred", 1, (u.T @ w[0])[None], u[None], float("nan"))
+    lost = relative_error(w, rows, dropped_mean)
+    assert lost > 0.5 and lost > 20 * kept
+
+    reference = run(model, {"x": x})[0]
+    got = run(fitted.built(factors), {"x": x})[0]
+    energy = np.sum((rows[0] @ w[0].T) ** 2)
+    assert squared_difference(got, reference) / energy == pytest.approx(kept, rel=2e-3, abs=1e-8)
+
+
+# ------------------------------------------------------------------- 4. rank-deficient statistics
+
+
+def assert_sane(factorizer: DataAwareSVD, full: int) -> list[Factorization]:
+    found = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no division by zero, no invalid values
+        for rank in range(1, full + 1):
+            factors = factorizer.factorize(rank)
+            assert np.all(np.isfinite(factors.first)) and np.all(np.isfinite(factors.second))
+            assert factors.bias_shift is None or np.all(np.isfinite(factors.bias_shift))
+            assert np.isfinite(factors.predicted_error) and -1e-12 <= factors.predicted_error <= 1 + 1e-12
+            found.append(factors)
+    errors = [f.predicted_error for f in found]
+    assert all(a >= b - 1e-15 for a, b in zip(errors, errors[1:])), errors
+    assert errors[-1] == 0.0
+    return found
+
+
+def test_fewer_samples_than_dimensions_and_a_dead_channel():
+    rng = np.random.default_rng(7)
+    weight = rng.standard_normal((32, 24)).astype(np.float32)
+    model = one_node_model("MatMul", ["x", "w"], {"x": ["n", 32]}, {"w": weight})
+    x = rng.standard_normal((3, 32)).astype(np.float32)
+    x[:, 5] = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        fitted = fit(model, {"x": x})
+    found = assert_sane(fitted.factorizer, 24)
+    assert found[2].predicted_error < 1e-9  # 3 samples: rank 3 holds them all
+    assert_close(run(model, {"x": x}), run(fitted.built(found[2]), {"x": x}))
+
+
+def test_centred_gemm_with_fewer_samples_than_dimensions():
+    rng = np.random.default_rng(8)
+    b, c = rng.standard_normal((24, 32)).astype(np.float32), rng.standard_normal(24).astype(np.float32)
+    model = one_node_model("Gemm", ["a", "b", "c"], {"a": ["n", 32]}, {"b": b, "c": c}, {"transB": 1})
+    a = (rng.standard_normal((3, 32)) + 4).astype(np.float32)
+    a[:, :4] = 0.0
+    fitted = fit(model, {"a": a})
+    found = assert_sane(fitted.factorizer, 24)
+    assert found[1].predicted_error < 1e-9  # 3 samples = their mean (into C) + 2 directions
+    assert_close(run(model, {"a": a}), run(fitted.built(found[1]), {"a": a}))
+
+
+def test_constant_conv_output_and_fewer_positions_than_channels():
+    rng = np.random.default_rng(9)
+    kernel = rng.standard_normal((16, 8, 1, 1)).astype(np.float32)
+    bias = rng.standard_normal(16).astype(np.float32)
+    model = one_node_model("Conv", ["x", "w", "b"], {"x": ["n", 8, 2, 2]}, {"w": kernel, "b": bias})
+    zeros = np.zeros((2, 8, 2, 2), np.float32)  # every output is the bias: no variance, W x = 0
+    fitted = fit(model, {"x": zeros})
+    found = assert_sane(fitted.factorizer, 8)
+    assert all(f.predicted_error == 0.0 for f in found)
+    np.testing.assert_allclose(found[0].bias_shift, 0.0, atol=1e-6)
+    assert_close(run(model, {"x": zeros}), run(fitted.built(found[0]), {"x": zeros}))
+
+    one = rng.standard_normal((1, 8, 2, 2)).astype(np.float32)  # 4 positions, 16 output channels
+    fitted = fit(model, {"x": one})
+    found = assert_sane(fitted.factorizer, 8)
+    assert found[2].predicted_error < 1e-9  # 4 points = mean + 3 directions
+    assert_close(run(model, {"x": one}), run(fitted.built(found[2]), {"x": one}))
+
+
+def test_near_constant_conv_output_has_predicted_errors_at_most_one():
+    """A conv whose input is almost always zero: its output is its bias plus a tiny W x. Predicted errors
+    are fractions of E||W x||^2, so no rank (not even rank 0) may predict more than all of it."""
+    rng = np.random.default_rng(4)
+    kernel = rng.standard_normal((16, 8, 1, 1)).astype(np.float32)
+    bias = (4 * rng.standard_normal(16)).astype(np.float32)
+    model = one_node_model("Conv", ["x", "w", "b"], {"x": ["n", 8, 7, 7]}, {"w": kernel, "b": bias})
+    x = np.zeros((3, 8, 7, 7), np.float32)
+    x[0, :, 0, 0] = 3e-6 * rng.standard_normal(8)
+    fitted = fit(model, {"x": x})
+    assert_sane(fitted.factorizer, 8)
+    dropped = fitted.factorizer.spectrum.dropped
+    assert np.all(dropped <= 1.0 + 1e-9), dropped
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_no_statistics_at_all(with_bias):
+    """All-zero (or empty) moments: nothing to go on, still finite factors and zero predicted errors."""
+    rng = np.random.default_rng(10)
+    weight = rng.standard_normal((16, 12)).astype(np.float32)
+    if with_bias:
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["t"], name="mm"), helper.make_node("Add", ["t", "b"], ["y"])]
+        model = make_model(nodes, {"x": ["n", 16]}, ["y"], {"w": weight, "b": np.ones(12, np.float32)})
+    else:
+        model = one_node_model("MatMul", ["x", "w"], {"x": ["n", 16]}, {"w": weight}, name="mm")
+    fitted = fit(model, {"x": np.zeros((4, 16), np.float32)})
+    assert (fitted.layer.bias is not None) == with_bias
+    found = assert_sane(fitted.factorizer, 12)
+    assert all(f.predicted_error == 0.0 for f in found)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        empty = DataAwareSVD(fitted.layer, Moments.empty(1, 16), "input")
+    assert_sane(empty, 12)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    groups=st.integers(1, 3),
+    out_dim=st.integers(1, 9),
+    in_dim=st.integers(1, 9),
+    count=st.integers(1, 14),
+    side=st.sampled_from(["input", "output"]),
+    centred=st.booleans(),
+    weighted=st.booleans(),
+    dead=st.integers(0, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_predicted_error_is_the_float64_output_error_for_any_statistics(
+    groups, out_dim, in_dim, count, side, centred, weighted, dead, seed
+):
+    """The closed form against a direct float64 measurement over the very rows the moments came from,
+    including fewer rows than dimensions, dead channels, negative and tiny BatchNormalization scales.
+    (Layers built directly here: DataAwareSVD reads only their matrices, bias value and output scale.)"""
+    # an output that is exactly its bias (W x == 0) meets the cancellation bug shown by
+    # test_near_constant_conv_output_has_predicted_errors_at_most_one: kept out of this property
+    assume(not (side == "output" and centred and dead >= in_dim))
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((groups, out_dim, in_dim))
+    mixing, offset = rng.standard_normal((groups, in_dim, in_dim)), 2 * rng.standard_normal((groups, 1, in_dim))
+    x = rng.standard_normal((groups, count, in_dim)) @ mixing + offset
+    x[:, :, :dead] = 0.0
+    bias = rng.standard_normal(groups * out_dim) if centred else None
+    scale = rng.choice([-1, 1], groups * out_dim) * 10 ** rng.uniform(-3, 2, groups * out_dim) if weighted else None
+    layer = Layer(None, None, None, weight, bias=None if bias is None else BiasSite(None, 0, bias, 0),
+                  output_scale=scale)
+    moments = Moments.empty(groups, in_dim if side == "input" else out_dim)
+    if side == "input":
+        moments.add(x)
+    else:  # the node's output, its own bias included
+        moments.add(x @ np.swapaxes(weight, 1, 2) + (0.0 if bias is None else bias.reshape(groups, 1, out_dim)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        factorizer = DataAwareSVD(layer, moments, side)
+    full = min(out_dim, in_dim)
+    found = assert_sane(factorizer, full)
+    d = 1.0 if scale is None else scale.reshape(groups, 1, out_dim)
+    energy = np.sum((d * (x @ np.swapaxes(weight, 1, 2))) ** 2)
+    # input side: the statistics' eigenvalues are floored at 1e-12 of the largest (so that rank-deficient
+    # ones factor), which may add up to that much of ||D W||^2 to the predicted energies
+    floor = 0.0
+    if side == "input" and energy > 0:
+        largest = np.linalg.eigvalsh(moments.second_moment).max()
+        scaled = (np.ones(groups * out_dim) if scale is None else scale).reshape(groups, out_dim, 1) * weight
+        floor = 2e-12 * largest * np.sum(scaled**2) / (energy / count)
+    for factors in found:
+        assert (factors.bias_shift is not None) == centred
+        if energy > 1e-9:
+            measured = relative_error(weight, x, factors, scale)
+            assert measured == pytest.approx(factors.predicted_error, rel=1e-6, abs=1e-9 + floor), factors.rank
+        if centred:  # the shift is the mean residual: the affine optimum for these factors
+            residual = x @ np.swapaxes(weight - factors.reconstruct(), 1, 2)
+            np.testing.assert_allclose(factors.bias_shift, residual.mean(axis=1),
+                                       atol=1e-8 * max(1.0, np.abs(residual).max()))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_conv_transpose_predicted_error_is_what_the_built_model_shows(groups):
+    rng = np.random.default_rng(16)
+    c_in, c_out = 8, 6
+    kernel = rng.standard_normal((c_in, c_out // groups, 3, 3)).astype(np.float32)
+    bias = rng.standard_normal(c_out).astype(np.float32)
+    attrs = {"strides": [2, 2], "pads": [1, 1, 1, 1], "group": groups}
+    model = one_node_model("ConvTranspose", ["x", "w", "b"], {"x": ["n", c_in, 4, 4]}, {"w": kernel, "b": bias}, attrs)
+    x = (rng.standard_normal((10, c_in, 4, 4)) + 0.5).astype(np.float32)
+    fitted = fit(model, {"x": x})
+    assert fitted.side == "output" and fitted.layer.bias is not None
+    reference = run(model, {"x": x})[0]
+    energy = np.sum((reference.astype(np.float64) - bias.reshape(1, -1, 1, 1)) ** 2)
+    full = min(fitted.layer.matrices.shape[1:])
+    predicted = []
+    for rank in range(1, full + 1):
+        factors = fitted.factorizer.factorize(rank)
+        measured = squared_difference(run(fitted.built(factors), {"x": x})[0], reference) / energy
+        assert measured == pytest.approx(factors.predicted_error, rel=2e-3, abs=1e-8), f"rank {rank}"
+        predicted.append(factors.predicted_error)
+    assert all(a >= b for a, b in zip(predicted, predicted[1:])) and predicted[-1] == 0.0
+
+
+# -------------------------------------------------------------------- determinism, sign convention
+
+
+def test_same_statistics_give_identical_factors_with_fixed_signs():
+    case = conv_case(bias=True, batchnorm=True)
+    first_fit = fit(case.model, case.arrays, case.node)
+    second_fit = fit(case.model, case.arrays, case.node)
+    negated = fit(case.model, {"x": -case.arrays["x"]}, case.node)  # same covariance: no sign flips
+    for rank in (1, 4, 8):
+        a, b = first_fit.factorizer.factorize(rank), second_fit.factorizer.factorize(rank)
+        assert np.array_equal(a.first, b.first) and np.array_equal(a.second, b.second)
+        assert np.array_equal(a.bias_shift, b.bias_shift) and a.predicted_error == b.predicted_error
+        c = negated.factorizer.factorize(rank)  # the conv's bias makes its moments differ in rounding only
+        np.testing.assert_allclose(c.second, a.second, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(c.first, a.first, rtol=1e-6, atol=1e-6 * np.abs(a.first).max())
+        np.testing.assert_allclose(c.bias_shift, -a.bias_shift, rtol=1e-6, atol=1e-9 * np.abs(a.first).max())
+        basis = a.second * case.scale.reshape(1, -1, 1)  # D^-1 P back to P: orthonormal columns
+        np.testing.assert_allclose(np.swapaxes(basis, 1, 2) @ basis, np.eye(rank)[None], atol=1e-10)
+        largest = np.take_along_axis(basis, np.argmax(np.abs(basis), axis=1, keepdims=True), axis=1)
+        assert np.all(largest > 0)
+
+    # uncentred input statistics of x and -x are bitwise equal: so are the factors
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((16, 12)).astype(np.float32)
+    model = one_node_model("MatMul", ["x", "w"], {"x": ["n", 16]}, {"w": weight})
+    x = (rng.standard_normal((20, 16)) + 1).astype(np.float32)
+    a, b = fit(model, {"x": x}).factorizer.factorize(5), fit(model, {"x": -x}).factorizer.factorize(5)
+    assert np.array_equal(a.first, b.first) and np.array_equal(a.second, b.second)
+    largest = np.take_along_axis(a.second, np.argmax(np.abs(a.second), axis=1, keepdims=True), axis=1)
+    assert np.all(largest > 0)
+
+
+# ------------------------------------------------------------------- 5. BatchNormalization weighting
+
+
+def test_batchnorm_scale_weighs_the_errors_that_matter_after_it():
+    rng = np.random.default_rng(13)
+    c_in, c_out = 8, 16
+    gamma = rng.permutation(np.logspace(-2, 2, c_out)).astype(np.float32)
+    initializers = {
+        "w": rng.standard_normal((c_out, c_in, 3, 3)).astype(np.float32),
+        "b": rng.standard_normal(c_out).astype(np.float32),
+        "gamma": gamma, "beta": rng.standard_normal(c_out).astype(np.float32),
+        "mean": rng.standard_normal(c_out).astype(np.float32),
+        "var": rng.uniform(0.5, 2, c_out).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"]),
+    ]
+    model = make_model(nodes, {"x": ["n", c_in, 6, 6]}, ["y"], initializers)
+    x = rng.standard_normal((12, c_in, 6, 6)).astype(np.float32)
+    fitted = fit(model, {"x": x})
+    assert fitted.layer.output_scale is not None
+    unweighted_layer = dataclasses.replace(fitted.layer, output_scale=None)
+    unweighted = DataAwareSVD(unweighted_layer, fitted.moments, "output")
+
+    def outputs(candidate):
+        probing = onnx.ModelProto()
+        probing.CopyFrom(candidate)
+        probing.graph.output.append(onnx.ValueInfoProto(name="c"))  # the conv's own output too
+        return run(probing, {"x": x})
+
+    after, before = outputs(model)
+    rank = 4
+    weighted_factors, plain_factors = fitted.factorizer.factorize(rank), unweighted.factorize(rank)
+    weighted_after, weighted_before = outputs(fitted.built(weighted_factors))
+    plain_after, plain_before = outputs(fitted.built(plain_factors))
+    weighted_error, plain_error = squared_difference(weighted_after, after), squared_difference(plain_after, after)
+    assert weighted_error < 0.5 * plain_error, (weighted_error, plain_error)
+    # and each is the optimum of its own criterion: unweighted wins before the BatchNormalization
+    assert squared_difference(plain_before, before) < squared_difference(weighted_before, before)
+    # what the weighted factors predicted is what happens after the BatchNormalization
+    d = fitted.layer.output_scale.reshape(1, -1, 1, 1)
+    energy = np.sum((d * (before.astype(np.float64) - initializers["b"].reshape(1, -1, 1, 1))) ** 2)
+    assert weighted_error / energy == pytest.approx(weighted_factors.predicted_error, rel=2e-3)

@@ -1,0 +1,220 @@
+"""Benchmarks of onnx-lowrank on real models; results go to benchmarks/*.json and BENCHMARKS.md.
+
+Not a test: figures depend on the machine. Every figure in a row is measured in the same run.
+
+    python tools/bench.py error-bound [--models minilm,ppocr_cls,...] [--provider cpu|cuda]
+
+error-bound: for each model, compact mode at several tolerances (data-aware factors, sensitivity-weighted
+allocation, validation in ONNX Runtime), and the weight-only path (--no-data) at the same parameter
+budget; errors are measured on an evaluation set the tool never saw. Models come from
+tools/real_models.py (cache/) or, for the small ones, models/. Each run writes
+benchmarks/<suite>_<provider>.json (with the machine it ran on) and regenerates BENCHMARKS.md from every
+JSON file there, so runs on different machines (the GPU one included) end up side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
+
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+
+import onnx_lowrank  # noqa: E402
+from onnx_lowrank.calibration import load_calibration  # noqa: E402
+from onnx_lowrank.errors import BoundNotMet  # noqa: E402
+from onnx_lowrank.search import Evaluator  # noqa: E402
+
+RESULTS = REPO / "benchmarks"
+MODELS = REPO / "models"
+
+
+@dataclass(frozen=True)
+class Case:
+    """A model, its calibration and evaluation data, and the bounds to try."""
+
+    name: str
+    metric: str
+    tolerances: tuple[float, ...]
+    batch_size: int = 16
+
+
+CASES = {
+    "digits": Case("digits", "accuracy", (0.0,)),
+    "digits-rel": Case("digits", "rel-l2", (0.02, 0.05, 0.1)),
+    "ppocr_cls": Case("ppocr_cls", "accuracy", (0.0,)),
+    "ppocr_cls_lines": Case("ppocr_cls_lines", "accuracy", (0.0,)),
+    "ppocr_rec": Case("ppocr_rec", "top1", (0.005, 0.02)),
+    "ppocr_det": Case("ppocr_det", "rel-l2", (0.02, 0.05), batch_size=4),
+    "minilm": Case("minilm", "cosine", (0.002, 0.005, 0.01), batch_size=32),
+    "minilm_l2": Case("minilm_l2", "cosine", (0.002, 0.01), batch_size=32),
+}
+
+
+def data_for(name: str) -> dict[str, Path]:
+    """Model and data paths: the small models ship in models/, the others are built in cache/."""
+    if name == "digits":
+        return {
+            "model": MODELS / "digits_cnn.onnx",
+            "calib": MODELS / "digits_calib.npz",
+            "calib_labels": MODELS / "digits_calib_labels.npy",
+            "eval": MODELS / "digits_eval.npz",
+            "eval_labels": MODELS / "digits_eval_labels.npy",
+        }
+    if name == "minilm_l2":
+        return _minilm_l2_split()
+    if name == "ppocr_cls_lines":  # the small labelled set CI uses (the GPU machine has no cache/)
+        return {"model": MODELS / "ppocr_cls.onnx", "calib": MODELS / "ppocr_cls_lines.npz",
+                "calib_labels": MODELS / "ppocr_cls_lines_labels.npy", "eval": MODELS / "ppocr_cls_lines_eval.npz",
+                "eval_labels": MODELS / "ppocr_cls_lines_eval_labels.npy"}
+    import real_models  # needs torch, transformers and the model packages
+
+    return real_models.materialize(name)
+
+
+def _minilm_l2_split() -> dict[str, Path]:
+    """The shipped 600 sentences: the first 200 calibrate, the last 200 evaluate."""
+    import numpy as np
+
+    folder = REPO / "cache"
+    folder.mkdir(exist_ok=True)
+    sentences = np.load(MODELS / "minilm_sentences.npz")
+    paths = {"model": MODELS / "minilm_l2.onnx", "calib": folder / "minilm_l2_calib.npz",
+             "eval": folder / "minilm_l2_eval.npz"}
+    np.savez(paths["calib"], **{k: v[:200] for k, v in sentences.items()})
+    np.savez(paths["eval"], **{k: v[400:] for k, v in sentences.items()})
+    return paths
+
+
+def machine(provider: str) -> str:
+    cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    if provider == "cuda":
+        try:
+            import subprocess
+
+            gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=30).stdout.strip()
+        except OSError:
+            gpu = "unknown GPU"
+        return f"{gpu} (CUDA EP), {cpu}"
+    return cpu
+
+
+def eval_error(original: onnx.ModelProto, model: onnx.ModelProto, paths, case: Case, provider: str) -> float:
+    """The case's metric for `model` against the original on the evaluation set."""
+    labels = paths.get("eval_labels")
+    samples = load_calibration(paths["eval"], original, labels)
+    evaluator = Evaluator(original, samples, provider, case.batch_size)
+    return evaluator.error(model, range(len(samples)), case.metric, samples.labels)
+
+
+def error_bound(case: Case, provider: str) -> list[dict]:
+    paths = data_for(case.name)
+    original = onnx.load(paths["model"])
+    factorizable = sum(row.params for row in onnx_lowrank.inspect(original) if row.reason is None)
+    rows = []
+    for tolerance in case.tolerances:
+        common = dict(calibration=paths["calib"], labels=paths.get("calib_labels"), metric=case.metric,
+                      provider=provider, batch_size=case.batch_size)
+        started = time.perf_counter()
+        try:
+            model, report = onnx_lowrank.compress(original, tolerance=tolerance, **common)
+        except BoundNotMet as failure:
+            rows.append({"model": case.name, "metric": case.metric, "tolerance": tolerance, "met": False,
+                         "closest": failure.report.validation.value if failure.report.validation else None})
+            continue
+        seconds = time.perf_counter() - started
+        kept = sum(layer.params_after for layer in report.layers) + sum(
+            row.params for row in onnx_lowrank.inspect(original)
+            if row.reason is None and row.node not in {n for layer in report.layers for n in layer.nodes}
+        )
+        fraction = kept / factorizable
+        row = {
+            "model": case.name, "metric": case.metric, "tolerance": tolerance, "met": True,
+            "provider": report.validation.provider, "params_before": report.params_before,
+            "params_after": report.params_after, "factorizable_kept": fraction,
+            "held_out": report.validation.value, "eval": eval_error(original, model, paths, case, provider),
+            "seconds": seconds, "phases": report.phases,
+        }
+        if fraction < 1:
+            # the weight-only path at the same parameter budget, same allocation machinery and validation
+            plain, plain_report = onnx_lowrank.compress(original, target_params=fraction, no_data=True, **common)
+            row["weight_only_params_after"] = plain_report.params_after
+            row["weight_only_eval"] = eval_error(original, plain, paths, case, provider)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def render(results: list[dict]) -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        "Written by `python tools/bench.py`; every figure in a row comes from one run on the machine named",
+        "above its table. Errors are on an evaluation set the tool never saw (the tool validates on a",
+        "held-out part of the calibration data). Metrics as in the README: rel-l2, cosine (1 - mean cosine),",
+        "top1 (fraction of argmax decisions changed), accuracy (fraction of samples the original gets right",
+        "and the compressed model loses; 0 = lossless). *kept* = parameters after / before (whole model);",
+        "*factorizable kept*: of the Gemm/MatMul/Conv weights that can be factorized. The weight-only column",
+        "is `--no-data` at the same factorizable budget (same allocation, validation and search).",
+        "",
+    ]
+    for run in results:
+        lines += [f"## {run['suite']} on {run['machine']} ({run['provider']}, onnxruntime {run['onnxruntime']})",
+                  "", f"Run {run['date']}.", ""]
+        lines.append("| model | metric | tolerance | kept | factorizable kept | held-out | eval | eval, weight-only | time |")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
+        for row in run["rows"]:
+            if not row["met"]:
+                closest = "-" if row["closest"] is None else f"{row['closest']:.4g}"
+                lines.append(f"| {row['model']} | {row['metric']} | {row['tolerance']:g} | not met (closest {closest}) "
+                             "| | | | | |")
+                continue
+            plain = row.get("weight_only_eval")
+            lines.append(
+                f"| {row['model']} | {row['metric']} | {row['tolerance']:g} | "
+                f"{row['params_after'] / row['params_before']:.1%} | {row['factorizable_kept']:.1%} | "
+                f"{row['held_out']:.4g} | {row['eval']:.4g} | {'-' if plain is None else f'{plain:.4g}'} | "
+                f"{row['seconds']:.0f} s |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("suite", choices=["error-bound", "render"], help="render: only rewrite BENCHMARKS.md")
+    parser.add_argument("--models", default="digits,digits-rel,ppocr_cls,ppocr_rec,ppocr_det,minilm")
+    parser.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder of result JSON files")
+    args = parser.parse_args()
+    if args.suite == "render":
+        _render_all()
+        return
+    rows = []
+    for name in args.models.split(","):
+        rows += error_bound(CASES[name], args.provider)
+    args.out.mkdir(exist_ok=True)
+    run = {"suite": args.suite, "provider": args.provider, "machine": machine(args.provider),
+           "onnxruntime": ort.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    (args.out / f"{args.suite}_{args.provider}.json").write_text(json.dumps(run, indent=1))
+    _render_all()
+
+
+def _render_all() -> None:
+    results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
+    (REPO / "BENCHMARKS.md").write_text(render(results))
+
+
+if __name__ == "__main__":
+    main()
