@@ -150,8 +150,9 @@ def _compress(loaded: LoadedModel, settings: Options, calibration, labels) -> tu
 
     units = plan.units
     parts = split(samples, settings.seed) if samples is not None else None
+    provider = resolve_provider(settings.provider) if samples is not None else None
     if samples is not None and not settings.no_data:
-        factorizers = _data_aware(original, units, samples, parts.fit, settings)
+        factorizers = _data_aware(original, units, samples, parts.fit, provider, settings.batch_size)
         clock.lap("statistics")
     else:
         factorizers = [TruncatedSVD(unit.matrices) for unit in units]
@@ -160,7 +161,6 @@ def _compress(loaded: LoadedModel, settings: Options, calibration, labels) -> tu
     validation, sensitivity, trial, search = None, None, None, None
     mode = settings.mode
     if samples is not None:
-        provider = resolve_provider(settings.provider)
         evaluator = Evaluator(original, samples, provider, settings.batch_size)
         search = Search(original, adapters, units, factorizers, evaluator, parts.validation,
                         range(len(samples)), settings.metric, samples.labels)
@@ -207,6 +207,7 @@ def _compress(loaded: LoadedModel, settings: Options, calibration, labels) -> tu
             samples=len(search.indices),
         )
         clock.lap("validate")
+    closest = search.closest() if mode == "compact" and trial is None and units else None
     after = model_stats(result)
     report = Report(
         params_before=before.params,
@@ -230,7 +231,6 @@ def _compress(loaded: LoadedModel, settings: Options, calibration, labels) -> tu
         trace=[{"params": t.params, "error": t.error, "samples": t.samples} for t in search.trials] if search else [],
     )
     if mode == "compact" and trial is None and units:
-        closest = search.closest()
         report.validation = None if closest is None else Validation(
             settings.metric, closest.error, tolerance, False, search.evaluator.provider_used, len(search.indices)
         )
@@ -259,11 +259,12 @@ def _calibration(settings: Options, model: onnx.ModelProto, calibration, labels)
     return samples
 
 
-def _data_aware(model, units: list[Unit], samples: Samples, fit: list[int], settings: Options) -> list[DataAwareSVD]:
+def _data_aware(
+    model, units: list[Unit], samples: Samples, fit: list[int], provider: str, batch_size: int
+) -> list[DataAwareSVD]:
     """Statistics over the fit samples, merged per unit (shared weights), then data-aware factors."""
     layers = [layer for unit in units for layer in unit.layers]
-    provider = resolve_provider(settings.provider)
-    moments = iter(collect(model, layers, samples, fit, provider, settings.batch_size))
+    moments = iter(collect(model, layers, samples, fit, provider, batch_size))
     factorizers = []
     for unit in units:
         merged: Moments | None = None

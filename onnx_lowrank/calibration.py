@@ -9,6 +9,7 @@ a sample, used as is).
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,13 +33,14 @@ class Samples:
     feeds: list[dict[str, np.ndarray]]
     batched: bool
     labels: np.ndarray | None = None  # one label (or label array) per sample
+    max_batch: int | None = None  # the model fixes its batch at 1: stacked samples run one at a time
 
     def __len__(self) -> int:
         return len(self.feeds)
 
     def batches(self, indices: list[int], batch_size: int) -> Iterator[tuple[list[int], dict[str, np.ndarray]]]:
         """Feeds to run for these samples: concatenated `batch_size` at a time when batched."""
-        step = batch_size if self.batched else 1
+        step = min(batch_size, self.max_batch or batch_size) if self.batched else 1
         for start in range(0, len(indices), step):
             chunk = indices[start : start + step]
             if self.batched:
@@ -84,6 +86,8 @@ def load_calibration(source, model: onnx.ModelProto, labels=None) -> Samples:
     if not samples.feeds:
         raise InputError("the calibration set is empty")
     _check_feeds(samples, model)
+    if samples.batched:
+        samples.max_batch = _fixed_batch(model)
     if labels is not None:
         samples.labels = _load_labels(labels, len(samples))
     return samples
@@ -104,9 +108,12 @@ def split(samples: Samples, seed: int) -> Split:
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            raise InputError(f"calibration file {path} holds one unnamed array (.npy); use an .npz keyed by input name")
+        with loaded as archive:
             return {name: archive[name] for name in archive.files}
-    except (OSError, ValueError, EOFError) as error:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
         raise InputError(f"cannot read calibration file {path}: {error}") from None
 
 
@@ -124,6 +131,22 @@ def _split_samples(arrays: dict[str, np.ndarray], where) -> Samples:
     count = next(iter(counts.values()))
     feeds = [{name: array[i : i + 1] for name, array in arrays.items()} for i in range(count)]
     return Samples(feeds, batched=True)
+
+
+def _fixed_batch(model: onnx.ModelProto) -> int | None:
+    """1 when an input fixes axis 0 at 1 (stacked samples then run one by one); an InputError when an
+    input fixes it at more, since rows of an .npz cannot be grouped into a batch the model accepts."""
+    fixed = set()
+    for name, info in model_inputs(model).items():
+        dims = info.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            fixed.add((name, dims[0].dim_value))
+    wider = [(name, size) for name, size in fixed if size > 1]
+    if wider:
+        name, size = wider[0]
+        raise InputError(f"model input {name!r} has a fixed batch of {size}; stacked .npz samples cannot fill it, "
+                         "give a folder of .npz files each holding one complete feed")
+    return 1 if fixed else None
 
 
 def _check_feeds(samples: Samples, model: onnx.ModelProto) -> None:

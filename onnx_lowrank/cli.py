@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from rich.console import Console
@@ -124,8 +125,14 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _warn(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings (e.g. CUDA asked for but missing) as one line on stderr."""
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     console = Console(width=None if sys.stdout.isatty() else 200)
+    warnings.showwarning = _warn
     try:
         args = _parser().parse_args(argv)
         return _compress(args, console) if args.command == "compress" else _inspect(args, console)
@@ -141,5 +148,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # a bug: still one line unless asked for the traceback
         if os.environ.get("ONNX_LOWRANK_DEBUG"):
             raise
-        print(f"{PROG}: internal error: {type(error).__name__}: {error}", file=sys.stderr)
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        print(f"{PROG}: internal error: {type(error).__name__}: {first_line}", file=sys.stderr)
         return 3

@@ -24,7 +24,7 @@ from .errors import InputError
 
 METRICS = ("rel-l2", "cosine", "max-abs", "top1", "accuracy")
 DEFAULT_METRIC = "rel-l2"
-DEFAULT_TOLERANCE = {"rel-l2": 0.05, "cosine": 0.002, "max-abs": 0.1, "top1": 0.01, "accuracy": 0.0}
+DEFAULT_TOLERANCE = {"rel-l2": 0.05, "cosine": 0.01, "max-abs": 0.1, "top1": 0.01, "accuracy": 0.0}
 
 Outputs = list[list[np.ndarray]]  # per graph output, per sample
 
