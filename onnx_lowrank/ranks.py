@@ -8,7 +8,6 @@ budget left over. Nothing is saved at or above a unit's break-even rank, so that
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path

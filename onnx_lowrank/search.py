@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,7 +129,6 @@ def sensitivities(
     factorizers: Sequence,
     evaluator: Evaluator,
     probe: Sequence[int],
-    tick: Callable[[], None] = lambda: None,
 ) -> list[float]:
     """Final-output (logit) squared relative error per unit of predicted error, one unit at a time."""
     found = []
@@ -141,7 +140,6 @@ def sensitivities(
             factors = factorizer.factorize(rank)
             model = build(original, adapters, {unit.key: factors})
             found.append(evaluator.probe_error(model, probe) / factors.predicted_error)
-        tick()
     return found
 
 
@@ -189,7 +187,7 @@ class Search:
         self.trials.append(trial)
         return trial
 
-    def compact(self, weights: Sequence[float], tolerance: float, tick=lambda: None) -> Trial | None:
+    def compact(self, weights: Sequence[float], tolerance: float) -> Trial | None:
         """The smallest frontier allocation whose validated error is within the tolerance (None if only
         the all-dense end passes).
 
@@ -206,7 +204,6 @@ class Search:
             key = (index, len(indices))
             if key not in tried:
                 tried[key] = self.try_(candidates[index], indices)
-                tick()
             return tried[key].error <= tolerance
 
         def smallest_passing(low: int, high: int, indices: list[int]) -> int:
@@ -225,7 +222,7 @@ class Search:
         passes(chosen, self.indices)
         return tried[(chosen, len(self.indices))]
 
-    def at_budget(self, sensitivity: Sequence[float], fraction: float, tick=lambda: None) -> Trial:
+    def at_budget(self, sensitivity: Sequence[float], fraction: float) -> Trial:
         """At the budget, the least validated error among allocations weighted by sensitivity**a."""
         spectra = [f.spectrum for f in self.factorizers]
         seen: dict[tuple, Trial] = {}
@@ -235,7 +232,6 @@ class Search:
             key = tuple(c.rank for c in choices)
             if key not in seen:
                 seen[key] = self.try_(choices)
-            tick()
         return min(seen.values(), key=lambda trial: trial.error)
 
     def closest(self) -> Trial | None:

@@ -78,14 +78,11 @@ def docstring_sentences(doc):
         yield from re.split(r"(?<=[.!?])\s+(?=[A-Z])", " ".join(para.split()))
 
 
-def build_corpus():
-    """Return NUM_SENTENCES clean, unique English sentences from stdlib docstrings.
-
-    Docs are visited in a fixed order: each module of CORPUS_MODULES, then its
-    public classes and functions sorted by name.
-    """
+def sentence_corpus(modules=CORPUS_MODULES):
+    """Return every clean, unique English sentence of the modules' docstrings, in a fixed order:
+    each module, then its public classes and functions defined in it, sorted by name."""
     sentences = {}  # insertion-ordered set
-    for name in CORPUS_MODULES:
+    for name in modules:
         module = importlib.import_module(name)
         members = (getattr(module, attr) for attr in sorted(vars(module)) if not attr.startswith("_"))
         objects = [module] + [
@@ -97,8 +94,14 @@ def build_corpus():
                 prose = sum(c.isalpha() or c == " " for c in s) >= 0.85 * len(s)
                 if 20 <= len(s) <= 200 and prose and s[0].isupper() and s.endswith("."):
                     sentences[s] = None
+    return list(sentences)
+
+
+def build_corpus():
+    """Return the first NUM_SENTENCES sentences of the corpus of CORPUS_MODULES."""
+    sentences = sentence_corpus()
     assert len(sentences) >= NUM_SENTENCES, len(sentences)
-    return list(sentences)[:NUM_SENTENCES]
+    return sentences[:NUM_SENTENCES]
 
 
 def load_encoder(model_dir):

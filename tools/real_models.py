@@ -48,8 +48,6 @@ not the texts, sizes, colours or labels.
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import math
 import os
 import re
@@ -89,26 +87,8 @@ CORPUS_MODULES = build_models.CORPUS_MODULES + EXTRA_CORPUS_MODULES
 
 
 def sentence_corpus(modules=CORPUS_MODULES):
-    """Return every clean, unique English sentence of the modules' docstrings, in a fixed order.
-
-    Same visiting order and filter as ``build_models.build_corpus`` (which is
-    limited to its own module list and count), over more modules: each module,
-    then its public classes and functions defined in it, sorted by name.
-    """
-    sentences = {}  # insertion-ordered set
-    for name in modules:
-        module = importlib.import_module(name)
-        members = (getattr(module, attr) for attr in sorted(vars(module)) if not attr.startswith("_"))
-        objects = [module] + [
-            obj for obj in members
-            if (inspect.isclass(obj) or inspect.isfunction(obj)) and obj.__module__ == name
-        ]  # fmt: skip
-        for obj in objects:
-            for s in build_models.docstring_sentences(inspect.getdoc(obj)):
-                prose = sum(c.isalpha() or c == " " for c in s) >= 0.85 * len(s)
-                if 20 <= len(s) <= 200 and prose and s[0].isupper() and s.endswith("."):
-                    sentences[s] = None
-    return list(sentences)
+    """Every clean, unique sentence of the modules' docstrings, as build_models filters them."""
+    return build_models.sentence_corpus(modules)
 
 
 def word_pool(sentences):
