@@ -18,7 +18,7 @@ import onnx
 
 from .adapters import ADAPTERS
 from .calibration import Samples, load_calibration, split
-from .data_aware import DataAwareSVD
+from .data_aware import data_aware_factorizers
 from .errors import BoundNotMet, InputError
 from .layers import Unit, find_layers
 from .metrics import DEFAULT_METRIC, DEFAULT_TOLERANCE, check_metric
@@ -28,7 +28,6 @@ from .report import LayerReport, Report, SkippedLayer, Validation
 from .runtime import PROVIDERS, resolve_provider
 from .search import PROBE_SAMPLES, Evaluator, Search, build, sensitivities
 from .splice import import_graph
-from .statistics import Moments, collect
 from .svd import Factorization, TruncatedSVD
 
 METHODS = ("auto", "svd")
@@ -152,7 +151,7 @@ def _compress(loaded: LoadedModel, settings: Options, calibration, labels) -> tu
     parts = split(samples, settings.seed) if samples is not None else None
     provider = resolve_provider(settings.provider) if samples is not None else None
     if samples is not None and not settings.no_data:
-        factorizers = _data_aware(original, units, samples, parts.fit, provider, settings.batch_size)
+        factorizers = data_aware_factorizers(original, units, samples, parts.fit, provider, settings.batch_size)
         clock.lap("statistics")
     else:
         factorizers = [TruncatedSVD(unit.matrices) for unit in units]
@@ -257,23 +256,6 @@ def _calibration(settings: Options, model: onnx.ModelProto, calibration, labels)
     check_metric(settings.metric, has_labels=samples.labels is not None)
     split(samples, settings.seed)  # too few samples is an input error before any work
     return samples
-
-
-def _data_aware(
-    model, units: list[Unit], samples: Samples, fit: list[int], provider: str, batch_size: int
-) -> list[DataAwareSVD]:
-    """Statistics over the fit samples, merged per unit (shared weights), then data-aware factors."""
-    layers = [layer for unit in units for layer in unit.layers]
-    moments = iter(collect(model, layers, samples, fit, provider, batch_size))
-    factorizers = []
-    for unit in units:
-        merged: Moments | None = None
-        for _ in unit.layers:
-            one = next(moments)
-            merged = one if merged is None else merged.merged(one)
-        side = unit.layers[0].adapter.observed(unit.layers[0])[1]
-        factorizers.append(DataAwareSVD(unit.layers[0], merged, side))
-    return factorizers
 
 
 def _layer_reports(

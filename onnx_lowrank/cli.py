@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     look = commands.add_parser("inspect", help="per-layer table: shapes, parameters, spectrum, break-even rank")
     look.add_argument("input", type=Path, help="the ONNX model")
     look.add_argument("--ops", default=",".join(ADAPTERS), metavar="LIST", help="comma-separated op types")
+    look.add_argument("--calib", type=Path, metavar="PATH",
+                      help="calibration data: spectra of the layers' outputs on it instead of the weights'")
+    look.add_argument("--provider", choices=PROVIDERS, default="cpu", help="execution provider for --calib")
     return parser
 
 
@@ -121,7 +124,8 @@ def _compress(args: argparse.Namespace, console: Console) -> int:
 
 
 def _inspect(args: argparse.Namespace, console: Console) -> int:
-    print_inspect(inspect(args.input, ops=_ops(args.ops)), console)
+    rows = inspect(args.input, ops=_ops(args.ops), calibration=args.calib, provider=args.provider)
+    print_inspect(rows, console, data=args.calib is not None)
     return 0
 
 

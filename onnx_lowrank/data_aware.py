@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .layers import Layer
-from .statistics import Moments
+from .calibration import Samples
+from .layers import Layer, Unit
+from .statistics import Moments, collect
 from .svd import Factorization, Spectrum
 
 RELATIVE_FLOOR = 1e-12
@@ -104,3 +105,19 @@ def _fix_signs(vectors: np.ndarray) -> np.ndarray:
     signs[signs == 0] = 1.0
     return vectors * signs
 
+
+def data_aware_factorizers(
+    model, units: list[Unit], samples: Samples, fit: list[int], provider: str, batch_size: int
+) -> list[DataAwareSVD]:
+    """Statistics over the fit samples, merged per unit (shared weights), then data-aware factors."""
+    layers = [layer for unit in units for layer in unit.layers]
+    moments = iter(collect(model, layers, samples, fit, provider, batch_size))
+    factorizers = []
+    for unit in units:
+        merged: Moments | None = None
+        for _ in unit.layers:
+            one = next(moments)
+            merged = one if merged is None else merged.merged(one)
+        side = unit.layers[0].adapter.observed(unit.layers[0])[1]
+        factorizers.append(DataAwareSVD(unit.layers[0], merged, side))
+    return factorizers

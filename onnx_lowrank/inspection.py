@@ -13,6 +13,9 @@ from .errors import InputError
 from .layers import find_layers
 from .model_io import load_model
 from .splice import import_graph
+from .calibration import load_calibration
+from .data_aware import data_aware_factorizers
+from .runtime import resolve_provider
 from .svd import spectrum_of
 
 
@@ -36,8 +39,18 @@ class LayerInfo:
     reason: str | None = None  # why the node is not factorizable
 
 
-def inspect(model_or_path: onnx.ModelProto | str | os.PathLike, ops: Sequence[str] | None = None) -> list[LayerInfo]:
-    """Per-layer shape, size and weight spectrum of every candidate layer, and the reason for each skip."""
+def inspect(
+    model_or_path: onnx.ModelProto | str | os.PathLike,
+    ops: Sequence[str] | None = None,
+    calibration=None,
+    provider: str = "cpu",
+    batch_size: int = 8,
+) -> list[LayerInfo]:
+    """Per-layer shape, size and spectrum of every candidate layer, and the reason for each skip.
+
+    The spectrum is the weight's singular values, or with calibration data (any source `compress`
+    takes; all samples are used) the energy of the layer's outputs on that data per rank.
+    """
     loaded = load_model(model_or_path)
     chosen = tuple(ops) if ops is not None else tuple(ADAPTERS)
     unknown = [op for op in chosen if op not in ADAPTERS]
@@ -45,9 +58,15 @@ def inspect(model_or_path: onnx.ModelProto | str | os.PathLike, ops: Sequence[st
         raise InputError(f"unknown op type {unknown[0]!r} in ops; choose from {', '.join(ADAPTERS)}")
     graph = import_graph(loaded.model).graph
     plan = find_layers(graph, loaded.model, {op: ADAPTERS[op] for op in chosen})
+    if calibration is not None:
+        samples = load_calibration(calibration, loaded.model)
+        every = list(range(len(samples)))
+        provider = resolve_provider(provider)
+        spectra = [f.spectrum for f in data_aware_factorizers(loaded.model, plan.units, samples, every, provider, batch_size)]
+    else:
+        spectra = [spectrum_of(unit.matrices) for unit in plan.units]
     rows = []
-    for unit in plan.units:
-        spectrum = spectrum_of(unit.matrices)
+    for unit, spectrum in zip(plan.units, spectra):
         rows.append(
             LayerInfo(
                 node=unit.name,

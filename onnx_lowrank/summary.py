@@ -73,8 +73,10 @@ def print_compress(report: Report, console: Console, written: bool) -> None:
         console.print("Nothing was factorized; the model is written unchanged.")
 
 
-def print_inspect(rows: Sequence[LayerInfo], console: Console) -> None:
-    table = Table(title="Layers", title_justify="left")
+def print_inspect(rows: Sequence[LayerInfo], console: Console, data: bool = False) -> None:
+    """The per-layer table; energies are of the weight's singular values, or of the outputs on data."""
+    source = "output energy on the calibration data" if data else "singular-value energy of the weights"
+    table = Table(title=f"Layers ({source})", title_justify="left")
     columns = ("node", "op", "weight shape", "groups x matrix", "params", "break-even", "eff. rank",
                "r90 / r99", "energy at break-even", "reason skipped")
     for column in columns:

@@ -1,0 +1,43 @@
+"""`inspect`: weight spectra, or output spectra on calibration data."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx_lowrank
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+
+
+def test_output_spectra_on_data_are_more_concentrated_than_weight_spectra():
+    weights = {row.node: row for row in onnx_lowrank.inspect(MODELS / "digits_cnn.onnx")}
+    data = {row.node: row for row in onnx_lowrank.inspect(MODELS / "digits_cnn.onnx", calibration=MODELS / "digits_calib.npz")}
+    assert weights.keys() == data.keys()
+    for node, row in data.items():
+        assert row.params == weights[node].params and row.break_even == weights[node].break_even
+        assert 1 <= row.rank_90 <= row.rank_99 <= min(row.matrix)
+        assert 0 < row.energy_at_break_even <= 1
+    # trained convs and the hidden Gemm: far fewer output directions than weight directions matter
+    for node in ("/2/Conv", "/5/Conv", "/9/Gemm"):
+        assert data[node].rank_99 < weights[node].rank_99 / 2, node
+
+
+def test_inspect_command_with_calibration():
+    result = subprocess.run(
+        [sys.executable, "-m", "onnx_lowrank", "inspect", str(MODELS / "digits_cnn.onnx"), "--calib",
+         str(MODELS / "digits_calib.npz")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "output energy on the calibration data" in result.stdout and "/9/Gemm" in result.stdout
+
+
+def test_inspect_command_with_bad_calibration_is_one_line(tmp_path):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    result = subprocess.run(
+        [sys.executable, "-m", "onnx_lowrank", "inspect", str(MODELS / "digits_cnn.onnx"), "--calib", str(bad)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("onnx-lowrank: error:")
