@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import onnx
 
 from .adapters import ADAPTERS
-from .calibration import Samples, load_calibration, split
+from .calibration import DISCRETE_VALIDATION_FRACTION, VALIDATION_FRACTION, Samples, load_calibration, split
 from .data_aware import data_aware_factorizers
 from .errors import BoundNotMet, InputError
 from .layers import Unit, find_layers
@@ -148,7 +148,7 @@ def _compress(loaded: LoadedModel, settings: Options, calibration, labels) -> tu
     clock.lap("load")
 
     units = plan.units
-    parts = split(samples, settings.seed) if samples is not None else None
+    parts = split(samples, settings.seed, _held_out_fraction(settings.metric)) if samples is not None else None
     provider = resolve_provider(settings.provider) if samples is not None else None
     if samples is not None and not settings.no_data:
         factorizers = data_aware_factorizers(original, units, samples, parts.fit, provider, settings.batch_size)
@@ -161,8 +161,8 @@ def _compress(loaded: LoadedModel, settings: Options, calibration, labels) -> tu
     mode = settings.mode
     if samples is not None:
         evaluator = Evaluator(original, samples, provider, settings.batch_size)
-        search = Search(original, adapters, units, factorizers, evaluator, parts.validation,
-                        range(len(samples)), settings.metric, samples.labels)
+        search = Search(original, adapters, units, factorizers, evaluator, parts.validation, settings.metric,
+                        samples.labels)
         if mode in ("size", "compact"):
             probe = parts.fit[:PROBE_SAMPLES]
             sensitivity = sensitivities(original, adapters, units, factorizers, evaluator, probe)
@@ -233,14 +233,18 @@ def _compress(loaded: LoadedModel, settings: Options, calibration, labels) -> tu
         report.validation = None if closest is None else Validation(
             settings.metric, closest.error, tolerance, False, search.evaluator.provider_used, len(search.indices)
         )
-        raise BoundNotMet(
-            f"no factorization keeps {settings.metric} within {tolerance:g}"
-            + (f" (the closest removed some parameters at {closest.error:.4g})" if closest else ""),
-            report,
-        )
+        if closest is None:
+            detail = ""
+        else:
+            detail = f" (the closest that removes parameters reached {closest.error:.4g} on the held-out part)"
+        raise BoundNotMet(f"no factorization keeps {settings.metric} within {tolerance:g}{detail}", report)
     if validation is not None and validation.passed is False:
         raise BoundNotMet(f"{settings.metric} is {validation.value:.4g}, above the tolerance {tolerance:g}", report)
     return result, report
+
+
+def _held_out_fraction(metric: str) -> float:
+    return DISCRETE_VALIDATION_FRACTION if metric in ("top1", "accuracy") else VALIDATION_FRACTION
 
 
 def _calibration(settings: Options, model: onnx.ModelProto, calibration, labels) -> Samples | None:
@@ -254,7 +258,7 @@ def _calibration(settings: Options, model: onnx.ModelProto, calibration, labels)
         return None
     samples = load_calibration(calibration, model, labels)
     check_metric(settings.metric, has_labels=samples.labels is not None)
-    split(samples, settings.seed)  # too few samples is an input error before any work
+    split(samples, settings.seed, _held_out_fraction(settings.metric))  # too few samples: an input error now
     return samples
 
 

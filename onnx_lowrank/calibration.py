@@ -22,7 +22,10 @@ from .errors import InputError
 
 MIN_FIT = 8  # samples that fit the statistics, at least
 MIN_VALIDATION = 8  # held-out samples that validate, at least
-VALIDATION_FRACTION = 0.5  # statistics need few samples (every position counts); validation needs many
+# statistics need few samples (every position counts); validation needs many, and metrics that count
+# discrete decisions (top1, accuracy) more still: one borderline sample is a whole error quantum
+VALIDATION_FRACTION = 0.5
+DISCRETE_VALIDATION_FRACTION = 0.75
 
 
 @dataclass
@@ -93,10 +96,11 @@ def load_calibration(source, model: onnx.ModelProto, labels=None) -> Samples:
     return samples
 
 
-def split(samples: Samples, seed: int) -> Split:
-    """A seeded shuffle: half (at least MIN_VALIDATION samples) validates, the rest fits."""
+def split(samples: Samples, seed: int, fraction: float = VALIDATION_FRACTION) -> Split:
+    """A seeded shuffle: `fraction` of the samples (at least MIN_VALIDATION) validates, the rest fits."""
     count = len(samples)
-    held_out = max(MIN_VALIDATION, round(VALIDATION_FRACTION * count))
+    held_out = max(MIN_VALIDATION, round(fraction * count))
+    held_out = min(held_out, count - MIN_FIT) if count >= MIN_FIT + MIN_VALIDATION else held_out
     if count - held_out < MIN_FIT:
         raise InputError(
             f"too few calibration samples ({count}): need at least {MIN_FIT + MIN_VALIDATION} "

@@ -5,8 +5,11 @@ of W x: in output form, eigh of the measured output statistics (out x out, no in
 (when the output side is the larger), the left singular vectors of W S with S S^T the input statistics.
 Where the layer has a place for it (a BiasSite), the statistics are centred and the mean of the dropped
 subspace moves into the bias: the affine optimum. Elsewhere they stay uncentred, so the mean direction is
-kept like any other. Predicted errors are relative to the energy of W x over the calibration data. Everything in float64;
-eigenvalues are floored relative to the largest, so rank-deficient statistics are fine.
+kept like any other. Where the data are thin for a layer's size (few vectors per dimension, e.g. after a
+global pooling) the covariance is shrunk towards the weight-only prior (white inputs) by the Ledoit-Wolf
+intensity, so that its top directions are not those of the calibration samples alone and the predicted
+errors are those to expect on new data. Predicted errors are relative to the energy of W x. Everything
+in float64; eigenvalues are floored relative to the largest, so rank-deficient statistics are fine.
 """
 
 from __future__ import annotations
@@ -38,17 +41,20 @@ class DataAwareSVD:
             # moments of y = W x + b: the mean of W x is the mean of y less the layer's own bias
             own_bias = layer.bias.value.reshape(groups, out_dim) if centred else np.zeros((groups, out_dim))
             self._mean = moments.mean - own_bias
-            covariance = moments.covariance * self._scale[:, :, None] * self._scale[:, None, :]
+            covariance = _shrunk(moments, weight @ np.swapaxes(weight, 1, 2))  # prior: white inputs
+            covariance = covariance * self._scale[:, :, None] * self._scale[:, None, :]
             mean = self._scale * self._mean
             target = covariance if centred else covariance + _outer(mean)
             energies, vectors = _top_eigen(target, min(out_dim, in_dim))
             linear_energy = np.trace(covariance, axis1=1, axis2=2).sum() + np.sum(mean**2)
         else:
             self._mean = np.einsum("gmn,gn->gm", weight, moments.mean)
-            root = _sqrt_psd(moments.covariance if centred else moments.second_moment)
+            covariance = _shrunk(moments, np.broadcast_to(np.eye(in_dim), (groups, in_dim, in_dim)))
+            second_moment = covariance + _outer(moments.mean)
+            root = _sqrt_psd(covariance if centred else second_moment)
             u, s, _ = np.linalg.svd(scaled @ root, full_matrices=False)
             energies, vectors = s**2, u
-            linear_energy = np.einsum("gmn,gnk,gmk->", scaled, moments.second_moment, scaled)
+            linear_energy = np.einsum("gmn,gnk,gmk->", scaled, second_moment, scaled)
         self._vectors = _fix_signs(vectors)
         self._weight = scaled
         self._centred = centred
@@ -75,6 +81,17 @@ def _safe_scale(scale: np.ndarray | None, groups: int, out_dim: int) -> np.ndarr
     magnitude = np.abs(scale)
     floor = 1e-6 * max(float(magnitude.max()), np.finfo(float).tiny)
     return np.where(scale < 0, -1.0, 1.0).reshape(groups, out_dim) * np.maximum(magnitude, floor).reshape(groups, out_dim)
+
+
+def _shrunk(moments: Moments, prior: np.ndarray) -> np.ndarray:
+    """The covariance pulled towards a prior shape (scaled to its trace) by the Ledoit-Wolf intensity:
+    directions the calibration data never showed keep the weight's own importance."""
+    covariance = moments.covariance
+    trace = np.trace(covariance, axis1=1, axis2=2)
+    prior_trace = np.trace(prior, axis1=1, axis2=2)
+    target = prior * (trace / np.where(prior_trace > 0, prior_trace, 1.0))[:, None, None]
+    intensity = moments.shrinkage(target)[:, None, None]
+    return (1 - intensity) * covariance + intensity * target
 
 
 def _outer(mean: np.ndarray) -> np.ndarray:

@@ -155,14 +155,13 @@ def _probe_rank(spectrum: Spectrum, full_rank: int) -> int | None:
 class Search:
     """Candidates over the units: build, validate, remember every trial (the report's trace)."""
 
-    def __init__(self, original, adapters, units, factorizers, evaluator: Evaluator, indices, everything, metric, labels):
+    def __init__(self, original, adapters, units, factorizers, evaluator: Evaluator, indices, metric, labels):
         self.original = original
         self.adapters = adapters
         self.units = units
         self.factorizers = factorizers
         self.evaluator = evaluator
         self.indices = list(indices)  # the held-out samples
-        self.everything = list(everything)  # all calibration samples: a last check in compact mode
         self.metric = metric
         self.labels = labels
         self.trials: list[Trial] = []
@@ -177,12 +176,12 @@ class Search:
     def params(self, choices: Sequence[Choice]) -> int:
         return sum(u.params if c.rank is None else u.factor_params(c.rank) for u, c in zip(self.units, choices))
 
-    def try_(self, choices: list[Choice], indices: Sequence[int] | None = None) -> Trial:
-        """Build and validate one allocation (on all held-out samples unless told which)."""
+    def try_(self, choices: list[Choice], indices: Sequence[int] | None = None, metric: str | None = None) -> Trial:
+        """Build and validate one allocation (on all held-out samples, in the search's metric, unless told)."""
         indices = self.indices if indices is None else list(indices)
         labels = None if self.labels is None else self.labels[indices]
         model = build(self.original, self.adapters, self.factors(choices))
-        error = self.evaluator.error(model, indices, self.metric, labels)
+        error = self.evaluator.error(model, indices, metric or self.metric, labels)
         trial = Trial(choices, self.params(choices), error, len(indices))
         self.trials.append(trial)
         return trial
@@ -191,36 +190,42 @@ class Search:
         """The smallest frontier allocation whose validated error is within the tolerance (None if only
         the all-dense end passes).
 
-        Bisection on half of the held-out samples selects; the whole held-out part, and then every
-        calibration sample, confirm, and a second bisection above the selection runs if they do not:
-        choosing the edge on the same samples that certify it would favour candidates that pass by luck.
+        Bisection on half of the held-out samples selects; the whole held-out part confirms, and a
+        second bisection above the selection runs if it does not: choosing the edge on the same samples
+        that certify it would favour candidates that pass by luck.
         """
         candidates = frontier(self.units, [f.spectrum for f in self.factorizers], weights)
         last = len(candidates) - 1  # everything dense: the original, which passes by definition
         selecting = self.indices[::2]
-        tried: dict[tuple[int, int], Trial] = {}
+        tried: dict[tuple, Trial] = {}
 
-        def passes(index: int, indices: list[int]) -> bool:
-            key = (index, len(indices))
-            if key not in tried:
-                tried[key] = self.try_(candidates[index], indices)
-            return tried[key].error <= tolerance
+        checks = [(selecting, None), (self.indices, None)]
 
-        def smallest_passing(low: int, high: int, indices: list[int]) -> int:
+        def passes(index: int, upto: int) -> bool:
+            """Whether a candidate passes the first `upto` checks."""
+            for indices, metric in checks[:upto]:
+                key = (index, len(indices), metric)
+                if key not in tried:
+                    tried[key] = self.try_(candidates[index], indices, metric)
+                if tried[key].error > tolerance:
+                    return False
+            return True
+
+        def smallest_passing(low: int, high: int, upto: int) -> int:
             """Bisect for the first passing index in (low, high], given low fails and high passes."""
             while high - low > 1:
                 middle = (low + high) // 2
-                low, high = (low, middle) if passes(middle, indices) else (middle, high)
+                low, high = (low, middle) if passes(middle, upto) else (middle, high)
             return high
 
-        chosen = 0 if passes(0, selecting) else smallest_passing(0, last, selecting)
-        for confirming in (self.indices, self.everything):
-            if chosen < last and not passes(chosen, confirming):
-                chosen = smallest_passing(chosen, last, confirming)
+        chosen = 0 if passes(0, 1) else smallest_passing(0, last, 1)
+        for upto in range(2, len(checks) + 1):
+            if chosen < last and not passes(chosen, upto):
+                chosen = smallest_passing(chosen, last, upto)
         if chosen == last:
             return None
-        passes(chosen, self.indices)
-        return tried[(chosen, len(self.indices))]
+        passes(chosen, 2)
+        return tried[(chosen, len(self.indices), None)]
 
     def at_budget(self, sensitivity: Sequence[float], fraction: float) -> Trial:
         """At the budget, the least validated error among allocations weighted by sensitivity**a."""

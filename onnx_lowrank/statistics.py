@@ -21,16 +21,19 @@ from .runtime import Session
 @dataclass
 class Moments:
     """Sums over rows of (G, positions, d) arrays, taken about an origin (the first batch's mean) so
-    that a large common offset, such as a bias inside a conv's outputs, does not swamp the spread."""
+    that a large common offset, such as a bias inside a conv's outputs, does not swamp the spread.
+    The third and fourth moments of the row norms say how noisy the covariance is (its shrinkage)."""
 
     count: int
-    total: np.ndarray  # (G, d): sum of (row - origin)
-    outer: np.ndarray  # (G, d, d): sum of (row - origin)(row - origin)^T
+    total: np.ndarray  # (G, d): sum of a = row - origin
+    outer: np.ndarray  # (G, d, d): sum of a a^T
     origin: np.ndarray | None = None  # (G, d)
+    third: np.ndarray | None = None  # (G, d): sum of |a|^2 a
+    fourth: np.ndarray | None = None  # (G,): sum of |a|^4
 
     @classmethod
     def empty(cls, groups: int, dim: int) -> Moments:
-        return cls(0, np.zeros((groups, dim)), np.zeros((groups, dim, dim)))
+        return cls(0, np.zeros((groups, dim)), np.zeros((groups, dim, dim)), None, np.zeros((groups, dim)), np.zeros(groups))
 
     def add(self, rows: np.ndarray) -> None:
         rows = np.asarray(rows, dtype=np.float64)
@@ -39,20 +42,45 @@ class Moments:
         if self.origin is None:
             self.origin = rows.mean(axis=1)
         centred = rows - self.origin[:, None, :]
+        squares = np.sum(centred**2, axis=2)  # (G, P)
         self.count += rows.shape[1]
         self.total += centred.sum(axis=1)
         self.outer += np.swapaxes(centred, 1, 2) @ centred
+        if self.third is not None and self.fourth is not None:
+            self.third += np.einsum("gp,gpd->gd", squares, centred)
+            self.fourth += np.sum(squares**2, axis=1)
 
     def merged(self, other: Moments) -> Moments:
+        """Both sets of sums together, about this one's origin."""
         if other.origin is None:
-            return Moments(self.count, self.total.copy(), self.outer.copy(), self.origin)
+            return Moments(self.count, self.total.copy(), self.outer.copy(), self.origin,
+                           None if self.third is None else self.third.copy(),
+                           None if self.fourth is None else self.fourth.copy())
         if self.origin is None:
             return other.merged(self)
-        delta = other.origin - self.origin  # re-express the other's sums about this origin
-        total = other.total + other.count * delta
-        outer = (other.outer + other.total[:, :, None] * delta[:, None, :] + delta[:, :, None] * other.total[:, None, :]
-                 + other.count * delta[:, :, None] * delta[:, None, :])
-        return Moments(self.count + other.count, self.total + total, self.outer + outer, self.origin)
+        total, outer, third, fourth = other._about(other.origin - self.origin)
+        return Moments(
+            self.count + other.count, self.total + total, self.outer + outer, self.origin,
+            None if third is None or self.third is None else self.third + third,
+            None if fourth is None or self.fourth is None else self.fourth + fourth,
+        )
+
+    def _about(self, delta: np.ndarray) -> tuple:
+        """The sums re-expressed for a + delta (rows measured from origin - delta), exactly."""
+        n, t, o = self.count, self.total, self.outer
+        squared = np.sum(delta**2, axis=1)  # (G,)
+        along = np.einsum("gd,gd->g", delta, t)  # delta . T
+        total = t + n * delta
+        outer = o + t[:, :, None] * delta[:, None, :] + delta[:, :, None] * t[:, None, :] + n * _outer(delta)
+        if self.third is None or self.fourth is None:
+            return total, outer, None, None
+        trace = np.trace(o, axis1=1, axis2=2)
+        o_delta = np.einsum("gde,ge->gd", o, delta)
+        third = (self.third + 2 * o_delta + squared[:, None] * t + delta * trace[:, None]
+                 + 2 * delta * along[:, None] + n * squared[:, None] * delta)
+        fourth = (self.fourth + 4 * np.einsum("gd,gd->g", delta, o_delta) + n * squared**2
+                  + 4 * np.einsum("gd,gd->g", delta, self.third) + 2 * squared * trace + 4 * squared * along)
+        return total, outer, third, fourth
 
     @property
     def mean(self) -> np.ndarray:
@@ -66,11 +94,33 @@ class Moments:
         covariance = self.outer / max(self.count, 1) - offset[:, :, None] * offset[:, None, :]
         return (covariance + np.swapaxes(covariance, 1, 2)) / 2
 
+    def shrinkage(self, target: np.ndarray) -> np.ndarray:
+        """Ledoit-Wolf intensity (G,) for pulling the covariance towards `target` (G, d, d): the sampling
+        variance of the covariance's entries over their squared distance from the target. Near 0 when
+        there are many more rows than dimensions; large when a layer sees few vectors (e.g. one per
+        sample after a global pooling) and its covariance would otherwise claim a rank it does not have.
+        With fewer rows than dimensions the estimate itself degrades, so at least 1 - rows/d is used."""
+        groups, dim = self.total.shape
+        if self.count < 2:
+            return np.ones(groups)  # no spread to go on
+        if self.third is None or self.fourth is None:
+            return np.zeros(groups)  # sums made without the higher moments: taken as they are
+        _, _, _, fourth = self._about(-self.total / self.count)  # about the rows' own mean
+        covariance = self.covariance
+        noise = np.maximum(fourth / self.count - np.sum(covariance**2, axis=(1, 2)), 0.0) / self.count
+        distance = np.sum((covariance - target) ** 2, axis=(1, 2))
+        intensity = np.divide(noise, distance, out=np.ones_like(noise), where=distance > 0)  # 0: already the target
+        return np.clip(np.maximum(intensity, 1.0 - self.count / dim), 0.0, 1.0)
+
     @property
     def second_moment(self) -> np.ndarray:
         """E[v v^T] per group."""
-        mean = self.mean
-        return self.covariance + mean[:, :, None] * mean[:, None, :]
+        return self.covariance + _outer(self.mean)
+
+
+def _outer(vectors: np.ndarray) -> np.ndarray:
+    """v v^T per group."""
+    return vectors[:, :, None] * vectors[:, None, :]
 
 
 def collect(

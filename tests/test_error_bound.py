@@ -215,9 +215,9 @@ def test_lossless_ppocr_cls():
     model, report = onnx_lowrank.compress(PPOCR, PPOCR_CALIB, labels=PPOCR_LABELS, metric="accuracy")
     validation = report.validation
     assert validation.tolerance == 0 and validation.value == 0 and validation.passed is True
-    assert validation.samples == 80
+    assert validation.samples == 120  # three quarters held out for a discrete metric
     removed = 1 - report.params_after / report.params_before
-    assert removed >= 0.10, f"only {removed:.1%} of the parameters removed"
+    assert removed >= 0.30, f"only {removed:.1%} of the parameters removed"
     feeds, labels = npz(PPOCR_EVAL), np.load(PPOCR_EVAL_LABELS)
     before = accuracy(outputs(PPOCR, feeds, batch=32)[0], labels)
     after = accuracy(outputs(model, feeds, batch=32)[0], labels)

@@ -1,5 +1,8 @@
 """Streaming statistics: `Moments` against numpy, and `collect` against activations read from onnxruntime.
 
+`Moments.shrinkage` (the Ledoit-Wolf intensity the data-aware factorization shrinks covariances by) is
+checked against the formula computed here row by row, and for how it behaves with many and few rows.
+
 `collect` runs a real onnxruntime session of a model with the observed tensors exposed as extra outputs;
 here the same activations are fetched independently (the model with those tensors added as outputs) and
 their numpy mean / covariance / second moment are the reference.
@@ -10,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from conftest import make_model, run
-from hypothesis import given, settings
+import pytest
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from onnx import helper
 
@@ -92,6 +96,165 @@ def test_groups_are_kept_apart():
     np.testing.assert_allclose(moments.mean, mean, rtol=1e-12)
     np.testing.assert_allclose(moments.covariance, covariance, rtol=1e-9, atol=1e-12)
     assert moments.mean[0].min() > 5 and np.abs(moments.mean[1]).max() < 1
+
+
+# ------------------------------------------------------------------------------ fourth moments, shrinkage
+
+
+def first_origin(batches: list[np.ndarray]) -> np.ndarray:
+    """The origin `Moments` takes its sums about: the mean of the first non-empty batch."""
+    return next(b for b in batches if b.shape[1]).astype(np.float64).mean(axis=1)
+
+
+def ledoit_wolf(rows: np.ndarray, origin: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """The intensity per group, written out row by row: the sampling variance of the rows' outer products
+    about `origin` (sum_k ||z_k z_k^T - S||_F^2 / n^2, z_k = row_k - origin, S = mean z z^T) over the
+    squared distance of the (biased) covariance from the target, clipped to [0, 1]. With `origin` the
+    rows' own mean this is Ledoit & Wolf (2004)."""
+    n = rows.shape[1]
+    z = rows - origin[:, None, :]
+    about_origin = np.swapaxes(z, 1, 2) @ z / n
+    deviations = z[:, :, :, None] * z[:, :, None, :] - about_origin[:, None]  # (G, n, d, d)
+    noise = np.sum(deviations**2, axis=(1, 2, 3)) / n**2
+    covariance = numpy_statistics(rows)[1]
+    distance = np.sum((covariance - target) ** 2, axis=(1, 2))
+    return np.clip(np.maximum(noise / distance, 1.0 - n / rows.shape[2]), 0.0, 1.0)
+
+
+def scaled_identity(moments: Moments) -> np.ndarray:
+    """The input-side prior: the identity scaled to the covariance's trace."""
+    covariance = moments.covariance
+    dim = covariance.shape[-1]
+    return np.eye(dim)[None] * (np.trace(covariance, axis1=1, axis2=2) / dim)[:, None, None]
+
+
+def decaying_rows(rng, count: int, dim: int, decay: float = -1.0) -> np.ndarray:
+    """(1, count, dim) rows with a full but decaying spectrum (variances 1 .. 10^decay), randomly rotated,
+    off-centre."""
+    rotation = np.linalg.qr(rng.standard_normal((dim, dim)))[0]
+    mixing = rotation * np.sqrt(np.logspace(0, decay, dim))
+    return (rng.standard_normal((count, dim)) @ mixing.T + rng.standard_normal(dim))[None]
+
+
+def test_fourth_moment_sums_are_streamed_and_merged():
+    rng = np.random.default_rng(5)
+    batches = [rng.standard_normal((2, size, 3)) * 2 + 1 for size in (0, 4, 7, 1)]
+    moments = accumulate(batches, 2, 3)
+    rows = np.concatenate(batches, axis=1)
+    expected = np.sum(np.sum((rows - first_origin(batches)[:, None]) ** 2, axis=2) ** 2, axis=1)
+    np.testing.assert_allclose(moments.fourth, expected, rtol=1e-12)
+
+    first, second = accumulate(batches[:2], 2, 3), accumulate(batches[2:], 2, 3)
+    both = first.merged(second)  # re-expressed exactly about the first part's origin
+    np.testing.assert_allclose(both.fourth, expected, rtol=1e-10)
+    third = np.einsum("gp,gpd->gd", np.sum((rows - first_origin(batches)[:, None]) ** 2, axis=2),
+                      rows - first_origin(batches)[:, None])
+    np.testing.assert_allclose(both.third, third, rtol=1e-10, atol=1e-10)
+    hand_built = Moments(second.count, second.total, second.outer, second.origin)  # no fourth sums
+    assert first.merged(hand_built).fourth is None and hand_built.merged(first).fourth is None
+    unchanged = first.merged(Moments.empty(2, 3))  # an empty part changes nothing
+    assert np.array_equal(unchanged.fourth, first.fourth) and np.array_equal(unchanged.outer, first.outer)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    groups=st.integers(1, 3),
+    dim=st.integers(2, 6),
+    sizes=st.lists(st.integers(0, 9), min_size=1, max_size=4).filter(lambda s: sum(s) >= 2),
+    identity_target=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_shrinkage_is_the_ledoit_wolf_intensity_of_the_rows(groups, dim, sizes, identity_target, seed):
+    """Against the formula computed row by row about the rows' own mean, whatever the batching, for the
+    identity prior and for an arbitrary PSD target."""
+    rng = np.random.default_rng(seed)
+    offset = rng.standard_normal((groups, 1, dim)) * 3
+    mixing = rng.standard_normal((groups, dim, dim))
+    batches = [rng.standard_normal((groups, size, dim)) @ mixing + offset for size in sizes]
+    rows = np.concatenate(batches, axis=1)
+    moments = accumulate(batches, groups, dim)
+    if identity_target:
+        target = scaled_identity(moments)
+    else:
+        shape = rng.standard_normal((groups, dim, dim))
+        target = shape @ np.swapaxes(shape, 1, 2)
+    distance = np.sum((moments.covariance - target) ** 2, axis=(1, 2))
+    assume(np.all(distance > 1e-6 * np.sum(moments.covariance**2, axis=(1, 2))))  # the ratio is defined
+
+    found = moments.shrinkage(target)
+    assert found.shape == (groups,) and np.all((found >= 0) & (found <= 1))
+    expected = ledoit_wolf(rows, rows.mean(axis=1), target)
+    # the package takes the variance as fourth / n - ||S||^2: that difference carries float64 rounding
+    rounding = 1e-12 * np.sum(np.sum((rows - first_origin(batches)[:, None]) ** 2, axis=2) ** 2, axis=1)
+    assert np.all(np.abs(found - expected) <= 1e-9 * expected + rounding / rows.shape[1] ** 2 / distance + 1e-15)
+
+    # all rows in one batch: the origin is their mean, and this is the textbook intensity
+    single = accumulate([rows], groups, dim)
+    np.testing.assert_allclose(single.shrinkage(target), ledoit_wolf(rows, rows.mean(axis=1), target),
+                               rtol=1e-7, atol=1e-12)
+
+
+def test_shrinkage_vanishes_with_many_rows_and_grows_as_rows_get_fewer():
+    """16 dims, a decaying spectrum: near 0 with thousands of rows per dimension, falling like 1/rows,
+    large once there are about as many rows as dimensions. Averaged over draws for the ordering."""
+    dim, counts = 16, [50_000, 5_000, 500, 64, 16]
+    intensities = np.zeros((10, len(counts)))
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        for j, count in enumerate(counts):
+            moments = accumulate([decaying_rows(rng, count, dim)], 1, dim)
+            intensities[seed, j] = moments.shrinkage(scaled_identity(moments))[0]
+    assert np.all((intensities >= 0) & (intensities <= 1))
+    assert np.all(intensities[:, 0] < 1e-3), intensities[:, 0]
+    mean = intensities.mean(axis=0)
+    assert np.all(np.diff(mean) > 0), mean
+    assert 7 < mean[1] / mean[0] < 13 and 7 < mean[2] / mean[1] < 13, mean  # ~ 1 / rows when small
+    assert mean[-1] > 0.5, mean  # one row per dimension: the covariance's own shape is mostly noise
+
+    # rows that truly have the prior's shape (white): shrunk most of the way, whatever their number
+    rng = np.random.default_rng(1)
+    for count in (500, 64):
+        white = [accumulate([rng.standard_normal((1, count, dim))], 1, dim) for _ in range(10)]
+        assert np.mean([m.shrinkage(scaled_identity(m))[0] for m in white]) > 0.85
+
+
+def test_moments_without_fourth_sums_or_rows_are_handled():
+    rng = np.random.default_rng(6)
+    rows = rng.standard_normal((2, 5, 3))
+    streamed = accumulate([rows], 2, 3)
+    hand_built = Moments(streamed.count, streamed.total, streamed.outer, streamed.origin)  # fourth=None
+    assert np.array_equal(hand_built.shrinkage(scaled_identity(hand_built)), np.zeros(2))  # not shrunk
+    assert np.all(streamed.shrinkage(scaled_identity(streamed)) > 0)
+    for count in (0, 1):  # no spread at all: the covariance is zero, so is its target; any intensity is moot
+        moments = accumulate([rows[:, :count]], 2, 3)
+        found = moments.shrinkage(scaled_identity(moments))
+        assert found.shape == (2,) and np.all(np.isfinite(found)) and np.all((found >= 0) & (found <= 1))
+        assert np.all(scaled_identity(moments) == 0)
+
+
+def test_shrinkage_keeps_growing_down_to_two_rows():
+    dim, counts = 64, [16, 8, 4, 3, 2]
+    intensities = np.zeros((10, len(counts)))
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        for j, count in enumerate(counts):
+            moments = accumulate([decaying_rows(rng, count, dim)], 1, dim)
+            intensities[seed, j] = moments.shrinkage(scaled_identity(moments))[0]
+    mean = intensities.mean(axis=0)
+    assert np.all(np.diff(mean) >= -0.02), mean
+
+
+def test_shrinkage_does_not_depend_on_batching():
+    dim = 64
+    one_batch, batches_of_five = [], []
+    for seed in range(10):
+        rows = decaying_rows(np.random.default_rng(seed), 16, dim)
+        one = accumulate([rows], 1, dim)
+        five = accumulate([rows[:, s : s + 5] for s in range(0, 16, 5)], 1, dim)
+        np.testing.assert_allclose(five.covariance, one.covariance, rtol=1e-9, atol=1e-12)
+        one_batch.append(one.shrinkage(scaled_identity(one))[0])
+        batches_of_five.append(five.shrinkage(scaled_identity(five))[0])
+    np.testing.assert_allclose(batches_of_five, one_batch, rtol=1e-9)
 
 
 # ------------------------------------------------------------------------------------------- collect
