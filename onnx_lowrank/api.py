@@ -23,10 +23,10 @@ from .errors import BoundNotMet, InputError
 from .layers import Unit, find_layers
 from .metrics import DEFAULT_METRIC, DEFAULT_TOLERANCE, check_metric
 from .model_io import LoadedModel, check_output_path, load_model, model_stats, save_model
-from .ranks import Choice, by_budget, by_energy, explicit, validate_ranks
+from .ranks import Candidates, Choice, by_budget, by_energy, explicit, validate_ranks
 from .report import LayerReport, Report, SkippedLayer, Validation
 from .runtime import PROVIDERS, resolve_provider
-from .search import PROBE_SAMPLES, Evaluator, Search, build, sensitivities
+from .search import PROBE_SAMPLES, Evaluator, Search, build, factors_of, sensitivities
 from .splice import import_graph
 from .svd import Factorization, TruncatedSVD
 
@@ -156,25 +156,24 @@ def _compress(loaded: LoadedModel, settings: Options, calibration, labels) -> tu
     else:
         factorizers = [TruncatedSVD(unit.matrices) for unit in units]
         clock.lap("factorize")
+    candidates = [Candidates(unit, [factorizer]) for unit, factorizer in zip(units, factorizers)]
 
     validation, sensitivity, trial, search = None, None, None, None
     mode = settings.mode
     if samples is not None:
         evaluator = Evaluator(original, samples, provider, settings.batch_size)
-        search = Search(original, adapters, units, factorizers, evaluator, parts.validation, settings.metric,
-                        samples.labels)
+        search = Search(original, adapters, candidates, evaluator, parts.validation, settings.metric, samples.labels)
         if mode in ("size", "compact"):
             probe = parts.fit[:PROBE_SAMPLES]
-            sensitivity = sensitivities(original, adapters, units, factorizers, evaluator, probe)
+            sensitivity = sensitivities(original, adapters, candidates, evaluator, probe)
             clock.lap("sensitivity")
-    spectra = [f.spectrum for f in factorizers]
     tolerance = settings.tolerance
     if mode == "ranks":
-        choices = explicit(units, settings.ranks, known, settings.allow_larger)
+        choices = explicit(candidates, settings.ranks, known, settings.allow_larger)
     elif mode == "energy":
-        choices = by_energy(units, spectra, settings.energy, settings.allow_larger)
+        choices = by_energy(candidates, settings.energy, settings.allow_larger)
     elif mode == "size" and search is None:
-        choices = by_budget(units, spectra, settings.target_params)
+        choices = by_budget(candidates, settings.target_params)
     elif mode == "size":
         trial = search.at_budget(sensitivity, settings.target_params)
         choices = trial.choices
@@ -184,11 +183,7 @@ def _compress(loaded: LoadedModel, settings: Options, calibration, labels) -> tu
         choices = trial.choices if trial is not None else [Choice(None, "within the tolerance only dense")] * len(units)
     clock.lap("search" if search is not None else "choose")
 
-    factors = {
-        unit.key: factorizer.factorize(choice.rank)
-        for unit, factorizer, choice in zip(units, factorizers, choices)
-        if choice.rank is not None
-    }
+    factors = factors_of(candidates, choices)
     if factors:
         result = build(original, adapters, factors)
         _check_output(result)
@@ -221,7 +216,7 @@ def _compress(loaded: LoadedModel, settings: Options, calibration, labels) -> tu
         + [
             SkippedLayer(layer.node.name, layer.node.op, choice.reason)
             for unit, choice in zip(units, choices)
-            if choice.rank is None
+            if choice.option is None
             for layer in unit.layers
         ],
         validation=validation,
@@ -267,7 +262,7 @@ def _layer_reports(
 ) -> list[LayerReport]:
     reports = []
     for position, (unit, choice) in enumerate(zip(units, choices)):
-        if choice.rank is None:
+        if choice.option is None:
             continue
         factorization = factors[unit.key]
         reports.append(

@@ -19,18 +19,19 @@ import numpy as np
 from .calibration import Samples
 from .layers import Layer, Unit
 from .statistics import Moments, collect
-from .svd import Factorization, Spectrum
+from .svd import Factorization, RankedOptions, Spectrum
 
 RELATIVE_FLOOR = 1e-12
 
 
-class DataAwareSVD:
+class DataAwareSVD(RankedOptions):
     """Factors of one unit from its weight matrices and the moments of what its layer observes."""
 
     method = "svd-data"
 
     def __init__(self, layer: Layer, moments: Moments, side: str):
         weight = np.asarray(layer.matrices, dtype=np.float64)  # (G, m, n)
+        self._matrix_shape = weight.shape
         groups, out_dim, in_dim = weight.shape
         centred = layer.bias is not None
         # errors are weighed by how a following BatchNormalization scales each output channel: the
@@ -60,7 +61,11 @@ class DataAwareSVD:
         self._centred = centred
         self.spectrum = Spectrum(np.maximum(energies, 0.0), total=float(linear_energy))
 
-    def factorize(self, rank: int) -> Factorization:
+    def _shape(self) -> tuple[int, int, int]:
+        return self._matrix_shape
+
+    def factorize(self, rank: int | tuple[int]) -> Factorization:
+        rank = rank[0] if isinstance(rank, tuple) else rank
         if not 1 <= rank <= self._vectors.shape[2]:
             raise ValueError(f"rank {rank} outside 1..{self._vectors.shape[2]}")
         basis = self._vectors[:, :, :rank]  # (G, m, r), orthonormal columns

@@ -1,8 +1,10 @@
-"""Choosing each unit's rank from its spectrum: explicit ranks, an energy threshold, or a parameter budget.
+"""Choosing each unit's factorization: explicit ranks, an energy threshold, or a parameter budget.
 
-The budget is spent where it buys the most: per unit, the rank minimising params(r) + lambda * error(r)
-(error = relative dropped energy), with lambda bisected to meet the budget, then a greedy top-up of the
-budget left over. Nothing is saved at or above a unit's break-even rank, so that option is "keep dense".
+Every unit offers options (a method and its ranks, with the parameters they cost and their predicted
+error); its menu is their Pareto front among those that shrink it, then "keep dense". The budget is
+spent where it buys the most: per unit, the option minimising params + lambda * error, with lambda
+bisected to meet the budget, a greedy top-up of the budget left over, then an exchange search (the
+budget is a knapsack that lambda alone cannot always fill well).
 """
 
 from __future__ import annotations
@@ -16,17 +18,40 @@ import numpy as np
 
 from .errors import InputError
 from .layers import Unit
-from .svd import Spectrum
+from .svd import Option
 
 FULL = "full"
 
 
 @dataclass(frozen=True)
 class Choice:
-    """A unit's rank, or None to keep it dense, with the reason when it stays dense."""
+    """A unit's option, or None to keep it dense, with the reason when it stays dense."""
 
-    rank: int | None
+    option: Option | None
     reason: str | None = None
+
+    @property
+    def rank(self) -> int | tuple[int, ...] | None:
+        if self.option is None:
+            return None
+        config = self.option.config
+        return config[0] if len(config) == 1 else config
+
+
+class Candidates:
+    """Every way to factorize one unit: one decomposer per method. The first is the unit's SVD, used
+    where a single rank is asked for (explicit ranks, energy threshold, sensitivity probes)."""
+
+    def __init__(self, unit: Unit, decomposers: Sequence):
+        self.unit = unit
+        self.primary = decomposers[0]
+        self._by_method = {d.method: d for d in decomposers}
+
+    def options(self) -> list[Option]:
+        return [option for decomposer in self._by_method.values() for option in decomposer.options()]
+
+    def factorize(self, option: Option):
+        return self._by_method[option.method].factorize(option.config)
 
 
 def load_ranks_file(path: str | Path) -> dict[str, int | str]:
@@ -50,13 +75,16 @@ def validate_ranks(table: object, where: str = "ranks") -> dict[str, int | str]:
     return dict(table)
 
 
-def explicit(units: Sequence[Unit], table: Mapping[str, int | str], known: set[str], allow_larger: bool) -> list[Choice]:
+def explicit(
+    candidates: Sequence[Candidates], table: Mapping[str, int | str], known: set[str], allow_larger: bool
+) -> list[Choice]:
     """Ranks by node name, then weight name, then "*"; units not named stay dense."""
     unknown = sorted(set(table) - known - {"*"})
     if unknown:
         raise InputError(f"ranks name {unknown[0]!r}, which is neither a node nor a weight of the model")
     choices = []
-    for unit in units:
+    for candidate in candidates:
+        unit = candidate.unit
         named = {table[layer.node.name] for layer in unit.layers if layer.node.name in table}
         if len(named) > 1:
             raise InputError(f"nodes sharing weight {unit.weight.name} were given different ranks {sorted(map(str, named))}")
@@ -65,21 +93,19 @@ def explicit(units: Sequence[Unit], table: Mapping[str, int | str], known: set[s
             choices.append(Choice(None, "no rank given"))
             continue
         rank = unit.full_rank if wanted == FULL else min(int(wanted), unit.full_rank)
-        choices.append(_keep_if_smaller(unit, rank, allow_larger))
+        choices.append(_keep_if_smaller(candidate, rank, allow_larger))
     return choices
 
 
-def by_energy(units: Sequence[Unit], spectra: Sequence[Spectrum], keep: float, allow_larger: bool) -> list[Choice]:
-    """Per unit, the smallest rank keeping `keep` of the singular-value energy."""
-    return [_keep_if_smaller(u, max(1, s.rank_for_energy(keep)), allow_larger) for u, s in zip(units, spectra)]
+def by_energy(candidates: Sequence[Candidates], keep: float, allow_larger: bool) -> list[Choice]:
+    """Per unit, the smallest rank of its SVD keeping `keep` of the (singular-value or output) energy."""
+    return [_keep_if_smaller(c, max(1, c.primary.spectrum.rank_for_energy(keep)), allow_larger) for c in candidates]
 
 
-def by_budget(
-    units: Sequence[Unit], spectra: Sequence[Spectrum], fraction: float, weights: Sequence[float] | None = None
-) -> list[Choice]:
+def by_budget(candidates: Sequence[Candidates], fraction: float, weights: Sequence[float] | None = None) -> list[Choice]:
     """Keep at most `fraction` of the units' parameters at the least total (weighted) predicted error."""
-    options = _menus(units, spectra, weights)
-    total = sum(unit.params for unit in units)
+    options = _menus(candidates, weights)
+    total = sum(c.unit.params for c in candidates)
     budget = fraction * total
     floor = sum(o.params[0] for o in options)
     if floor > budget:
@@ -103,11 +129,11 @@ def by_budget(
 
 
 def frontier(
-    units: Sequence[Unit], spectra: Sequence[Spectrum], weights: Sequence[float] | None = None, points: int = 600
+    candidates: Sequence[Candidates], weights: Sequence[float] | None = None, points: int = 600
 ) -> list[list[Choice]]:
-    """The distinct allocations params(r) + lambda * weight * error(r) traces as lambda grows: from the
+    """The distinct allocations params + lambda * weight * error traces as lambda grows: from the
     smallest model (rank 1 nearly everywhere) to the largest; ends with everything dense."""
-    options = _menus(units, spectra, weights)
+    options = _menus(candidates, weights)
     seen: dict[tuple[int, ...], None] = {}
     for log_lambda in np.linspace(*LOG_LAMBDA, points):
         seen.setdefault(tuple(o.best(10**log_lambda) for o in options), None)
@@ -122,28 +148,32 @@ def _params(options: list[_Menu], log_lambda: float) -> int:
     return sum(int(o.params[o.best(10**log_lambda)]) for o in options)
 
 
-def _menus(units, spectra, weights) -> list[_Menu]:
-    weights = [1.0] * len(units) if weights is None else weights
-    return [_Menu(unit, spectrum, weight) for unit, spectrum, weight in zip(units, spectra, weights)]
+def _menus(candidates: Sequence[Candidates], weights) -> list[_Menu]:
+    weights = [1.0] * len(candidates) if weights is None else weights
+    return [_Menu(candidate, weight) for candidate, weight in zip(candidates, weights)]
 
 
 class _Menu:
-    """A unit's options: ranks 1..break-even, then dense (last entry); errors weighted by the unit's
-    sensitivity (1 when unknown)."""
+    """A unit's options that shrink it, on their Pareto front (fewer parameters, then less error) and
+    ordered by size, then dense (last entry); errors weighted by the unit's sensitivity (1 if unknown)."""
 
-    def __init__(self, unit: Unit, spectrum: Spectrum, weight: float):
-        ranks = np.arange(1, unit.break_even + 1)
-        self.ranks = ranks
-        self.params = np.append(ranks * unit.factor_params(1), unit.params)
-        self.errors = weight * np.append(spectrum.dropped[ranks], 0.0)
+    def __init__(self, candidate: Candidates, weight: float):
+        dense = candidate.unit.params
+        front: list[Option] = []
+        for option in sorted(candidate.options(), key=lambda o: (o.params, o.error)):
+            if option.params < dense and (not front or option.error < front[-1].error):
+                front.append(option)
+        self.options = front
+        self.params = np.array([o.params for o in front] + [dense])
+        self.errors = weight * np.array([o.error for o in front] + [0.0])
 
     def best(self, multiplier: float) -> int:
         return int(np.argmin(self.params + multiplier * self.errors))
 
     def choice(self, index: int) -> Choice:
-        if index == len(self.ranks):
+        if index == len(self.options):
             return Choice(None, "kept dense: its parameters buy more accuracy here than elsewhere")
-        return Choice(int(self.ranks[index]))
+        return Choice(self.options[index])
 
 
 def _top_up(options: list[_Menu], picks: list[int], left: float) -> None:
@@ -197,7 +227,8 @@ def _exchange(options: list[_Menu], picks: list[int], budget: float) -> None:
                 improved = True
 
 
-def _keep_if_smaller(unit: Unit, rank: int, allow_larger: bool) -> Choice:
+def _keep_if_smaller(candidate: Candidates, rank: int, allow_larger: bool) -> Choice:
+    unit = candidate.unit
     if rank <= unit.break_even or allow_larger:
-        return Choice(rank)
+        return Choice(candidate.primary.option(rank))
     return Choice(None, f"rank {rank} would not shrink it (break-even rank {unit.break_even}); --allow-larger keeps it")

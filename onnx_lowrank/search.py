@@ -18,9 +18,9 @@ import numpy as np
 import onnx
 
 from .calibration import Samples
-from .layers import Unit, find_layers
+from .layers import find_layers
 from .metrics import Outputs, score
-from .ranks import Choice, by_budget, frontier
+from .ranks import Candidates, Choice, by_budget, frontier
 from .runtime import Session
 from .splice import Splice, export, import_graph
 from .svd import Factorization, Spectrum
@@ -28,6 +28,11 @@ from .svd import Factorization, Spectrum
 PROBE_ERROR = 0.01  # predicted relative error at which each unit's sensitivity is probed
 PROBE_SAMPLES = 16
 SIZE_MODE_EXPONENTS = (0.0, 0.5, 1.0)
+
+
+def factors_of(candidates: Sequence[Candidates], choices: Sequence[Choice]) -> dict[str, Factorization]:
+    """The factorization of every unit that is not kept dense, by unit key."""
+    return {c.unit.key: c.factorize(ch.option) for c, ch in zip(candidates, choices) if ch.option is not None}
 
 
 def build(original: onnx.ModelProto, adapters: dict, factors: dict[str, Factorization]) -> onnx.ModelProto:
@@ -125,20 +130,20 @@ class Trial:
 def sensitivities(
     original: onnx.ModelProto,
     adapters: dict,
-    units: Sequence[Unit],
-    factorizers: Sequence,
+    candidates: Sequence[Candidates],
     evaluator: Evaluator,
     probe: Sequence[int],
 ) -> list[float]:
-    """Final-output (logit) squared relative error per unit of predicted error, one unit at a time."""
+    """Final-output (logit) squared relative error per unit of predicted error, one unit at a time (each
+    probed with its SVD)."""
     found = []
-    for unit, factorizer in zip(units, factorizers):
-        rank = _probe_rank(factorizer.spectrum, unit.full_rank)
+    for candidate in candidates:
+        rank = _probe_rank(candidate.primary.spectrum, candidate.unit.full_rank)
         if rank is None:
             found.append(0.0)
         else:
-            factors = factorizer.factorize(rank)
-            model = build(original, adapters, {unit.key: factors})
+            factors = candidate.primary.factorize(rank)
+            model = build(original, adapters, {candidate.unit.key: factors})
             found.append(evaluator.probe_error(model, probe) / factors.predicted_error)
     return found
 
@@ -155,11 +160,10 @@ def _probe_rank(spectrum: Spectrum, full_rank: int) -> int | None:
 class Search:
     """Candidates over the units: build, validate, remember every trial (the report's trace)."""
 
-    def __init__(self, original, adapters, units, factorizers, evaluator: Evaluator, indices, metric, labels):
+    def __init__(self, original, adapters, candidates, evaluator: Evaluator, indices, metric, labels):
         self.original = original
         self.adapters = adapters
-        self.units = units
-        self.factorizers = factorizers
+        self.candidates = candidates
         self.evaluator = evaluator
         self.indices = list(indices)  # the held-out samples
         self.metric = metric
@@ -167,14 +171,10 @@ class Search:
         self.trials: list[Trial] = []
 
     def factors(self, choices: Sequence[Choice]) -> dict[str, Factorization]:
-        return {
-            unit.key: factorizer.factorize(choice.rank)
-            for unit, factorizer, choice in zip(self.units, self.factorizers, choices)
-            if choice.rank is not None
-        }
+        return factors_of(self.candidates, choices)
 
     def params(self, choices: Sequence[Choice]) -> int:
-        return sum(u.params if c.rank is None else u.factor_params(c.rank) for u, c in zip(self.units, choices))
+        return sum(c.unit.params if ch.option is None else ch.option.params for c, ch in zip(self.candidates, choices))
 
     def try_(self, choices: list[Choice], indices: Sequence[int] | None = None, metric: str | None = None) -> Trial:
         """Build and validate one allocation (on all held-out samples, in the search's metric, unless told)."""
@@ -194,7 +194,7 @@ class Search:
         second bisection above the selection runs if it does not: choosing the edge on the same samples
         that certify it would favour candidates that pass by luck.
         """
-        candidates = frontier(self.units, [f.spectrum for f in self.factorizers], weights)
+        candidates = frontier(self.candidates, weights)
         last = len(candidates) - 1  # everything dense: the original, which passes by definition
         selecting = self.indices[::2]
         tried: dict[tuple, Trial] = {}
@@ -229,12 +229,11 @@ class Search:
 
     def at_budget(self, sensitivity: Sequence[float], fraction: float) -> Trial:
         """At the budget, the least validated error among allocations weighted by sensitivity**a."""
-        spectra = [f.spectrum for f in self.factorizers]
         seen: dict[tuple, Trial] = {}
         for exponent in SIZE_MODE_EXPONENTS:
             weights = [max(s, 1e-12) ** exponent for s in sensitivity]
-            choices = by_budget(self.units, spectra, fraction, weights)
-            key = tuple(c.rank for c in choices)
+            choices = by_budget(self.candidates, fraction, weights)
+            key = tuple(c.option for c in choices)
             if key not in seen:
                 seen[key] = self.try_(choices)
         return min(seen.values(), key=lambda trial: trial.error)
@@ -242,7 +241,7 @@ class Search:
     def closest(self) -> Trial | None:
         """The trial with the least error among those that removed parameters, validated on the whole
         held-out part (None when no trial removed any)."""
-        total = sum(unit.params for unit in self.units)
+        total = sum(c.unit.params for c in self.candidates)
         shrunk = [t for t in self.trials if t.params < total]
         if not shrunk:
             return None

@@ -52,6 +52,34 @@ class Spectrum:
 
 
 @dataclass(frozen=True)
+class Option:
+    """One way to factorize a unit: a method, its rank(s), the parameters it costs, its predicted error."""
+
+    method: str
+    config: tuple[int, ...]
+    params: int
+    error: float
+
+
+class RankedOptions:
+    """Options of a two-factor method with one rank: rank r costs G * r * (out + in) parameters."""
+
+    method: str
+    spectrum: Spectrum
+
+    def _shape(self) -> tuple[int, int, int]:
+        raise NotImplementedError
+
+    def option(self, rank: int) -> Option:
+        groups, out_dim, in_dim = self._shape()
+        return Option(self.method, (rank,), groups * rank * (out_dim + in_dim), float(self.spectrum.dropped[rank]))
+
+    def options(self) -> list[Option]:
+        groups, out_dim, in_dim = self._shape()
+        return [self.option(rank) for rank in range(1, min(out_dim, in_dim) + 1)]
+
+
+@dataclass(frozen=True)
 class Factorization:
     """W_g ~= second_g @ first_g for every group g: first (G, r, in) is applied first, second (G, out, r)."""
 
@@ -80,12 +108,13 @@ def spectrum_of(matrices: np.ndarray) -> Spectrum:
     return Spectrum(np.linalg.svd(np.asarray(matrices, dtype=np.float64), compute_uv=False) ** 2)
 
 
-class TruncatedSVD:
+class TruncatedSVD(RankedOptions):
     """Weight-only factorization: the best rank-r approximation of each matrix in Frobenius norm."""
 
     method = "svd"
 
     def __init__(self, matrices: np.ndarray):
+        self._matrix_shape = matrices.shape
         u, s, vt = np.linalg.svd(np.asarray(matrices, dtype=np.float64), full_matrices=False)
         # fixed sign convention: the largest-magnitude entry of every left singular vector is positive
         rows = np.argmax(np.abs(u), axis=1, keepdims=True)
@@ -96,8 +125,12 @@ class TruncatedSVD:
         self._singular_values = s
         self.spectrum = Spectrum(s**2)
 
-    def factorize(self, rank: int) -> Factorization:
+    def _shape(self) -> tuple[int, int, int]:
+        return self._matrix_shape
+
+    def factorize(self, rank: int | tuple[int]) -> Factorization:
         """Factors at this rank, the singular values split evenly (keeps fp16/bf16 factors in range)."""
+        rank = rank[0] if isinstance(rank, tuple) else rank
         if not 1 <= rank <= self._singular_values.shape[1]:
             raise ValueError(f"rank {rank} outside 1..{self._singular_values.shape[1]}")
         root = np.sqrt(self._singular_values[:, :rank])

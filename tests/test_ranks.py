@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from onnx_lowrank.errors import InputError
 from onnx_lowrank.layers import Layer, Unit
-from onnx_lowrank.ranks import by_budget, by_energy, explicit, validate_ranks
-from onnx_lowrank.svd import spectrum_of
+from onnx_lowrank.ranks import Candidates, by_budget, by_energy, explicit, validate_ranks
+from onnx_lowrank.svd import TruncatedSVD, spectrum_of
 from onnx_lowrank.weights import Weight
 
 
@@ -21,6 +21,10 @@ def make_unit(name: str, matrices: np.ndarray, weight: str | None = None) -> Uni
     value = matrices[0].T
     layer = Layer(node, None, Weight(stored.name, stored, value, 1, 1), matrices)
     return Unit(name, [layer])
+
+
+def candidates_of(units: list[Unit]) -> list[Candidates]:
+    return [Candidates(unit, [TruncatedSVD(unit.matrices)]) for unit in units]
 
 
 def decaying(out_dim: int, in_dim: int, decay: float, seed: int) -> np.ndarray:
@@ -50,9 +54,9 @@ def test_budget_is_respected_and_beats_uniform(shapes, fraction, seed):
     floor = sum(u.factor_params(1) if u.break_even >= 1 else u.params for u in units)
     if floor > budget:
         with pytest.raises(InputError, match="target-params"):
-            by_budget(units, spectra, fraction)
+            by_budget(candidates_of(units), fraction)
         return
-    choices = by_budget(units, spectra, fraction)
+    choices = by_budget(candidates_of(units), fraction)
     params, error = total(units, spectra, choices)
     assert params <= budget
     for unit, choice in zip(units, choices):
@@ -79,25 +83,24 @@ def test_budget_matches_brute_force_on_small_cases():
         for combo in itertools.product(*menus)
         if total(units, spectra, [type("C", (), {"rank": r})() for r in combo])[0] <= budget
     )
-    _, error = total(units, spectra, by_budget(units, spectra, fraction))
+    _, error = total(units, spectra, by_budget(candidates_of(units), fraction))
     assert error == pytest.approx(best, rel=1e-9)
 
 
 def test_whole_budget_keeps_everything_dense():
     units = [make_unit("a", decaying(20, 30, 0.8, 0)[None])]
-    choices = by_budget(units, [spectrum_of(units[0].matrices)], 1.0)
+    choices = by_budget(candidates_of(units), 1.0)
     assert choices[0].rank is None
 
 
 def test_energy_threshold_picks_smallest_rank_and_respects_break_even():
     unit = make_unit("a", np.diag([10.0, 1.0, 0.1, 0.01, 0, 0, 0, 0])[None])
-    spectrum = spectrum_of(unit.matrices)
-    assert by_energy([unit], [spectrum], 0.99, allow_larger=False)[0].rank == 1
-    assert by_energy([unit], [spectrum], 0.999999, allow_larger=False)[0].rank == 3
+    assert by_energy(candidates_of([unit]), 0.99, allow_larger=False)[0].rank == 1
+    assert by_energy(candidates_of([unit]), 0.999999, allow_larger=False)[0].rank == 3
     flat = make_unit("b", np.eye(8)[None])
-    choice = by_energy([flat], [spectrum_of(flat.matrices)], 0.99, allow_larger=False)[0]
+    choice = by_energy(candidates_of([flat]), 0.99, allow_larger=False)[0]
     assert choice.rank is None and "break-even" in choice.reason
-    assert by_energy([flat], [spectrum_of(flat.matrices)], 0.99, allow_larger=True)[0].rank == 8
+    assert by_energy(candidates_of([flat]), 0.99, allow_larger=True)[0].rank == 8
 
 
 def test_explicit_ranks_by_node_weight_and_default():
@@ -105,11 +108,11 @@ def test_explicit_ranks_by_node_weight_and_default():
     b = make_unit("b", np.ones((1, 16, 16)), weight="wb")
     c = make_unit("c", np.ones((1, 16, 16)), weight="wc")
     known = {"a", "b", "c", "wa", "wb", "wc"}
-    choices = explicit([a, b, c], {"a": 2, "wb": 3, "*": 5}, known, allow_larger=False)
+    choices = explicit(candidates_of([a, b, c]), {"a": 2, "wb": 3, "*": 5}, known, allow_larger=False)
     assert [ch.rank for ch in choices] == [2, 3, 5]
-    choices = explicit([a, b, c], {"a": "full", "b": 99, "c": 9}, known, allow_larger=True)
+    choices = explicit(candidates_of([a, b, c]), {"a": "full", "b": 99, "c": 9}, known, allow_larger=True)
     assert [ch.rank for ch in choices] == [16, 16, 9]
-    choices = explicit([a, b, c], {"a": 9, "b": 7}, known, allow_larger=False)
+    choices = explicit(candidates_of([a, b, c]), {"a": 9, "b": 7}, known, allow_larger=False)
     assert choices[0].rank is None and "break-even rank 7" in choices[0].reason
     assert choices[1].rank == 7 and choices[2].rank is None
 
@@ -117,7 +120,7 @@ def test_explicit_ranks_by_node_weight_and_default():
 def test_explicit_ranks_refuse_unknown_names_and_bad_values():
     unit = make_unit("a", np.ones((1, 4, 4)))
     with pytest.raises(InputError, match="'nope'"):
-        explicit([unit], {"nope": 2}, {"a"}, allow_larger=False)
+        explicit(candidates_of([unit]), {"nope": 2}, {"a"}, allow_larger=False)
     for bad in ({"a": 0}, {"a": -1}, {"a": 1.5}, {"a": "half"}, {"a": True}, ["a"]):
         with pytest.raises(InputError):
             validate_ranks(bad)
