@@ -8,6 +8,7 @@ and the result is validated in ONNX Runtime on held-out samples.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import time
@@ -18,19 +19,18 @@ import onnx
 
 from .adapters import ADAPTERS
 from .calibration import DISCRETE_VALIDATION_FRACTION, VALIDATION_FRACTION, Samples, load_calibration, split
-from .data_aware import data_aware_factorizers
+from .data_aware import unit_statistics
 from .errors import BoundNotMet, InputError
-from .layers import Unit, find_layers
+from .layers import find_layers
 from .metrics import DEFAULT_METRIC, DEFAULT_TOLERANCE, check_metric
 from .model_io import LoadedModel, check_output_path, load_model, model_stats, save_model
+from .methods import METHODS, candidates_for
 from .ranks import Candidates, Choice, by_budget, by_energy, explicit, validate_ranks
 from .report import LayerReport, Report, SkippedLayer, Validation
 from .runtime import PROVIDERS, resolve_provider
 from .search import PROBE_SAMPLES, Evaluator, Search, build, factors_of, sensitivities
 from .splice import import_graph
-from .svd import Factorization, TruncatedSVD
-
-METHODS = ("auto", "svd")
+from .svd import Factorization
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,8 @@ class Options:
         check_metric(self.metric, has_labels=True)
         if self.method not in METHODS:
             raise InputError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method == "cp" and importlib.util.find_spec("tensorly") is None:
+            raise InputError("method cp needs tensorly: pip install 'onnx-lowrank[cp]'")
         unknown = [op for op in self.ops if op not in ADAPTERS]
         if unknown or not self.ops:
             raise InputError(f"unknown op type {unknown[0] if unknown else '(none)'!r} in ops; choose from {', '.join(ADAPTERS)}")
@@ -150,13 +152,12 @@ def _compress(loaded: LoadedModel, settings: Options, calibration, labels) -> tu
     units = plan.units
     parts = split(samples, settings.seed, _held_out_fraction(settings.metric)) if samples is not None else None
     provider = resolve_provider(settings.provider) if samples is not None else None
+    statistics = None
     if samples is not None and not settings.no_data:
-        factorizers = data_aware_factorizers(original, units, samples, parts.fit, provider, settings.batch_size)
+        statistics = unit_statistics(original, units, samples, parts.fit, provider, settings.batch_size)
         clock.lap("statistics")
-    else:
-        factorizers = [TruncatedSVD(unit.matrices) for unit in units]
-        clock.lap("factorize")
-    candidates = [Candidates(unit, [factorizer]) for unit, factorizer in zip(units, factorizers)]
+    candidates = candidates_for(units, settings.method, statistics)
+    clock.lap("factorize")
 
     validation, sensitivity, trial, search = None, None, None, None
     mode = settings.mode
@@ -211,7 +212,7 @@ def _compress(loaded: LoadedModel, settings: Options, calibration, labels) -> tu
         seconds=time.perf_counter() - clock.start,
         ops_before=before.ops,
         ops_after=after.ops,
-        layers=_layer_reports(units, choices, factors, sensitivity),
+        layers=_layer_reports(candidates, choices, factors, sensitivity),
         skipped=[SkippedLayer(s.node, s.op, s.reason) for s in plan.skipped]
         + [
             SkippedLayer(layer.node.name, layer.node.op, choice.reason)
@@ -258,13 +259,16 @@ def _calibration(settings: Options, model: onnx.ModelProto, calibration, labels)
 
 
 def _layer_reports(
-    units: list[Unit], choices: list[Choice], factors: dict[str, Factorization], sensitivity: list[float] | None
+    candidates: list[Candidates], choices: list[Choice], factors: dict[str, Factorization],
+    sensitivity: list[float] | None,
 ) -> list[LayerReport]:
     reports = []
-    for position, (unit, choice) in enumerate(zip(units, choices)):
+    for position, (candidate, choice) in enumerate(zip(candidates, choices)):
         if choice.option is None:
             continue
+        unit = candidate.unit
         factorization = factors[unit.key]
+        config = choice.option.config
         reports.append(
             LayerReport(
                 node=unit.name,
@@ -272,15 +276,29 @@ def _layer_reports(
                 weight=unit.weight.name,
                 shape=list(unit.weight.value.shape),
                 method=factorization.method,
-                rank=factorization.rank,
+                rank=config[0] if len(config) == 1 else list(config),
                 params_before=unit.params,
                 params_after=factorization.params,
                 predicted_error=factorization.predicted_error,
                 nodes=[layer.node.name for layer in unit.layers],
                 sensitivity=None if sensitivity is None else sensitivity[position],
+                alternatives=_alternatives(candidate, choice.option),
             )
         )
     return reports
+
+
+def _alternatives(candidate: Candidates, chosen) -> dict[str, float | None]:
+    """Why the other methods lost: each one's least predicted error within the chosen option's parameters
+    (None: it has no option that small)."""
+    best: dict[str, float | None] = {}
+    for option in candidate.options():
+        if option.method == chosen.method:
+            continue
+        best.setdefault(option.method, None)
+        if option.params <= chosen.params and (best[option.method] is None or option.error < best[option.method]):
+            best[option.method] = option.error
+    return best
 
 
 def _check_output(model: onnx.ModelProto) -> None:

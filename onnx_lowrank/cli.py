@@ -16,7 +16,8 @@ from pathlib import Path
 from rich.console import Console
 
 from .adapters import ADAPTERS
-from .api import METHODS, compress_file
+from .api import compress_file
+from .methods import METHODS
 from .inspection import inspect
 from .errors import BoundNotMet, InputError
 from .metrics import DEFAULT_METRIC, DEFAULT_TOLERANCE, METRICS

@@ -18,7 +18,7 @@ import numpy as np
 
 from .calibration import Samples
 from .layers import Layer, Unit
-from .statistics import Moments, collect
+from .statistics import Counts, Moments, collect
 from .svd import Factorization, RankedOptions, Spectrum
 
 RELATIVE_FLOOR = 1e-12
@@ -88,6 +88,45 @@ def _safe_scale(scale: np.ndarray | None, groups: int, out_dim: int) -> np.ndarr
     return np.where(scale < 0, -1.0, 1.0).reshape(groups, out_dim) * np.maximum(magnitude, floor).reshape(groups, out_dim)
 
 
+class OutputError:
+    """The relative output error of any approximation of a layer's kernel: E||D (W - W') x - shift||^2 over
+    E||D W x||^2 under the layer's (shrunk) input statistics, with the shift that a bias site absorbs.
+    Without statistics, the weight's own relative error ||W - W'||^2 / ||W||^2 (and no shift)."""
+
+    def __init__(self, layer: Layer, moments: Moments | None = None):
+        weight = np.asarray(layer.matrices, dtype=np.float64)
+        groups, out_dim, in_dim = weight.shape
+        self._shape = weight.shape
+        self._weight = weight
+        self.scale = _safe_scale(layer.output_scale, groups, out_dim) if moments is not None else np.ones((groups, out_dim))
+        self._mean = None
+        if moments is None:
+            self._root = None
+            self._energy = float(np.sum(weight**2))
+            return
+        covariance = _shrunk(moments, np.broadcast_to(np.eye(in_dim), (groups, in_dim, in_dim)))
+        second_moment = covariance + _outer(moments.mean)
+        self._mean = moments.mean if layer.bias is not None else None
+        self._root = _sqrt_psd(covariance if layer.bias is not None else second_moment)
+        scaled = self.scale[:, :, None] * weight
+        self._energy = float(np.einsum("gmn,gnk,gmk->", scaled, second_moment, scaled))
+
+    def _delta(self, approx: np.ndarray) -> np.ndarray:
+        return self._weight - np.asarray(approx, dtype=np.float64).reshape(self._shape)
+
+    def __call__(self, approx: np.ndarray) -> float:
+        delta = self.scale[:, :, None] * self._delta(approx)
+        if self._root is not None:
+            delta = delta @ self._root
+        return float(np.sum(delta**2) / self._energy) if self._energy > 0 else 0.0
+
+    def bias_shift(self, approx: np.ndarray) -> np.ndarray | None:
+        """E[(W - W') x] per group: what the bias gains (None where no bias site can take it)."""
+        if self._mean is None:
+            return None
+        return np.einsum("gmn,gn->gm", self._delta(approx), self._mean)
+
+
 def _shrunk(moments: Moments, prior: np.ndarray) -> np.ndarray:
     """The covariance pulled towards a prior shape (scaled to its trace) by the Ledoit-Wolf intensity:
     directions the calibration data never showed keep the weight's own importance."""
@@ -128,18 +167,79 @@ def _fix_signs(vectors: np.ndarray) -> np.ndarray:
     return vectors * signs
 
 
-def data_aware_factorizers(
+class FrequencyWeightedSVD(RankedOptions):
+    """An embedding table's factors weighted by how often calibration looked each row up.
+
+    The Gather's inputs are one-hot, so the input-form optimum is the SVD of W diag(sqrt(w)) (W = table^T):
+    rows used often are kept best. A share UNSEEN_SHARE of the weight is spread evenly over all rows, and a
+    rank is offered only where no row loses more than ROW_FLOOR of its energy, or ROW_BOUND times what a
+    plain SVD of the table leaves that same row at that rank if that is more: rows calibration never used (rare tokens, long
+    positions) stay bounded. The predicted error is the expected relative error of the looked-up vectors.
+    """
+
+    method = "svd-freq"
+    UNSEEN_SHARE = 0.1
+    ROW_BOUND = 2.0
+    ROW_FLOOR = 0.5
+
+    def __init__(self, layer: Layer, counts: Counts):
+        weight = np.asarray(layer.matrices, dtype=np.float64)  # (1, d, V)
+        self._matrix_shape = weight.shape
+        frequency = counts.count / max(int(counts.count.sum()), 1)
+        uniform = np.full(frequency.size, 1.0 / frequency.size)
+        share = self.UNSEEN_SHARE if counts.count.sum() else 1.0
+        self.row_weights = (1 - share) * frequency + share * uniform
+        u, s, _ = np.linalg.svd(weight * np.sqrt(self.row_weights), full_matrices=False)
+        self._basis = _fix_signs(u)
+        self._weight = weight
+        self.spectrum = Spectrum(s**2, total=float(np.sum(weight**2 * self.row_weights)))
+        plain, _, _ = np.linalg.svd(weight, full_matrices=False)
+        rows = _row_errors(weight[0].T, self._basis[0])  # (V, k + 1): every row at every rank
+        bound = np.maximum(self.ROW_BOUND * _row_errors(weight[0].T, plain[0]), self.ROW_FLOOR)
+        self.worst_row = rows.max(axis=0)
+        self._allowed = np.all(rows <= bound, axis=0)
+
+    def _shape(self) -> tuple[int, int, int]:
+        return self._matrix_shape
+
+    def options(self):
+        return [option for option in super().options() if self._allowed[option.config[0]]]
+
+    def factorize(self, rank: int | tuple[int]) -> Factorization:
+        rank = rank[0] if isinstance(rank, tuple) else rank
+        if not 1 <= rank <= self._basis.shape[2]:
+            raise ValueError(f"rank {rank} outside 1..{self._basis.shape[2]}")
+        basis = self._basis[:, :, :rank]
+        first = np.swapaxes(basis, 1, 2) @ self._weight
+        return Factorization(self.method, rank, first, basis, float(self.spectrum.dropped[rank]))
+
+
+def _row_errors(table: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """The relative error of every row of `table` (V, d) projected on the first r columns of `basis`
+    (d, k), for r = 0..k: (V, k + 1)."""
+    norms = np.sum(table**2, axis=1)
+    kept = np.concatenate([np.zeros((table.shape[0], 1)), np.cumsum((table @ basis) ** 2, axis=1)], axis=1)
+    relative = (norms[:, None] - kept) / np.where(norms > 0, norms, 1.0)[:, None]
+    return np.maximum(relative, 0.0)
+
+
+def unit_statistics(
     model, units: list[Unit], samples: Samples, fit: list[int], provider: str, batch_size: int
-) -> list[DataAwareSVD]:
-    """Statistics over the fit samples, merged per unit (shared weights), then data-aware factors."""
+) -> list[Moments | Counts]:
+    """Statistics over the fit samples of what each unit's layers observe, merged per unit (shared weights)."""
     layers = [layer for unit in units for layer in unit.layers]
-    moments = iter(collect(model, layers, samples, fit, provider, batch_size))
-    factorizers = []
+    statistics = iter(collect(model, layers, samples, fit, provider, batch_size))
+    merged = []
     for unit in units:
-        merged: Moments | None = None
+        together = None
         for _ in unit.layers:
-            one = next(moments)
-            merged = one if merged is None else merged.merged(one)
-        side = unit.layers[0].adapter.observed(unit.layers[0])[1]
-        factorizers.append(DataAwareSVD(unit.layers[0], merged, side))
-    return factorizers
+            one = next(statistics)
+            together = one if together is None else together.merged(one)
+        merged.append(together)
+    return merged
+
+
+def data_aware_svd(unit: Unit, statistics: Moments | Counts) -> DataAwareSVD | FrequencyWeightedSVD:
+    layer = unit.layers[0]
+    side = layer.adapter.observed(layer)[1]
+    return FrequencyWeightedSVD(layer, statistics) if side == "indices" else DataAwareSVD(layer, statistics, side)

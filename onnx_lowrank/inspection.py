@@ -6,6 +6,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 
 from .adapters import ADAPTERS
@@ -14,9 +15,9 @@ from .layers import find_layers
 from .model_io import load_model
 from .splice import import_graph
 from .calibration import load_calibration
-from .data_aware import data_aware_factorizers
+from .data_aware import unit_statistics
+from .methods import candidates_for
 from .runtime import resolve_provider
-from .svd import spectrum_of
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ class LayerInfo:
     rank_99: int | None = None
     energy_at_break_even: float | None = None  # energy kept by the largest rank that still saves
     shared_by: list[str] = field(default_factory=list)
+    at_half: dict[str, float] = field(default_factory=dict)  # per method: least predicted error at half
+    # the layer's parameters (methods with no option that small are absent)
     reason: str | None = None  # why the node is not factorizable
 
 
@@ -45,8 +48,10 @@ def inspect(
     calibration=None,
     provider: str = "cpu",
     batch_size: int = 8,
+    method: str = "auto",
 ) -> list[LayerInfo]:
-    """Per-layer shape, size and spectrum of every candidate layer, and the reason for each skip.
+    """Per-layer shape, size and spectrum of every candidate layer, each method's predicted error at half
+    the layer's parameters (what `--method auto` weighs), and the reason for each skip.
 
     The spectrum is the weight's singular values, or with calibration data (any source `compress`
     takes; all samples are used) the energy of the layer's outputs on that data per rank.
@@ -58,15 +63,20 @@ def inspect(
         raise InputError(f"unknown op type {unknown[0]!r} in ops; choose from {', '.join(ADAPTERS)}")
     graph = import_graph(loaded.model).graph
     plan = find_layers(graph, loaded.model, {op: ADAPTERS[op] for op in chosen})
+    statistics = None
     if calibration is not None:
         samples = load_calibration(calibration, loaded.model)
         every = list(range(len(samples)))
         provider = resolve_provider(provider)
-        spectra = [f.spectrum for f in data_aware_factorizers(loaded.model, plan.units, samples, every, provider, batch_size)]
-    else:
-        spectra = [spectrum_of(unit.matrices) for unit in plan.units]
+        statistics = unit_statistics(loaded.model, plan.units, samples, every, provider, batch_size)
+    candidates = candidates_for(plan.units, method, statistics)
     rows = []
-    for unit, spectrum in zip(plan.units, spectra):
+    for unit, candidate in zip(plan.units, candidates):
+        spectrum = candidate.primary.spectrum
+        at_half: dict[str, float] = {}
+        for option in candidate.options():
+            if option.params <= unit.params / 2:
+                at_half[option.method] = min(option.error, at_half.get(option.method, np.inf))
         rows.append(
             LayerInfo(
                 node=unit.name,
@@ -82,6 +92,7 @@ def inspect(
                 rank_99=spectrum.rank_for_energy(0.99),
                 energy_at_break_even=float(1.0 - spectrum.dropped[unit.break_even]),
                 shared_by=[layer.node.name for layer in unit.layers[1:]],
+                at_half=dict(sorted(at_half.items(), key=lambda item: item[1])),
             )
         )
     rows += [LayerInfo(node=s.node, op=s.op, reason=s.reason) for s in plan.skipped]

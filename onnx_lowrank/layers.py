@@ -134,7 +134,9 @@ class Adapter(Protocol):
 
     op_type: ClassVar[str]
 
-    def check(self, node: gs.Node, index: ConstantIndex, opset: int) -> Layer | str: ...
+    def check(self, node: gs.Node, index: ConstantIndex, opset: int) -> Layer | str | None:
+        """A Layer, the reason the node cannot be one, or None when it is no layer at all (e.g. a Gather
+        on shapes) and deserves no line in reports."""
 
     def observed(self, layer: Layer) -> tuple[gs.Tensor, str]:
         """The tensor whose statistics describe the layer, and its side: "input" (vectors the weight
@@ -165,6 +167,8 @@ def find_layers(graph: gs.Graph, model: onnx.ModelProto, adapters: dict[str, Ada
         if adapter is None or node.domain not in ("", "ai.onnx", None):
             continue
         found = adapter.check(node, index, opset)
+        if found is None:
+            continue
         if isinstance(found, str):
             skipped.append(Skipped(node.name, node.op, found))
             continue
@@ -181,8 +185,10 @@ def find_layers(graph: gs.Graph, model: onnx.ModelProto, adapters: dict[str, Ada
 
 
 def _unit_key(layer: Layer) -> str:
+    """Layers share a unit when they use the same matrices and observe the same kind of statistics."""
     digest = hashlib.sha1(np.ascontiguousarray(layer.matrices).tobytes()).hexdigest()[:16]
-    return f"{layer.weight.name}:{layer.matrices.shape}:{digest}"
+    side = layer.adapter.observed(layer)[1]
+    return f"{layer.weight.name}:{layer.matrices.shape}:{side}:{digest}"
 
 
 def _sharing_problem(unit: Unit, graph_outputs: set[str]) -> str | None:

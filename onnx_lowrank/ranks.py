@@ -39,19 +39,32 @@ class Choice:
 
 
 class Candidates:
-    """Every way to factorize one unit: one decomposer per method. The first is the unit's SVD, used
-    where a single rank is asked for (explicit ranks, energy threshold, sensitivity probes)."""
+    """Every way to factorize one unit: one decomposer per method. `primary` is the unit's SVD, used
+    where a single rank is asked for (explicit ranks, energy threshold); it offers options itself unless
+    another method is forced. `notes` say why methods asked for do not apply."""
 
-    def __init__(self, unit: Unit, decomposers: Sequence):
+    def __init__(self, unit: Unit, primary, others: Sequence = (), include_primary: bool = True, notes=()):
         self.unit = unit
-        self.primary = decomposers[0]
-        self._by_method = {d.method: d for d in decomposers}
+        self.primary = primary
+        self.notes = list(notes)
+        offered = ([primary] if include_primary else []) + list(others)
+        self._by_method = {d.method: d for d in [primary, *others]}
+        self._offered = offered
+        self._options: list[Option] | None = None
 
     def options(self) -> list[Option]:
-        return [option for decomposer in self._by_method.values() for option in decomposer.options()]
+        if self._options is None:
+            self._options = [option for decomposer in self._offered for option in decomposer.options()]
+        return self._options
 
     def factorize(self, option: Option):
         return self._by_method[option.method].factorize(option.config)
+
+    def probe_option(self, target: float) -> Option | None:
+        """The shrinking option whose predicted error is nearest `target` (and above 0): what a
+        sensitivity probe factorizes."""
+        useful = [o for o in self.options() if o.params < self.unit.params and o.error > 1e-15]
+        return min(useful, key=lambda o: abs(np.log(o.error / target))) if useful else None
 
 
 def load_ranks_file(path: str | Path) -> dict[str, int | str]:
@@ -105,12 +118,15 @@ def by_energy(candidates: Sequence[Candidates], keep: float, allow_larger: bool)
 def by_budget(candidates: Sequence[Candidates], fraction: float, weights: Sequence[float] | None = None) -> list[Choice]:
     """Keep at most `fraction` of the units' parameters at the least total (weighted) predicted error."""
     options = _menus(candidates, weights)
-    total = sum(c.unit.params for c in candidates)
-    budget = fraction * total
+    # units with nothing that shrinks them (under the chosen method) stay dense and out of the budget
+    total = sum(c.unit.params for c, menu in zip(candidates, options) if menu.options)
+    fixed = sum(c.unit.params for c, menu in zip(candidates, options) if not menu.options)
+    budget = fraction * total + fixed
     floor = sum(o.params[0] for o in options)
     if floor > budget:
         raise InputError(
-            f"target-params {fraction:g} is below what rank 1 everywhere keeps ({floor / total:.3f} of the parameters)"
+            f"target-params {fraction:g} is below what rank 1 everywhere keeps "
+            f"({(floor - fixed) / total:.3f} of the parameters)"
         )
     # params(lambda) grows with lambda: bisect log10(lambda) for the largest that fits the budget
     low, high = LOG_LAMBDA
@@ -166,11 +182,15 @@ class _Menu:
         self.options = front
         self.params = np.array([o.params for o in front] + [dense])
         self.errors = weight * np.array([o.error for o in front] + [0.0])
+        notes = "; ".join(candidate.notes)
+        self.empty_reason = "no decomposition shrinks it" + (f" ({notes})" if notes else "")
 
     def best(self, multiplier: float) -> int:
         return int(np.argmin(self.params + multiplier * self.errors))
 
     def choice(self, index: int) -> Choice:
+        if not self.options:
+            return Choice(None, self.empty_reason)
         if index == len(self.options):
             return Choice(None, "kept dense: its parameters buy more accuracy here than elsewhere")
         return Choice(self.options[index])

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 
 
-@dataclass(frozen=True)
+@dataclass
 class LayerReport:
     """One factorized unit (its weight may serve several nodes, listed in `nodes`)."""
 
@@ -16,12 +16,14 @@ class LayerReport:
     weight: str
     shape: list[int]  # the weight's shape as the node sees it
     method: str
-    rank: int
+    rank: int | list[int]  # one rank, or one per stage (Tucker-2: [out, in])
     params_before: int
     params_after: int
     predicted_error: float  # relative dropped energy at this rank: of the weight, or of W x on calibration data
     nodes: list[str]
     sensitivity: float | None = None  # final-output squared relative error per unit of predicted error
+    alternatives: dict[str, float | None] = field(default_factory=dict)  # other methods' least predicted
+    # error within these parameters (None: none that small): why they lost
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from .metrics import Outputs, score
 from .ranks import Candidates, Choice, by_budget, frontier
 from .runtime import Session
 from .splice import Splice, export, import_graph
-from .svd import Factorization, Spectrum
+from .svd import Factorization
 
 PROBE_ERROR = 0.01  # predicted relative error at which each unit's sensitivity is probed
 PROBE_SAMPLES = 16
@@ -135,26 +135,17 @@ def sensitivities(
     probe: Sequence[int],
 ) -> list[float]:
     """Final-output (logit) squared relative error per unit of predicted error, one unit at a time (each
-    probed with its SVD)."""
+    probed with its option nearest PROBE_ERROR)."""
     found = []
     for candidate in candidates:
-        rank = _probe_rank(candidate.primary.spectrum, candidate.unit.full_rank)
-        if rank is None:
+        option = candidate.probe_option(PROBE_ERROR)
+        if option is None:
             found.append(0.0)
         else:
-            factors = candidate.primary.factorize(rank)
+            factors = candidate.factorize(option)
             model = build(original, adapters, {candidate.unit.key: factors})
             found.append(evaluator.probe_error(model, probe) / factors.predicted_error)
     return found
-
-
-def _probe_rank(spectrum: Spectrum, full_rank: int) -> int | None:
-    """The smallest rank predicted within PROBE_ERROR, moved down while its predicted error is zero."""
-    dropped = spectrum.dropped
-    rank = min(int(np.argmax(dropped <= PROBE_ERROR)), full_rank - 1)
-    while rank >= 1 and dropped[rank] <= 1e-15:
-        rank -= 1
-    return rank if rank >= 1 else None
 
 
 class Search:

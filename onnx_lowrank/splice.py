@@ -85,7 +85,10 @@ class Splice:
         emit = Emitter(self, layer, factors, inputs=list(node.inputs), outputs=list(node.outputs))
         node.inputs.clear()
         node.outputs.clear()
-        layer.adapter.rewrite(layer, factors, emit)
+        if hasattr(factors, "emit"):  # a decomposition with its own chain (Tucker-2, CP, ...)
+            factors.emit(layer, emit)
+        else:
+            layer.adapter.rewrite(layer, factors, emit)
 
 
 class Emitter:
@@ -132,7 +135,7 @@ class Emitter:
         self._splice.metadata[name] = {
             "source": self._layer.node.name,
             "method": self._factors.method,
-            "rank": str(self._factors.rank),
+            "rank": str(self._factors.rank if not isinstance(self._factors.rank, tuple) else list(self._factors.rank)),
         }
         return node
 

@@ -118,6 +118,26 @@ class Moments:
         return self.covariance + _outer(self.mean)
 
 
+@dataclass
+class Counts:
+    """How often each row of an embedding table was looked up: the statistics of a Gather, whose input
+    vectors are one-hot (their second moment is diagonal, so the counts are all of it)."""
+
+    count: np.ndarray  # (V,)
+
+    @classmethod
+    def empty(cls, rows: int) -> Counts:
+        return cls(np.zeros(rows, dtype=np.int64))
+
+    def add(self, indices: np.ndarray) -> None:
+        flat = np.asarray(indices, dtype=np.int64).reshape(-1)
+        flat = np.where(flat < 0, flat + self.count.size, flat)  # Gather accepts negative indices
+        self.count += np.bincount(flat, minlength=self.count.size)[: self.count.size]
+
+    def merged(self, other: Counts) -> Counts:
+        return Counts(self.count + other.count)
+
+
 def _outer(vectors: np.ndarray) -> np.ndarray:
     """v v^T per group."""
     return vectors[:, :, None] * vectors[:, None, :]
@@ -132,7 +152,7 @@ def collect(
     batch_size: int = 8,
     max_outputs: int = 64,
     progress: Callable[[int], None] | None = None,
-) -> list[Moments]:
+) -> list[Moments | Counts]:
     """Moments of every layer's observed tensor over the given samples (one entry per layer).
 
     Layers that observe the same tensor the same way (e.g. the Q, K and V projections of one input)
@@ -145,8 +165,11 @@ def collect(
         key = (tensor.name, type(layer.adapter).__name__, repr(layer.info), repr(sorted(layer.node.attrs.items())))
         if key not in jobs:
             groups, out_dim, in_dim = layer.matrices.shape
-            dim = in_dim if layer.adapter.observed(layer)[1] == "input" else out_dim
-            jobs[key] = (layer, Moments.empty(groups, dim))
+            side = layer.adapter.observed(layer)[1]
+            if side == "indices":
+                jobs[key] = (layer, Counts.empty(in_dim))
+            else:
+                jobs[key] = (layer, Moments.empty(groups, in_dim if side == "input" else out_dim))
         keys.append(key)
     graph_inputs = {i.name for i in model.graph.input}
     names = list(dict.fromkeys(key[0] for key in jobs))

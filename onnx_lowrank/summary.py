@@ -38,7 +38,7 @@ def print_compress(report: Report, console: Console, written: bool) -> None:
                 layer.op,
                 "x".join(map(str, layer.shape)),
                 layer.method,
-                str(layer.rank),
+                str(layer.rank) if isinstance(layer.rank, int) else "x".join(map(str, layer.rank)),
                 f"{layer.params_before:,} -> {layer.params_after:,}",
                 f"{layer.predicted_error:.2e}",
                 "" if layer.sensitivity is None else f"{layer.sensitivity:.3g}",
@@ -78,12 +78,12 @@ def print_inspect(rows: Sequence[LayerInfo], console: Console, data: bool = Fals
     source = "output energy on the calibration data" if data else "singular-value energy of the weights"
     table = Table(title=f"Layers ({source})", title_justify="left")
     columns = ("node", "op", "weight shape", "groups x matrix", "params", "break-even", "eff. rank",
-               "r90 / r99", "energy at break-even", "reason skipped")
+               "r90 / r99", "energy at break-even", "best at half the params", "reason skipped")
     for column in columns:
         table.add_column(column, justify="right" if column in ("params", "break-even", "eff. rank") else "left")
     for row in rows:
         if row.reason is not None:
-            table.add_row(row.node, row.op, *[""] * 7, row.reason)
+            table.add_row(row.node, row.op, *[""] * 8, row.reason)
             continue
         shared = f" (+{len(row.shared_by)} sharing)" if row.shared_by else ""
         table.add_row(
@@ -96,6 +96,7 @@ def print_inspect(rows: Sequence[LayerInfo], console: Console, data: bool = Fals
             f"{row.effective_rank:.1f}",
             f"{row.rank_90} / {row.rank_99}",
             f"{row.energy_at_break_even:.1%}",
+            ", ".join(f"{method} {error:.2g}" for method, error in list(row.at_half.items())[:2]),
             "",
         )
     console.print(table)

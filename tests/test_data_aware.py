@@ -11,8 +11,11 @@ therefore switch the shrinkage off (`no_shrinkage`: `Moments.shrinkage` patched 
 Layers come from real ONNX models (import_graph + find_layers), statistics from `collect` in onnxruntime,
 factorized models from `search.build`, run in onnxruntime. Errors are measured independently here: in
 float64 numpy from the model's own weights (tight), and end to end in onnxruntime (float32 tolerances).
-Convolutions on integer-valued inputs and kernels make onnxruntime's float32 outputs (the statistics of
-a Conv are its outputs) exact, so that their statistics and the float64 measurements agree tightly.
+A Conv's statistics are those of its input patches (im2col) when a patch has at most PATCH_LIMIT values,
+of its output channels otherwise (and for ConvTranspose). Conv cases run both ways: `conv_side="output"`
+patches PATCH_LIMIT to 0 so that a small conv takes the output path. Convolutions on integer-valued inputs
+and kernels make onnxruntime's float32 outputs exact, so that output statistics and the float64
+measurements agree tightly.
 """
 
 from __future__ import annotations
@@ -33,9 +36,11 @@ from numpy.lib.stride_tricks import sliding_window_view
 from onnx import helper
 
 from onnx_lowrank.adapters import ADAPTERS
+from onnx_lowrank.adapters import conv as conv_adapter
 from onnx_lowrank.calibration import load_calibration
 from onnx_lowrank.data_aware import DataAwareSVD
 from onnx_lowrank.layers import BiasSite, Layer, Unit, find_layers
+from onnx_lowrank.patches import conv_patches
 from onnx_lowrank.search import build
 from onnx_lowrank.splice import import_graph
 from onnx_lowrank.statistics import Moments, collect
@@ -61,6 +66,20 @@ def no_shrinkage(monkeypatch):
     monkeypatch.setattr(Moments, "shrinkage", _unshrunk)
 
 
+@contextlib.contextmanager
+def conv_statistics(side: str):
+    """A Conv observed on its input patches ("input": what a patch of at most PATCH_LIMIT values gets) or on
+    its output channels ("output": what bigger patches get, forced here by a PATCH_LIMIT of 0)."""
+    assert side in ("input", "output")
+    with pytest.MonkeyPatch.context() as patch:
+        if side == "output":
+            patch.setattr(conv_adapter, "PATCH_LIMIT", 0)
+        yield
+
+
+CONV_SIDES = pytest.mark.parametrize("conv_side", ["input", "output"])
+
+
 @dataclass
 class Fitted:
     """One unit of a model with the statistics of its layer over the calibration arrays."""
@@ -76,15 +95,19 @@ class Fitted:
         return build(self.model, ADAPTERS, {self.unit.key: factors})
 
 
-def fit(model: onnx.ModelProto, arrays: dict[str, np.ndarray], node: str | None = None) -> Fitted:
+def fit(model: onnx.ModelProto, arrays: dict[str, np.ndarray], node: str | None = None,
+        conv_side: str = "input") -> Fitted:
     plan = find_layers(import_graph(model).graph, model, ADAPTERS)
     units = [u for u in plan.units if node is None or u.name == node]
     assert len(units) == 1, (plan.units, plan.skipped)
     unit = units[0]
     layer = unit.layers[0]
     samples = load_calibration(arrays, model)
-    moments = collect(model, [layer], samples, list(range(len(samples))), "cpu", batch_size=5)[0]
-    side = layer.adapter.observed(layer)[1]
+    with conv_statistics(conv_side):
+        moments = collect(model, [layer], samples, list(range(len(samples))), "cpu", batch_size=5)[0]
+        side = layer.adapter.observed(layer)[1]
+    if layer.node.op == "Conv":
+        assert side == conv_side
     return Fitted(model, unit, layer, moments, side, DataAwareSVD(layer, moments, side))
 
 
@@ -171,6 +194,7 @@ def test_gemm_inputs_in_an_affine_subspace_are_reproduced_at_that_rank():
 
 
 @pytest.mark.usefixtures("no_shrinkage")
+@CONV_SIDES
 @pytest.mark.parametrize(
     "kernel, pad, groups, c_in, c_out, subspace",
     [
@@ -180,7 +204,9 @@ def test_gemm_inputs_in_an_affine_subspace_are_reproduced_at_that_rank():
     ],
     ids=["1x1", "3x3", "grouped-2x2"],
 )
-def test_conv_inputs_in_a_channel_subspace_are_reproduced(kernel, pad, groups, c_in, c_out, subspace):
+def test_conv_inputs_in_a_channel_subspace_are_reproduced(kernel, pad, groups, c_in, c_out, subspace, conv_side):
+    """Input channels in a planted subspace: the patches (input side) and the outputs (output side) span at
+    most subspace * k * k dimensions per group, so the data-aware factors at that rank are exact."""
     rng = np.random.default_rng(2)
     rank = subspace * kernel * kernel
     per_group = c_in // groups
@@ -196,8 +222,8 @@ def test_conv_inputs_in_a_channel_subspace_are_reproduced(kernel, pad, groups, c
         return np.einsum("ngkhw,gkc->ngchw", z, bases).reshape(count, c_in, 6, 6).astype(np.float32)
 
     calibration, fresh = images(16), images(8)
-    fitted = fit(model, {"x": calibration})
-    assert fitted.side == "output"
+    fitted = fit(model, {"x": calibration}, conv_side=conv_side)
+    assert fitted.side == conv_side
     full = min(fitted.layer.matrices.shape[1:])
     assert all(np.linalg.matrix_rank(m) == full for m in fitted.layer.matrices)
     factors = fitted.factorizer.factorize(rank)
@@ -223,6 +249,10 @@ class Case:
     scale: np.ndarray | None = None  # a following BatchNormalization's scale / sqrt(var + eps)
     alpha: float = 1.0  # the layer's output is alpha * W x (+ bias)
     output: int = 0  # graph output index holding the layer's output (or its BatchNormalization)
+    conv_side: str = "input"  # a Conv's statistics: input patches or output channels
+
+    def fit(self) -> Fitted:
+        return fit(self.model, self.arrays, self.node, self.conv_side)
 
 
 def matmul_add_case() -> Case:
@@ -253,8 +283,8 @@ def gemm_constant_a_case() -> Case:
     return Case(model, {"b": b}, "gemm", a[None].astype(np.float64), b[None].astype(np.float64))
 
 
-def conv_case(bias: bool, batchnorm: bool = False, groups: int = 1) -> Case:
-    """Integer inputs and kernel: onnxruntime's float32 conv output (the statistics) is exact."""
+def conv_case(bias: bool, batchnorm: bool = False, groups: int = 1, conv_side: str = "input") -> Case:
+    """Integer inputs and kernel: onnxruntime's float32 conv output (the output-side statistics) is exact."""
     rng = np.random.default_rng(12 + 2 * bias + batchnorm + groups)
     c_in, c_out = 4, 8
     kernel = ints(rng, -2, 2, (c_out, c_in // groups, 3, 3))
@@ -277,7 +307,22 @@ def conv_case(bias: bool, batchnorm: bool = False, groups: int = 1) -> Case:
     model = make_model(nodes, {"x": ["n", c_in, 7, 7]}, ["y" if batchnorm else "c"], initializers)
     x = ints(rng, -1, 3, (6, c_in, 7, 7))
     weight = kernel.astype(np.float64).reshape(groups, c_out // groups, -1)
-    return Case(model, {"x": x}, "conv", weight, conv_rows(x, (3, 3), 1, groups), scale=scale)
+    return Case(model, {"x": x}, "conv", weight, conv_rows(x, (3, 3), 1, groups), scale=scale, conv_side=conv_side)
+
+
+def strided_conv_case(conv_side: str = "input") -> Case:
+    """Strides, dilations, asymmetric pads and groups: the rows are `conv_patches` (checked against
+    onnxruntime's Conv in test_patches.py)."""
+    rng = np.random.default_rng(17)
+    c_in, c_out, groups = 6, 8, 2
+    kernel = ints(rng, -2, 2, (c_out, c_in // groups, 3, 2))
+    bias = ints(rng, -3, 3, (c_out,))
+    attrs = {"strides": [2, 1], "dilations": [1, 2], "pads": [0, 1, 2, 1], "group": groups}
+    model = one_node_model("Conv", ["x", "w", "b"], {"x": ["n", c_in, 9, 7]}, {"w": kernel, "b": bias}, attrs)
+    x = ints(rng, -1, 3, (6, c_in, 9, 7))
+    weight = kernel.astype(np.float64).reshape(groups, c_out // groups, -1)
+    rows = conv_patches(x.astype(np.float64), (3, 2), attrs, groups)
+    return Case(model, {"x": x}, "conv", weight, rows, conv_side=conv_side)
 
 
 CASES = {
@@ -289,6 +334,12 @@ CASES = {
     "conv-no-bias": lambda: conv_case(bias=False),
     "conv+batchnorm": lambda: conv_case(bias=True, batchnorm=True),
     "grouped-conv": lambda: conv_case(bias=True, groups=2),
+    "conv+bias/output-side": lambda: conv_case(bias=True, conv_side="output"),
+    "conv-no-bias/output-side": lambda: conv_case(bias=False, conv_side="output"),
+    "conv+batchnorm/output-side": lambda: conv_case(bias=True, batchnorm=True, conv_side="output"),
+    "grouped-conv/output-side": lambda: conv_case(bias=True, groups=2, conv_side="output"),
+    "strided-conv": strided_conv_case,
+    "strided-conv/output-side": lambda: strided_conv_case("output"),
 }
 
 
@@ -296,7 +347,8 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_predicted_error_equals_measured_error(name):
     case = CASES[name]()
-    fitted = fit(case.model, case.arrays, case.node)
+    fitted = case.fit()
+    assert fitted.side == case.conv_side  # MatMul / Gemm: always their inputs
     np.testing.assert_array_equal(fitted.layer.matrices, case.weight)
     if case.scale is not None:
         np.testing.assert_allclose(fitted.layer.output_scale, case.scale, rtol=1e-12)
@@ -321,7 +373,7 @@ def test_predicted_error_equals_error_of_the_built_model_in_onnxruntime(name):
     """End to end: the factorized model's output moves by what was predicted (float32 tolerances). The
     bias shift must land in the model scaled right for this to hold (Gemm: alpha, beta)."""
     case = gemm_case(alpha=2.0, beta=0.5) if name == "gemm-alpha-beta" else CASES[name]()
-    fitted = fit(case.model, case.arrays, case.node)
+    fitted = case.fit()
     reference = run(case.model, case.arrays)[case.output]
     d = 1.0 if case.scale is None else case.scale.reshape(case.weight.shape[0], 1, -1)
     energy = case.alpha**2 * np.sum((d * (case.rows @ np.swapaxes(case.weight, 1, 2))) ** 2)
@@ -340,7 +392,7 @@ def test_bias_shift_is_the_least_squares_constant(name, shrinkage):
     Shrinkage changes only the covariance, never the mean, so this holds for the shrunk factors too."""
     case = CASES[name]()
     with shrinkage_off() if shrinkage == "off" else contextlib.nullcontext():
-        fitted = fit(case.model, case.arrays, case.node)
+        fitted = case.fit()
     assert fitted.layer.bias is not None  # all of these layers have a bias site: centred statistics
     rng = np.random.default_rng(5)
     for rank in range(1, min(case.weight.shape[1:])):
@@ -449,40 +501,43 @@ def test_centred_gemm_with_fewer_samples_than_dimensions():
     assert_close(run(model, {"a": a}), run(fitted.built(found[1]), {"a": a}))
 
 
-def test_constant_conv_output_and_fewer_positions_than_channels():
+@CONV_SIDES
+def test_constant_conv_output_and_fewer_positions_than_channels(conv_side):
     rng = np.random.default_rng(9)
     kernel = rng.standard_normal((16, 8, 1, 1)).astype(np.float32)
     bias = rng.standard_normal(16).astype(np.float32)
     model = one_node_model("Conv", ["x", "w", "b"], {"x": ["n", 8, 2, 2]}, {"w": kernel, "b": bias})
     zeros = np.zeros((2, 8, 2, 2), np.float32)  # every output is the bias: no variance, W x = 0
-    fitted = fit(model, {"x": zeros})
+    fitted = fit(model, {"x": zeros}, conv_side=conv_side)
     found = assert_sane(fitted.factorizer, 8)
     assert all(f.predicted_error == 0.0 for f in found)
     np.testing.assert_allclose(found[0].bias_shift, 0.0, atol=1e-6)
     assert_close(run(model, {"x": zeros}), run(fitted.built(found[0]), {"x": zeros}))
 
-    one = rng.standard_normal((1, 8, 2, 2)).astype(np.float32)  # 4 positions, 16 output channels
-    fitted = fit(model, {"x": one})
+    one = rng.standard_normal((1, 8, 2, 2)).astype(np.float32)  # 4 positions, 8 input / 16 output channels
+    fitted = fit(model, {"x": one}, conv_side=conv_side)
     found = assert_sane(fitted.factorizer, 8)
-    assert found[2].predicted_error > 1e-3  # shrunk towards the weight's own shape: not exact at rank 3
+    assert found[2].predicted_error > 1e-3  # shrunk towards the prior (white inputs): not exact at rank 3
 
     with shrinkage_off():  # exact reproduction of the 4 points: a property of their raw statistics
-        fitted = fit(model, {"x": one})
+        fitted = fit(model, {"x": one}, conv_side=conv_side)
     found = assert_sane(fitted.factorizer, 8)
     assert found[2].predicted_error < 1e-9  # 4 points = mean + 3 directions
     assert_close(run(model, {"x": one}), run(fitted.built(found[2]), {"x": one}))
 
 
-def test_near_constant_conv_output_has_predicted_errors_at_most_one():
+@CONV_SIDES
+def test_near_constant_conv_output_has_predicted_errors_at_most_one(conv_side):
     """A conv whose input is almost always zero: its output is its bias plus a tiny W x. Predicted errors
-    are fractions of E||W x||^2, so no rank (not even rank 0) may predict more than all of it."""
+    are fractions of E||W x||^2, so no rank (not even rank 0) may predict more than all of it (on the output
+    side the bias dominates the statistics W x has to be told from)."""
     rng = np.random.default_rng(4)
     kernel = rng.standard_normal((16, 8, 1, 1)).astype(np.float32)
     bias = (4 * rng.standard_normal(16)).astype(np.float32)
     model = one_node_model("Conv", ["x", "w", "b"], {"x": ["n", 8, 7, 7]}, {"w": kernel, "b": bias})
     x = np.zeros((3, 8, 7, 7), np.float32)
     x[0, :, 0, 0] = 3e-6 * rng.standard_normal(8)
-    fitted = fit(model, {"x": x})
+    fitted = fit(model, {"x": x}, conv_side=conv_side)
     assert_sane(fitted.factorizer, 8)
     dropped = fitted.factorizer.spectrum.dropped
     assert np.all(dropped <= 1.0 + 1e-9), dropped
@@ -595,13 +650,14 @@ def test_conv_transpose_predicted_error_is_what_the_built_model_shows(groups):
 # -------------------------------------------------------------------- determinism, sign convention
 
 
-def test_same_statistics_give_identical_factors_with_fixed_signs():
+@CONV_SIDES
+def test_same_statistics_give_identical_factors_with_fixed_signs(conv_side):
     # with the shrinkage on, as in use: the intensity is a function of the same sums (the fourth moments
     # of x and -x about their origins are equal), so it keeps the factors deterministic and sign-fixed
-    case = conv_case(bias=True, batchnorm=True)
-    first_fit = fit(case.model, case.arrays, case.node)
-    second_fit = fit(case.model, case.arrays, case.node)
-    negated = fit(case.model, {"x": -case.arrays["x"]}, case.node)  # same covariance: no sign flips
+    case = conv_case(bias=True, batchnorm=True, conv_side=conv_side)
+    first_fit = case.fit()
+    second_fit = case.fit()
+    negated = fit(case.model, {"x": -case.arrays["x"]}, case.node, conv_side)  # same covariance: no sign flips
     for rank in (1, 4, 8):
         a, b = first_fit.factorizer.factorize(rank), second_fit.factorizer.factorize(rank)
         assert np.array_equal(a.first, b.first) and np.array_equal(a.second, b.second)
@@ -630,7 +686,8 @@ def test_same_statistics_give_identical_factors_with_fixed_signs():
 
 
 @pytest.mark.usefixtures("no_shrinkage")
-def test_batchnorm_scale_weighs_the_errors_that_matter_after_it():
+@CONV_SIDES
+def test_batchnorm_scale_weighs_the_errors_that_matter_after_it(conv_side):
     rng = np.random.default_rng(13)
     c_in, c_out = 8, 16
     gamma = rng.permutation(np.logspace(-2, 2, c_out)).astype(np.float32)
@@ -647,10 +704,10 @@ def test_batchnorm_scale_weighs_the_errors_that_matter_after_it():
     ]
     model = make_model(nodes, {"x": ["n", c_in, 6, 6]}, ["y"], initializers)
     x = rng.standard_normal((12, c_in, 6, 6)).astype(np.float32)
-    fitted = fit(model, {"x": x})
+    fitted = fit(model, {"x": x}, conv_side=conv_side)
     assert fitted.layer.output_scale is not None
     unweighted_layer = dataclasses.replace(fitted.layer, output_scale=None)
-    unweighted = DataAwareSVD(unweighted_layer, fitted.moments, "output")
+    unweighted = DataAwareSVD(unweighted_layer, fitted.moments, fitted.side)
 
     def outputs(candidate):
         probing = onnx.ModelProto()
@@ -781,16 +838,22 @@ def test_predicted_error_is_the_expected_error_under_the_shrunk_statistics(
                                        atol=1e-8 * max(1.0, np.abs(residual).max()))
 
 
-def test_one_dimensional_statistics_shrink_without_warnings():
+@pytest.mark.parametrize("statistics", ["output", "input", "input-1x1"])
+def test_one_dimensional_statistics_shrink_without_warnings(statistics):
     """A Conv with a single output channel (e.g. a detector's probability-map head): its output statistics
-    are 1 x 1, so the covariance equals its trace-scaled prior and their distance is exactly 0."""
+    are 1 x 1, so the covariance equals its trace-scaled prior and their distance is exactly 0. The same
+    holds on the input side for a 1x1 conv with one input channel (1-value patches); a 3x3 conv's input
+    patches (72 values) are the ordinary case."""
     rng = np.random.default_rng(32)
-    kernel = rng.standard_normal((1, 8, 3, 3)).astype(np.float32)
-    model = one_node_model("Conv", ["x", "w"], {"x": ["n", 8, 6, 6]}, {"w": kernel}, {"pads": [1] * 4})
-    x = rng.standard_normal((4, 8, 6, 6)).astype(np.float32)
+    c_in, size = (1, 1) if statistics == "input-1x1" else (8, 3)
+    kernel = rng.standard_normal((1, c_in, size, size)).astype(np.float32)
+    model = one_node_model("Conv", ["x", "w"], {"x": ["n", c_in, 6, 6]}, {"w": kernel}, {"pads": [size // 2] * 4})
+    x = rng.standard_normal((4, c_in, 6, 6)).astype(np.float32)
+    side = "output" if statistics == "output" else "input"
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        fitted = fit(model, {"x": x})
+        fitted = fit(model, {"x": x}, conv_side=side)
+    assert fitted.moments.mean.shape == (1, 1 if statistics != "input" else 72)
     assert_sane(fitted.factorizer, 1)
 
 
@@ -805,8 +868,9 @@ def decaying_vectors(rng, dim: int, decay: float = -1.0) -> Callable[[int], np.n
 
 def few_vectors_model(kind: str, rng) -> tuple[onnx.ModelProto, Callable[[np.ndarray], dict], np.ndarray]:
     """A 64 -> 64 layer that sees one vector per sample: a MatMul (input statistics, uncentred) or a 1x1 Conv
-    with a bias on a 1x1 image, as after a global pooling in a squeeze-excitation block (output statistics,
-    centred). Returns the model, vectors -> feed, and the bias the error is measured relative to."""
+    with a bias on a 1x1 image, as after a global pooling in a squeeze-excitation block (centred; "conv":
+    input-patch statistics, "conv-output": output statistics). Returns the model, vectors -> feed, and the
+    bias the error is measured relative to."""
     weight = rng.standard_normal((64, 64)).astype(np.float32)
     if kind == "matmul":
         model = one_node_model("MatMul", ["x", "w"], {"x": ["n", 64]}, {"w": weight})
@@ -817,7 +881,7 @@ def few_vectors_model(kind: str, rng) -> tuple[onnx.ModelProto, Callable[[np.nda
     return model, lambda v: {"x": v[:, :, None, None]}, bias.reshape(1, 64, 1, 1)
 
 
-@pytest.mark.parametrize("kind", ["matmul", "conv"])
+@pytest.mark.parametrize("kind", ["matmul", "conv", "conv-output"])
 def test_shrinkage_helps_and_predicts_on_new_data_when_a_layer_sees_few_vectors(kind):
     """24 calibration vectors in 64 dimensions, from a full (decaying) spectrum. Raw statistics claim a
     rank-24 input: at rank 32 they predict no error at all, and their factors drop directions that new
@@ -826,8 +890,8 @@ def test_shrinkage_helps_and_predicts_on_new_data_when_a_layer_sees_few_vectors(
     draw = decaying_vectors(rng, 64)
     model, feed, bias = few_vectors_model(kind, rng)
     calibration, fresh = draw(24), draw(2000)
-    fitted = fit(model, feed(calibration))
-    assert fitted.side == ("input" if kind == "matmul" else "output")
+    fitted = fit(model, feed(calibration), conv_side="output" if kind == "conv-output" else "input")
+    assert fitted.side == ("output" if kind == "conv-output" else "input")
     with shrinkage_off():
         raw = DataAwareSVD(fitted.layer, fitted.moments, fitted.side)
 
@@ -847,7 +911,7 @@ def test_shrinkage_helps_and_predicts_on_new_data_when_a_layer_sees_few_vectors(
     assert abs(predicted - shrunk_error) < 0.25 * abs(raw_factors.predicted_error - raw_error)
 
 
-@pytest.mark.parametrize("kind", ["matmul", "gemm", "conv"])
+@pytest.mark.parametrize("kind", ["matmul", "gemm", "conv", "conv-output"])
 def test_with_plenty_of_data_the_shrunk_prediction_is_the_calibration_error(kind):
     """20000 vectors of 16 dims: the intensity is near 0, so at every rank the predicted error is within 2%
     of the error measured (float64) on the calibration vectors themselves."""
@@ -862,11 +926,11 @@ def test_with_plenty_of_data_the_shrunk_prediction_is_the_calibration_error(kind
                         "c": rng.standard_normal(12).astype(np.float32)}
         model = one_node_model("Gemm", ["x", "b", "c"], {"x": ["n", 16]}, initializers, {"transB": 1})
         fitted = fit(model, {"x": x})
-    else:  # output statistics, centred
+    else:  # input-patch ("conv") or output ("conv-output") statistics, centred
         initializers = {"w": rng.standard_normal((12, 16, 1, 1)).astype(np.float32),
                         "b": rng.standard_normal(12).astype(np.float32)}
         model = one_node_model("Conv", ["x", "w", "b"], {"x": ["n", 16, 1, 1]}, initializers)
-        fitted = fit(model, {"x": x[:, :, None, None]})
+        fitted = fit(model, {"x": x[:, :, None, None]}, conv_side="output" if kind == "conv-output" else "input")
     rows = x[None].astype(np.float64)
     for rank in range(1, 12):
         factors = fitted.factorizer.factorize(rank)

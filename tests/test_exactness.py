@@ -25,6 +25,7 @@ from conftest import (
 )
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+import onnx_lowrank
 from onnx import TensorProto, helper, numpy_helper
 
 META = ("onnx_lowrank.source", "onnx_lowrank.method", "onnx_lowrank.rank")
@@ -364,16 +365,28 @@ def test_conv_transpose_output_shape(dims, groups, strides, kernel, input_size, 
 
 @pytest.mark.parametrize("op", ["Conv", "ConvTranspose"])
 @pytest.mark.parametrize("multiplier", [1, 2])
-def test_depthwise_is_skipped(op, multiplier):
+def test_depthwise(op, multiplier):
+    """A depthwise ConvTranspose is skipped (no channel rank); a depthwise Conv is a layer whose only
+    shrinking decomposition is the spatial one, and it is exact at full rank like every other."""
     channels = 4
     shape = (channels * multiplier, 1, 3, 3) if op == "Conv" else (channels, multiplier, 3, 3)
     model = one_node_model(op, ["x", "w"], {"x": (1, channels, 5, 5)}, {"w": weights(3, *shape)},
                            {"group": channels})
     new, report = compress_checked(model)
-    assert report.layers == []
-    assert len(report.skipped) == 1 and report.skipped[0].op == op
-    assert "depthwise" in report.skipped[0].reason
     assert_same_outputs(model, new)
+    if op == "ConvTranspose":
+        assert report.layers == []
+        assert len(report.skipped) == 1 and report.skipped[0].op == op
+        assert "depthwise" in report.skipped[0].reason
+        return
+    _, plain = onnx_lowrank.compress(model, target_params=0.9, method="svd")
+    if multiplier == 2:  # two filters per channel: a rank-1 SVD per channel shrinks it
+        assert [layer.method for layer in plain.layers] == ["svd"]
+    else:  # one filter per channel has no channel rank to cut
+        assert plain.layers == [] and "no decomposition shrinks it" in plain.skipped[0].reason
+        # its kh x kw filter: kh x 1 then 1 x kw
+        _, spatial = onnx_lowrank.compress(model, target_params=0.9, method="spatial")
+        assert [layer.method for layer in spatial.layers] == ["spatial"]
 
 
 # --------------------------------------------------------------------------------- weight placement

@@ -1,7 +1,7 @@
 """Full-rank rewrites of the PyTorch-exported layer tests that ship with the `onnx` package.
 
 `onnx/backend/test/data/pytorch-converted/test_*/` holds a model.onnx plus one input/expected-output pair.
-Every case whose model has a Conv, ConvTranspose, Gemm or MatMul node is compressed with ranks
+Every case whose model has a Conv, ConvTranspose, Gemm, MatMul or Gather node is compressed with ranks
 {"*": "full"} and allow_larger=True and run in onnxruntime (CPU, graph optimizations off); the result must
 reproduce the shipped expected output. The original is checked against the same output first, in its own
 test, so a case whose original already disagrees is reported separately from a rewrite that is wrong.
@@ -28,7 +28,7 @@ from onnx import numpy_helper, version_converter
 import onnx_lowrank
 
 DATA = Path(onnx.__file__).resolve().parent / "backend" / "test" / "data" / "pytorch-converted"
-LAYER_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+LAYER_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Gather"}
 RTOL = 1e-4  # and atol = RTOL * max|expected|
 
 ort.set_default_logger_severity(3)  # the opset-6 models make onnxruntime warn on every session
@@ -108,28 +108,20 @@ def assert_matches(got: np.ndarray, expected: np.ndarray, what: str) -> None:
     np.testing.assert_allclose(got, expected, rtol=RTOL, atol=RTOL * scale, err_msg=what)
 
 
-def is_depthwise(case: str) -> bool:
-    return "depthwise" in case
-
-
 def check_report(case: str, report: onnx_lowrank.Report) -> None:
-    if is_depthwise(case):
-        assert report.layers == [], f"depthwise layers must be left alone: {report.layers}"
-        assert report.skipped, "the depthwise conv should be listed as skipped"
-        for entry in report.skipped:
-            assert "depthwise" in entry.reason, entry
-    else:
-        assert report.layers, f"nothing was factorized; skipped: {report.skipped}"
-        for layer in report.layers:
-            assert layer.op in LAYER_OPS
-            assert layer.predicted_error == pytest.approx(0.0, abs=1e-12), layer
-            assert layer.rank >= 1 and layer.params_after > 0, layer
+    # depthwise convs too: at full rank each channel's filter is its own rank-1 SVD (exact, if larger)
+    assert report.layers, f"nothing was factorized; skipped: {report.skipped}"
+    for layer in report.layers:
+        assert layer.op in LAYER_OPS
+        assert layer.predicted_error == pytest.approx(0.0, abs=1e-12), layer
+        assert layer.rank >= 1 and layer.params_after > 0, layer
 
 
 def test_cases_cover_the_layer_families():
     names = set(CASES)
     for expected in ("test_Linear", "test_Linear_no_bias", "test_Conv1d", "test_Conv2d", "test_Conv3d",
-                     "test_ConvTranspose2d", "test_Conv2d_groups", "test_Conv1d_dilated", "test_Conv2d_depthwise"):
+                     "test_ConvTranspose2d", "test_Conv2d_groups", "test_Conv1d_dilated", "test_Conv2d_depthwise",
+                     "test_Embedding"):
         assert expected in names, f"{expected} not found among {sorted(names)}"
     assert len(CASES) >= 25
 

@@ -24,7 +24,7 @@ def make_unit(name: str, matrices: np.ndarray, weight: str | None = None) -> Uni
 
 
 def candidates_of(units: list[Unit]) -> list[Candidates]:
-    return [Candidates(unit, [TruncatedSVD(unit.matrices)]) for unit in units]
+    return [Candidates(unit, TruncatedSVD(unit.matrices)) for unit in units]
 
 
 def decaying(out_dim: int, in_dim: int, decay: float, seed: int) -> np.ndarray:

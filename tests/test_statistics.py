@@ -5,7 +5,9 @@ checked against the formula computed here row by row, and for how it behaves wit
 
 `collect` runs a real onnxruntime session of a model with the observed tensors exposed as extra outputs;
 here the same activations are fetched independently (the model with those tensors added as outputs) and
-their numpy mean / covariance / second moment are the reference.
+their numpy mean / covariance / second moment are the reference. A Conv observes its input patches
+(im2col, computed here independently) when a patch has at most PATCH_LIMIT values, its output channels
+otherwise (forced here by patching PATCH_LIMIT to 0); a ConvTranspose always its output channels.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from conftest import make_model, run
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from numpy.lib.stride_tricks import sliding_window_view
 from onnx import helper
 
 from onnx_lowrank.adapters import ADAPTERS
+from onnx_lowrank.adapters import conv as conv_adapter
 from onnx_lowrank.calibration import load_calibration
 from onnx_lowrank.layers import find_layers
 from onnx_lowrank.splice import import_graph
@@ -262,7 +266,8 @@ def test_shrinkage_does_not_depend_on_batching():
 
 def several_layers_model() -> onnx.ModelProto:
     """Three MatMuls on one graph input (q, k, v), a MatMul + Add on their sum; a Conv, a grouped Conv
-    followed by BatchNormalization, a pooled Gemm (transB=1) on a second input."""
+    followed by BatchNormalization, a pooled Gemm (transB=1) on a second input; a ConvTranspose (stride 2)
+    on the first conv's activations."""
     rng = np.random.default_rng(0)
 
     def w(*shape):
@@ -272,7 +277,7 @@ def several_layers_model() -> onnx.ModelProto:
         "wq": w(16, 12), "wk": w(16, 12), "wv": w(16, 12), "w4": w(12, 6), "b4": w(6),
         "c1w": w(6, 3, 3, 3), "c1b": w(6), "c2w": w(8, 3, 3, 3),
         "gamma": w(8), "beta": w(8), "mu": w(8), "var": (rng.uniform(0.5, 2, 8)).astype(np.float32),
-        "gw": w(4, 8), "gb": w(4),
+        "gw": w(4, 8), "gb": w(4), "dw": w(6, 4, 2, 2),
     }
     nodes = [
         helper.make_node("MatMul", ["x", "wq"], ["q"], name="q"),
@@ -289,25 +294,48 @@ def several_layers_model() -> onnx.ModelProto:
         helper.make_node("GlobalAveragePool", ["bn"], ["gap"], name="gap"),
         helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
         helper.make_node("Gemm", ["flat", "gw", "gb"], ["out2"], name="gemm", transB=1),
+        helper.make_node("ConvTranspose", ["r1", "dw"], ["out3"], name="deconv", strides=[2, 2]),
     ]
     inputs = {"x": ["n", 5, 16], "img": ["n", 3, 8, 8]}
-    return make_model(nodes, inputs, ["out1", "out2"], initializers)
+    return make_model(nodes, inputs, ["out1", "out2", "out3"], initializers)
 
 
-def expected_rows(activations: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def patch_rows(x: np.ndarray, kernel: tuple[int, int], pad: int, groups: int) -> np.ndarray:
+    """im2col of a stride-1 2-D convolution with symmetric padding: (G, N*Ho*Wo, Cin/G*kh*kw), sample-major
+    then positions in C order, each patch flattened like a (Cin/G, kh, kw) kernel slice."""
+    x = np.pad(np.asarray(x, dtype=np.float64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    windows = sliding_window_view(x, kernel, axis=(2, 3))  # (N, C, Ho, Wo, kh, kw)
+    n, c, ho, wo = windows.shape[:4]
+    windows = windows.reshape(n, groups, c // groups, ho, wo, *kernel).transpose(1, 0, 3, 4, 2, 5, 6)
+    return windows.reshape(groups, n * ho * wo, -1)
+
+
+def channel_rows(y: np.ndarray, groups: int) -> np.ndarray:
+    """Output channels as rows: (G, N * positions, C / G)."""
+    return np.moveaxis(y, 1, -1).reshape(-1, groups, y.shape[1] // groups).swapaxes(0, 1)
+
+
+def expected_rows(activations: dict[str, np.ndarray], conv_side: str) -> dict[str, np.ndarray]:
     """Per layer name, the (G, positions, d) rows it observes, computed here from the activations."""
-    c1 = np.moveaxis(activations["c1"], 1, -1).reshape(1, -1, 6)
-    c2 = np.moveaxis(activations["c2"], 1, -1).reshape(-1, 2, 4).swapaxes(0, 1)
+    if conv_side == "input":
+        c1 = patch_rows(activations["img"], (3, 3), 1, 1)
+        c2 = patch_rows(activations["r1"], (3, 3), 1, 2)
+    else:
+        c1, c2 = channel_rows(activations["c1"], 1), channel_rows(activations["c2"], 2)
     x = activations["x"].reshape(1, -1, 16)
     return {
         "q": x, "k": x, "v": x,
         "proj": activations["s"].reshape(1, -1, 12),
         "conv1": c1, "conv2": c2,
         "gemm": activations["flat"][None],
+        "deconv": channel_rows(activations["out3"], 1),
     }
 
 
-def test_collect_matches_numpy_statistics_of_the_activations():
+@pytest.mark.parametrize("conv_side", ["input", "output"])
+def test_collect_matches_numpy_statistics_of_the_activations(conv_side, monkeypatch):
+    if conv_side == "output":
+        monkeypatch.setattr(conv_adapter, "PATCH_LIMIT", 0)
     model = several_layers_model()
     before = model.SerializeToString()
     rng = np.random.default_rng(1)
@@ -319,7 +347,9 @@ def test_collect_matches_numpy_statistics_of_the_activations():
     plan = find_layers(import_graph(model).graph, model, ADAPTERS)
     layers = [layer for unit in plan.units for layer in unit.layers]
     names = [layer.node.name for layer in layers]
-    assert sorted(names) == sorted(["q", "k", "v", "proj", "conv1", "conv2", "gemm"]), plan.skipped
+    assert sorted(names) == sorted(["q", "k", "v", "proj", "conv1", "conv2", "gemm", "deconv"]), plan.skipped
+    sides = {layer.node.name: layer.adapter.observed(layer)[1] for layer in layers}
+    assert sides["conv1"] == sides["conv2"] == conv_side and sides["deconv"] == "output"
     indices = [0, 2, 3, 5, 6, 7, 9, 10, 12, 13, 1]  # a subset, not in order, 11 = 2 * 4 + 3 samples
 
     covered = []
@@ -330,12 +360,12 @@ def test_collect_matches_numpy_statistics_of_the_activations():
     # reference: the same model with the observed tensors as extra outputs, on the same samples at once
     probing = onnx.ModelProto()
     probing.CopyFrom(model)
-    extra = ["s", "c1", "c2", "flat"]
+    extra = ["s", "c1", "r1", "c2", "flat"]
     probing.graph.output.extend(onnx.ValueInfoProto(name=name) for name in extra)
     feed = {name: array[indices] for name, array in arrays.items()}
-    activations = dict(zip(["out1", "out2", *extra], run(probing, feed)))
-    activations["x"] = feed["x"]
-    reference = expected_rows(activations)
+    activations = dict(zip(["out1", "out2", "out3", *extra], run(probing, feed)))
+    activations |= feed
+    reference = expected_rows(activations, conv_side)
 
     for name, found in zip(names, moments):
         rows = reference[name].astype(np.float64)
@@ -380,7 +410,12 @@ def test_collect_is_independent_of_batch_size_and_layer_order():
         np.testing.assert_allclose(a.covariance, b.covariance, rtol=1e-9, atol=1e-9, err_msg=layer.node.name)
 
 
-def test_collect_on_a_layer_whose_output_is_already_a_graph_output():
+@pytest.mark.parametrize("conv_side", ["input", "output"])
+def test_collect_on_a_layer_whose_output_is_already_a_graph_output(conv_side, monkeypatch):
+    """Output side: the observed tensor is a graph output already. Input side: it is a graph input (fed, not
+    fetched)."""
+    if conv_side == "output":
+        monkeypatch.setattr(conv_adapter, "PATCH_LIMIT", 0)
     rng = np.random.default_rng(4)
     nodes = [helper.make_node("Conv", ["img", "w", "b"], ["y"], name="conv", pads=[1, 1, 1, 1])]
     model = make_model(nodes, {"img": ["n", 3, 5, 5]}, ["y"],
@@ -390,9 +425,13 @@ def test_collect_on_a_layer_whose_output_is_already_a_graph_output():
     images = rng.standard_normal((5, 3, 5, 5)).astype(np.float32)
     plan = find_layers(import_graph(model).graph, model, ADAPTERS)
     layer = plan.units[0].layers[0]
+    assert layer.adapter.observed(layer) == (layer.node.inputs[0] if conv_side == "input" else layer.node.outputs[0], conv_side)
     found = collect(model, [layer], load_calibration({"img": images}, model), list(range(5)), "cpu")[0]
     assert model.SerializeToString() == before
-    rows = np.moveaxis(run(model, {"img": images})[0], 1, -1).reshape(1, -1, 4).astype(np.float64)
+    if conv_side == "output":
+        rows = channel_rows(run(model, {"img": images})[0], 1).astype(np.float64)
+    else:
+        rows = patch_rows(images, (3, 3), 1, 1)
     mean, covariance, _ = numpy_statistics(rows)
     assert found.count == 5 * 25
     np.testing.assert_allclose(found.mean, mean, rtol=1e-9, atol=1e-9)

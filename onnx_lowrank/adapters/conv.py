@@ -4,9 +4,12 @@ Conv W (Cout, Cin/g, *k): per group the matrix (Cout/g, Cin/g * prod(k)); emitte
 Conv(k, Cin -> g*r, original attributes) -> Conv(1x1, g*r -> Cout, group g, bias).
 ConvTranspose W (Cin, Cout/g, *k): per group the matrix (Cout/g, Cin/g * prod(k)); emitted as
 ConvTranspose(k, Cin -> g*r, original attributes) -> ConvTranspose(1x1, g*r -> Cout, group g, bias).
-Depthwise layers (one input channel per group) have no channel rank to cut and are skipped.
-Statistics are taken on the output channels (inputs would be unfolded patches); the output mean goes
-into the second node's bias (added when absent, unless the bias is computed).
+Depthwise convs (one input channel per group) have no channel rank to cut: only the spatial
+factorization (conv_methods) can shrink them; depthwise ConvTransposes are skipped.
+A Conv's statistics are taken on its input patches (im2col) when a patch has at most PATCH_LIMIT values,
+so that any decomposition's output error is exact; otherwise, and for ConvTranspose (whose outputs
+overlap), on the output channels. The output mean goes into the second node's bias (added when absent,
+unless the bias is computed).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..layers import BiasSite, Layer, batchnorm_scale
+from ..patches import conv_patches
 from ..svd import Factorization
 from ..weights import ConstantIndex, Weight, resolve
 
@@ -29,8 +33,7 @@ def _grouped_weight(node: gs.Node, index: ConstantIndex) -> tuple[Weight, int] |
     if weight.value.ndim < 3:
         return f"kernel {weight.name} has {weight.value.ndim} dimensions, expected 3 or more"
     groups = int(node.attrs.get("group", 1))
-    per_group_in = weight.value.shape[1] if node.op == "Conv" else weight.value.shape[0] // groups
-    if groups > 1 and per_group_in == 1:
+    if node.op == "ConvTranspose" and groups > 1 and weight.value.shape[0] // groups == 1:
         return "depthwise (one input channel per group): no channel rank to reduce"
     return weight, groups
 
@@ -66,8 +69,22 @@ class _ChannelStatistics:
         return middle
 
 
+PATCH_LIMIT = 4096
+
+
 class ConvAdapter(_ChannelStatistics):
     op_type: ClassVar[str] = "Conv"
+
+    def observed(self, layer: Layer) -> tuple[gs.Tensor, str]:
+        if layer.matrices.shape[2] <= PATCH_LIMIT:
+            return layer.node.inputs[0], "input"
+        return super().observed(layer)
+
+    def rows(self, layer: Layer, array: np.ndarray) -> np.ndarray:
+        if layer.matrices.shape[2] <= PATCH_LIMIT:
+            kernel = tuple(layer.weight.value.shape[2:])
+            return conv_patches(array, kernel, layer.node.attrs, layer.info["groups"])
+        return super().rows(layer, array)
 
     def check(self, node: gs.Node, index: ConstantIndex, opset: int) -> Layer | str:
         found = _grouped_weight(node, index)
