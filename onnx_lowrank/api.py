@@ -67,6 +67,8 @@ class Options:
         check_metric(self.metric, has_labels=True)
         if self.method not in METHODS:
             raise InputError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.mode in ("ranks", "energy") and self.method not in ("auto", "svd"):
+            raise InputError(f"--ranks and --energy choose SVD ranks; they do not combine with --method {self.method}")
         if self.method == "cp" and importlib.util.find_spec("tensorly") is None:
             raise InputError("method cp needs tensorly: pip install 'onnx-lowrank[cp]'")
         unknown = [op for op in self.ops if op not in ADAPTERS]

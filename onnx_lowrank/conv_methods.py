@@ -302,7 +302,7 @@ class CanonicalPolyadic(ConvDecomposer):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # tensorly's notes on SVD sizes and convergence
                 weights, (outs, ins, verticals, horizontals) = parafac(
-                    self.kernel, rank=rank, init="random", n_iter_max=100, tol=1e-6, random_state=0
+                    self.kernel, rank=rank, init="svd", n_iter_max=100, tol=1e-6, random_state=0
                 )
         except np.linalg.LinAlgError:
             self.rejected.append(f"rank {rank}: the least-squares steps are singular")
@@ -351,9 +351,10 @@ def conv_decomposers(layer: Layer, error, methods: set[str]) -> tuple[list, list
             offer("cp", separable and groups == 1, "needs a 2-D kernel (kh, kw > 1) and group 1",
                   lambda: CanonicalPolyadic(layer, error))
     if "block" in methods:
-        for blocks in (2, 4):
-            if groups == 1 and kernel.shape[0] % blocks == 0 and kernel.shape[0] >= 4 * blocks:
-                found.append(BlockLowRank(layer, error, blocks))
+        fitting = [b for b in (2, 4) if groups == 1 and kernel.shape[0] % b == 0 and kernel.shape[0] >= 4 * b]
+        found.extend(BlockLowRank(layer, error, blocks) for blocks in fitting)
+        if not fitting:
+            reasons.append("block: needs group 1 and at least 8 output channels in 2 or 4 equal blocks")
     return found, reasons
 
 

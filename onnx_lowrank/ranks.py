@@ -60,6 +60,17 @@ class Candidates:
     def factorize(self, option: Option):
         return self._by_method[option.method].factorize(option.config)
 
+    @property
+    def offers_others(self) -> bool:
+        """Whether methods besides the SVD compete for this unit."""
+        return any(d is not self.primary for d in self._offered)
+
+    def primary_only(self) -> Candidates:
+        """The same unit offering its SVD alone (when the SVD is offered at all)."""
+        if self.primary not in self._offered:
+            return self
+        return Candidates(self.unit, self.primary, notes=self.notes)
+
     def probe_option(self, target: float) -> Option | None:
         """The shrinking option whose predicted error is nearest `target` (and above 0): what a
         sensitivity probe factorizes."""
@@ -118,15 +129,14 @@ def by_energy(candidates: Sequence[Candidates], keep: float, allow_larger: bool)
 def by_budget(candidates: Sequence[Candidates], fraction: float, weights: Sequence[float] | None = None) -> list[Choice]:
     """Keep at most `fraction` of the units' parameters at the least total (weighted) predicted error."""
     options = _menus(candidates, weights)
-    # units with nothing that shrinks them (under the chosen method) stay dense and out of the budget
-    total = sum(c.unit.params for c, menu in zip(candidates, options) if menu.options)
-    fixed = sum(c.unit.params for c, menu in zip(candidates, options) if not menu.options)
-    budget = fraction * total + fixed
+    # the budget is over every layer found, whatever the method: units nothing shrinks stay dense in it
+    total = sum(c.unit.params for c in candidates)
+    budget = fraction * total
     floor = sum(o.params[0] for o in options)
     if floor > budget:
         raise InputError(
-            f"target-params {fraction:g} is below what rank 1 everywhere keeps "
-            f"({(floor - fixed) / total:.3f} of the parameters)"
+            f"target-params {fraction:g} is below what rank 1 everywhere keeps ({floor / total:.3f} of the "
+            "parameters; layers no decomposition of the chosen method shrinks stay whole)"
         )
     # params(lambda) grows with lambda: bisect log10(lambda) for the largest that fits the budget
     low, high = LOG_LAMBDA

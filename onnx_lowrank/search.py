@@ -219,14 +219,20 @@ class Search:
         return tried[(chosen, len(self.indices), None)]
 
     def at_budget(self, sensitivity: Sequence[float], fraction: float) -> Trial:
-        """At the budget, the least validated error among allocations weighted by sensitivity**a."""
+        """At the budget, the least validated error among allocations weighted by sensitivity**a; with
+        several methods, also among those using the SVDs alone (predictions can mislead: the winners
+        are validated)."""
+        views = [self.candidates]
+        if any(c.offers_others for c in self.candidates):
+            views.append([c.primary_only() for c in self.candidates])
         seen: dict[tuple, Trial] = {}
-        for exponent in SIZE_MODE_EXPONENTS:
-            weights = [max(s, 1e-12) ** exponent for s in sensitivity]
-            choices = by_budget(self.candidates, fraction, weights)
-            key = tuple(c.option for c in choices)
-            if key not in seen:
-                seen[key] = self.try_(choices)
+        for view in views:
+            for exponent in SIZE_MODE_EXPONENTS:
+                weights = [max(s, 1e-12) ** exponent for s in sensitivity]
+                choices = by_budget(view, fraction, weights)
+                key = tuple(c.option for c in choices)
+                if key not in seen:
+                    seen[key] = self.try_(choices)
         return min(seen.values(), key=lambda trial: trial.error)
 
     def closest(self) -> Trial | None:

@@ -2,7 +2,7 @@
 
 Not a test: figures depend on the machine. Every figure in a row is measured in the same run.
 
-    python tools/bench.py error-bound [--models minilm,ppocr_cls,...] [--provider cpu|cuda]
+    python tools/bench.py error-bound|methods [--models minilm,ppocr_cls,...] [--provider cpu|cuda]
 
 error-bound: for each model, compact mode at several tolerances (data-aware factors, sensitivity-weighted
 allocation, validation in ONNX Runtime), and the weight-only path (--no-data) at the same parameter
@@ -10,6 +10,8 @@ budget; errors are measured on an evaluation set the tool never saw. Models come
 tools/real_models.py (cache/) or, for the small ones, models/. Each run writes
 benchmarks/<suite>_<provider>.json (with the machine it ran on) and regenerates BENCHMARKS.md from every
 JSON file there, so runs on different machines (the GPU one included) end up side by side.
+
+methods: for the convnets, size mode at a budget with each decomposition alone and with auto.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ CASES = {
     "ppocr_cls_lines": Case("ppocr_cls_lines", "accuracy", (0.0,)),
     "ppocr_rec": Case("ppocr_rec", "top1", (0.03, 0.05)),
     "ppocr_det": Case("ppocr_det", "rel-l2", (0.02, 0.05), batch_size=4),
-    "minilm": Case("minilm", "cosine", (0.002, 0.005, 0.01), batch_size=32),
+    "minilm": Case("minilm", "cosine", (0.002, 0.005, 0.01, 0.015), batch_size=32),
     "minilm_l2": Case("minilm_l2", "cosine", (0.002, 0.01), batch_size=32),
 }
 
@@ -156,6 +158,53 @@ def error_bound(case: Case, provider: str) -> list[dict]:
     return rows
 
 
+METHOD_CASES = {  # model, metric, budgets (fractions of the factorizable parameters) for the methods suite
+    "digits": ("digits", "rel-l2", (0.5, 0.3)),
+    "ppocr_cls": ("ppocr_cls", "rel-l2", (0.7, 0.5)),
+    "ppocr_det": ("ppocr_det", "rel-l2", (0.8,)),
+    "ppocr_rec": ("ppocr_rec", "rel-l2", (0.8,)),
+}
+SINGLE_METHODS = ("svd", "tucker2", "cp", "spatial", "depthwise", "block")
+
+
+def methods(name: str, provider: str) -> list[dict]:
+    """Size mode at each budget, once per single method and once with auto; errors on the evaluation set."""
+    model_name, metric, budgets = METHOD_CASES[name]
+    case = CASES.get(model_name, Case(model_name, metric, ()))
+    case = Case(model_name, metric, (), case.batch_size)
+    paths = data_for(model_name)
+    original = onnx.load(paths["model"])
+    rows = []
+    for budget in budgets:
+        for method in (*SINGLE_METHODS, "auto"):
+            started = time.perf_counter()
+            model, report = onnx_lowrank.compress(
+                original, calibration=paths["calib"], target_params=budget, method=method, metric=metric,
+                provider=provider, batch_size=case.batch_size,
+            )
+            used: dict[str, int] = {}
+            for layer in report.layers:
+                used[layer.method] = used.get(layer.method, 0) + 1
+            row = {"model": model_name, "metric": metric, "budget": budget, "method": method,
+                   "params_before": report.params_before, "params_after": report.params_after,
+                   "held_out": report.validation.value, "eval": eval_error(original, model, paths, case, provider),
+                   "layers": used, "seconds": time.perf_counter() - started}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def render_methods(run: dict) -> list[str]:
+    lines = ["| model | metric | budget | method | kept | held-out | eval | layers by method | time |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in run["rows"]:
+        used = ", ".join(f"{method} {count}" for method, count in sorted(row["layers"].items()))
+        lines.append(f"| {row['model']} | {row['metric']} | {row['budget']:g} | {row['method']} | "
+                     f"{row['params_after'] / row['params_before']:.1%} | {row['held_out']:.4g} | {row['eval']:.4g} | "
+                     f"{used} | {row['seconds']:.0f} s |")
+    return lines
+
+
 def render(results: list[dict]) -> str:
     lines = [
         "# Benchmarks",
@@ -172,6 +221,13 @@ def render(results: list[dict]) -> str:
     for run in results:
         lines += [f"## {run['suite']} on {run['machine']} ({run['provider']}, onnxruntime {run['onnxruntime']})",
                   "", f"Run {run['date']}.", ""]
+        if run["suite"] == "methods":
+            lines += [
+                "Size mode at a budget (a fraction of the factorizable parameters), once per decomposition",
+                "(`--method NAME`: layers it cannot shrink stay dense) and once with `--method auto`.", "",
+                *render_methods(run), "",
+            ]
+            continue
         lines.append("| model | metric | tolerance | kept | factorizable kept | held-out | eval | eval, weight-only | time |")
         lines.append("|---|---|---|---|---|---|---|---|---|")
         for row in run["rows"]:
@@ -193,17 +249,18 @@ def render(results: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("suite", choices=["error-bound", "render"], help="render: only rewrite BENCHMARKS.md")
-    parser.add_argument("--models", default="digits,digits-rel,ppocr_cls,ppocr_rec,ppocr_det,minilm")
+    parser.add_argument("suite", choices=["error-bound", "methods", "render"], help="render: only rewrite BENCHMARKS.md")
+    parser.add_argument("--models", help="comma-separated cases (default: all of the suite's)")
     parser.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of result JSON files")
     args = parser.parse_args()
     if args.suite == "render":
         _render_all()
         return
+    names = args.models.split(",") if args.models else list(CASES if args.suite == "error-bound" else METHOD_CASES)
     rows = []
-    for name in args.models.split(","):
-        rows += error_bound(CASES[name], args.provider)
+    for name in names:
+        rows += error_bound(CASES[name], args.provider) if args.suite == "error-bound" else methods(name, args.provider)
     args.out.mkdir(exist_ok=True)
     run = {"suite": args.suite, "provider": args.provider, "machine": machine(args.provider),
            "onnxruntime": ort.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows}
