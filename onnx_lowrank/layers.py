@@ -174,6 +174,7 @@ def find_layers(graph: gs.Graph, model: onnx.ModelProto, adapters: dict[str, Ada
             continue
         key = _unit_key(found)
         units.setdefault(key, Unit(key, [])).layers.append(found)
+    skipped.extend(_in_subgraphs(graph, adapters))
     kept: list[Unit] = []
     for unit in units.values():
         reason = _sharing_problem(unit, index.graph_outputs)
@@ -182,6 +183,21 @@ def find_layers(graph: gs.Graph, model: onnx.ModelProto, adapters: dict[str, Ada
         else:
             kept.append(unit)
     return Plan(kept, skipped)
+
+
+def _in_subgraphs(graph: gs.Graph, adapters: dict[str, Adapter], where: str = "") -> list[Skipped]:
+    """Layers inside If / Loop / Scan bodies are left as they are (their activations cannot be observed
+    from outside the body), each with the reason; their weights count as used there."""
+    found = []
+    for node in graph.nodes:
+        for attribute, body in node.attrs.items():
+            bodies = body if isinstance(body, list) else [body]
+            for inner in (b for b in bodies if isinstance(b, gs.Graph)):
+                place = f"the {attribute} of {node.op} node {node.name!r}" + where
+                found += [Skipped(n.name, n.op, f"inside {place}: layers in subgraphs are not factorized")
+                          for n in inner.nodes if n.op in adapters]
+                found += _in_subgraphs(inner, adapters, f" in {place}")
+    return found
 
 
 def _unit_key(layer: Layer) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import math
 import os
 import shutil
 import tempfile
@@ -31,6 +32,7 @@ class LoadedModel:
     model: onnx.ModelProto
     path: Path | None
     external_data: bool
+    shapes_consistent: bool = True  # passes strict shape inference (the full checker): so must the output
 
 
 def load_model(model_or_path: onnx.ModelProto | str | os.PathLike) -> LoadedModel:
@@ -58,6 +60,7 @@ def load_model(model_or_path: onnx.ModelProto | str | os.PathLike) -> LoadedMode
     if not model.HasField("graph") or not model.opset_import:
         where = path if path is not None else "the given model"
         raise InputError(f"{where} is not an ONNX model (no graph or no opset import)")
+    _check_strings(model)
     try:
         if path is not None and model.ByteSize() >= TWO_GB:
             onnx.checker.check_model(str(path))
@@ -66,7 +69,71 @@ def load_model(model_or_path: onnx.ModelProto | str | os.PathLike) -> LoadedMode
     except onnx.checker.ValidationError as error:
         first_line = str(error).strip().splitlines()[0]
         raise InputError(f"invalid model: {first_line}") from None
-    return LoadedModel(model, path, external)
+    _check_opset(model)
+    _check_tensors(model)
+    return LoadedModel(model, path, external, _shapes_consistent(model, path))
+
+
+def _shapes_consistent(model: onnx.ModelProto, path: Path | None) -> bool:
+    try:
+        if path is not None and model.ByteSize() >= TWO_GB:
+            onnx.checker.check_model(str(path), full_check=True)
+        else:
+            onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, UnicodeDecodeError):
+        return False
+    return True
+
+
+def _check_strings(message) -> None:
+    """Protobuf parses onnx's (proto2) strings without checking them; one that is not UTF-8 fails later,
+    anywhere (the checker, onnx-graphsurgeon)."""
+    for field, value in message.ListFields():
+        # protobuf >= 6 has is_repeated; older ones only the label
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+        if field.type == field.TYPE_MESSAGE:
+            for item in value if repeated else [value]:
+                _check_strings(item)
+        elif field.type == field.TYPE_STRING:  # upb hands back undecodable strings as bytes
+            if any(isinstance(item, bytes) for item in (value if repeated else [value])):
+                raise InputError(f"invalid model: a {field.name} string in it is not valid UTF-8")
+
+
+def _check_opset(model: onnx.ModelProto) -> None:
+    """The checker accepts any opset number; the rewrite needs the op schemas of the model's opset."""
+    newest = onnx.defs.onnx_opset_version()
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx") and not 1 <= entry.version <= newest:
+            raise InputError(f"unsupported opset {entry.version} (onnx-lowrank handles 1 to {newest})")
+
+
+_TYPED_FIELD = {
+    onnx.TensorProto.FLOAT: "float_data",
+    onnx.TensorProto.DOUBLE: "double_data",
+    onnx.TensorProto.FLOAT16: "int32_data",
+    onnx.TensorProto.BFLOAT16: "int32_data",
+}
+
+
+def _check_tensors(model: onnx.ModelProto) -> None:
+    """Floating-point constants whose payload disagrees with their shape: the checker lets them pass."""
+    known = set(onnx.TensorProto.DataType.values()) - {onnx.TensorProto.UNDEFINED}
+    for tensor in external_data_helper._get_all_tensors(model):
+        if tensor.data_type not in known:
+            raise InputError(f"invalid model: tensor {tensor.name!r} has unknown element type {tensor.data_type}")
+        if tensor.data_type not in FLOAT_TYPES or tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        if any(dim < 0 for dim in tensor.dims):
+            raise InputError(f"invalid model: tensor {tensor.name!r} has a negative dimension {list(tensor.dims)}")
+        count = math.prod(tensor.dims)
+        if tensor.HasField("raw_data"):
+            size = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+            found, expected, unit = len(tensor.raw_data), count * size, "bytes"
+        else:
+            found, expected, unit = len(getattr(tensor, _TYPED_FIELD[tensor.data_type])), count, "values"
+        if found != expected:
+            raise InputError(f"invalid model: tensor {tensor.name!r} of shape {list(tensor.dims)} "
+                             f"holds {found} {unit}, not {expected}")
 
 
 def check_output_path(output: str | os.PathLike, source: Path | None) -> Path:

@@ -3,6 +3,7 @@ compared models run exactly the graphs that were written."""
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import warnings
 from pathlib import Path
@@ -36,9 +37,18 @@ def resolve_provider(name: str) -> str:
 
 
 class Session:
-    """An inference session of a model on a provider; reports the provider that really runs it."""
+    """An inference session of a model on a provider; reports the provider that really runs it.
 
-    def __init__(self, model: onnx.ModelProto, provider: str, threads: int = 0):
+    `source` names a model that came from the user (the input, with extra outputs): ONNX Runtime failing
+    to load or run it is bad input (InputError), not a bug of ours.
+    """
+
+    def __init__(self, model: onnx.ModelProto, provider: str, threads: int = 0, source: str | None = None):
+        self.source = source
+        with self._blame():
+            self._open(model, provider, threads)
+
+    def _open(self, model: onnx.ModelProto, provider: str, threads: int) -> None:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.intra_op_num_threads = threads
@@ -58,4 +68,18 @@ class Session:
         self.output_names = [o.name for o in self._session.get_outputs()]
 
     def run(self, feed: dict, outputs: list[str] | None = None) -> list:
-        return self._session.run(outputs, feed)
+        with self._blame():
+            return self._session.run(outputs, feed)
+
+    @contextlib.contextmanager
+    def _blame(self):
+        if self.source is None:
+            yield
+            return
+        try:
+            yield
+        except (InputError, MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as error:  # onnxruntime's own exception types (Fail, InvalidGraph, ...)
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise InputError(f"onnxruntime cannot run {self.source}: {first_line}") from None

@@ -21,6 +21,7 @@ from .calibration import Samples
 from .layers import find_layers
 from .metrics import Outputs, score
 from .ranks import Candidates, Choice, by_budget, frontier
+from .errors import InputError
 from .runtime import Session
 from .splice import Splice, export, import_graph
 from .svd import Factorization
@@ -83,7 +84,7 @@ class Evaluator:
         self.probe_names = probe_outputs(original)
         probing = onnx.ModelProto()
         probing.CopyFrom(original)  # the extra outputs must not leak into the caller's model
-        self._original = Session(with_outputs(probing, self.probe_names), provider)
+        self._original = Session(with_outputs(probing, self.probe_names), provider, source="the input model")
         self.output_names = [o.name for o in original.graph.output]
         self.provider_used = self._original.provider
         self._references: dict[tuple, Outputs] = {}
@@ -102,7 +103,11 @@ class Evaluator:
     def reference(self, indices: Sequence[int], names: list[str]) -> Outputs:
         key = (tuple(indices), tuple(names))
         if key not in self._references:
-            self._references[key] = self.outputs(self._original, indices, names)
+            found = self.outputs(self._original, indices, names)
+            for name, values in zip(names, found):
+                if any(v.dtype.kind == "f" and not np.isfinite(v).all() for v in values):
+                    raise InputError(f"the input model computes NaN or Inf in {name!r} on the calibration data")
+            self._references[key] = found
         return self._references[key]
 
     def error(self, model: onnx.ModelProto, indices: Sequence[int], metric: str, labels=None) -> float:

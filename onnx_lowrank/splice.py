@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import Iterator
 
 import numpy as np
@@ -36,6 +36,8 @@ class Imported:
 
     graph: gs.Graph
     node_extras: dict[str, onnx.NodeProto]  # by node name: only doc_string and metadata_props are used
+    empty_lists: dict[str, list[onnx.AttributeProto]] = field(default_factory=dict)  # by node name: list
+    # attributes with no values, which onnx-graphsurgeon cannot export (their type is lost on import)
 
 
 def import_graph(model: onnx.ModelProto) -> Imported:
@@ -50,6 +52,7 @@ def import_graph(model: onnx.ModelProto) -> Imported:
         graph = gs.import_onnx(working)
     taken = {node.name for node in graph.nodes}
     extras: dict[str, onnx.NodeProto] = {}
+    empty_lists: dict[str, list[onnx.AttributeProto]] = {}
     for position, (node, proto) in enumerate(zip(graph.nodes, working.graph.node)):
         if not node.name:
             name = f"{node.op}_{position}"
@@ -59,7 +62,13 @@ def import_graph(model: onnx.ModelProto) -> Imported:
             taken.add(name)
         if proto.doc_string or proto.metadata_props:
             extras[node.name] = proto
-    return Imported(graph, extras)
+        empty = [name for name, value in node.attrs.items() if isinstance(value, (list, tuple)) and not value]
+        if empty:
+            empty_lists[node.name] = [onnx.AttributeProto(name=a.name, type=a.type) for a in proto.attribute
+                                      if a.name in empty]
+            for name in empty:
+                del node.attrs[name]
+    return Imported(graph, extras, empty_lists)
 
 
 class Splice:
@@ -169,6 +178,7 @@ def export(imported: Imported, original: onnx.ModelProto, metadata: dict[str, di
             if t.name not in listed
         )
     for node in model.graph.node:
+        node.attribute.extend(imported.empty_lists.get(node.name, []))
         kept = imported.node_extras.get(node.name)
         if kept is not None:
             node.doc_string = kept.doc_string

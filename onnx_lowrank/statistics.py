@@ -15,6 +15,7 @@ import onnx
 
 from .calibration import Samples
 from .layers import Layer
+from .errors import InputError
 from .runtime import Session
 
 
@@ -181,6 +182,9 @@ def collect(
             wanted = [n for n in chunk if n not in graph_inputs]
             if wanted:
                 fetched.update(zip(wanted, session.run(feed, wanted)))
+            for name, value in fetched.items():
+                if value.dtype.kind == "f" and not np.isfinite(value).all():
+                    raise InputError(f"the input model computes NaN or Inf in {name!r} on the calibration data")
             for key, (layer, moments) in jobs.items():
                 if key[0] in fetched:
                     moments.add(layer.adapter.rows(layer, fetched[key[0]]))
@@ -195,6 +199,6 @@ def _augmented_session(model: onnx.ModelProto, names: list[str], provider: str) 
     added = [onnx.ValueInfoProto(name=name) for name in names if name not in existing]
     model.graph.output.extend(added)
     try:
-        return Session(model, provider)
+        return Session(model, provider, source="the input model")
     finally:
         del model.graph.output[len(model.graph.output) - len(added) :]

@@ -85,10 +85,17 @@ def resolve(tensor: gs.Tensor, index: ConstantIndex) -> Weight | str:
     if proto.data_type not in FLOAT_TYPES:
         return f"weight {tensor.name} has element type {helper.tensor_dtype_to_string(proto.data_type)}, not floating point"
     value = numpy_helper.to_array(proto).astype(np.float64)
+    if value.size == 0:
+        return f"weight {tensor.name} is empty (shape {list(value.shape)})"
+    if not np.isfinite(value).all():
+        return f"weight {tensor.name} holds NaN or Inf"
     node_type = proto.data_type
     for step in reversed(steps):
         if step.op == "Transpose":
-            value = np.transpose(value, step.attrs.get("perm"))
+            perm = step.attrs.get("perm")
+            if perm is not None and sorted(perm) != list(range(value.ndim)):
+                return f"Transpose node {step.name!r} has perm {list(perm)}, not a permutation of {value.ndim} axes"
+            value = np.transpose(value, perm)
         elif step.op == "Cast":
             node_type = step.attrs["to"]
             if node_type not in FLOAT_TYPES:

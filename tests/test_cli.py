@@ -340,6 +340,29 @@ def _checker_failing_model() -> bytes:
     return model.SerializeToString()
 
 
+def _with_versions(ir_version: int | None = None, opset: int | None = None) -> bytes:
+    model = tiny_model()
+    if ir_version is not None:
+        model.ir_version = ir_version
+    if opset is not None:
+        model.opset_import[0].version = opset
+    return model.SerializeToString()
+
+
+def _long_weight() -> bytes:
+    """gemm_w declared 32 x 8 but holding 257 floats: the checker only minds payloads too small."""
+    model = tiny_model()
+    tensor = next(t for t in model.graph.initializer if t.name == "gemm_w")
+    tensor.raw_data = tensor.raw_data + bytes(4)
+    return model.SerializeToString()
+
+
+def _not_utf8() -> bytes:
+    """A node input name in Latin-1: protobuf parses it, anything that reads it as text fails."""
+    data = tiny_model().SerializeToString()
+    return data.replace(b"\x06conv_w", b"\x06c\xf6nv_w", 1)
+
+
 def _ranks(text: str, *extra: str) -> Callable[[Path, Path], list[str]]:
     def make(tmp: Path, model: Path) -> list[str]:
         ranks = _write(tmp / "ranks.json", text)
@@ -369,6 +392,11 @@ BAD = {
     "truncated-protobuf": Bad(_bad_model(lambda: PPOCR.read_bytes()[: PPOCR.stat().st_size // 2], "half.onnx"),
                               ("half.onnx",)),
     "fails-checker": Bad(_bad_model(_checker_failing_model, "unchecked.onnx"), ("invalid", "nosuch_tensor")),
+    "ir-version-99": Bad(_bad_model(lambda: _with_versions(ir_version=99), "ir99.onnx"), ("ir_version", "99")),
+    "opset-99": Bad(_bad_model(lambda: _with_versions(opset=99), "opset99.onnx"), ("unsupported opset 99",)),
+    "opset-0": Bad(_bad_model(lambda: _with_versions(opset=0), "opset0.onnx"), ("domain_version of 0",)),
+    "payload-disagrees-with-shape": Bad(_bad_model(_long_weight, "short.onnx"), ("gemm_w", "holds")),
+    "not-utf8-name": Bad(_bad_model(_not_utf8, "latin1.onnx"), ("utf-8",)),
     "inspect-missing-file": Bad(lambda tmp, model: ["inspect", "in/absent.onnx"], ("absent.onnx",)),
     "inspect-random-bytes": Bad(
         lambda tmp, model: ["inspect", str(_write(tmp / "in" / "noise.onnx", np.random.default_rng(4).bytes(999)))],
@@ -476,3 +504,17 @@ def test_report_path_equal_to_output_is_refused(tiny: Path, tmp_path: Path):
         holds_report = out.read_bytes().lstrip().startswith(b"{")
         assert not holds_report, f"exit 0 but {out.name} now holds the JSON report instead of the model"
         onnx.checker.check_model(str(out), full_check=True)
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_directory(tiny: Path, tmp_path: Path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        done = cli("compress", tiny, "-o", locked / "c.onnx", "--energy", "0.9", cwd=tmp_path)
+    finally:
+        locked.chmod(0o755)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(PREFIX) and "not writable" in done.stderr and len(done.stderr.splitlines()) == 1
+    assert list(locked.iterdir()) == []

@@ -178,10 +178,17 @@ def methods(name: str, provider: str) -> list[dict]:
     for budget in budgets:
         for method in (*SINGLE_METHODS, "auto"):
             started = time.perf_counter()
-            model, report = onnx_lowrank.compress(
-                original, calibration=paths["calib"], target_params=budget, method=method, metric=metric,
-                provider=provider, batch_size=case.batch_size,
-            )
+            try:
+                model, report = onnx_lowrank.compress(
+                    original, calibration=paths["calib"], target_params=budget, method=method, metric=metric,
+                    provider=provider, batch_size=case.batch_size,
+                )
+            except onnx_lowrank.InputError as refusal:  # e.g. the method cannot shrink the layers that far
+                row = {"model": model_name, "metric": metric, "budget": budget, "method": method,
+                       "unreachable": str(refusal), "seconds": time.perf_counter() - started}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                continue
             used: dict[str, int] = {}
             for layer in report.layers:
                 used[layer.method] = used.get(layer.method, 0) + 1
@@ -198,6 +205,10 @@ def render_methods(run: dict) -> list[str]:
     lines = ["| model | metric | budget | method | kept | held-out | eval | layers by method | time |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in run["rows"]:
+        if "unreachable" in row:
+            lines.append(f"| {row['model']} | {row['metric']} | {row['budget']:g} | {row['method']} | - | - | - | "
+                         f"cannot reach the budget | {row['seconds']:.0f} s |")
+            continue
         used = ", ".join(f"{method} {count}" for method, count in sorted(row["layers"].items()))
         lines.append(f"| {row['model']} | {row['metric']} | {row['budget']:g} | {row['method']} | "
                      f"{row['params_after'] / row['params_before']:.1%} | {row['held_out']:.4g} | {row['eval']:.4g} | "

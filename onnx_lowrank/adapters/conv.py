@@ -33,9 +33,44 @@ def _grouped_weight(node: gs.Node, index: ConstantIndex) -> tuple[Weight, int] |
     if weight.value.ndim < 3:
         return f"kernel {weight.name} has {weight.value.ndim} dimensions, expected 3 or more"
     groups = int(node.attrs.get("group", 1))
+    problem = _attribute_problem(node, weight.value.shape, groups)
+    if problem:
+        return problem
     if node.op == "ConvTranspose" and groups > 1 and weight.value.shape[0] // groups == 1:
         return "depthwise (one input channel per group): no channel rank to reduce"
     return weight, groups
+
+
+AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
+
+
+def _attribute_problem(node: gs.Node, kernel: tuple[int, ...], groups: int) -> str | None:
+    """Attributes the checker lets through but no runtime could run (a model nobody ran): say which."""
+    spatial = len(kernel) - 2
+    channels = kernel[1] if node.op == "Conv" else kernel[0]  # the side split into groups
+    if groups < 1 or (node.op == "Conv" and kernel[0] % groups) or (node.op == "ConvTranspose" and channels % groups):
+        return f"group {groups} does not divide the kernel's channels {tuple(kernel[:2])}"
+    if min(kernel) < 1:
+        return f"kernel shape {tuple(kernel)} has an empty dimension"
+    expected = {"strides": spatial, "dilations": spatial, "pads": 2 * spatial, "kernel_shape": spatial,
+                "output_padding": spatial}
+    for name, length in expected.items():
+        value = node.attrs.get(name)
+        if value is None:
+            continue
+        value = list(value)
+        if len(value) != length:
+            return f"attribute {name} has {len(value)} values for {spatial} spatial dimensions"
+        low = 0 if name in ("pads", "output_padding") else 1
+        if min(value, default=low) < low:
+            return f"attribute {name} {value} has values below {low}"
+    if "kernel_shape" in node.attrs and list(node.attrs["kernel_shape"]) != list(kernel[2:]):
+        return f"attribute kernel_shape {list(node.attrs['kernel_shape'])} disagrees with the kernel {tuple(kernel)}"
+    auto_pad = node.attrs.get("auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad not in AUTO_PADS:
+        return f"unknown auto_pad {auto_pad!r}"
+    return None
 
 
 def _bias_site(layer: Layer, index: ConstantIndex, out_channels: int) -> BiasSite | None:

@@ -8,6 +8,7 @@ vectors; the output mean goes into C (added when absent, unless beta is 0 or C i
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import numpy as np
@@ -24,6 +25,11 @@ class GemmAdapter:
     def check(self, node: gs.Node, index: ConstantIndex, opset: int) -> Layer | str:
         if opset < 7:
             return f"Gemm before opset 7 (opset {opset}) uses legacy broadcasting"
+        alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
+        if alpha == 0 or not math.isfinite(alpha) or not math.isfinite(beta):
+            return f"alpha {alpha:g} and beta {beta:g}: the product does not count or is not finite"
+        if any(int(node.attrs.get(name, 0)) not in (0, 1) for name in ("transA", "transB")):
+            return "transA / transB must be 0 or 1"
         a_weight = resolve(node.inputs[0], index)
         b_weight = resolve(node.inputs[1], index)
         a_const, b_const = not isinstance(a_weight, str), not isinstance(b_weight, str)
