@@ -23,6 +23,7 @@ from .data_aware import unit_statistics
 from .errors import BoundNotMet, InputError
 from .layers import find_layers
 from .metrics import DEFAULT_METRIC, DEFAULT_TOLERANCE, check_metric
+from .parallel import check_jobs, executor_for
 from .model_io import LoadedModel, check_output_path, load_model, model_stats, save_model
 from .methods import METHODS, candidates_for
 from .ranks import Candidates, Choice, by_budget, by_energy, explicit, validate_ranks
@@ -50,6 +51,8 @@ class Options:
     allow_larger: bool = False  # keep factorizations that do not shrink a layer
     seed: int = 0  # the calibration split
     batch_size: int = 8  # samples per ONNX Runtime run
+    jobs: int | None = None  # worker processes for the per-layer work (None: all cores, for large models)
+    scheduler: str | None = None  # address of a Dask scheduler to send the per-layer work to instead
 
     def __post_init__(self) -> None:
         given = [name for name in ("ranks", "target_params", "energy") if getattr(self, name) is not None]
@@ -76,6 +79,9 @@ class Options:
             raise InputError(f"unknown op type {unknown[0] if unknown else '(none)'!r} in ops; choose from {', '.join(ADAPTERS)}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise InputError(f"batch size must be a positive integer, got {self.batch_size!r}")
+        check_jobs(self.jobs)
+        if self.scheduler is not None and (not isinstance(self.scheduler, str) or not self.scheduler):
+            raise InputError(f"scheduler must be an address such as tcp://host:8786, got {self.scheduler!r}")
         if self.provider not in PROVIDERS:
             raise InputError(f"unknown provider {self.provider!r}; choose one of {', '.join(PROVIDERS)}")
 
@@ -158,11 +164,12 @@ def _compress(loaded: LoadedModel, settings: Options, calibration, labels) -> tu
     if samples is not None and not settings.no_data:
         statistics = unit_statistics(original, units, samples, parts.fit, provider, settings.batch_size)
         clock.lap("statistics")
-    candidates = candidates_for(units, settings.method, statistics)
+    mode = settings.mode
+    with executor_for(settings.jobs, settings.scheduler, sum(unit.params for unit in units)) as executor:
+        candidates = candidates_for(units, settings.method, statistics, executor, eager=mode in ("size", "compact"))
     clock.lap("factorize")
 
     validation, sensitivity, trial, search = None, None, None, None
-    mode = settings.mode
     if samples is not None:
         evaluator = Evaluator(original, samples, provider, settings.batch_size)
         search = Search(original, adapters, candidates, evaluator, parts.validation, settings.metric, samples.labels)

@@ -65,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--ops", default=",".join(ADAPTERS), metavar="LIST",
                      help=f"comma-separated op types to consider (default {','.join(ADAPTERS)})")
     run.add_argument("--allow-larger", action="store_true", help="keep factorizations that do not shrink a layer")
+    run.add_argument("--jobs", type=int, metavar="N",
+                     help="worker processes for the per-layer factorizations (default: all cores; models "
+                          "under 4M factorizable parameters run in one process)")
+    run.add_argument("--scheduler", metavar="ADDRESS",
+                     help="send the per-layer factorizations to this Dask scheduler (tcp://host:8786) instead")
     run.add_argument("--report", type=Path, metavar="FILE.json", help="write the machine-readable report here")
     run.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
 
@@ -109,6 +114,8 @@ def _compress(args: argparse.Namespace, console: Console) -> int:
             allow_larger=args.allow_larger,
             seed=args.seed,
             batch_size=args.batch_size,
+            jobs=args.jobs,
+            scheduler=args.scheduler,
         )
     except BoundNotMet as failure:
         if args.report is not None:

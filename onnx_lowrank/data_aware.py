@@ -239,7 +239,7 @@ def unit_statistics(
     return merged
 
 
-def data_aware_svd(unit: Unit, statistics: Moments | Counts) -> DataAwareSVD | FrequencyWeightedSVD:
+def data_aware_svd(unit: Unit, statistics: Moments | Counts, side: str) -> DataAwareSVD | FrequencyWeightedSVD:
+    """The unit's data-aware SVD; `side` is what its layer observes (input, output or indices)."""
     layer = unit.layers[0]
-    side = layer.adapter.observed(layer)[1]
     return FrequencyWeightedSVD(layer, statistics) if side == "indices" else DataAwareSVD(layer, statistics, side)

@@ -8,7 +8,7 @@ op types. A weight shared by several nodes in the same orientation forms one uni
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar, Protocol
 
 import numpy as np
@@ -118,6 +118,26 @@ class Unit:
         """The largest rank whose factors are strictly smaller than the dense weight (0 if none is)."""
         out_dim, in_dim = self.shape
         return -(-(out_dim * in_dim) // (out_dim + in_dim)) - 1
+
+
+@dataclass
+class NodeView:
+    """What decompositions read of a node, without the graph around it."""
+
+    name: str
+    op: str
+    attrs: dict
+
+
+def detached(unit: Unit) -> Unit:
+    """The unit's first layer cut loose from the graph (node, stored tensors): what decompositions need,
+    small to pickle for worker processes or a cluster."""
+    layer = unit.layers[0]
+    bias = layer.bias
+    if bias is not None:
+        bias = replace(bias, node=None, weight=None if bias.weight is None else replace(bias.weight, stored=None))
+    node = NodeView(layer.node.name, layer.node.op, dict(layer.node.attrs))
+    return Unit(unit.key, [replace(layer, node=node, weight=replace(layer.weight, stored=None), bias=bias)])
 
 
 @dataclass(frozen=True)

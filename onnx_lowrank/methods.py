@@ -8,10 +8,11 @@ the input patches (or none at all) so that their errors compare with the SVD's.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Executor
 
 from .conv_methods import conv_decomposers
 from .data_aware import OutputError, data_aware_svd
-from .layers import Unit
+from .layers import Unit, detached
 from .ranks import Candidates
 from .statistics import Moments
 from .svd import TruncatedSVD
@@ -20,21 +21,41 @@ CONV_METHODS = ("tucker2", "cp", "spatial", "depthwise", "block")
 METHODS = ("auto", "svd", *CONV_METHODS)
 
 
-def candidates_for(units: Sequence[Unit], method: str, statistics: Sequence | None) -> list[Candidates]:
-    """Per unit, its decomposers under `method`; `statistics` per unit from calibration, or None."""
-    found = []
-    for position, unit in enumerate(units):
-        layer = unit.layers[0]
-        stats = None if statistics is None else statistics[position]
-        primary = TruncatedSVD(unit.matrices) if stats is None else data_aware_svd(unit, stats)
-        exact = stats is None or (isinstance(stats, Moments) and layer.adapter.observed(layer)[1] == "input")
-        others, notes = [], []
-        if method != "svd":
-            wanted = set(CONV_METHODS) if method == "auto" else {method}
-            if unit.op == "Conv" and exact:
-                others, notes = conv_decomposers(layer, OutputError(layer, stats), wanted)
-            elif method != "auto":
-                why = "applies to Conv only" if unit.op != "Conv" else "needs input-patch statistics (patch too large)"
-                notes = [f"{method}: {why}"]
-        found.append(Candidates(unit, primary, others, include_primary=method in ("auto", "svd"), notes=notes))
+def candidates_for(
+    units: Sequence[Unit], method: str, statistics: Sequence | None, executor: Executor | None = None,
+    eager: bool = False,
+) -> list[Candidates]:
+    """Per unit, its decomposers under `method`; `statistics` per unit from calibration, or None.
+
+    Each unit is worked on detached from the graph, inline or on `executor` (the same results either
+    way); `eager` also computes every option there, which the rank search will need.
+    """
+    jobs = (
+        [detached(unit) for unit in units],
+        [method] * len(units),
+        list(statistics) if statistics is not None else [None] * len(units),
+        [unit.layers[0].adapter.observed(unit.layers[0])[1] for unit in units],
+        [eager] * len(units),
+    )
+    found = list(executor.map(_candidates, *jobs)) if executor is not None else list(map(_candidates, *jobs))
+    for unit, candidate in zip(units, found):
+        candidate.unit = unit
     return found
+
+
+def _candidates(unit: Unit, method: str, stats, side: str, eager: bool) -> Candidates:
+    layer = unit.layers[0]
+    primary = TruncatedSVD(unit.matrices) if stats is None else data_aware_svd(unit, stats, side)
+    exact = stats is None or (isinstance(stats, Moments) and side == "input")
+    others, notes = [], []
+    if method != "svd":
+        wanted = set(CONV_METHODS) if method == "auto" else {method}
+        if unit.op == "Conv" and exact:
+            others, notes = conv_decomposers(layer, OutputError(layer, stats), wanted)
+        elif method != "auto":
+            why = "applies to Conv only" if unit.op != "Conv" else "needs input-patch statistics (patch too large)"
+            notes = [f"{method}: {why}"]
+    candidate = Candidates(unit, primary, others, include_primary=method in ("auto", "svd"), notes=notes)
+    if eager:
+        candidate.options()
+    return candidate

@@ -1,0 +1,66 @@
+"""Where the per-layer work runs: inline, a local process pool (`jobs`), or a Dask cluster (`scheduler`).
+
+Every layer's factorization is independent of the others and a pure function of its (detached) weight
+and statistics, so any `concurrent.futures.Executor` can run it and the results are the same wherever
+they were computed. Small models run inline: starting worker processes costs more than they save.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+from collections.abc import Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor
+
+from .errors import InputError
+
+POOL_MIN_PARAMS = 4_000_000  # below this many factorizable parameters the work runs in this process
+DASK_CONNECT_TIMEOUT = "20s"
+
+
+def default_jobs() -> int:
+    """All the cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def check_jobs(jobs: int | None) -> None:
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+        raise InputError(f"jobs must be a positive integer, got {jobs!r}")
+
+
+@contextlib.contextmanager
+def executor_for(jobs: int | None, scheduler: str | None, params: int) -> Iterator[Executor | None]:
+    """An executor for the per-layer work (None: run inline). A `scheduler` address sends it to that Dask
+    cluster; otherwise `jobs` worker processes (default: all cores) when the model is large enough."""
+    if scheduler is not None:
+        with _dask_executor(scheduler) as executor:
+            yield executor
+        return
+    workers = default_jobs() if jobs is None else jobs
+    if workers <= 1 or params < POOL_MIN_PARAMS:
+        yield None
+        return
+    # spawn: the parent holds ONNX Runtime thread pools, which forked children must not inherit
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield pool
+
+
+@contextlib.contextmanager
+def _dask_executor(address: str) -> Iterator[Executor]:
+    try:
+        from distributed import Client
+    except ImportError:
+        raise InputError("--scheduler needs Dask's distributed: pip install 'onnx-lowrank[dask]'") from None
+    try:
+        client = Client(address, timeout=DASK_CONNECT_TIMEOUT, set_as_default=False)
+    except (OSError, TimeoutError, ValueError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise InputError(f"cannot reach the Dask scheduler at {address}: {first_line}") from None
+    try:
+        yield client.get_executor(pure=False)
+    finally:
+        client.close()

@@ -1,0 +1,57 @@
+"""The per-layer work on other executors: worker processes (`jobs`) and a Dask cluster (`scheduler`).
+
+Each layer is factorized detached from the graph, so wherever it runs the result is the same: the same
+model bytes, the same ranks and the same validated error as the inline run. A LocalCluster on loopback
+stands in for a real cluster; the pool threshold is lowered so that the small digits CNN uses the pool.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import onnx_lowrank
+from onnx_lowrank import parallel
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+DIGITS = MODELS / "digits_cnn.onnx"
+CALIB = MODELS / "digits_calib.npz"
+OPTIONS = {"calibration": CALIB, "target_params": 0.4, "method": "svd"}
+
+
+@pytest.fixture(scope="module")
+def inline():
+    return onnx_lowrank.compress(DIGITS, jobs=1, **OPTIONS)
+
+
+def _same(first, second) -> None:
+    (model_a, report_a), (model_b, report_b) = first, second
+    assert [(l.node, l.method, l.rank) for l in report_a.layers] == [(l.node, l.method, l.rank) for l in report_b.layers]
+    assert report_a.validation.value == report_b.validation.value
+    assert model_a.SerializeToString() == model_b.SerializeToString()
+
+
+def test_process_pool_gives_the_inline_result(inline, monkeypatch):
+    monkeypatch.setattr(parallel, "POOL_MIN_PARAMS", 0)
+    _same(inline, onnx_lowrank.compress(DIGITS, jobs=2, **OPTIONS))
+
+
+def test_dask_local_cluster_gives_the_inline_result(inline):
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                  dashboard_address=None) as cluster:
+        _same(inline, onnx_lowrank.compress(DIGITS, scheduler=cluster.scheduler_address, **OPTIONS))
+
+
+@pytest.mark.parametrize("jobs", [0, -2, 1.5, True])
+def test_bad_jobs(jobs):
+    with pytest.raises(onnx_lowrank.InputError, match="jobs must be a positive integer"):
+        onnx_lowrank.compress(DIGITS, jobs=jobs, target_params=0.5)
+
+
+def test_unreachable_scheduler_is_bad_input(monkeypatch):
+    pytest.importorskip("distributed")
+    monkeypatch.setattr(parallel, "DASK_CONNECT_TIMEOUT", "2s")
+    with pytest.raises(onnx_lowrank.InputError, match=r"cannot reach the Dask scheduler at tcp://127.0.0.1:9"):
+        onnx_lowrank.compress(DIGITS, scheduler="tcp://127.0.0.1:9", **OPTIONS)
