@@ -19,6 +19,7 @@ import onnx
 
 from .adapters import ADAPTERS
 from .calibration import DISCRETE_VALIDATION_FRACTION, VALIDATION_FRACTION, Samples, load_calibration, split
+from .cache import Cache, key_of, model_fingerprint, samples_fingerprint
 from .data_aware import unit_statistics
 from .errors import BoundNotMet, InputError
 from .layers import find_layers
@@ -53,6 +54,7 @@ class Options:
     batch_size: int = 8  # samples per ONNX Runtime run
     jobs: int | None = None  # worker processes for the per-layer work (None: all cores, for large models)
     scheduler: str | None = None  # address of a Dask scheduler to send the per-layer work to instead
+    cache: str | os.PathLike | None = None  # folder keeping statistics and sensitivities between runs
 
     def __post_init__(self) -> None:
         given = [name for name in ("ranks", "target_params", "energy") if getattr(self, name) is not None]
@@ -160,9 +162,15 @@ def _compress(loaded: LoadedModel, settings: Options, calibration, labels) -> tu
     units = plan.units
     parts = split(samples, settings.seed, _held_out_fraction(settings.metric)) if samples is not None else None
     provider = resolve_provider(settings.provider) if samples is not None else None
-    statistics = None
+    statistics, cache, data_key = None, Cache(settings.cache), None
+    if samples is not None:
+        data_key = key_of(model_fingerprint(original), samples_fingerprint(samples, parts.fit), provider,
+                          settings.batch_size, [unit.key for unit in units])
     if samples is not None and not settings.no_data:
-        statistics = unit_statistics(original, units, samples, parts.fit, provider, settings.batch_size)
+        statistics = cache.statistics(data_key)
+        if statistics is None:
+            statistics = unit_statistics(original, units, samples, parts.fit, provider, settings.batch_size)
+            cache.save_statistics(data_key, statistics)
         clock.lap("statistics")
     mode = settings.mode
     with executor_for(settings.jobs, settings.scheduler, sum(unit.params for unit in units)) as executor:
@@ -175,7 +183,11 @@ def _compress(loaded: LoadedModel, settings: Options, calibration, labels) -> tu
         search = Search(original, adapters, candidates, evaluator, parts.validation, settings.metric, samples.labels)
         if mode in ("size", "compact"):
             probe = parts.fit[:PROBE_SAMPLES]
-            sensitivity = sensitivities(original, adapters, candidates, evaluator, probe)
+            probe_key = key_of(data_key, settings.method, settings.no_data, probe)
+            sensitivity = cache.floats("sensitivity", probe_key)
+            if sensitivity is None or len(sensitivity) != len(units):
+                sensitivity = sensitivities(original, adapters, candidates, evaluator, probe)
+                cache.save_floats("sensitivity", probe_key, sensitivity)
             clock.lap("sensitivity")
     tolerance = settings.tolerance
     if mode == "ranks":

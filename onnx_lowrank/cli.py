@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
                           "under 4M factorizable parameters run in one process)")
     run.add_argument("--scheduler", metavar="ADDRESS",
                      help="send the per-layer factorizations to this Dask scheduler (tcp://host:8786) instead")
+    run.add_argument("--cache", type=Path, metavar="DIR",
+                     help="keep calibration statistics and sensitivities here, keyed by model and data: "
+                          "a second run (another tolerance or budget) skips those passes")
     run.add_argument("--report", type=Path, metavar="FILE.json", help="write the machine-readable report here")
     run.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
 
@@ -116,6 +119,7 @@ def _compress(args: argparse.Namespace, console: Console) -> int:
             batch_size=args.batch_size,
             jobs=args.jobs,
             scheduler=args.scheduler,
+            cache=args.cache,
         )
     except BoundNotMet as failure:
         if args.report is not None:
