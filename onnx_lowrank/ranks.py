@@ -73,9 +73,13 @@ class Candidates:
 
     def probe_option(self, target: float) -> Option | None:
         """The shrinking option whose predicted error is nearest `target` (and above 0): what a
-        sensitivity probe factorizes."""
-        useful = [o for o in self.options() if o.params < self.unit.params and o.error > 1e-15]
-        return min(useful, key=lambda o: abs(np.log(o.error / target))) if useful else None
+        sensitivity probe factorizes. The SVD's where it has one, so that sensitivities, and with them
+        the SVD-only allocation that `--method auto` also validates, are those of `--method svd`."""
+        def useful(options):
+            return [o for o in options if o.params < self.unit.params and o.error > 1e-15]
+
+        pool = useful(self.primary.options()) or useful(self.options())
+        return min(pool, key=lambda o: abs(np.log(o.error / target))) if pool else None
 
 
 def load_ranks_file(path: str | Path) -> dict[str, int | str]:

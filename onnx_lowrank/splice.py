@@ -45,9 +45,8 @@ def import_graph(model: onnx.ModelProto) -> Imported:
     become known); nodes left unnamed by the exporter get unique names."""
     try:
         working = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # inference is a help, not a requirement (e.g. models over 2 GB, unknown domains)
-        working = onnx.ModelProto()
-        working.CopyFrom(model)
+    except Exception:  # inference is a help, not a requirement (e.g. models over 2 GB, unknown domains);
+        working = model  # onnx-graphsurgeon only reads the proto, so no second copy of the weights is made
     with quiet_graphsurgeon():
         graph = gs.import_onnx(working)
     taken = {node.name for node in graph.nodes}

@@ -232,6 +232,22 @@ def render(results: list[dict]) -> str:
     for run in results:
         lines += [f"## {run['suite']} on {run['machine']} ({run['provider']}, onnxruntime {run['onnxruntime']})",
                   "", f"Run {run['date']}.", ""]
+        if run["suite"] == "scale":
+            lines += [
+                f"`tools/bench_scale.py`: {run['model']}, a synthetic transformer with random weights in an",
+                "external-data file, compressed end to end with `--target-params 0.5` (weight-only) in a child",
+                "process; peak memory is that process's maximum resident set (wait4; its pool workers count as",
+                "the largest of them, Dask workers not at all). The three ways ran one after the other in one run.",
+                "",
+                "| way | params before | params after | input data | output | time | peak memory | factorize phase |",
+                "|---|---|---|---|---|---|---|---|",
+                *[f"| {r['way']} | {r['params_before']:,} | {r['params_after']:,} | {r['input_bytes'] / 2**30:.2f} GiB | "
+                  f"{r['output_bytes'] / 2**30:.2f} GiB | {r['seconds']:.0f} s | "
+                  f"{r['peak_rss_gib']:.1f} GiB | "
+                  f"{r['phases'].get('factorize', float('nan')):.0f} s |" for r in run["rows"]],
+                "",
+            ]
+            continue
         if run["suite"] == "methods":
             lines += [
                 "Size mode at a budget (a fraction of the factorizable parameters), once per decomposition",

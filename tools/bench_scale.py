@@ -1,0 +1,128 @@
+"""Scale benchmark: a synthetic transformer whose external-data file exceeds 2 GB, compressed end to end.
+
+Not a test. Builds (once, into cache/scale/) a stack of random-weight transformer blocks (four d x d
+projections and a d -> 4d -> d feed-forward per block, residual adds) saved with external data, then runs
+`onnx-lowrank compress --target-params 0.5` on it in a child process three ways: `--jobs 1`, `--jobs 2`
+and on a two-worker Dask LocalCluster. Records time, the child's peak resident memory
+(resource.getrusage), and the output's size; writes benchmarks/scale_cpu.json and BENCHMARKS.md.
+
+    python tools/bench_scale.py [--blocks 11] [--width 2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+
+from bench import RESULTS, machine, _render_all  # noqa: E402
+
+import onnxruntime as ort  # noqa: E402
+
+
+def build(path: Path, blocks: int, width: int) -> int:
+    """The model at `path` (+ .data), tokens x [N, width] -> y; returns its parameter count."""
+    rng = np.random.default_rng(0)
+    nodes, weights = [], []
+    current = "x"
+    for block in range(blocks):
+        def matmul(name: str, source: str, rows: int, cols: int) -> str:
+            weight = (rng.standard_normal((rows, cols), dtype=np.float32) / np.sqrt(rows)).astype(np.float32)
+            weights.append(numpy_helper.from_array(weight, f"b{block}.{name}.w"))
+            nodes.append(helper.make_node("MatMul", [source, f"b{block}.{name}.w"], [f"b{block}.{name}"],
+                                          name=f"b{block}.{name}"))
+            return f"b{block}.{name}"
+
+        q = matmul("q", current, width, width)
+        k = matmul("k", current, width, width)
+        v = matmul("v", current, width, width)
+        nodes.append(helper.make_node("Sum", [q, k, v], [f"b{block}.qkv"], name=f"b{block}.mix"))
+        attended = matmul("o", f"b{block}.qkv", width, width)
+        nodes.append(helper.make_node("Add", [current, attended], [f"b{block}.res1"], name=f"b{block}.add1"))
+        up = matmul("up", f"b{block}.res1", width, 4 * width)
+        nodes.append(helper.make_node("Relu", [up], [f"b{block}.act"], name=f"b{block}.relu"))
+        down = matmul("down", f"b{block}.act", 4 * width, width)
+        nodes.append(helper.make_node("Add", [f"b{block}.res1", down], [f"b{block}.out"], name=f"b{block}.add2"))
+        current = f"b{block}.out"
+    nodes.append(helper.make_node("Identity", [current], ["y"], name="output"))
+    graph = helper.make_graph(nodes, "synthetic", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data")
+    return sum(int(np.prod(t.dims)) for t in weights)
+
+
+def run(argv: list[str]) -> dict:
+    """One compression in a child process: seconds and the child's own peak resident memory (wait4: the
+    largest of it and its reaped worker processes, not their sum; Dask workers are not its children)."""
+    started = time.perf_counter()
+    with tempfile.TemporaryFile() as errors:
+        child = subprocess.Popen([sys.executable, "-m", "onnx_lowrank", *argv], cwd=REPO,
+                                 stdout=subprocess.DEVNULL, stderr=errors)
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.perf_counter() - started
+        if child.returncode != 0:
+            errors.seek(0)
+            raise SystemExit(f"compress failed ({child.returncode}): {errors.read().decode().strip()}")
+    return {"seconds": seconds, "peak_rss_gib": usage.ru_maxrss / 2**20}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--blocks", type=int, default=11)
+    parser.add_argument("--width", type=int, default=2048)
+    args = parser.parse_args()
+    folder = REPO / "cache" / "scale"
+    model = folder / f"synthetic_{args.blocks}x{args.width}.onnx"
+    params = None
+    if not model.exists():
+        params = build(model, args.blocks, args.width)
+    data_bytes = (folder / (model.name + ".data")).stat().st_size
+    params = params or data_bytes // 4
+    rows = []
+    ways = [("jobs 1", ["--jobs", "1"]), ("jobs 2", ["--jobs", "2"])]
+    cluster = None
+    try:
+        from distributed import LocalCluster
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                               dashboard_address=None)
+        ways.append(("dask LocalCluster, 2 workers", ["--scheduler", cluster.scheduler_address]))
+    except ImportError:
+        pass
+    try:
+        for label, extra in ways:
+            out = folder / "compressed.onnx"
+            result = run(["compress", str(model), "-o", str(out), "--target-params", "0.5", "--quiet",
+                          "--report", str(folder / "report.json"), *extra])
+            report = json.loads((folder / "report.json").read_text())
+            written = out.stat().st_size + sum(p.stat().st_size for p in folder.glob("compressed.onnx.data"))
+            row = {"way": label, "params_before": report["params_before"], "params_after": report["params_after"],
+                   "input_bytes": data_bytes, "output_bytes": written, "phases": report.get("phases", {}), **result}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        if cluster is not None:
+            cluster.close()
+    RESULTS.mkdir(exist_ok=True)
+    record = {"suite": "scale", "provider": "cpu", "machine": machine("cpu"), "onnxruntime": ort.__version__,
+              "date": time.strftime("%Y-%m-%d"), "model": model.name, "rows": rows}
+    (RESULTS / "scale_cpu.json").write_text(json.dumps(record, indent=1))
+    _render_all()
+
+
+if __name__ == "__main__":
+    main()
