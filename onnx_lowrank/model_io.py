@@ -191,10 +191,17 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(handle, "w") as stream:
             stream.write(text)
+        os.chmod(staged, 0o666 & ~_umask())  # mkstemp makes it private; a report is an ordinary file
         os.replace(staged, path)
     except OSError as error:
         Path(staged).unlink(missing_ok=True)
         raise InputError(f"cannot write {path}: {error.strerror or error}") from None
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 @dataclass(frozen=True)

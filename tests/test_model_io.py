@@ -1,5 +1,7 @@
 """Reading and writing: external data kept, big models forced to external data, atomic writes."""
 
+import os
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -69,3 +71,13 @@ def test_compress_accepts_a_proto_and_leaves_it_unchanged():
     assert model.SerializeToString() == before
     assert report.params_after < report.params_before
     assert [n.op_type for n in new.graph.node] == ["MatMul", "MatMul"]
+
+
+def test_report_gets_ordinary_permissions(tmp_path):
+    """Staged in a private temporary file, the report must still end up readable like any other file."""
+    previous = os.umask(0o022)
+    try:
+        model_io.write_text(tmp_path / "report.json", "{}")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o644
