@@ -175,6 +175,9 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike, external_data:
             external_data_helper.load_external_data_for_model(model, str(staging))
         else:
             onnx.save_model(model, str(staged))
+        for written in (staged, staging / data_name):
+            if written.exists():  # onnx writes external data private (0600); the model is an ordinary file
+                os.chmod(written, 0o666 & ~_umask())
         if (staging / data_name).exists():
             os.replace(staging / data_name, output.parent / data_name)
         os.replace(staged, output)
