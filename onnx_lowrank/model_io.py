@@ -62,7 +62,7 @@ def load_model(model_or_path: onnx.ModelProto | str | os.PathLike) -> LoadedMode
         raise InputError(f"{where} is not an ONNX model (no graph or no opset import)")
     _check_strings(model)
     try:
-        if path is not None and model.ByteSize() >= TWO_GB:
+        if path is not None and is_large(model):
             onnx.checker.check_model(str(path))
         else:
             onnx.checker.check_model(model)
@@ -76,7 +76,7 @@ def load_model(model_or_path: onnx.ModelProto | str | os.PathLike) -> LoadedMode
 
 def _shapes_consistent(model: onnx.ModelProto, path: Path | None) -> bool:
     try:
-        if path is not None and model.ByteSize() >= TWO_GB:
+        if path is not None and is_large(model):
             onnx.checker.check_model(str(path), full_check=True)
         else:
             onnx.checker.check_model(model, full_check=True)
@@ -136,6 +136,14 @@ def _check_tensors(model: onnx.ModelProto) -> None:
                              f"holds {found} {unit}, not {expected}")
 
 
+def is_large(model: onnx.ModelProto) -> bool:
+    """Whether the model is too big for one protobuf message (2 GB): protobuf refuses even to size it."""
+    try:
+        return model.ByteSize() >= TWO_GB
+    except Exception:  # EncodeError: over the limit
+        return True
+
+
 def check_output_path(output: str | os.PathLike, source: Path | None) -> Path:
     """Fail early (before any work) when the output cannot be written or would overwrite the input."""
     output = Path(output)
@@ -157,7 +165,7 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike, external_data:
     With external data (asked for, or forced by a model over 2 GB) the tensors go to OUTPUT.data.
     """
     output = Path(output)
-    external_data = external_data or model.ByteSize() >= TWO_GB
+    external_data = external_data or is_large(model)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         staged = staging / output.name

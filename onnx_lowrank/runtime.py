@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import InputError
-from .model_io import TWO_GB, save_model
+from .model_io import is_large, save_model
 
 PROVIDERS = ("cpu", "cuda", "auto")
 _EP = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -54,7 +54,7 @@ class Session:
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
         providers = [_EP["cuda"], _EP["cpu"]] if provider == "cuda" else [_EP["cpu"]]
-        if model.ByteSize() < TWO_GB:
+        if not is_large(model):
             self._session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
         else:
             with tempfile.TemporaryDirectory() as folder:
