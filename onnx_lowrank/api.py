@@ -163,7 +163,7 @@ def _compress(loaded: LoadedModel, settings: Options, calibration, labels) -> tu
     parts = split(samples, settings.seed, _held_out_fraction(settings.metric)) if samples is not None else None
     provider = resolve_provider(settings.provider) if samples is not None else None
     statistics, cache, data_key = None, Cache(settings.cache), None
-    if samples is not None:
+    if samples is not None and cache.folder is not None:
         data_key = key_of(model_fingerprint(original), samples_fingerprint(samples, parts.fit), provider,
                           settings.batch_size, [unit.key for unit in units])
     if samples is not None and not settings.no_data:
@@ -173,8 +173,8 @@ def _compress(loaded: LoadedModel, settings: Options, calibration, labels) -> tu
             cache.save_statistics(data_key, statistics)
         clock.lap("statistics")
     mode = settings.mode
-    with executor_for(settings.jobs, settings.scheduler, sum(unit.params for unit in units)) as executor:
-        candidates = candidates_for(units, settings.method, statistics, executor, eager=mode in ("size", "compact"))
+    with executor_for(settings.jobs, settings.scheduler, sum(unit.params for unit in units)) as workers:
+        candidates = candidates_for(units, settings.method, statistics, workers, eager=mode in ("size", "compact"))
     clock.lap("factorize")
 
     validation, sensitivity, trial, search = None, None, None, None

@@ -8,11 +8,11 @@ the input patches (or none at all) so that their errors compare with the SVD's.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import Executor
 
 from .conv_methods import conv_decomposers
 from .data_aware import OutputError, data_aware_svd
 from .layers import Unit, detached
+from .parallel import Workers
 from .ranks import Candidates
 from .statistics import Moments
 from .svd import TruncatedSVD
@@ -22,12 +22,12 @@ METHODS = ("auto", "svd", *CONV_METHODS)
 
 
 def candidates_for(
-    units: Sequence[Unit], method: str, statistics: Sequence | None, executor: Executor | None = None,
+    units: Sequence[Unit], method: str, statistics: Sequence | None, workers: Workers | None = None,
     eager: bool = False,
 ) -> list[Candidates]:
     """Per unit, its decomposers under `method`; `statistics` per unit from calibration, or None.
 
-    Each unit is worked on detached from the graph, inline or on `executor` (the same results either
+    Each unit is worked on detached from the graph, inline or by `workers` (the same results either
     way); `eager` also computes every option there, which the rank search will need.
     """
     jobs = (
@@ -37,7 +37,7 @@ def candidates_for(
         [unit.layers[0].adapter.observed(unit.layers[0])[1] for unit in units],
         [eager] * len(units),
     )
-    found = list(executor.map(_candidates, *jobs)) if executor is not None else list(map(_candidates, *jobs))
+    found = workers.map(_candidates, *jobs) if workers is not None else list(map(_candidates, *jobs))
     for unit, candidate in zip(units, found):
         candidate.unit = unit
     return found

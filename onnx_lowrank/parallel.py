@@ -7,11 +7,13 @@ they were computed. Small models run inline: starting worker processes costs mor
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import multiprocessing
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
+from dataclasses import dataclass
 
 from .errors import InputError
 
@@ -32,25 +34,46 @@ def check_jobs(jobs: int | None) -> None:
         raise InputError(f"jobs must be a positive integer, got {jobs!r}")
 
 
+@dataclass
+class Workers:
+    """An executor and how many tasks to keep in flight on it."""
+
+    executor: Executor
+    slots: int
+
+    def map(self, function: Callable, *iterables: Iterable) -> list:
+        """executor.map, in order, with at most `slots` tasks submitted at a time: each task carries a
+        layer's weight and statistics, and submitting all at once would hold (or, to a cluster, send
+        through its scheduler) every layer of the model at once."""
+        pending: collections.deque = collections.deque()
+        results = []
+        for arguments in zip(*iterables):
+            pending.append(self.executor.submit(function, *arguments))
+            if len(pending) >= self.slots:
+                results.append(pending.popleft().result())
+        results.extend(future.result() for future in pending)
+        return results
+
+
 @contextlib.contextmanager
-def executor_for(jobs: int | None, scheduler: str | None, params: int) -> Iterator[Executor | None]:
-    """An executor for the per-layer work (None: run inline). A `scheduler` address sends it to that Dask
+def executor_for(jobs: int | None, scheduler: str | None, params: int) -> Iterator[Workers | None]:
+    """Workers for the per-layer work (None: run inline). A `scheduler` address sends it to that Dask
     cluster; otherwise `jobs` worker processes (default: all cores) when the model is large enough."""
     if scheduler is not None:
-        with _dask_executor(scheduler) as executor:
-            yield executor
+        with _dask_executor(scheduler) as workers:
+            yield workers
         return
-    workers = default_jobs() if jobs is None else jobs
-    if workers <= 1 or params < POOL_MIN_PARAMS:
+    count = default_jobs() if jobs is None else jobs
+    if count <= 1 or params < POOL_MIN_PARAMS:
         yield None
         return
     # spawn: the parent holds ONNX Runtime thread pools, which forked children must not inherit
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        yield pool
+    with ProcessPoolExecutor(max_workers=count, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield Workers(pool, 2 * count)
 
 
 @contextlib.contextmanager
-def _dask_executor(address: str) -> Iterator[Executor]:
+def _dask_executor(address: str) -> Iterator[Workers]:
     try:
         from distributed import Client
     except ImportError:
@@ -61,6 +84,7 @@ def _dask_executor(address: str) -> Iterator[Executor]:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise InputError(f"cannot reach the Dask scheduler at {address}: {first_line}") from None
     try:
-        yield client.get_executor(pure=False)
+        threads = sum(client.nthreads().values()) or 1
+        yield Workers(client.get_executor(pure=False), 2 * threads)
     finally:
         client.close()

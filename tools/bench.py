@@ -237,11 +237,12 @@ def render(results: list[dict]) -> str:
                 f"`tools/bench_scale.py`: {run['model']}, a synthetic transformer with random weights in an",
                 "external-data file, compressed end to end with `--target-params 0.5` (weight-only) in a child",
                 "process; peak memory is that process's maximum resident set (wait4; its pool workers count as",
-                "the largest of them, Dask workers not at all). The three ways ran one after the other in one run.",
+                "the largest of them, Dask workers not at all). *run*: the time each row was measured; rows",
+                "of one run ran one after the other.",
                 "",
-                "| way | params before | params after | input data | output | time | peak memory | factorize phase |",
-                "|---|---|---|---|---|---|---|---|",
-                *[f"| {r['way']} | {r['params_before']:,} | {r['params_after']:,} | {r['input_bytes'] / 2**30:.2f} GiB | "
+                "| way | run | params before | params after | input data | output | time | peak memory | factorize phase |",
+                "|---|---|---|---|---|---|---|---|---|",
+                *[f"| {r['way']} | {r.get('run', '-')} | {r['params_before']:,} | {r['params_after']:,} | {r['input_bytes'] / 2**30:.2f} GiB | "
                   f"{r['output_bytes'] / 2**30:.2f} GiB | {r['seconds']:.0f} s | "
                   f"{r['peak_rss_gib']:.1f} GiB | "
                   f"{r['phases'].get('factorize', float('nan')):.0f} s |" for r in run["rows"]],

@@ -85,7 +85,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=11)
     parser.add_argument("--width", type=int, default=2048)
+    parser.add_argument("--ways", default="jobs 1,jobs 2,dask",
+                        help="a subset re-measures only those; the other rows are kept from the last run")
     args = parser.parse_args()
+    wanted = [way.strip() for way in args.ways.split(",")]
     folder = REPO / "cache" / "scale"
     model = folder / f"synthetic_{args.blocks}x{args.width}.onnx"
     params = None
@@ -94,15 +97,13 @@ def main() -> None:
     data_bytes = (folder / (model.name + ".data")).stat().st_size
     params = params or data_bytes // 4
     rows = []
-    ways = [("jobs 1", ["--jobs", "1"]), ("jobs 2", ["--jobs", "2"])]
+    ways = [(way, ["--jobs", way.split()[1]]) for way in ("jobs 1", "jobs 2") if way in wanted]
     cluster = None
-    try:
+    if "dask" in wanted:
         from distributed import LocalCluster
         cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                                dashboard_address=None)
         ways.append(("dask LocalCluster, 2 workers", ["--scheduler", cluster.scheduler_address]))
-    except ImportError:
-        pass
     try:
         for label, extra in ways:
             out = folder / "compressed.onnx"
@@ -110,7 +111,7 @@ def main() -> None:
                           "--report", str(folder / "report.json"), *extra])
             report = json.loads((folder / "report.json").read_text())
             written = out.stat().st_size + sum(p.stat().st_size for p in folder.glob("compressed.onnx.data"))
-            row = {"way": label, "params_before": report["params_before"], "params_after": report["params_after"],
+            row = {"way": label, "run": time.strftime("%H:%M"), "params_before": report["params_before"], "params_after": report["params_after"],
                    "input_bytes": data_bytes, "output_bytes": written, "phases": report.get("phases", {}), **result}
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -118,6 +119,10 @@ def main() -> None:
         if cluster is not None:
             cluster.close()
     RESULTS.mkdir(exist_ok=True)
+    previous = RESULTS / "scale_cpu.json"
+    if previous.exists() and len(wanted) < 3:
+        measured = {row["way"] for row in rows}
+        rows = [row for row in json.loads(previous.read_text())["rows"] if row["way"] not in measured] + rows
     record = {"suite": "scale", "provider": "cpu", "machine": machine("cpu"), "onnxruntime": ort.__version__,
               "date": time.strftime("%Y-%m-%d"), "model": model.name, "rows": rows}
     (RESULTS / "scale_cpu.json").write_text(json.dumps(record, indent=1))
