@@ -231,7 +231,7 @@ def render(results: list[dict]) -> str:
     ]
     for run in results:
         lines += [f"## {run['suite']} on {run['machine']} ({run['provider']}, onnxruntime {run['onnxruntime']})",
-                  "", f"Run {run['date']}.", ""]
+                  "", f"Run {run['date']}." + (f" Note: {run['note']}." if run.get("note") else ""), ""]
         if run["suite"] == "scale":
             lines += [
                 f"`tools/bench_scale.py`: {run['model']}, a synthetic transformer with random weights in an",
