@@ -61,28 +61,29 @@ def load_model(model_or_path: onnx.ModelProto | str | os.PathLike) -> LoadedMode
         where = path if path is not None else "the given model"
         raise InputError(f"{where} is not an ONNX model (no graph or no opset import)")
     _check_strings(model)
+    consistent = _check(model, path)
+    _check_opset(model)
+    _check_tensors(model)
+    return LoadedModel(model, path, external, consistent)
+
+
+def _check(model: onnx.ModelProto, path: Path | None) -> bool:
+    """The ONNX checker (InputError when it fails), run once with strict shape inference: whether the
+    shapes are consistent too. Models over 2 GB are checked from their file."""
+    target = str(path) if path is not None and is_large(model) else model
     try:
-        if path is not None and is_large(model):
-            onnx.checker.check_model(str(path))
-        else:
-            onnx.checker.check_model(model)
+        onnx.checker.check_model(target, full_check=True)
+        return True
+    except onnx.shape_inference.InferenceError:  # the checker itself passed: it runs before inference
+        return False
+    except Exception:  # a ValidationError, or inference tripping over what the checks below name
+        pass
+    try:  # whether the plain checker fails too, or only the strict one
+        onnx.checker.check_model(target)
     except onnx.checker.ValidationError as error:
         first_line = str(error).strip().splitlines()[0]
         raise InputError(f"invalid model: {first_line}") from None
-    _check_opset(model)
-    _check_tensors(model)
-    return LoadedModel(model, path, external, _shapes_consistent(model, path))
-
-
-def _shapes_consistent(model: onnx.ModelProto, path: Path | None) -> bool:
-    try:
-        if path is not None and is_large(model):
-            onnx.checker.check_model(str(path), full_check=True)
-        else:
-            onnx.checker.check_model(model, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, UnicodeDecodeError):
-        return False
-    return True
+    return False
 
 
 def _check_strings(message) -> None:

@@ -181,10 +181,11 @@ def collect(
             fetched = {n: feed[n] for n in chunk if n in graph_inputs}
             wanted = [n for n in chunk if n not in graph_inputs]
             if wanted:
-                fetched.update(zip(wanted, session.run(feed, wanted)))
-            for name, value in fetched.items():
-                if value.dtype.kind == "f" and not np.isfinite(value).all():
-                    raise InputError(f"the input model computes NaN or Inf in {name!r} on the calibration data")
+                computed = dict(zip(wanted, session.run(feed, wanted)))
+                for name, value in computed.items():  # the inputs were checked when the data were loaded
+                    if value.dtype.kind == "f" and not np.isfinite(value).all():
+                        raise InputError(f"the input model computes NaN or Inf in {name!r} on the calibration data")
+                fetched.update(computed)
             for key, (layer, moments) in jobs.items():
                 if key[0] in fetched:
                     moments.add(layer.adapter.rows(layer, fetched[key[0]]))

@@ -563,27 +563,23 @@ def test_no_statistics_at_all(with_bias):
     assert_sane(empty, 12)
 
 
-@settings(max_examples=80, deadline=None)
-@given(
-    groups=st.integers(1, 3),
-    out_dim=st.integers(1, 9),
-    in_dim=st.integers(1, 9),
-    count=st.integers(1, 14),
-    side=st.sampled_from(["input", "output"]),
-    centred=st.booleans(),
-    weighted=st.booleans(),
-    dead=st.integers(0, 3),
-    seed=st.integers(0, 2**16),
-)
-def test_predicted_error_is_the_float64_output_error_for_any_statistics(
-    groups, out_dim, in_dim, count, side, centred, weighted, dead, seed
-):
-    """The closed form against a direct float64 measurement over the very rows the moments came from,
-    including fewer rows than dimensions, dead channels, negative and tiny BatchNormalization scales.
-    (Layers built directly here: DataAwareSVD reads only their matrices, bias value and output scale.)"""
-    # an output that is exactly its bias (W x == 0) meets the cancellation bug shown by
-    # test_near_constant_conv_output_has_predicted_errors_at_most_one: kept out of this property
-    assume(not (side == "output" and centred and dead >= in_dim))
+RANDOM_LAYER = {  # the strategies of the two predicted-error properties: random_layer's arguments
+    "groups": st.integers(1, 3),
+    "out_dim": st.integers(1, 9),
+    "in_dim": st.integers(1, 9),
+    "count": st.integers(1, 14),
+    "side": st.sampled_from(["input", "output"]),
+    "centred": st.booleans(),
+    "weighted": st.booleans(),
+    "dead": st.integers(0, 3),
+    "seed": st.integers(0, 2**16),
+}
+
+
+def random_layer(groups, out_dim, in_dim, count, side, centred, weighted, dead, seed):
+    """A layer (weight, bias, BatchNormalization-like output scale) and the moments of what it observes
+    over `count` correlated, offset input rows with `dead` zero channels; the node's output includes its
+    own bias. (Built directly: DataAwareSVD reads only the matrices, bias value and output scale.)"""
     rng = np.random.default_rng(seed)
     weight = rng.standard_normal((groups, out_dim, in_dim))
     mixing, offset = rng.standard_normal((groups, in_dim, in_dim)), 2 * rng.standard_normal((groups, 1, in_dim))
@@ -598,6 +594,21 @@ def test_predicted_error_is_the_float64_output_error_for_any_statistics(
         moments.add(x)
     else:  # the node's output, its own bias included
         moments.add(x @ np.swapaxes(weight, 1, 2) + (0.0 if bias is None else bias.reshape(groups, 1, out_dim)))
+    return weight, x, bias, scale, layer, moments
+
+
+@settings(max_examples=80, deadline=None)
+@given(**RANDOM_LAYER)
+def test_predicted_error_is_the_float64_output_error_for_any_statistics(
+    groups, out_dim, in_dim, count, side, centred, weighted, dead, seed
+):
+    """The closed form against a direct float64 measurement over the very rows the moments came from,
+    including fewer rows than dimensions, dead channels, negative and tiny BatchNormalization scales."""
+    # an output that is exactly its bias (W x == 0) meets the cancellation bug shown by
+    # test_near_constant_conv_output_has_predicted_errors_at_most_one: kept out of this property
+    assume(not (side == "output" and centred and dead >= in_dim))
+    weight, x, bias, scale, layer, moments = random_layer(groups, out_dim, in_dim, count, side, centred, weighted,
+                                                          dead, seed)
     with warnings.catch_warnings(), shrinkage_off():  # the raw statistics: their error is the measured one
         warnings.simplefilter("error", RuntimeWarning)
         factorizer = DataAwareSVD(layer, moments, side)
@@ -784,17 +795,7 @@ def expected_error(weight, mean, covariance, factors: Factorization, scale=None)
 
 
 @settings(max_examples=80, deadline=None)
-@given(
-    groups=st.integers(1, 3),
-    out_dim=st.integers(1, 9),
-    in_dim=st.integers(1, 9),
-    count=st.integers(1, 14),
-    side=st.sampled_from(["input", "output"]),
-    centred=st.booleans(),
-    weighted=st.booleans(),
-    dead=st.integers(0, 3),
-    seed=st.integers(0, 2**16),
-)
+@given(**RANDOM_LAYER)
 def test_predicted_error_is_the_expected_error_under_the_shrunk_statistics(
     groups, out_dim, in_dim, count, side, centred, weighted, dead, seed
 ):
@@ -802,20 +803,8 @@ def test_predicted_error_is_the_expected_error_under_the_shrunk_statistics(
     the calibration mean and the shrunk covariance, the intensity computed here from the rows by the
     textbook formula. Few rows for their dimension make the intensity large, so this is mostly shrunk."""
     assume(not (side == "output" and centred and dead >= in_dim))  # as in the unshrunk property test
-    rng = np.random.default_rng(seed)
-    weight = rng.standard_normal((groups, out_dim, in_dim))
-    mixing, offset = rng.standard_normal((groups, in_dim, in_dim)), 2 * rng.standard_normal((groups, 1, in_dim))
-    x = rng.standard_normal((groups, count, in_dim)) @ mixing + offset
-    x[:, :, :dead] = 0.0
-    bias = rng.standard_normal(groups * out_dim) if centred else None
-    scale = rng.choice([-1, 1], groups * out_dim) * 10 ** rng.uniform(-3, 2, groups * out_dim) if weighted else None
-    layer = Layer(None, None, None, weight, bias=None if bias is None else BiasSite(None, 0, bias, 0),
-                  output_scale=scale)
-    moments = Moments.empty(groups, in_dim if side == "input" else out_dim)
-    if side == "input":
-        moments.add(x)
-    else:
-        moments.add(x @ np.swapaxes(weight, 1, 2) + (0.0 if bias is None else bias.reshape(groups, 1, out_dim)))
+    weight, x, bias, scale, layer, moments = random_layer(groups, out_dim, in_dim, count, side, centred, weighted,
+                                                          dead, seed)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         factorizer = DataAwareSVD(layer, moments, side)

@@ -198,16 +198,22 @@ def test_shrinkage_is_the_ledoit_wolf_intensity_of_the_rows(groups, dim, sizes, 
                                rtol=1e-7, atol=1e-12)
 
 
-def test_shrinkage_vanishes_with_many_rows_and_grows_as_rows_get_fewer():
-    """16 dims, a decaying spectrum: near 0 with thousands of rows per dimension, falling like 1/rows,
-    large once there are about as many rows as dimensions. Averaged over draws for the ordering."""
-    dim, counts = 16, [50_000, 5_000, 500, 64, 16]
-    intensities = np.zeros((10, len(counts)))
-    for seed in range(10):
+def shrinkage_intensities(dim: int, counts: list[int], draws: int = 10) -> np.ndarray:
+    """(draws, len(counts)): the shrinkage intensity of `count` decaying-spectrum rows, per seed."""
+    intensities = np.zeros((draws, len(counts)))
+    for seed in range(draws):
         rng = np.random.default_rng(seed)
         for j, count in enumerate(counts):
             moments = accumulate([decaying_rows(rng, count, dim)], 1, dim)
             intensities[seed, j] = moments.shrinkage(scaled_identity(moments))[0]
+    return intensities
+
+
+def test_shrinkage_vanishes_with_many_rows_and_grows_as_rows_get_fewer():
+    """16 dims, a decaying spectrum: near 0 with thousands of rows per dimension, falling like 1/rows,
+    large once there are about as many rows as dimensions. Averaged over draws for the ordering."""
+    dim, counts = 16, [50_000, 5_000, 500, 64, 16]
+    intensities = shrinkage_intensities(dim, counts)
     assert np.all((intensities >= 0) & (intensities <= 1))
     assert np.all(intensities[:, 0] < 1e-3), intensities[:, 0]
     mean = intensities.mean(axis=0)
@@ -238,12 +244,7 @@ def test_moments_without_fourth_sums_or_rows_are_handled():
 
 def test_shrinkage_keeps_growing_down_to_two_rows():
     dim, counts = 64, [16, 8, 4, 3, 2]
-    intensities = np.zeros((10, len(counts)))
-    for seed in range(10):
-        rng = np.random.default_rng(seed)
-        for j, count in enumerate(counts):
-            moments = accumulate([decaying_rows(rng, count, dim)], 1, dim)
-            intensities[seed, j] = moments.shrinkage(scaled_identity(moments))[0]
+    intensities = shrinkage_intensities(dim, counts)
     mean = intensities.mean(axis=0)
     assert np.all(np.diff(mean) >= -0.02), mean
 
