@@ -27,6 +27,12 @@ from .metrics import DEFAULT_METRIC, DEFAULT_TOLERANCE, check_metric
 from .parallel import check_jobs, executor_for
 from .model_io import LoadedModel, check_output_path, load_model, model_stats, save_model
 from .methods import METHODS, candidates_for
+from .objective import DEFAULT_OBJECTIVE, OBJECTIVES
+from .objective import restrict as restrict_to_objective
+from .progress import Progress
+from .fusion import fusion_check
+from .latency import LayerTimer, Untimeable, end_to_end
+from .quantize import QUANTIZATIONS, quantize_int8
 from .ranks import Candidates, Choice, by_budget, by_energy, explicit, validate_ranks
 from .report import LayerReport, Report, SkippedLayer, Validation
 from .runtime import PROVIDERS, resolve_provider
@@ -55,6 +61,9 @@ class Options:
     jobs: int | None = None  # worker processes for the per-layer work (None: all cores, for large models)
     scheduler: str | None = None  # address of a Dask scheduler to send the per-layer work to instead
     cache: str | os.PathLike | None = None  # folder keeping statistics and sensitivities between runs
+    objective: str = DEFAULT_OBJECTIVE  # size | latency | balanced: see objective.py
+    quantize: str | None = None  # "int8": quantize the weights after factorizing, validated together
+    progress: bool = False  # progress bars on stderr (the command line turns them on in a terminal)
 
     def __post_init__(self) -> None:
         given = [name for name in ("ranks", "target_params", "energy") if getattr(self, name) is not None]
@@ -84,6 +93,10 @@ class Options:
         check_jobs(self.jobs)
         if self.scheduler is not None and (not isinstance(self.scheduler, str) or not self.scheduler):
             raise InputError(f"scheduler must be an address such as tcp://host:8786, got {self.scheduler!r}")
+        if self.objective not in OBJECTIVES:
+            raise InputError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if self.quantize not in (None, *QUANTIZATIONS):
+            raise InputError(f"unknown quantization {self.quantize!r}; choose {', '.join(QUANTIZATIONS)}")
         if self.provider not in PROVIDERS:
             raise InputError(f"unknown provider {self.provider!r}; choose one of {', '.join(PROVIDERS)}")
 
@@ -149,6 +162,13 @@ class _Clock:
 
 
 def _compress(loaded: LoadedModel, settings: Options, calibration, labels) -> tuple[onnx.ModelProto, Report]:
+    with Progress(settings.progress) as progress:
+        return _compress_with(loaded, settings, calibration, labels, progress)
+
+
+def _compress_with(
+    loaded: LoadedModel, settings: Options, calibration, labels, progress: Progress
+) -> tuple[onnx.ModelProto, Report]:
     clock = _Clock()
     original = loaded.model
     before = model_stats(original)
@@ -169,51 +189,76 @@ def _compress(loaded: LoadedModel, settings: Options, calibration, labels) -> tu
     if samples is not None and not settings.no_data:
         statistics = cache.statistics(data_key)
         if statistics is None:
-            statistics = unit_statistics(original, units, samples, parts.fit, provider, settings.batch_size)
+            statistics = unit_statistics(original, units, samples, parts.fit, provider, settings.batch_size,
+                                         progress.phase("statistics (samples)", len(parts.fit)))
             cache.save_statistics(data_key, statistics)
         clock.lap("statistics")
     mode = settings.mode
     with executor_for(settings.jobs, settings.scheduler, sum(unit.params for unit in units)) as workers:
-        candidates = candidates_for(units, settings.method, statistics, workers, eager=mode in ("size", "compact"))
+        candidates = candidates_for(units, settings.method, statistics, workers, eager=mode in ("size", "compact"),
+                                    advance=progress.phase("factorizations (layers)", len(units)))
     clock.lap("factorize")
+    timer, notes = None, []
+    if mode in ("size", "compact", "energy"):
+        feed = next(samples.batches(parts.fit, settings.batch_size))[1] if samples is not None else None
+        timer, notes = restrict_to_objective(
+            settings.objective, candidates, provider or "cpu", original, adapters, feed,
+            cache.file("latency.json"), progress.phase("latency gate (layers)", len(units)),
+        )
+        clock.lap("latency gate")
 
     validation, sensitivity, trial, search = None, None, None, None
     if samples is not None:
         evaluator = Evaluator(original, samples, provider, settings.batch_size)
-        search = Search(original, adapters, candidates, evaluator, parts.validation, settings.metric, samples.labels)
+        search = Search(original, adapters, candidates, evaluator, parts.validation, settings.metric, samples.labels,
+                        progress.phase("validated candidates"))
         if mode in ("size", "compact"):
             probe = parts.fit[:PROBE_SAMPLES]
             probe_key = key_of(data_key, settings.method, settings.no_data, probe)
             sensitivity = cache.floats("sensitivity", probe_key)
             if sensitivity is None or len(sensitivity) != len(units):
-                sensitivity = sensitivities(original, adapters, candidates, evaluator, probe)
+                sensitivity = sensitivities(original, adapters, candidates, evaluator, probe,
+                                            progress.phase("sensitivity probes (layers)", len(units)))
                 cache.save_floats("sensitivity", probe_key, sensitivity)
             clock.lap("sensitivity")
     tolerance = settings.tolerance
-    if mode == "ranks":
-        choices = explicit(candidates, settings.ranks, known, settings.allow_larger)
-    elif mode == "energy":
-        choices = by_energy(candidates, settings.energy, settings.allow_larger)
-    elif mode == "size" and search is None:
-        choices = by_budget(candidates, settings.target_params)
-    elif mode == "size":
-        trial = search.at_budget(sensitivity, settings.target_params)
-        choices = trial.choices
-    else:
-        tolerance = DEFAULT_TOLERANCE[settings.metric] if tolerance is None else tolerance
-        trial = search.compact(sensitivity, tolerance)
-        choices = trial.choices if trial is not None else [Choice(None, "within the tolerance only dense")] * len(units)
-    clock.lap("search" if search is not None else "choose")
-
-    factors = factors_of(candidates, choices)
-    if factors:
-        result = build(original, adapters, factors)
-        _check_output(result, full=loaded.shapes_consistent)
-    else:
-        result = onnx.ModelProto()
-        result.CopyFrom(original)
+    if mode == "compact" and tolerance is None:
+        tolerance = DEFAULT_TOLERANCE[settings.metric]
+    int8 = _Int8(settings, samples, parts, search, original) if settings.quantize else None
+    factor_tolerance = tolerance if int8 is None or mode != "compact" else int8.room(tolerance)
+    while True:
+        if mode == "ranks":
+            choices = explicit(candidates, settings.ranks, known, settings.allow_larger)
+        elif mode == "energy":
+            choices = by_energy(candidates, settings.energy, settings.allow_larger)
+            choices = [_allowed(candidate, choice) for candidate, choice in zip(candidates, choices)]
+        elif mode == "size" and search is None:
+            choices = by_budget(candidates, settings.target_params)
+        elif mode == "size":
+            trial = search.at_budget(sensitivity, settings.target_params)
+            choices = trial.choices
+        else:
+            trial = None if factor_tolerance is None else search.compact(sensitivity, factor_tolerance)
+            dense = "within the tolerance only dense"
+            choices = trial.choices if trial is not None else [Choice(None, dense)] * len(units)
+        clock.lap("search" if search is not None else "choose")
+        factors = factors_of(candidates, choices)
+        if factors:
+            factorized = build(original, adapters, factors)
+            _check_output(factorized, full=loaded.shapes_consistent)
+        else:
+            factorized = onnx.ModelProto()
+            factorized.CopyFrom(original)
+        result = factorized if int8 is None else int8.quantize(factorized)
+        if search is None:
+            break
+        factor_error = trial.error if trial is not None else search.try_(choices).error
+        value = factor_error if int8 is None else int8.error(result)
+        clock.lap("validate")
+        if int8 is None or mode != "compact" or value <= tolerance or not factors:
+            break
+        factor_tolerance = int8.tighter(factor_tolerance)  # the two errors did not add up as assumed
     if search is not None:
-        value = trial.error if trial is not None else search.try_(choices).error
         validation = Validation(
             metric=settings.metric,
             value=value,
@@ -222,7 +267,6 @@ def _compress(loaded: LoadedModel, settings: Options, calibration, labels) -> tu
             provider=search.evaluator.provider_used,
             samples=len(search.indices),
         )
-        clock.lap("validate")
     closest = search.closest() if mode == "compact" and trial is None and units else None
     after = model_stats(result)
     report = Report(
@@ -233,7 +277,7 @@ def _compress(loaded: LoadedModel, settings: Options, calibration, labels) -> tu
         seconds=time.perf_counter() - clock.start,
         ops_before=before.ops,
         ops_after=after.ops,
-        layers=_layer_reports(candidates, choices, factors, sensitivity),
+        layers=_layer_reports(candidates, choices, factors, sensitivity, timer),
         skipped=[SkippedLayer(s.node, s.op, s.reason) for s in plan.skipped]
         + [
             SkippedLayer(layer.node.name, layer.node.op, choice.reason)
@@ -245,19 +289,116 @@ def _compress(loaded: LoadedModel, settings: Options, calibration, labels) -> tu
         mode=mode,
         phases=clock.phases,
         trace=[{"params": t.params, "error": t.error, "samples": t.samples} for t in search.trials] if search else [],
+        factorizable_params=sum(unit.params for unit in units),
+        chosen=None if trial is None else {"params": trial.params, "error": trial.error},
+        objective=settings.objective,
+        notes=notes,
     )
-    if mode == "compact" and trial is None and units:
+    if int8 is not None:
+        report.quantization = int8.summary(factorized, result, None if search is None else factor_error,
+                                           None if search is None else value)
+    if mode == "compact" and trial is None and units and (int8 is None or value > tolerance):
         report.validation = None if closest is None else Validation(
             settings.metric, closest.error, tolerance, False, search.evaluator.provider_used, len(search.indices)
         )
-        if closest is None:
+        if int8 is not None and int8.alone_error is not None and int8.alone_error > tolerance:
+            detail = f" (int8 quantization alone reaches {int8.alone_error:.4g})"
+        elif closest is None:
             detail = ""
         else:
             detail = f" (the closest that removes parameters reached {closest.error:.4g} on the held-out part)"
         raise BoundNotMet(f"no factorization keeps {settings.metric} within {tolerance:g}{detail}", report)
     if validation is not None and validation.passed is False:
         raise BoundNotMet(f"{settings.metric} is {validation.value:.4g}, above the tolerance {tolerance:g}", report)
+    if factors:
+        report.fusions = _fusions(original, factorized, report, search)
+        clock.lap("fusion check")
+    if samples is not None and (factors or int8 is not None):
+        report.latency = end_to_end(original, factorized, result if int8 is not None else None,
+                                    next(samples.batches(parts.fit, settings.batch_size))[1], provider,
+                                    progress.phase("end-to-end latency"))
+        clock.lap("latency")
+        slower = _clearly_slower(report.latency)
+        if slower:
+            report.notes.append(slower)
+    report.phases, report.seconds = clock.phases, time.perf_counter() - clock.start
     return result, report
+
+
+def _clearly_slower(timing: dict) -> str | None:
+    """A note when the compressed model ran slower end to end beyond the timings' spread (each layer's
+    gate cannot see effects between layers, such as a layout change)."""
+    if "speedup" not in timing or timing["compressed"]["p10_ms"] <= timing["original"]["p90_ms"]:
+        return None
+    return (f"end to end the compressed model ran slower than the original ({timing['speedup']:.2f}x, "
+            f"{timing['provider']}, batch {timing['batch']}); try --objective latency")
+
+
+def _allowed(candidate: Candidates, choice: Choice) -> Choice:
+    """An energy-chosen rank as the objective allows it: raised to the next rank on offer (rounded to
+    the tile), or dense when none is within the dense size and speed."""
+    if choice.option is None:
+        return choice
+    offered = [o for o in candidate.options() if o.method == choice.option.method]
+    if choice.option in offered:
+        return choice
+    larger = [o for o in offered if o.config >= choice.option.config]
+    if larger:
+        return Choice(min(larger, key=lambda o: o.config))
+    return Choice(None, candidate.emptied_by or "no allowed rank is at least the one the energy asks")
+
+
+class _Int8:
+    """`--quantize int8` around the search. In compact mode the tolerance is shared: quantizing the
+    original alone costs some error, the factorization is searched within what is left, and the two
+    together are validated; should they add up to more than the tolerance, the factorization's share is
+    halved (twice at most), then only the quantized original remains."""
+
+    RETRIES = 2
+
+    def __init__(self, settings: Options, samples: Samples | None, parts, search: Search | None, original):
+        self.metric = settings.metric
+        # Conv needs calibration for its activations' scales; without data it stays float
+        self.feeds = None if samples is None else [feed for _, feed in samples.batches(parts.fit, settings.batch_size)]
+        self.search = search
+        self.original = original
+        self.alone_error: float | None = None
+        self.info: dict = {}
+        self.retries = self.RETRIES
+
+    def quantize(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        quantized = quantize_int8(model, self.feeds)
+        self.info = quantized.info
+        return quantized.model
+
+    def error(self, model: onnx.ModelProto) -> float:
+        indices = self.search.indices
+        labels = None if self.search.labels is None else self.search.labels[indices]
+        return self.search.evaluator.error(model, indices, self.metric, labels)
+
+    def room(self, tolerance: float) -> float | None:
+        """What the tolerance leaves the factorization once the original's own int8 error is spent
+        (None: nothing)."""
+        self.alone_error = self.error(self.quantize(self.original))
+        left = tolerance - self.alone_error
+        return left if left > 0 or (left == 0 and self.metric == "accuracy") else None
+
+    def tighter(self, share: float | None) -> float | None:
+        self.retries -= 1
+        if share is None or self.retries < 0 or share == 0:
+            return None
+        return share / 2
+
+    def summary(self, factorized, quantized, factor_error: float | None, error: float | None) -> dict:
+        return {
+            "scheme": "int8",
+            "bytes_factorized": model_stats(factorized).bytes,
+            "bytes_quantized": model_stats(quantized).bytes,
+            "error_factorized": factor_error,  # the factorization alone (validated, before quantizing)
+            "error_quantized": error,  # factorization and quantization together: what was validated
+            "error_quantized_alone": self.alone_error,  # the original quantized, no factorization (compact)
+            "nodes": self.info,
+        }
 
 
 def _held_out_fraction(metric: str) -> float:
@@ -281,7 +422,7 @@ def _calibration(settings: Options, model: onnx.ModelProto, calibration, labels)
 
 def _layer_reports(
     candidates: list[Candidates], choices: list[Choice], factors: dict[str, Factorization],
-    sensitivity: list[float] | None,
+    sensitivity: list[float] | None, timer: LayerTimer | None,
 ) -> list[LayerReport]:
     reports = []
     for position, (candidate, choice) in enumerate(zip(candidates, choices)):
@@ -304,9 +445,38 @@ def _layer_reports(
                 nodes=[layer.node.name for layer in unit.layers],
                 sensitivity=None if sensitivity is None else sensitivity[position],
                 alternatives=_alternatives(candidate, choice.option),
+                spectrum=_spectrum(candidate),
+                latency=None if timer is None else _layer_latency(timer, unit, factorization),
             )
         )
     return reports
+
+
+def _fusions(original, factorized, report: Report, search: Search | None) -> dict:
+    """ONNX Runtime's fusions in the original and the factorized model; a model ONNX Runtime cannot
+    optimize was still validated as written, so that is a note, not a failure."""
+    provider = search.evaluator.provider_used if search is not None else "cpu"
+    try:
+        return fusion_check(original, factorized, [n for layer in report.layers for n in layer.nodes], provider)
+    except Exception as error:  # noqa: BLE001 - onnxruntime's own exception types
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return {"error": f"onnxruntime could not optimize the models: {first_line}"}
+
+
+def _layer_latency(timer: LayerTimer, unit, factorization: Factorization) -> dict[str, float] | None:
+    """The chosen factorization against its dense layer, alone (cached when the gate timed it)."""
+    try:
+        dense_ms, factorized_ms = timer.times(unit, factorization)
+    except Untimeable:
+        return None
+    return {"dense_ms": dense_ms, "factorized_ms": factorized_ms}
+
+
+def _spectrum(candidate: Candidates) -> list[float]:
+    """The unit's SVD energies as fractions of its total, to 4 digits (the report's spectrum plots)."""
+    spectrum = candidate.primary.spectrum
+    total = spectrum.energy.sum() if spectrum.total is None else spectrum.total
+    return [float(f"{e:.4g}") for e in (spectrum.energy / total if total > 0 else spectrum.energy)]
 
 
 def _alternatives(candidate: Candidates, chosen) -> dict[str, float | None]:

@@ -102,6 +102,11 @@ class Cache:
             text = json.dumps({"format": FORMAT, "values": [float(v) for v in values]})
             self._write(path, lambda stream: stream.write(text.encode()))
 
+    def file(self, name: str) -> Path | None:
+        """A file in the cache folder for results keyed by their own content (the latency gate's
+        timings, shared by every model: they depend on shapes, not weights)."""
+        return None if self.folder is None else self.folder / name
+
     def _path(self, kind: str, key: str, suffix: str) -> Path | None:
         return None if self.folder is None else self.folder / f"{kind}-{key}{suffix}"
 

@@ -8,6 +8,7 @@ ONNX_LOWRANK_DEBUG=1).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import warnings
@@ -22,7 +23,11 @@ from .inspection import inspect
 from .errors import BoundNotMet, InputError
 from .metrics import DEFAULT_METRIC, DEFAULT_TOLERANCE, METRICS
 from .runtime import PROVIDERS
+from .html_report import render_html
 from .model_io import check_output_path, write_text
+from .objective import DEFAULT_OBJECTIVE, OBJECTIVES
+from .progress import terminal_progress
+from .quantize import QUANTIZATIONS
 from .ranks import load_ranks_file
 from .summary import print_compress, print_inspect
 
@@ -64,6 +69,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=8, help="calibration samples per ONNX Runtime run")
     run.add_argument("--ops", default=",".join(ADAPTERS), metavar="LIST",
                      help=f"comma-separated op types to consider (default {','.join(ADAPTERS)})")
+    run.add_argument("--objective", choices=OBJECTIVES, default=DEFAULT_OBJECTIVE,
+                     help="size: fewest parameters; balanced: ranks in hardware-friendly multiples and no "
+                          "factorization slower than its dense layer on --provider (measured); latency: "
+                          "only factorizations measurably faster (default %(default)s)")
+    run.add_argument("--quantize", choices=QUANTIZATIONS,
+                     help="also quantize the weights (int8: dynamic for MatMul/Gemm/Gather, static QDQ with "
+                          "the calibration data for Conv); the combined model is validated against the bound")
+    run.add_argument("--html", type=Path, metavar="FILE.html",
+                     help="write a standalone HTML report with plots (pip install 'onnx-lowrank[html]')")
     run.add_argument("--allow-larger", action="store_true", help="keep factorizations that do not shrink a layer")
     run.add_argument("--jobs", type=int, metavar="N",
                      help="worker processes for the per-layer factorizations (default: all cores; models "
@@ -95,10 +109,15 @@ def _ops(text: str) -> tuple[str, ...]:
 
 def _compress(args: argparse.Namespace, console: Console) -> int:
     ranks = load_ranks_file(args.ranks) if args.ranks is not None else None
-    if args.report is not None:
-        check_output_path(args.report, args.input)
-        if args.report.resolve() == args.output.resolve():
-            raise InputError(f"--report {args.report} is the output model; choose another path")
+    for flag, path in (("--report", args.report), ("--html", args.html)):
+        if path is not None:
+            check_output_path(path, args.input)
+            if path.resolve() == args.output.resolve():
+                raise InputError(f"{flag} {path} is the output model; choose another path")
+    if args.report is not None and args.html is not None and args.report.resolve() == args.html.resolve():
+        raise InputError("--report and --html name the same file; choose two paths")
+    if args.html is not None and importlib.util.find_spec("matplotlib") is None:
+        raise InputError("--html needs matplotlib: pip install 'onnx-lowrank[html]'")
     try:
         report = compress_file(
             args.input,
@@ -120,19 +139,27 @@ def _compress(args: argparse.Namespace, console: Console) -> int:
             jobs=args.jobs,
             scheduler=args.scheduler,
             cache=args.cache,
+            objective=args.objective,
+            quantize=args.quantize,
+            progress=terminal_progress(args.quiet),
         )
     except BoundNotMet as failure:
-        if args.report is not None:
-            write_text(args.report, failure.report.to_json())
+        _write_reports(args, failure.report)
         if not args.quiet:
             print_compress(failure.report, console, written=False)
         raise
-    if args.report is not None:
-        write_text(args.report, report.to_json())
+    _write_reports(args, report)
     if not args.quiet:
         print_compress(report, console, written=True)
         console.print(f"wrote {args.output}")
     return 0
+
+
+def _write_reports(args: argparse.Namespace, report) -> None:
+    if args.report is not None:
+        write_text(args.report, report.to_json())
+    if args.html is not None:
+        write_text(args.html, render_html(report))
 
 
 def _inspect(args: argparse.Namespace, console: Console) -> int:

@@ -14,6 +14,8 @@ in float64; eigenvalues are floored relative to the largest, so rank-deficient s
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from .calibration import Samples
@@ -224,11 +226,12 @@ def _row_errors(table: np.ndarray, basis: np.ndarray) -> np.ndarray:
 
 
 def unit_statistics(
-    model, units: list[Unit], samples: Samples, fit: list[int], provider: str, batch_size: int
+    model, units: list[Unit], samples: Samples, fit: list[int], provider: str, batch_size: int,
+    progress: Callable[[int], None] | None = None,
 ) -> list[Moments | Counts]:
     """Statistics over the fit samples of what each unit's layers observe, merged per unit (shared weights)."""
     layers = [layer for unit in units for layer in unit.layers]
-    statistics = iter(collect(model, layers, samples, fit, provider, batch_size))
+    statistics = iter(collect(model, layers, samples, fit, provider, batch_size, progress=progress))
     merged = []
     for unit in units:
         together = None

@@ -7,12 +7,12 @@ the input patches (or none at all) so that their errors compare with the SVD's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .conv_methods import conv_decomposers
 from .data_aware import OutputError, data_aware_svd
 from .layers import Unit, detached
-from .parallel import Workers
+from .parallel import Workers, blas_threads
 from .ranks import Candidates
 from .statistics import Moments
 from .svd import TruncatedSVD
@@ -23,7 +23,7 @@ METHODS = ("auto", "svd", *CONV_METHODS)
 
 def candidates_for(
     units: Sequence[Unit], method: str, statistics: Sequence | None, workers: Workers | None = None,
-    eager: bool = False,
+    eager: bool = False, advance: Callable[[int], None] | None = None,
 ) -> list[Candidates]:
     """Per unit, its decomposers under `method`; `statistics` per unit from calibration, or None.
 
@@ -37,13 +37,25 @@ def candidates_for(
         [unit.layers[0].adapter.observed(unit.layers[0])[1] for unit in units],
         [eager] * len(units),
     )
-    found = workers.map(_candidates, *jobs) if workers is not None else list(map(_candidates, *jobs))
+    if workers is not None:
+        found = workers.map(_candidates, *jobs, advance=advance)
+    else:
+        found = []
+        for arguments in zip(*jobs):
+            found.append(_candidates(*arguments))
+            if advance is not None:
+                advance(1)
     for unit, candidate in zip(units, found):
         candidate.unit = unit
     return found
 
 
 def _candidates(unit: Unit, method: str, stats, side: str, eager: bool) -> Candidates:
+    with blas_threads(unit.params):
+        return _decomposers(unit, method, stats, side, eager)
+
+
+def _decomposers(unit: Unit, method: str, stats, side: str, eager: bool) -> Candidates:
     layer = unit.layers[0]
     primary = TruncatedSVD(unit.matrices) if stats is None else data_aware_svd(unit, stats, side)
     exact = stats is None or (isinstance(stats, Moments) and side == "input")

@@ -226,10 +226,11 @@ class ModelStats:
 
 
 def model_stats(model: onnx.ModelProto) -> ModelStats:
-    """Parameters (elements of floating-point constants), serialized bytes and node counts by op type."""
+    """Parameters (elements of floating-point and 8-bit integer constants: quantized weights, with their
+    zero points), serialized bytes and node counts by op type."""
     params = 0
     for tensor in _constant_tensors(model.graph):
-        if tensor.data_type in FLOAT_TYPES:
+        if tensor.data_type in FLOAT_TYPES or tensor.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
             count = 1
             for dim in tensor.dims:
                 count *= dim

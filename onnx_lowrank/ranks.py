@@ -10,7 +10,7 @@ budget is a knapsack that lambda alone cannot always fill well).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import numpy as np
 
 from .errors import InputError
 from .layers import Unit
+from .parallel import blas_threads
 from .svd import Option
 
 FULL = "full"
@@ -50,15 +51,31 @@ class Candidates:
         offered = ([primary] if include_primary else []) + list(others)
         self._by_method = {d.method: d for d in [primary, *others]}
         self._offered = offered
+        self._allowed: list[Callable[[Option], bool]] = []
+        self.emptied_by: str | None = None  # why a restriction left no option, if one did
+        self._every: list[Option] | None = None  # computed once: some methods' options cost seconds
         self._options: list[Option] | None = None
 
     def options(self) -> list[Option]:
+        """Every option offered, less those a restriction rules out."""
+        if self._every is None:
+            with blas_threads(self.unit.params):
+                self._every = [option for decomposer in self._offered for option in decomposer.options()]
         if self._options is None:
-            self._options = [option for decomposer in self._offered for option in decomposer.options()]
+            self._options = [o for o in self._every if all(allowed(o) for allowed in self._allowed)]
         return self._options
 
+    def restrict(self, allowed: Callable[[Option], bool], note: str) -> None:
+        """Offer only the options `allowed` keeps (rank multiples, the latency gate); `note` says why,
+        should none be left."""
+        self._allowed.append(allowed)
+        self._options = None
+        if not self.options() and self.emptied_by is None:
+            self.emptied_by = note
+
     def factorize(self, option: Option):
-        return self._by_method[option.method].factorize(option.config)
+        with blas_threads(self.unit.params):
+            return self._by_method[option.method].factorize(option.config)
 
     @property
     def offers_others(self) -> bool:
@@ -69,7 +86,9 @@ class Candidates:
         """The same unit offering its SVD alone (when the SVD is offered at all)."""
         if self.primary not in self._offered:
             return self
-        return Candidates(self.unit, self.primary, notes=self.notes)
+        alone = Candidates(self.unit, self.primary, notes=self.notes)
+        alone._allowed, alone.emptied_by = list(self._allowed), self.emptied_by
+        return alone
 
     def probe_option(self, target: float) -> Option | None:
         """The shrinking option whose predicted error is nearest `target` (and above 0): what a
@@ -139,7 +158,7 @@ def by_budget(candidates: Sequence[Candidates], fraction: float, weights: Sequen
     floor = sum(o.params[0] for o in options)
     if floor > budget:
         raise InputError(
-            f"target-params {fraction:g} is below what rank 1 everywhere keeps ({floor / total:.3f} of the "
+            f"target-params {fraction:g} is below what the smallest rank everywhere keeps ({floor / total:.3f} of the "
             "parameters; layers no decomposition of the chosen method shrinks stay whole)"
         )
     # params(lambda) grows with lambda: bisect log10(lambda) for the largest that fits the budget
@@ -189,15 +208,12 @@ class _Menu:
 
     def __init__(self, candidate: Candidates, weight: float):
         dense = candidate.unit.params
-        front: list[Option] = []
-        for option in sorted(candidate.options(), key=lambda o: (o.params, o.error)):
-            if option.params < dense and (not front or option.error < front[-1].error):
-                front.append(option)
+        front = pareto_front(candidate.options(), dense)
         self.options = front
         self.params = np.array([o.params for o in front] + [dense])
         self.errors = weight * np.array([o.error for o in front] + [0.0])
         notes = "; ".join(candidate.notes)
-        self.empty_reason = "no decomposition shrinks it" + (f" ({notes})" if notes else "")
+        self.empty_reason = candidate.emptied_by or "no decomposition shrinks it" + (f" ({notes})" if notes else "")
 
     def best(self, multiplier: float) -> int:
         return int(np.argmin(self.params + multiplier * self.errors))
@@ -259,6 +275,21 @@ def _exchange(options: list[_Menu], picks: list[int], budget: float) -> None:
             if need <= 0 and loss < gain - 1e-15:
                 picks[:] = trial
                 improved = True
+
+
+def pareto_front(options: Sequence[Option], dense_params: int) -> list[Option]:
+    """The options below the dense size that no smaller one matches in error, ordered by size: the only
+    ones an allocation ever picks."""
+    front: list[Option] = []
+    for option in sorted(options, key=lambda o: (o.params, o.error)):
+        if option.params < dense_params and (not front or option.error < front[-1].error):
+            front.append(option)
+    return front
+
+
+def rank_multiple(multiple: int) -> Callable[[Option], bool]:
+    """Options whose every rank is a multiple of `multiple` (what the hardware's kernels tile well)."""
+    return lambda option: all(rank % multiple == 0 for rank in option.config)
 
 
 def _keep_if_smaller(candidate: Candidates, rank: int, allow_larger: bool) -> Choice:

@@ -24,6 +24,9 @@ class LayerReport:
     sensitivity: float | None = None  # final-output squared relative error per unit of predicted error
     alternatives: dict[str, float | None] = field(default_factory=dict)  # other methods' least predicted
     # error within these parameters (None: none that small): why they lost
+    spectrum: list[float] = field(default_factory=list)  # the SVD's energy per rank component, as a
+    # fraction of the total (data-aware: of the layer's output energy), largest first: where the cut fell
+    latency: dict[str, float] | None = None  # the gate's micro-benchmark: {"dense_ms", "factorized_ms"}
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,15 @@ class Report:
     mode: str = ""  # ranks | energy | size | compact
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase
     trace: list[dict] = field(default_factory=list)  # every validated candidate: params (of the units), error
+    factorizable_params: int = 0  # parameters of the factorizable units before (the trace's full size)
+    chosen: dict | None = None  # the search's chosen point: {"params" (of the units), "error"}
+    objective: str = "size"  # size | latency | balanced: what the ranks were chosen for
+    latency: dict | None = None  # end to end, original vs compressed, side by side: {"provider", "batch",
+    # "threads", "runs", "original": {"median_ms", "p10_ms", "p90_ms"}, "compressed": {...}, "speedup"}
+    fusions: dict | None = None  # ONNX Runtime's fused nodes, original vs factorized (fusion.fusion_check)
+    notes: list[str] = field(default_factory=list)  # what the user should know about how it was done
+    quantization: dict | None = None  # --quantize: {"scheme", "bytes_factorized", "bytes_quantized",
+    # "error_factorized", "error_quantized", "nodes"}: what factorization and quantization each gave
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

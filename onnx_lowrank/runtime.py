@@ -15,14 +15,14 @@ from .errors import InputError
 from .model_io import is_large, save_model
 
 PROVIDERS = ("cpu", "cuda", "auto")
-_EP = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+EXECUTION_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 def resolve_provider(name: str) -> str:
     """"cpu" or "cuda": `auto` takes CUDA when this onnxruntime has it; `cuda` without it warns and uses CPU."""
     if name not in PROVIDERS:
         raise InputError(f"unknown provider {name!r}; choose one of {', '.join(PROVIDERS)}")
-    has_cuda = _EP["cuda"] in ort.get_available_providers()
+    has_cuda = EXECUTION_PROVIDERS["cuda"] in ort.get_available_providers()
     if name == "cuda" and not has_cuda:
         warnings.warn(
             "CUDA was asked for but this onnxruntime has no CUDAExecutionProvider "
@@ -34,6 +34,24 @@ def resolve_provider(name: str) -> str:
     if name == "auto":
         return "cuda" if has_cuda else "cpu"
     return name
+
+
+def open_session(
+    model: onnx.ModelProto, provider: str, threads: int, level: ort.GraphOptimizationLevel
+) -> ort.InferenceSession:
+    """An onnxruntime session of the model: CUDA first when `provider` is "cuda", `threads` intra-op
+    threads (0: onnxruntime's default); models over 2 GB go through a temporary file with external data."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    providers = [EXECUTION_PROVIDERS["cuda"], EXECUTION_PROVIDERS["cpu"]] if provider == "cuda" else [EXECUTION_PROVIDERS["cpu"]]
+    if not is_large(model):
+        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.onnx"
+        save_model(model, path, external_data=True)
+        return ort.InferenceSession(str(path), options, providers=providers)
 
 
 class Session:
@@ -49,20 +67,9 @@ class Session:
             self._open(model, provider, threads)
 
     def _open(self, model: onnx.ModelProto, provider: str, threads: int) -> None:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        providers = [_EP["cuda"], _EP["cpu"]] if provider == "cuda" else [_EP["cpu"]]
-        if not is_large(model):
-            self._session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
-        else:
-            with tempfile.TemporaryDirectory() as folder:
-                path = Path(folder) / "model.onnx"
-                save_model(model, path, external_data=True)
-                self._session = ort.InferenceSession(str(path), options, providers=providers)
+        self._session = open_session(model, provider, threads, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         used = self._session.get_providers()[0]
-        self.provider = "cuda" if used == _EP["cuda"] else "cpu"
+        self.provider = "cuda" if used == EXECUTION_PROVIDERS["cuda"] else "cpu"
         if provider == "cuda" and self.provider != "cuda":
             warnings.warn("the CUDA execution provider failed to start; running on the CPU", RuntimeWarning, stacklevel=2)
         self.output_names = [o.name for o in self._session.get_outputs()]

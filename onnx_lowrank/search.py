@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -138,6 +138,7 @@ def sensitivities(
     candidates: Sequence[Candidates],
     evaluator: Evaluator,
     probe: Sequence[int],
+    advance: Callable[[int], None] | None = None,
 ) -> list[float]:
     """Final-output (logit) squared relative error per unit of predicted error, one unit at a time (each
     probed with its option nearest PROBE_ERROR)."""
@@ -150,13 +151,15 @@ def sensitivities(
             factors = candidate.factorize(option)
             model = build(original, adapters, {candidate.unit.key: factors})
             found.append(evaluator.probe_error(model, probe) / factors.predicted_error)
+        if advance is not None:
+            advance(1)
     return found
 
 
 class Search:
     """Candidates over the units: build, validate, remember every trial (the report's trace)."""
 
-    def __init__(self, original, adapters, candidates, evaluator: Evaluator, indices, metric, labels):
+    def __init__(self, original, adapters, candidates, evaluator: Evaluator, indices, metric, labels, advance=None):
         self.original = original
         self.adapters = adapters
         self.candidates = candidates
@@ -165,6 +168,7 @@ class Search:
         self.metric = metric
         self.labels = labels
         self.trials: list[Trial] = []
+        self.advance = advance  # called once per validated trial (a progress bar)
 
     def factors(self, choices: Sequence[Choice]) -> dict[str, Factorization]:
         return factors_of(self.candidates, choices)
@@ -180,6 +184,8 @@ class Search:
         error = self.evaluator.error(model, indices, metric or self.metric, labels)
         trial = Trial(choices, self.params(choices), error, len(indices))
         self.trials.append(trial)
+        if self.advance is not None:
+            self.advance(1)
         return trial
 
     def compact(self, weights: Sequence[float], tolerance: float) -> Trial | None:

@@ -23,12 +23,17 @@ def _ratio(after: float, before: float) -> str:
     return f"{after / before:.1%}" if before else "-"
 
 
+def _layer_ms(latency: dict | None) -> str:
+    return "" if not latency else f"{latency['dense_ms']:.3g} -> {latency['factorized_ms']:.3g}"
+
+
 def print_compress(report: Report, console: Console, written: bool) -> None:
     """Per-layer table, skipped layers, the before/after summary (parameters, bytes, nodes by op) and
     the validation result."""
     if report.layers:
         layers = Table(title="Factorized layers", title_justify="left")
-        numeric = ("rank", "params", "predicted error", "sensitivity")
+        timed = any(layer.latency for layer in report.layers)
+        numeric = ("rank", "params", "predicted error", "sensitivity") + (("ms dense -> factorized",) if timed else ())
         for column in ("node", "op", "weight shape", "method", *numeric):
             layers.add_column(column, justify="right" if column in numeric else "left")
         for layer in report.layers:
@@ -42,6 +47,7 @@ def print_compress(report: Report, console: Console, written: bool) -> None:
                 f"{layer.params_before:,} -> {layer.params_after:,}",
                 f"{layer.predicted_error:.2e}",
                 "" if layer.sensitivity is None else f"{layer.sensitivity:.3g}",
+                *((_layer_ms(layer.latency),) if timed else ()),
             )
         console.print(layers)
     if report.skipped:
@@ -69,6 +75,23 @@ def print_compress(report: Report, console: Console, written: bool) -> None:
             f"{'within' if check.passed else 'ABOVE'} the tolerance {check.tolerance:g}")
         console.print(f"validated on {check.samples} held-out samples ({check.provider}): "
                       f"{check.metric} = {check.value:.4g}, {bound}")
+    if report.quantization is not None:
+        q = report.quantization
+        errors = "" if q["error_quantized"] is None else (
+            f"; {report.validation.metric if report.validation else 'error'} {q['error_factorized']:.4g} "
+            f"factorized -> {q['error_quantized']:.4g} with int8")
+        console.print(f"int8: {human_bytes(q['bytes_factorized'])} factorized -> {human_bytes(q['bytes_quantized'])}"
+                      f"{errors}")
+    if report.latency is not None:
+        timing = report.latency
+        console.print(f"latency ({timing['provider']}, batch {timing['batch']}, median of {timing['runs']} runs "
+                      f"side by side): {timing['original']['median_ms']:.3g} ms -> "
+                      f"{timing['compressed']['median_ms']:.3g} ms ({timing['speedup']:.2f}x)")
+    if report.fusions is not None and not report.fusions.get("unfactorized_match", True):
+        lost = ", ".join(entry["kind"] for entry in report.fusions["lost"] if entry["layer"] is None)
+        console.print(f"warning: ONNX Runtime fuses fewer nodes outside the factorized layers: {lost}")
+    for note in report.notes:
+        console.print(f"note: {note}")
     if not report.layers and written:
         console.print("Nothing was factorized; the model is written unchanged.")
 

@@ -142,6 +142,7 @@ def comparable(report: onnx_lowrank.Report) -> dict:
     data = report.to_dict()
     data.pop("seconds")
     data.pop("phases")
+    data.pop("latency")  # end-to-end timings
     return data
 
 
@@ -157,7 +158,7 @@ def two_input(tmp_path_factory) -> Path:
 
 def test_two_input_model_compresses_in_compact_mode(two_input: Path):
     """The model built here is a sound base for the error cases: good data compresses it."""
-    model, report = onnx_lowrank.compress(two_input, two_input_data(), tolerance=0.05)
+    model, report = onnx_lowrank.compress(two_input, two_input_data(), tolerance=0.05, objective="size")
     assert report.mode == "compact"
     assert report.validation.passed is True
     assert report.validation.samples == 24
@@ -182,7 +183,7 @@ def test_every_source_kind_gives_the_same_result(tmp_path: Path):
     }
     results = {}
     for name, make in sources.items():
-        model, report = onnx_lowrank.compress(DIGITS, make(), tolerance=0.05)
+        model, report = onnx_lowrank.compress(DIGITS, make(), tolerance=0.05, objective="size")
         assert report.validation is not None, name
         assert report.validation.samples == 32, name  # half of 64 held out
         assert report.validation.passed is True, name
@@ -218,7 +219,8 @@ def test_folder_and_npz_via_cli_agree(tmp_path: Path):
     shapes = {}
     for name, calib in (("npz", npz), ("folder", folder)):
         out = tmp_path / f"{name}.onnx"
-        assert cli_main(["compress", str(DIGITS), "-o", str(out), "--calib", str(calib), "-q"]) == 0
+        assert cli_main(["compress", str(DIGITS), "-o", str(out), "--calib", str(calib), "--objective", "size",
+                         "-q"]) == 0
         model = onnx.load(str(out))
         onnx.checker.check_model(model, full_check=True)
         shapes[name] = {t.name: list(t.dims) for t in model.graph.initializer}
@@ -233,7 +235,7 @@ def test_two_input_sources_agree(tmp_path: Path):
     values = {}
     for name, source in (("npz", npz), ("dict", arrays), ("folder", folder), ("reader", ListReader(feeds_of(arrays))),
                          ("list", feeds_of(arrays))):
-        _, report = onnx_lowrank.compress(two_input_model(), source, tolerance=0.05)
+        _, report = onnx_lowrank.compress(two_input_model(), source, tolerance=0.05, objective="size")
         values[name] = (report.params_after, [layer.rank for layer in report.layers], report.validation.value)
     first = values["npz"]
     for name, (params, ranks, value) in values.items():
@@ -502,14 +504,15 @@ def test_labels_as_an_array_of_the_wrong_length(two_input: Path):
 
 
 def test_sixteen_samples_are_enough(two_input: Path):
-    _, report = onnx_lowrank.compress(two_input, _good(16), tolerance=0.05)
+    _, report = onnx_lowrank.compress(two_input, _good(16), tolerance=0.05, objective="size")
     assert report.validation.samples == 8
 
 
 def test_accuracy_allows_tolerance_zero():
     images = digits_images()
     labels = np.load(DIGITS_LABELS)
-    _, report = onnx_lowrank.compress(DIGITS, {"image": images}, labels=labels, metric="accuracy", tolerance=0)
+    _, report = onnx_lowrank.compress(DIGITS, {"image": images}, labels=labels, metric="accuracy", tolerance=0,
+                                      objective="size")
     assert report.validation.tolerance == 0
     assert report.validation.value == 0
     assert report.validation.passed is True
@@ -535,14 +538,15 @@ def test_static_batch_of_one_with_stacked_samples(tmp_path: Path, capsys):
     onnx.save(static_batch_model(), str(model_path))
     x = np.random.default_rng(3).standard_normal((40, 16)).astype(np.float32)
     try:
-        _, report = onnx_lowrank.compress(model_path, {"x": x}, tolerance=0.05)
+        _, report = onnx_lowrank.compress(model_path, {"x": x}, tolerance=0.05, objective="size")
     except onnx_lowrank.InputError:
         pass
     else:
         assert report.validation.passed is True
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=x)
-    code = cli_main(["compress", str(model_path), "-o", str(tmp_path / "out.onnx"), "--calib", str(calib), "-q"])
+    code = cli_main(["compress", str(model_path), "-o", str(tmp_path / "out.onnx"), "--calib", str(calib),
+                     "--objective", "size", "-q"])
     err = capsys.readouterr().err
     assert code in (0, 2), err
     assert len(err.splitlines()) <= 1, err
@@ -562,7 +566,8 @@ def test_split_is_seeded_and_reproducible():
     count = len(images)
     runs = {}
     for seed in (0, 0, 1):
-        model, report = onnx_lowrank.compress(DIGITS, {"image": images}, tolerance=0.05, seed=seed)
+        model, report = onnx_lowrank.compress(DIGITS, {"image": images}, tolerance=0.05, seed=seed,
+                                              objective="size")
         runs.setdefault(seed, []).append((model, report))
 
     (model_a, report_a), (model_b, report_b) = runs[0]
@@ -602,7 +607,7 @@ def test_seed_via_cli_is_reproducible(tmp_path: Path):
     for name in ("a", "b"):
         out = tmp_path / f"{name}.onnx"
         code = cli_main(["compress", str(DIGITS), "-o", str(out), "--calib", str(DIGITS_CALIB), "--seed", "7",
-                         "--batch-size", "16", "-q"])
+                         "--batch-size", "16", "--objective", "size", "-q"])
         assert code == 0
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]
@@ -610,7 +615,8 @@ def test_seed_via_cli_is_reproducible(tmp_path: Path):
 
 def test_batch_size_does_not_change_the_choice():
     images = digits_images(96)
-    reports = [onnx_lowrank.compress(DIGITS, {"image": images}, tolerance=0.05, batch_size=b)[1] for b in (1, 7, 96)]
+    reports = [onnx_lowrank.compress(DIGITS, {"image": images}, tolerance=0.05, batch_size=b, objective="size")[1]
+               for b in (1, 7, 96)]
     for report in reports[1:]:
         assert [layer.rank for layer in report.layers] == [layer.rank for layer in reports[0].layers]
         assert report.validation.value == pytest.approx(reports[0].validation.value, rel=1e-4)
@@ -622,23 +628,23 @@ def test_batch_size_does_not_change_the_choice():
 @pytest.mark.skipif(HAS_CUDA, reason="this onnxruntime has CUDA")
 def test_cuda_without_cuda_warns_and_runs_on_cpu():
     with pytest.warns(RuntimeWarning, match="CUDA"):
-        _, report = onnx_lowrank.compress(DIGITS, DIGITS_CALIB, tolerance=0.05, provider="cuda")
+        _, report = onnx_lowrank.compress(DIGITS, DIGITS_CALIB, tolerance=0.05, provider="cuda", objective="size")
     assert report.validation.provider == "cpu"
     assert report.validation.passed is True
 
 
 def test_auto_provider_resolves():
-    _, report = onnx_lowrank.compress(DIGITS, DIGITS_CALIB, tolerance=0.05, provider="auto")
+    _, report = onnx_lowrank.compress(DIGITS, DIGITS_CALIB, tolerance=0.05, provider="auto", objective="size")
     assert report.validation.provider == ("cuda" if HAS_CUDA else "cpu")
 
 
 def test_cpu_provider_is_default_and_reported():
-    _, report = onnx_lowrank.compress(DIGITS, DIGITS_CALIB, tolerance=0.05)
+    _, report = onnx_lowrank.compress(DIGITS, DIGITS_CALIB, tolerance=0.05, objective="size")
     assert report.validation.provider == "cpu"
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime's CUDAExecutionProvider")
 def test_cuda_provider_validates_on_cuda():
-    _, report = onnx_lowrank.compress(DIGITS, DIGITS_CALIB, tolerance=0.05, provider="cuda")
+    _, report = onnx_lowrank.compress(DIGITS, DIGITS_CALIB, tolerance=0.05, provider="cuda", objective="size")
     assert report.validation.provider == "cuda"
     assert report.validation.passed is True

@@ -147,7 +147,8 @@ def tiny(tmp_path: Path) -> Path:
 def test_compress_tiny_with_report(tiny: Path, tmp_path: Path):
     out, report_path = tmp_path / "tiny.small.onnx", tmp_path / "report.json"
     before = tiny.read_bytes()
-    done = cli("compress", tiny, "-o", out, "--energy", "0.99", "--report", report_path, cwd=tmp_path)
+    done = cli("compress", tiny, "-o", out, "--energy", "0.99", "--report", report_path, "--objective", "size",
+               cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     assert "parameters" in done.stdout
@@ -186,7 +187,7 @@ def test_compress_tiny_full_rank_is_exact(tiny: Path, tmp_path: Path):
 
 def test_quiet_prints_nothing(tiny: Path, tmp_path: Path):
     out = tmp_path / "q.onnx"
-    done = cli("compress", tiny, "-o", out, "--target-params", "0.5", "-q", cwd=tmp_path)
+    done = cli("compress", tiny, "-o", out, "--target-params", "0.5", "--objective", "size", "-q", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout == ""
     assert done.stderr == ""

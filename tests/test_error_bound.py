@@ -212,7 +212,8 @@ def test_lossless_digits(digits_eval):
 
 
 def test_lossless_ppocr_cls():
-    model, report = onnx_lowrank.compress(PPOCR, PPOCR_CALIB, labels=PPOCR_LABELS, metric="accuracy")
+    model, report = onnx_lowrank.compress(PPOCR, PPOCR_CALIB, labels=PPOCR_LABELS, metric="accuracy",
+                                          objective="size")
     validation = report.validation
     assert validation.tolerance == 0 and validation.value == 0 and validation.passed is True
     assert validation.samples == 120  # three quarters held out for a discrete metric
@@ -228,7 +229,7 @@ def test_lossless_ppocr_cls():
 
 
 def test_size_mode_digits_budget_and_validation():
-    model, report = onnx_lowrank.compress(DIGITS, DIGITS_CALIB, target_params=0.5)
+    model, report = onnx_lowrank.compress(DIGITS, DIGITS_CALIB, target_params=0.5, objective="size")
     before = sum(factorizable(DIGITS).values())
     after = factorizable_after(DIGITS, report)
     assert after <= 0.5 * before, (after, before)
@@ -248,7 +249,7 @@ def test_size_mode_digits_budget_and_validation():
 
 
 def test_size_mode_with_a_tolerance_that_is_met():
-    _, report = onnx_lowrank.compress(DIGITS, DIGITS_CALIB, target_params=0.5, tolerance=0.5)
+    _, report = onnx_lowrank.compress(DIGITS, DIGITS_CALIB, target_params=0.5, tolerance=0.5, objective="size")
     assert report.validation.tolerance == 0.5
     assert report.validation.passed is True
 
@@ -256,7 +257,8 @@ def test_size_mode_with_a_tolerance_that_is_met():
 def test_size_mode_with_a_tolerance_too_small(tmp_path: Path):
     out = tmp_path / "small.onnx"
     with pytest.raises(onnx_lowrank.BoundNotMet) as raised:
-        onnx_lowrank.compress_file(DIGITS, out, calibration=DIGITS_CALIB, target_params=0.5, tolerance=1e-7)
+        onnx_lowrank.compress_file(DIGITS, out, calibration=DIGITS_CALIB, target_params=0.5, tolerance=1e-7,
+                                   objective="size")
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
     validation = raised.value.report.validation
@@ -331,7 +333,7 @@ def test_compact_impossible_tolerance_cli(tmp_path: Path):
 
 
 def test_report_of_compact_mode():
-    _, report = onnx_lowrank.compress(DIGITS, DIGITS_CALIB, tolerance=0.05)
+    _, report = onnx_lowrank.compress(DIGITS, DIGITS_CALIB, tolerance=0.05, objective="size")
     check_report_shape(report, "compact", {"load", "statistics", "sensitivity", "search", "validate"})
     assert len(report.trace) >= 2  # a search, not a single guess
     assert report.validation.passed is True

@@ -380,15 +380,15 @@ def test_depthwise(op, multiplier):
         assert "depthwise" in report.skipped[0].reason
         return
     if multiplier == 2:  # two filters per channel: a rank-1 SVD per channel shrinks it
-        _, plain = onnx_lowrank.compress(model, target_params=0.9, method="svd")
+        _, plain = onnx_lowrank.compress(model, target_params=0.9, method="svd", objective="size")
         assert [layer.method for layer in plain.layers] == ["svd"]
     else:  # one filter per channel has no channel rank to cut
-        with pytest.raises(onnx_lowrank.InputError, match="below what rank 1 everywhere keeps"):
-            onnx_lowrank.compress(model, target_params=0.9, method="svd")
-        _, plain = onnx_lowrank.compress(model, energy=0.9, method="svd")
+        with pytest.raises(onnx_lowrank.InputError, match="below what the smallest rank everywhere keeps"):
+            onnx_lowrank.compress(model, target_params=0.9, method="svd", objective="size")
+        _, plain = onnx_lowrank.compress(model, energy=0.9, method="svd", objective="size")
         assert plain.layers == [] and "would not shrink it" in plain.skipped[0].reason
         # its kh x kw filter: kh x 1 then 1 x kw
-        _, spatial = onnx_lowrank.compress(model, target_params=0.9, method="spatial")
+        _, spatial = onnx_lowrank.compress(model, target_params=0.9, method="spatial", objective="size")
         assert [layer.method for layer in spatial.layers] == ["spatial"]
 
 

@@ -460,7 +460,7 @@ def test_minilm_word_embeddings_are_factorized_by_frequency():
         calibration = {name: data[name][:200] for name in ("input_ids", "attention_mask")}
         unseen = {name: data[name][-200:] for name in ("input_ids", "attention_mask")}
     model, report = onnx_lowrank.compress(
-        MINILM, calibration, metric="cosine", target_params=TARGET, batch_size=32
+        MINILM, calibration, metric="cosine", target_params=TARGET, batch_size=32, objective="size"
     )
     onnx.checker.check_model(model, full_check=True)
     layers = {layer.node: layer for layer in report.layers}

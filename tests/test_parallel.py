@@ -17,7 +17,7 @@ from onnx_lowrank import parallel
 MODELS = Path(__file__).resolve().parents[1] / "models"
 DIGITS = MODELS / "digits_cnn.onnx"
 CALIB = MODELS / "digits_calib.npz"
-OPTIONS = {"calibration": CALIB, "target_params": 0.4, "method": "svd"}
+OPTIONS = {"calibration": CALIB, "target_params": 0.4, "method": "svd", "objective": "size"}
 
 
 @pytest.fixture(scope="module")

@@ -109,7 +109,8 @@ def _initializers(graph: onnx.GraphProto) -> set[str]:
 
 def test_layers_in_bodies_are_skipped_with_a_reason_and_outer_weights_kept():
     original = control_flow_model()
-    model, report = onnx_lowrank.compress(original, calibration=control_flow_feeds(48, 1), tolerance=0.05)
+    model, report = onnx_lowrank.compress(original, calibration=control_flow_feeds(48, 1), tolerance=0.05,
+                                          objective="size")
     onnx.checker.check_model(model, full_check=True)
 
     assert [layer.node for layer in report.layers] == ["main_matmul"]
@@ -130,7 +131,7 @@ def test_layers_in_bodies_are_skipped_with_a_reason_and_outer_weights_kept():
 
 def test_outer_scope_weight_used_only_in_bodies_survives_weight_only_mode():
     original = control_flow_model()
-    model, report = onnx_lowrank.compress(original, target_params=0.5)
+    model, report = onnx_lowrank.compress(original, target_params=0.5, objective="size")
     onnx.checker.check_model(model, full_check=True)
     assert "w_loop" in _initializers(model.graph)
     feed = control_flow_feeds(1, 3)[0]

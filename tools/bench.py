@@ -2,7 +2,7 @@
 
 Not a test: figures depend on the machine. Every figure in a row is measured in the same run.
 
-    python tools/bench.py error-bound|methods [--models minilm,ppocr_cls,...] [--provider cpu|cuda]
+    python tools/bench.py error-bound|methods|latency [--models minilm,ppocr_cls,...] [--provider cpu|cuda]
 
 error-bound: for each model, compact mode at several tolerances (data-aware factors, sensitivity-weighted
 allocation, validation in ONNX Runtime), and the weight-only path (--no-data) at the same parameter
@@ -12,6 +12,11 @@ benchmarks/<suite>_<provider>.json (with the machine it ran on) and regenerates 
 JSON file there, so runs on different machines (the GPU one included) end up side by side.
 
 methods: for the convnets, size mode at a budget with each decomposition alone and with auto.
+
+latency (tools/bench_latency.py): size, error, compression time and end-to-end latency of the original,
+weight-only, data-aware, latency-gated and int8 models, all of a case timed side by side; MiniLM at half
+its parameters and with int8; compression time of a BERT-base-size model. `--threads`, `--runs` and
+`--seconds` set the timing; `--models` runs some cases, keeping the others' last results.
 """
 
 from __future__ import annotations
@@ -249,6 +254,11 @@ def render(results: list[dict]) -> str:
                 "",
             ]
             continue
+        if run["suite"] == "latency":
+            import bench_latency
+
+            lines += bench_latency.render_latency(run)
+            continue
         if run["suite"] == "methods":
             lines += [
                 "Size mode at a budget (a fraction of the factorizable parameters), once per decomposition",
@@ -277,13 +287,22 @@ def render(results: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("suite", choices=["error-bound", "methods", "render"], help="render: only rewrite BENCHMARKS.md")
+    parser.add_argument("suite", choices=["error-bound", "methods", "latency", "render"],
+                        help="render: only rewrite BENCHMARKS.md")
     parser.add_argument("--models", help="comma-separated cases (default: all of the suite's)")
     parser.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of result JSON files")
+    parser.add_argument("--threads", type=int, default=2, help="latency: intra-op threads of the timed sessions "
+                        "(0: onnxruntime's default)")
+    parser.add_argument("--runs", type=int, default=30, help="latency: timed runs of every model, at least")
+    parser.add_argument("--seconds", type=float, default=10.0,
+                        help="latency: seconds of timing rounds per case, at least")
     args = parser.parse_args()
     if args.suite == "render":
         _render_all()
+        return
+    if args.suite == "latency":
+        _latency(args)
         return
     names = args.models.split(",") if args.models else list(CASES if args.suite == "error-bound" else METHOD_CASES)
     rows = []
@@ -293,6 +312,27 @@ def main() -> None:
     run = {"suite": args.suite, "provider": args.provider, "machine": machine(args.provider),
            "onnxruntime": ort.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows}
     (args.out / f"{args.suite}_{args.provider}.json").write_text(json.dumps(run, indent=1))
+    _render_all()
+
+
+def _latency(args) -> None:
+    import bench_latency
+
+    names = args.models.split(",") if args.models else list(bench_latency.LATENCY_CASES)
+    unknown = [name for name in names if name not in bench_latency.LATENCY_CASES]
+    if unknown:
+        raise SystemExit(f"unknown latency case {unknown[0]!r}; choose from {', '.join(bench_latency.LATENCY_CASES)}")
+    timer = bench_latency.Timer(args.provider, args.threads, args.runs, args.seconds)
+    rows = bench_latency.run(names, timer)
+    args.out.mkdir(exist_ok=True)
+    path = args.out / f"latency_{args.provider}.json"
+    where = machine(args.provider)
+    rows, note = bench_latency.merged(rows, path, where, ort.__version__)
+    run = {"suite": "latency", "provider": args.provider, "machine": where, "onnxruntime": ort.__version__,
+           "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    if note:
+        run["note"] = note
+    path.write_text(json.dumps(run, indent=1))
     _render_all()
 
 

@@ -1,0 +1,271 @@
+"""int8 quantization (onnx_lowrank.quantize) on the real models in models/, run in onnxruntime CPU sessions.
+
+* minilm_l2.onnx: dynamic int8 for its MatMuls and embedding Gathers; embeddings compared with the fp32
+  model's on the 600 calibration sentences.
+* digits_cnn.onnx: static QDQ for its Convs (calibrated on digits_calib.npz), dynamic for its Gemms;
+  accuracy on digits_eval.npz.
+* small built models for the Gemm rewrite, Constant-node weights, nothing to quantize, and bad feeds.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import make_model
+from onnx import TensorProto, helper, numpy_helper
+
+import onnx_lowrank
+from onnx_lowrank.calibration import load_calibration
+from onnx_lowrank.errors import InputError
+from onnx_lowrank.quantize import QUANTIZATIONS, quantize_int8
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+MINILM = MODELS / "minilm_l2.onnx"
+SENTENCES = MODELS / "minilm_sentences.npz"
+DIGITS = MODELS / "digits_cnn.onnx"
+DIGITS_CALIB = MODELS / "digits_calib.npz"
+DIGITS_EVAL = MODELS / "digits_eval.npz"
+DIGITS_LABELS = MODELS / "digits_eval_labels.npy"
+
+
+def session(model: onnx.ModelProto) -> ort.InferenceSession:
+    """A CPU session with onnxruntime's default optimizations, as a user would run the model."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+@cache
+def sentences() -> dict[str, np.ndarray]:
+    with np.load(SENTENCES) as data:
+        return {name: data[name] for name in data.files}
+
+
+def embeddings(model: onnx.ModelProto, count: int | None = None) -> np.ndarray:
+    """sentence_embedding for the first `count` calibration sentences (all 600 by default)."""
+    run = session(model)
+    feeds = sentences()
+    count = count or len(feeds["input_ids"])
+    return np.concatenate([
+        run.run(["sentence_embedding"], {name: array[start : start + 100] for name, array in feeds.items()})[0]
+        for start in range(0, count, 100)
+    ])
+
+
+def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean(np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
+
+
+def digits_feeds(model: onnx.ModelProto):
+    """Calibration feeds through the project's loader, 64 samples a batch."""
+    samples = load_calibration(DIGITS_CALIB, model)
+    return (feed for _, feed in samples.batches(list(range(len(samples))), 64))
+
+
+def digits_predictions(model: onnx.ModelProto) -> np.ndarray:
+    with np.load(DIGITS_EVAL) as data:
+        images = data["image"]
+    return session(model).run(["logits"], {"image": images})[0].argmax(axis=1)
+
+
+def float_weight_bytes(model: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) for t in model.graph.initializer if t.data_type == TensorProto.FLOAT)
+
+
+def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {output: node for node in model.graph.node for output in node.output}
+
+
+def test_quantizations_offered():
+    assert QUANTIZATIONS == ("int8",)
+
+
+def test_minilm_dynamic_int8_is_valid_smaller_and_close():
+    model = onnx.load(MINILM)
+    before = model.SerializeToString()
+    result = quantize_int8(model)
+    assert model.SerializeToString() == before, "quantize_int8 modified its input model"
+
+    onnx.checker.check_model(result.model, full_check=True)
+    info = result.info
+    assert info["nodes"] == {"Gather": 3, "MatMul": 12}  # 3 embedding tables, 6 MatMuls a layer
+    assert info["float"] == {} and info["notes"] == []
+    assert set(info["schemes"]) == {"Gather", "MatMul"} and "dynamic" in info["schemes"]["MatMul"]
+    ops = {node.op_type for node in result.model.graph.node}
+    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= ops
+    # measured 0.258: every weight matrix and embedding table is 8-bit, LayerNorm and biases stay float
+    assert result.model.ByteSize() <= 0.30 * len(before)
+    assert float_weight_bytes(result.model) <= 0.02 * float_weight_bytes(model)
+
+    cosine = mean_cosine(embeddings(result.model), embeddings(model))
+    assert cosine >= 0.98, f"mean cosine {cosine:.4f} against the fp32 model"
+
+
+def test_digits_convs_get_qdq_and_keep_accuracy():
+    model = onnx.load(DIGITS)
+    before = model.SerializeToString()
+    result = quantize_int8(model, digits_feeds(model))
+    assert model.SerializeToString() == before
+
+    quantized = result.model
+    onnx.checker.check_model(quantized, full_check=True)
+    assert result.info["nodes"] == {"Conv": 3, "Gemm": 2}
+    assert "static QDQ" in result.info["schemes"]["Conv"] and "dynamic" in result.info["schemes"]["Gemm"]
+    made_by = producers(quantized)
+    initializers = {t.name: t for t in quantized.graph.initializer}
+    convs = [node for node in quantized.graph.node if node.op_type == "Conv"]
+    assert len(convs) == 3
+    for conv in convs:
+        # DQ on the activation, the weight and the bias; Q on the output
+        assert all(made_by[name].op_type == "DequantizeLinear" for name in conv.input), conv.name
+        consumers = [node.op_type for node in quantized.graph.node if conv.output[0] in node.input]
+        assert consumers == ["QuantizeLinear"], conv.name
+        weight = made_by[conv.input[1]]
+        assert initializers[weight.input[0]].data_type == TensorProto.INT8
+        out_channels = initializers[weight.input[0]].dims[0]
+        assert list(initializers[weight.input[1]].dims) == [out_channels]  # one scale per output channel
+    assert quantized.ByteSize() <= 0.35 * len(before)  # measured 0.284
+
+    labels = np.load(DIGITS_LABELS)
+    fp32, int8 = digits_predictions(model), digits_predictions(quantized)
+    assert (int8 == labels).mean() >= (fp32 == labels).mean() - 0.01
+    assert (int8 == fp32).mean() >= 0.98
+
+
+def test_convs_stay_float_without_feeds():
+    model = onnx.load(DIGITS)
+    result = quantize_int8(model)
+    assert result.info["nodes"] == {"Gemm": 2}
+    assert result.info["float"] == {"Conv": 3}
+    assert any("Conv" in note and "calibration" in note for note in result.info["notes"])
+    onnx.checker.check_model(result.model, full_check=True)
+    assert "DequantizeLinear" not in {node.op_type for node in result.model.graph.node}
+    assert (digits_predictions(result.model) == digits_predictions(model)).mean() >= 0.98
+
+
+def test_excluded_nodes_stay_float():
+    model = onnx.load(DIGITS)
+    result = quantize_int8(model, digits_feeds(model), exclude=["/11/Gemm", "/0/Conv"])
+    assert result.info["nodes"] == {"Conv": 2, "Gemm": 1}
+    assert result.info["float"] == {"Conv": 1, "Gemm": 1}
+    # onnxruntime's dynamic pass turns every plain Gemm into MatMul + Add, the excluded one too: float still
+    weights = {t.name: t.data_type for t in result.model.graph.initializer if t.name.startswith("11.weight")}
+    assert weights and set(weights.values()) == {TensorProto.FLOAT}
+    first = next(node for node in result.model.graph.node if node.name == "/0/Conv")
+    assert first.input[1] == "0.weight"  # still the float initializer
+
+
+def test_nothing_to_quantize():
+    model = make_model(
+        [helper.make_node("Add", ["x", "c"], ["s"], name="add"), helper.make_node("Relu", ["s"], ["y"], name="relu")],
+        {"x": [2, 3]},
+        ["y"],
+        {"c": np.ones((2, 3), np.float32)},
+    )
+    result = quantize_int8(model, [{"x": np.ones((2, 3), np.float32)}])
+    assert result.info["nodes"] == {} and result.info["float"] == {}
+    assert result.info["notes"] and result.info["notes"][0].startswith("nothing to quantize")
+    assert result.model.SerializeToString() == model.SerializeToString()
+    assert result.model is not model
+
+
+def test_float16_weights_stay_float():
+    """onnxruntime's DynamicQuantizeLinear takes float32 only: a float16 MatMul is left as it is."""
+    weight = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float16)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], {"x": [3, 8]}, ["y"],
+                       {"w": weight}, elem_type=TensorProto.FLOAT16)
+    result = quantize_int8(model)
+    assert result.info["nodes"] == {} and result.info["float"] == {"MatMul": 1}
+    assert "float32" in result.info["notes"][0]
+    session(result.model).run(None, {"x": np.ones((3, 8), np.float16)})
+
+
+def test_factorized_model_quantizes():
+    model = onnx.load(DIGITS)
+    factorized, report = onnx_lowrank.compress(model, target_params=0.5, method="svd", jobs=1)
+    assert report.layers, "nothing was factorized"
+    before = factorized.SerializeToString()
+    result = quantize_int8(factorized, digits_feeds(factorized))
+    assert factorized.SerializeToString() == before
+
+    onnx.checker.check_model(result.model, full_check=True)
+    # every Conv and Gemm of the low-rank chains is quantized, none left float
+    convs = sum(node.op_type == "Conv" for node in factorized.graph.node)
+    gemms = sum(node.op_type == "Gemm" for node in factorized.graph.node)
+    assert result.info["nodes"] == {"Conv": convs, "Gemm": gemms} and result.info["float"] == {}
+    assert result.model.ByteSize() <= 0.35 * len(before)
+    assert (digits_predictions(result.model) == digits_predictions(factorized)).mean() >= 0.97
+
+
+def test_factorized_embeddings_quantize():
+    """A factorized embedding (Gather of the narrow table, then MatMul) has both its factors quantized;
+    the Gather's uint8 rows feed the MatMulInteger directly."""
+    model = onnx.load(MINILM)
+    factorized, report = onnx_lowrank.compress(model, ranks={"*": 96}, ops=("Gather",), method="svd", jobs=1)
+    assert len(report.layers) == 2  # the word and position tables (token types: 2 x 384, nothing to gain)
+    result = quantize_int8(factorized)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert result.info["nodes"] == {"Gather": 3, "MatMul": 14} and result.info["float"] == {}
+    made_by = producers(result.model)
+    tables = {t.name: t for t in result.model.graph.initializer}
+    for node in result.model.graph.node:
+        if node.op_type == "Gather" and node.input[0] in tables:
+            assert tables[node.input[0]].data_type == TensorProto.UINT8
+    narrow = [node for node in result.model.graph.node
+              if node.op_type == "MatMulInteger" and made_by[node.input[0]].op_type == "Gather"]
+    assert len(narrow) == 2
+    assert result.model.ByteSize() <= 0.25 * model.ByteSize()  # measured 0.229
+    cosine = mean_cosine(embeddings(result.model, 200), embeddings(factorized, 200))
+    assert cosine >= 0.98, f"mean cosine {cosine:.4f} against the fp32 factorized model"
+
+
+def test_gemm_forms_and_constant_weights():
+    """Gemm with alpha, beta, transB, no bias; a transA Gemm stays float; a Constant-node MatMul weight and
+    an unnamed node are quantized too."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((16, 32)).astype(np.float32)  # transB: [N, K]
+    w2 = rng.standard_normal((16, 24)).astype(np.float32)
+    w3 = rng.standard_normal((24, 8)).astype(np.float32)
+    w4 = rng.standard_normal((24, 12)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "c1"], ["h1"], name="gemm_t", alpha=0.5, beta=2.0, transB=1),
+        helper.make_node("Gemm", ["h1", "w2"], ["h2"], name="gemm_plain"),
+        helper.make_node("Gemm", ["h2", "w3"], ["h3"], name="gemm_ta", transA=1),
+        helper.make_node("Constant", [], ["w4"], value=numpy_helper.from_array(w4)),
+        helper.make_node("MatMul", ["h2", "w4"], ["y2"]),  # unnamed
+    ]
+    model = make_model(
+        nodes,
+        {"x": [24, 32]},
+        ["h3", "y2"],
+        {"w1": w1, "c1": rng.standard_normal(16).astype(np.float32), "w2": w2, "w3": w3},
+    )
+    before = model.SerializeToString()
+    result = quantize_int8(model)
+    assert model.SerializeToString() == before
+    onnx.checker.check_model(result.model, full_check=True)
+    assert result.info["nodes"] == {"Gemm": 2, "MatMul": 1}
+    assert result.info["float"] == {"Gemm": 1}
+    assert result.info["notes"] == ["1 Gemm node(s) stay float: Gemm with transA=1 has no MatMul form to quantize"]
+
+    feeds = {"x": rng.standard_normal((24, 32)).astype(np.float32)}
+    reference = session(model).run(None, feeds)
+    for ref, got in zip(reference, session(result.model).run(None, feeds)):
+        assert got.shape == ref.shape
+        assert np.linalg.norm(got - ref) <= 0.03 * np.linalg.norm(ref)
+
+
+def test_bad_feeds_are_input_errors():
+    model = onnx.load(DIGITS)
+    with pytest.raises(InputError, match="calibration feeds are empty"):
+        quantize_int8(model, [])
+    with pytest.raises(InputError, match="cannot quantize") as failure:
+        quantize_int8(model, [{"pixels": np.zeros((1, 1, 8, 8), np.float32)}])
+    assert "\n" not in str(failure.value)
+    with pytest.raises(InputError, match="calibration feed 0 is a str"):
+        quantize_int8(model, ["image"])
