@@ -194,15 +194,16 @@ def _compress_with(
             cache.save_statistics(data_key, statistics)
         clock.lap("statistics")
     mode = settings.mode
+    # one calibration batch: what layers and the whole model are timed on
+    timing_feed = next(samples.batches(parts.fit, settings.batch_size))[1] if samples is not None else None
     with executor_for(settings.jobs, settings.scheduler, sum(unit.params for unit in units)) as workers:
         candidates = candidates_for(units, settings.method, statistics, workers, eager=mode in ("size", "compact"),
                                     advance=progress.phase("factorizations (layers)", len(units)))
     clock.lap("factorize")
     timer, notes = None, []
     if mode in ("size", "compact", "energy"):
-        feed = next(samples.batches(parts.fit, settings.batch_size))[1] if samples is not None else None
         timer, notes = restrict_to_objective(
-            settings.objective, candidates, provider or "cpu", original, adapters, feed,
+            settings.objective, candidates, provider or "cpu", original, adapters, timing_feed,
             cache.file("latency.json"), progress.phase("latency gate (layers)", len(units)),
         )
         clock.lap("latency gate")
@@ -315,7 +316,7 @@ def _compress_with(
         clock.lap("fusion check")
     if samples is not None and (factors or int8 is not None):
         report.latency = end_to_end(original, factorized, result if int8 is not None else None,
-                                    next(samples.batches(parts.fit, settings.batch_size))[1], provider,
+                                    timing_feed, provider,
                                     progress.phase("end-to-end latency"))
         clock.lap("latency")
         slower = _clearly_slower(report.latency)

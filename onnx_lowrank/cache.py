@@ -111,13 +111,22 @@ class Cache:
         return None if self.folder is None else self.folder / f"{kind}-{key}{suffix}"
 
     def _write(self, path: Path, write) -> None:
+        write_cache_file(path, write)
+
+
+def write_cache_file(path: Path, write) -> None:
+    """`write(stream)` into a temporary file beside `path`, renamed into place; a cache that cannot be
+    written only costs time, so failures are dropped."""
+    try:
         handle, staged = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(handle, "wb") as stream:
-                write(stream)
-            os.replace(staged, path)
-        except OSError:  # a cache that cannot be written only costs time
-            Path(staged).unlink(missing_ok=True)
+    except OSError:
+        return
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            write(stream)
+        os.replace(staged, path)
+    except OSError:
+        Path(staged).unlink(missing_ok=True)
 
 
 def _pack(entry: Moments | Counts, prefix: str) -> dict[str, np.ndarray]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -35,6 +34,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
+from .cache import write_cache_file
 from .layers import Layer, Unit, find_layers
 from .model_io import is_large
 from .runtime import EXECUTION_PROVIDERS, open_session
@@ -449,14 +449,7 @@ class LayerTimer:
             return
         merged = {**self._load(), **self.timings}  # another run may have added timings meanwhile
         text = json.dumps({"format": CACHE_FORMAT, "timings": {k: list(v) for k, v in merged.items()}}, indent=1)
-        handle, staged = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        try:
-            with os.fdopen(handle, "w") as stream:
-                stream.write(text)
-            os.replace(staged, self.path)
-        except OSError:
-            Path(staged).unlink(missing_ok=True)
-            raise
+        write_cache_file(self.path, lambda stream: stream.write(text.encode()))
 
 
 def _timed_output(layer: Layer) -> str:
