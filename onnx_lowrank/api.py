@@ -11,9 +11,11 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import onnx
 
@@ -29,10 +31,11 @@ from .model_io import LoadedModel, check_output_path, load_model, model_stats, s
 from .methods import METHODS, candidates_for
 from .objective import DEFAULT_OBJECTIVE, OBJECTIVES
 from .objective import restrict as restrict_to_objective
+from .parking import PARK_MIN_PARAMS
 from .progress import Progress
 from .fusion import fusion_check
 from .latency import LayerTimer, Untimeable, end_to_end
-from .quantize import QUANTIZATIONS, quantize_int8
+from .quantize import FALLBACK_SHARE, QUANTIZATIONS, Fallback, chain_names, fallback, quantize_int8
 from .ranks import Candidates, Choice, by_budget, by_energy, explicit, validate_ranks
 from .report import LayerReport, Report, SkippedLayer, Validation
 from .runtime import PROVIDERS, resolve_provider
@@ -141,10 +144,14 @@ def compress_file(
     the run fails (BoundNotMet included).
     """
     settings = Options(**options)
-    loaded = load_model(input_path)
+    loaded = load_model(input_path, lazy=True)
     output = check_output_path(output_path, loaded.path)
+    if calibration is not None or settings.quantize:  # ONNX Runtime and the quantizer need the weights in
+        loaded = loaded.materialized()
     model, report = _compress(loaded, settings, calibration, labels)
-    save_model(model, output, external_data=loaded.external_data)
+    # a model whose weights stay in the input's files is checked as written
+    check = loaded.shapes_consistent if loaded.base_dir else None
+    save_model(model, output, external_data=loaded.external_data, base_dir=loaded.base_dir, check=check)
     return report
 
 
@@ -162,19 +169,19 @@ class _Clock:
 
 
 def _compress(loaded: LoadedModel, settings: Options, calibration, labels) -> tuple[onnx.ModelProto, Report]:
-    with Progress(settings.progress) as progress:
-        return _compress_with(loaded, settings, calibration, labels, progress)
+    with Progress(settings.progress) as progress, tempfile.TemporaryDirectory(prefix="onnx-lowrank-") as work:
+        return _compress_with(loaded, settings, calibration, labels, progress, Path(work))
 
 
 def _compress_with(
-    loaded: LoadedModel, settings: Options, calibration, labels, progress: Progress
+    loaded: LoadedModel, settings: Options, calibration, labels, progress: Progress, work: Path
 ) -> tuple[onnx.ModelProto, Report]:
     clock = _Clock()
     original = loaded.model
     before = model_stats(original)
     adapters = {op: ADAPTERS[op] for op in settings.ops}
     imported = import_graph(original)
-    plan = find_layers(imported.graph, original, adapters)
+    plan = find_layers(imported.graph, original, adapters, loaded.base_dir)
     known = {n.name for n in imported.graph.nodes} | set(imported.graph.tensors())
     samples = _calibration(settings, original, calibration, labels)
     clock.lap("load")
@@ -196,9 +203,11 @@ def _compress_with(
     mode = settings.mode
     # one calibration batch: what layers and the whole model are timed on
     timing_feed = next(samples.batches(parts.fit, settings.batch_size))[1] if samples is not None else None
-    with executor_for(settings.jobs, settings.scheduler, sum(unit.params for unit in units)) as workers:
+    factorizable = sum(unit.params for unit in units)
+    with executor_for(settings.jobs, settings.scheduler, factorizable) as workers:
         candidates = candidates_for(units, settings.method, statistics, workers, eager=mode in ("size", "compact"),
-                                    advance=progress.phase("factorizations (layers)", len(units)))
+                                    advance=progress.phase("factorizations (layers)", len(units)),
+                                    parking=work if factorizable >= PARK_MIN_PARAMS else None)
     clock.lap("factorize")
     timer, notes = None, []
     if mode in ("size", "compact", "energy"):
@@ -227,6 +236,8 @@ def _compress_with(
         tolerance = DEFAULT_TOLERANCE[settings.metric]
     int8 = _Int8(settings, samples, parts, search, original) if settings.quantize else None
     factor_tolerance = tolerance if int8 is None or mode != "compact" else int8.room(tolerance)
+    if int8 is not None and mode == "compact":
+        clock.lap("int8 fallback")
     while True:
         if mode == "ranks":
             choices = explicit(candidates, settings.ranks, known, settings.allow_larger)
@@ -245,8 +256,9 @@ def _compress_with(
         clock.lap("search" if search is not None else "choose")
         factors = factors_of(candidates, choices)
         if factors:
-            factorized = build(original, adapters, factors)
-            _check_output(factorized, full=loaded.shapes_consistent)
+            factorized = build(original, adapters, factors, loaded.base_dir)
+            if not loaded.base_dir:  # otherwise the checker cannot read it in memory: save_model checks it
+                _check_output(factorized, full=loaded.shapes_consistent)
         else:
             factorized = onnx.ModelProto()
             factorized.CopyFrom(original)
@@ -290,11 +302,13 @@ def _compress_with(
         mode=mode,
         phases=clock.phases,
         trace=[{"params": t.params, "error": t.error, "samples": t.samples} for t in search.trials] if search else [],
-        factorizable_params=sum(unit.params for unit in units),
+        factorizable_params=factorizable,
         chosen=None if trial is None else {"params": trial.params, "error": trial.error},
         objective=settings.objective,
         notes=notes,
     )
+    any_factors = bool(factors)
+    del factors  # the model holds its own copy of the factors now: a large model's are not held twice
     if int8 is not None:
         report.quantization = int8.summary(factorized, result, None if search is None else factor_error,
                                            None if search is None else value)
@@ -303,7 +317,9 @@ def _compress_with(
             settings.metric, closest.error, tolerance, False, search.evaluator.provider_used, len(search.indices)
         )
         if int8 is not None and int8.alone_error is not None and int8.alone_error > tolerance:
-            detail = f" (int8 quantization alone reaches {int8.alone_error:.4g})"
+            kept = len(int8.exclude)
+            detail = f" (int8 quantization alone reaches {int8.alone_error:.4g}" + (
+                f" with {kept} node(s) kept float)" if kept else ")")
         elif closest is None:
             detail = ""
         else:
@@ -311,10 +327,10 @@ def _compress_with(
         raise BoundNotMet(f"no factorization keeps {settings.metric} within {tolerance:g}{detail}", report)
     if validation is not None and validation.passed is False:
         raise BoundNotMet(f"{settings.metric} is {validation.value:.4g}, above the tolerance {tolerance:g}", report)
-    if factors:
-        report.fusions = _fusions(original, factorized, report, search)
+    if any_factors:
+        report.fusions = _fusions(original, factorized, report, search, loaded.base_dir)
         clock.lap("fusion check")
-    if samples is not None and (factors or int8 is not None):
+    if samples is not None and (any_factors or int8 is not None):
         report.latency = end_to_end(original, factorized, result if int8 is not None else None,
                                     timing_feed, provider,
                                     progress.phase("end-to-end latency"))
@@ -353,9 +369,15 @@ class _Int8:
     """`--quantize int8` around the search. In compact mode the tolerance is shared: quantizing the
     original alone costs some error, the factorization is searched within what is left, and the two
     together are validated; should they add up to more than the tolerance, the factorization's share is
-    halved (twice at most), then only the quantized original remains."""
+    halved (twice at most), then only the quantized original remains.
+
+    When int8 of the original alone takes more than FALLBACK_SHARE of the tolerance, the nodes whose
+    quantization costs the most (measured: quantize.fallback) are kept float until it takes at most that,
+    in the original and in the factorized model (a low-rank chain that replaced such a node stays float
+    too). Their cost is measured on fit samples, the held-out part checks each step."""
 
     RETRIES = 2
+    SELECT_SAMPLES = 32  # fit samples each node's cost is measured on
 
     def __init__(self, settings: Options, samples: Samples | None, parts, search: Search | None, original):
         self.metric = settings.metric
@@ -366,9 +388,12 @@ class _Int8:
         self.alone_error: float | None = None
         self.info: dict = {}
         self.retries = self.RETRIES
+        self.fallback: Fallback | None = None
+        self.exclude: tuple[str, ...] = ()  # original node names kept float
+        self.select_indices = [] if parts is None else list(parts.fit[: self.SELECT_SAMPLES])
 
     def quantize(self, model: onnx.ModelProto) -> onnx.ModelProto:
-        quantized = quantize_int8(model, self.feeds)
+        quantized = quantize_int8(model, self.feeds, exclude=chain_names(model, self.exclude))
         self.info = quantized.info
         return quantized.model
 
@@ -377,10 +402,21 @@ class _Int8:
         labels = None if self.search.labels is None else self.search.labels[indices]
         return self.search.evaluator.error(model, indices, self.metric, labels)
 
+    def select(self, model: onnx.ModelProto) -> float:
+        """A node's cost, on fit samples (the held-out ones check): the metric, or for top1 and accuracy,
+        too coarse on a few samples, the squared relative error of the logits (the sensitivity probe's)."""
+        if self.metric in ("top1", "accuracy"):
+            probing = onnx.ModelProto()
+            probing.CopyFrom(model)  # probe_error adds outputs; the fallback builds on this model
+            return self.search.evaluator.probe_error(probing, self.select_indices)
+        return self.search.evaluator.error(model, self.select_indices, self.metric)
+
     def room(self, tolerance: float) -> float | None:
-        """What the tolerance leaves the factorization once the original's own int8 error is spent
-        (None: nothing)."""
-        self.alone_error = self.error(self.quantize(self.original))
+        """What the tolerance leaves the factorization once the original's own int8 error is spent, after
+        keeping float the nodes that cost the most when int8 alone takes more than its share (None: nothing)."""
+        self.fallback = fallback(self.original, tolerance * FALLBACK_SHARE, self.error,
+                                 self.select if self.select_indices else None, self.feeds)
+        self.exclude, self.alone_error = self.fallback.exclude, self.fallback.error
         left = tolerance - self.alone_error
         return left if left > 0 or (left == 0 and self.metric == "accuracy") else None
 
@@ -391,15 +427,19 @@ class _Int8:
         return share / 2
 
     def summary(self, factorized, quantized, factor_error: float | None, error: float | None) -> dict:
-        return {
+        summary = {
             "scheme": "int8",
             "bytes_factorized": model_stats(factorized).bytes,
             "bytes_quantized": model_stats(quantized).bytes,
             "error_factorized": factor_error,  # the factorization alone (validated, before quantizing)
             "error_quantized": error,  # factorization and quantization together: what was validated
-            "error_quantized_alone": self.alone_error,  # the original quantized, no factorization (compact)
+            "error_quantized_alone": self.alone_error,  # the original quantized (kept_float float), no factorization
             "nodes": self.info,
         }
+        if self.fallback is not None:  # compact mode: the nodes kept float, each with its measured cost
+            summary["kept_float"] = [node.to_dict() for node in self.fallback.nodes]
+            summary["fallback"] = self.fallback.to_dict()
+        return summary
 
 
 def _held_out_fraction(metric: str) -> float:
@@ -437,7 +477,7 @@ def _layer_reports(
                 node=unit.name,
                 op=unit.op,
                 weight=unit.weight.name,
-                shape=list(unit.weight.value.shape),
+                shape=list(unit.weight.shape),
                 method=factorization.method,
                 rank=config[0] if len(config) == 1 else list(config),
                 params_before=unit.params,
@@ -453,12 +493,13 @@ def _layer_reports(
     return reports
 
 
-def _fusions(original, factorized, report: Report, search: Search | None) -> dict:
+def _fusions(original, factorized, report: Report, search: Search | None, base_dir: str) -> dict:
     """ONNX Runtime's fusions in the original and the factorized model; a model ONNX Runtime cannot
     optimize was still validated as written, so that is a note, not a failure."""
     provider = search.evaluator.provider_used if search is not None else "cpu"
     try:
-        return fusion_check(original, factorized, [n for layer in report.layers for n in layer.nodes], provider)
+        return fusion_check(original, factorized, [n for layer in report.layers for n in layer.nodes], provider,
+                            base_dir=base_dir)
     except Exception as error:  # noqa: BLE001 - onnxruntime's own exception types
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         return {"error": f"onnxruntime could not optimize the models: {first_line}"}

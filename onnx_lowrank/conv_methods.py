@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -60,6 +60,11 @@ class ConvChain:
     def reconstruct(self, layer: Layer) -> np.ndarray:
         """The kernel the chain computes, in the layer's (Cout, Cin / g, *k) layout."""
         return _compose(self.steps, layer)
+
+    def in_float32(self) -> ConvChain:
+        """The kernels in float32, what a float32 model stores them as anyway: half the memory."""
+        steps = [replace(step, kernel=step.kernel.astype(np.float32)) for step in self.steps]
+        return ConvChain(self.method, self.rank, steps, self.predicted_error, self.bias_shift)
 
     def emit(self, layer: Layer, emit) -> None:
         current = emit.inputs[0]
@@ -393,7 +398,7 @@ def _split_axes(attrs: dict, height: int, width: int) -> tuple[dict | None, dict
 def _compose(steps: list[Step], layer: Layer) -> np.ndarray:
     """The single kernel a chain of convs amounts to (every chain here has one non-pointwise stage,
     or two 1-D stages along different axes), in the layer's (Cout, Cin / g, *k) layout."""
-    shape = layer.weight.value.shape
+    shape = layer.weight.shape
     out_channels, per_group = shape[:2]
     groups = int(layer.node.attrs.get("group", 1))
     spatial = shape[2:]

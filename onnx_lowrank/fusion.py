@@ -37,12 +37,15 @@ LAYOUT_OPS = ("ReorderInput", "ReorderOutput")  # NCHWc layout plumbing, not fus
 WALK_DEPTH = 3  # how far back from a fused node's output its absorbed nodes are looked for
 
 
-def optimized_model(model: onnx.ModelProto, provider: str = "cpu", level: str = "all") -> onnx.ModelProto:
+def optimized_model(
+    model: onnx.ModelProto, provider: str = "cpu", level: str = "all", base_dir: str = ""
+) -> onnx.ModelProto:
     """The graph ONNX Runtime runs after its optimizations at `level` (basic | extended | all) on the
     provider (cpu | cuda | auto), as written by SessionOptions.optimized_model_filepath.
 
     Its initializers are written to a side file that is not read back (only the graph is wanted), so
-    models of any size work; a model over 2 GB is handed to ONNX Runtime with external data.
+    models of any size work; a model over 2 GB, or one whose external data is still in its files under
+    `base_dir`, is handed to ONNX Runtime as a file with external data.
     """
     if level not in LEVELS:
         raise InputError(f"unknown optimization level {level!r}; choose one of {', '.join(LEVELS)}")
@@ -57,9 +60,9 @@ def optimized_model(model: onnx.ModelProto, provider: str = "cpu", level: str = 
         options.optimized_model_filepath = str(written)
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        if is_large(model):
+        if is_large(model) or base_dir:
             source = Path(folder) / "model.onnx"
-            save_model(model, source, external_data=True)
+            save_model(model, source, external_data=True, base_dir=base_dir)
             ort.InferenceSession(str(source), options, providers=providers)
         else:
             ort.InferenceSession(model.SerializeToString(), options, providers=providers)
@@ -78,8 +81,10 @@ def fusion_check(
     factorized_nodes: Iterable[str],
     provider: str = "cpu",
     level: str = "all",
+    base_dir: str = "",
 ) -> dict:
-    """Compare the fused nodes ONNX Runtime makes of the original and of the compressed model.
+    """Compare the fused nodes ONNX Runtime makes of the original and of the compressed model (`base_dir`:
+    where their external data lies, when they were read without it).
 
     `factorized_nodes`: names of the original nodes that were replaced (the report's layers[].nodes;
     nodes the exporter left unnamed go by the names the rewrite gave them, OP_POSITION).
@@ -127,7 +132,7 @@ def fusion_check(
     sides = {}
     for side, source in (("original", baseline), ("compressed", compressed)):
         graph = _Source(source.graph, factorized, chains=side == "compressed")
-        fused = [node for node in _nodes(optimized_model(source, provider, level).graph) if _is_fused(node)]
+        fused = [node for node in _nodes(optimized_model(source, provider, level, base_dir).graph) if _is_fused(node)]
         sides[side] = Counter((_kind(node), graph.owners_of(node)) for node in fused)
     totals = {side: _by_kind(found) for side, found in sides.items()}
     unfactorized = {side: _by_kind(found, unfactorized_only=True) for side, found in sides.items()}

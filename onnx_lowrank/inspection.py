@@ -56,13 +56,15 @@ def inspect(
     The spectrum is the weight's singular values, or with calibration data (any source `compress`
     takes; all samples are used) the energy of the layer's outputs on that data per rank.
     """
-    loaded = load_model(model_or_path)
+    loaded = load_model(model_or_path, lazy=True)  # weights read one layer at a time
+    if calibration is not None:  # ONNX Runtime needs them all
+        loaded = loaded.materialized()
     chosen = tuple(ops) if ops is not None else tuple(ADAPTERS)
     unknown = [op for op in chosen if op not in ADAPTERS]
     if unknown:
         raise InputError(f"unknown op type {unknown[0]!r} in ops; choose from {', '.join(ADAPTERS)}")
     graph = import_graph(loaded.model).graph
-    plan = find_layers(graph, loaded.model, {op: ADAPTERS[op] for op in chosen})
+    plan = find_layers(graph, loaded.model, {op: ADAPTERS[op] for op in chosen}, loaded.base_dir)
     statistics = None
     if calibration is not None:
         samples = load_calibration(calibration, loaded.model)
@@ -82,7 +84,7 @@ def inspect(
                 node=unit.name,
                 op=unit.op,
                 weight=unit.weight.name,
-                shape=list(unit.weight.value.shape),
+                shape=list(unit.weight.shape),
                 groups=unit.groups,
                 matrix=unit.shape,
                 params=unit.params,

@@ -391,7 +391,7 @@ class LayerTimer:
         rng = np.random.default_rng(self.seed)
         dtype = np.dtype(activation.dtype)
         if unit.op == "Gather":
-            rows = unit.layers[0].weight.value.shape[0]
+            rows = unit.layers[0].weight.shape[0]
             return {input_name: rng.integers(0, rows, size=activation.shape).astype(dtype)}
         return {input_name: rng.standard_normal(activation.shape).astype(dtype)}
 
@@ -407,7 +407,7 @@ class LayerTimer:
             "op": layer.node.op,
             "attrs": sorted((name, repr(value)) for name, value in layer.node.attrs.items()),
             "info": sorted((name, repr(value)) for name, value in layer.info.items()),
-            "weight": [list(layer.weight.value.shape), layer.weight.storage_type, layer.weight.node_type],
+            "weight": [list(layer.weight.shape), layer.weight.storage_type, layer.weight.node_type],
             "activation": [list(activation.shape), activation.dtype],
             "bias": _timed_output(layer) != layer.node.outputs[0].name,
             "method": factorization.method,

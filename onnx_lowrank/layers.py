@@ -8,6 +8,8 @@ op types. A weight shared by several nodes in the same orientation forms one uni
 from __future__ import annotations
 
 import hashlib
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import ClassVar, Protocol
 
@@ -40,16 +42,30 @@ class BiasSite:
 
 @dataclass
 class Layer:
-    """One node whose weight can be factorized, with its weight as matrices (G, out, in)."""
+    """One node whose weight can be factorized, with its weight seen as matrices (G, out, in)."""
 
     node: gs.Node
     adapter: Adapter
     weight: Weight
-    matrices: np.ndarray
+    view: Callable[[np.ndarray], np.ndarray] | None  # the weight's value as matrices: reshapes and
+    # transposes only (None once detached: the matrices are held instead)
     info: dict = field(default_factory=dict)  # adapter-specific facts found by check()
     bias: BiasSite | None = None  # where the output mean can be absorbed (None: statistics stay uncentred)
     output_scale: np.ndarray | None = None  # per output channel: how much a following BatchNormalization
     # amplifies each channel's error (data-aware factors weigh output errors by it)
+    held: np.ndarray | None = None  # the matrices of a detached layer
+    shape: tuple[int, int, int] = field(init=False)  # of the matrices: (G, out, in)
+
+    def __post_init__(self) -> None:
+        if self.held is not None:
+            self.shape = self.held.shape
+        else:  # applied to a stride-0 array of the weight's shape: the shape without reading the weight
+            self.shape = self.view(np.broadcast_to(np.empty(()), self.weight.shape)).shape
+
+    @property
+    def matrices(self) -> np.ndarray:
+        """Read from the weight on each use (see weights.Weight.value), unless held."""
+        return self.held if self.held is not None else self.view(self.weight.value)
 
 
 def batchnorm_scale(node: gs.Node, index: ConstantIndex, channels: int) -> np.ndarray | None:
@@ -79,6 +95,10 @@ class Unit:
         return self.layers[0].matrices
 
     @property
+    def matrix_shape(self) -> tuple[int, int, int]:
+        return self.layers[0].shape
+
+    @property
     def weight(self) -> Weight:
         return self.layers[0].weight
 
@@ -93,16 +113,16 @@ class Unit:
 
     @property
     def groups(self) -> int:
-        return self.matrices.shape[0]
+        return self.matrix_shape[0]
 
     @property
     def shape(self) -> tuple[int, int]:
         """(out, in) of one matrix."""
-        return self.matrices.shape[1], self.matrices.shape[2]
+        return self.matrix_shape[1], self.matrix_shape[2]
 
     @property
     def params(self) -> int:
-        return int(self.matrices.size)
+        return math.prod(self.matrix_shape)
 
     @property
     def full_rank(self) -> int:
@@ -135,9 +155,13 @@ def detached(unit: Unit) -> Unit:
     layer = unit.layers[0]
     bias = layer.bias
     if bias is not None:
-        bias = replace(bias, node=None, weight=None if bias.weight is None else replace(bias.weight, stored=None))
+        stored = None if bias.weight is None else replace(bias.weight, stored=None, source=None, held=bias.value)
+        bias = replace(bias, node=None, weight=stored)
     node = NodeView(layer.node.name, layer.node.op, dict(layer.node.attrs))
-    return Unit(unit.key, [replace(layer, node=node, weight=replace(layer.weight, stored=None), bias=bias)])
+    value = layer.weight.value
+    weight = replace(layer.weight, stored=None, source=None, held=value)
+    matrices = layer.view(value)
+    return Unit(unit.key, [replace(layer, node=node, weight=weight, view=None, held=matrices, bias=bias)])
 
 
 @dataclass(frozen=True)
@@ -176,9 +200,10 @@ class Plan:
     skipped: list[Skipped]
 
 
-def find_layers(graph: gs.Graph, model: onnx.ModelProto, adapters: dict[str, Adapter]) -> Plan:
-    """Check every node of a handled op type; group the factorizable ones into units by shared weight."""
-    index = ConstantIndex(model)
+def find_layers(graph: gs.Graph, model: onnx.ModelProto, adapters: dict[str, Adapter], base_dir: str = "") -> Plan:
+    """Check every node of a handled op type; group the factorizable ones into units by shared weight.
+    `base_dir`: where the model's external data lies, when it was loaded without it."""
+    index = ConstantIndex(model, base_dir)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     skipped: list[Skipped] = []
     units: dict[str, Unit] = {}
@@ -224,7 +249,7 @@ def _unit_key(layer: Layer) -> str:
     """Layers share a unit when they use the same matrices and observe the same kind of statistics."""
     digest = hashlib.sha1(np.ascontiguousarray(layer.matrices).tobytes()).hexdigest()[:16]
     side = layer.adapter.observed(layer)[1]
-    return f"{layer.weight.name}:{layer.matrices.shape}:{side}:{digest}"
+    return f"{layer.weight.name}:{layer.shape}:{side}:{digest}"
 
 
 def _sharing_problem(unit: Unit, graph_outputs: set[str]) -> str | None:

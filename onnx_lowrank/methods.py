@@ -8,6 +8,7 @@ the input patches (or none at all) so that their errors compare with the SVD's.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from .conv_methods import conv_decomposers
 from .data_aware import OutputError, data_aware_svd
@@ -15,7 +16,7 @@ from .layers import Unit, detached
 from .parallel import Workers, blas_threads
 from .ranks import Candidates
 from .statistics import Moments
-from .svd import TruncatedSVD
+from .svd import PARTIAL_MIN_SIDE, TruncatedSVD
 
 CONV_METHODS = ("tucker2", "cp", "spatial", "depthwise", "block")
 METHODS = ("auto", "svd", *CONV_METHODS)
@@ -23,30 +24,37 @@ METHODS = ("auto", "svd", *CONV_METHODS)
 
 def candidates_for(
     units: Sequence[Unit], method: str, statistics: Sequence | None, workers: Workers | None = None,
-    eager: bool = False, advance: Callable[[int], None] | None = None,
+    eager: bool = False, advance: Callable[[int], None] | None = None, parking: Path | None = None,
 ) -> list[Candidates]:
     """Per unit, its decomposers under `method`; `statistics` per unit from calibration, or None.
 
-    Each unit is worked on detached from the graph, inline or by `workers` (the same results either
-    way); `eager` also computes every option there, which the rank search will need.
+    Each unit is worked on detached from the graph (its weight read then), one after the other inline or
+    by `workers` (the same results either way); `eager` also computes every option there, which the rank
+    search will need (a large weight-only SVD then computes only the shrinking ranks). With a `parking`
+    folder each unit's decomposers go to disk as they come back.
     """
     jobs = (
-        [detached(unit) for unit in units],
+        (detached(unit) for unit in units),  # a generator: a weight is read when its task is submitted
         [method] * len(units),
         list(statistics) if statistics is not None else [None] * len(units),
         [unit.layers[0].adapter.observed(unit.layers[0])[1] for unit in units],
         [eager] * len(units),
     )
+    found: list[Candidates] = []
+
+    def settle(candidate: Candidates) -> None:
+        candidate.unit = units[len(found)]
+        if parking is not None:
+            candidate.park(parking, len(found))
+        found.append(candidate)
+        if advance is not None:
+            advance(1)
+
     if workers is not None:
-        found = workers.map(_candidates, *jobs, advance=advance)
+        workers.map(_candidates, *jobs, each=settle)
     else:
-        found = []
         for arguments in zip(*jobs):
-            found.append(_candidates(*arguments))
-            if advance is not None:
-                advance(1)
-    for unit, candidate in zip(units, found):
-        candidate.unit = unit
+            settle(_candidates(*arguments))
     return found
 
 
@@ -57,7 +65,12 @@ def _candidates(unit: Unit, method: str, stats, side: str, eager: bool) -> Candi
 
 def _decomposers(unit: Unit, method: str, stats, side: str, eager: bool) -> Candidates:
     layer = unit.layers[0]
-    primary = TruncatedSVD(unit.matrices) if stats is None else data_aware_svd(unit, stats, side)
+    if stats is not None:
+        primary = data_aware_svd(unit, stats, side)
+    elif eager and min(unit.shape) >= PARTIAL_MIN_SIDE:  # the search picks among shrinking ranks only
+        primary = TruncatedSVD(unit.matrices, ranks=max(unit.break_even, 1))
+    else:
+        primary = TruncatedSVD(unit.matrices)
     exact = stats is None or (isinstance(stats, Moments) and side == "input")
     others, notes = [], []
     if method != "svd":

@@ -7,7 +7,7 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import onnx
@@ -33,10 +33,24 @@ class LoadedModel:
     path: Path | None
     external_data: bool
     shapes_consistent: bool = True  # passes strict shape inference (the full checker): so must the output
+    base_dir: str = ""  # set when the external data was left in its files: the folder they are in
+
+    def materialized(self) -> LoadedModel:
+        """The same model with its external data read in (what ONNX Runtime sessions of it need)."""
+        if not self.base_dir:
+            return self
+        try:
+            external_data_helper.load_external_data_for_model(self.model, self.base_dir)
+        except (OSError, ValueError) as error:
+            raise InputError(f"cannot read the external data of {self.path}: {error}") from None
+        return replace(self, base_dir="")
 
 
-def load_model(model_or_path: onnx.ModelProto | str | os.PathLike) -> LoadedModel:
-    """Load and check a model; raise InputError naming the problem when it is not a usable ONNX model."""
+def load_model(model_or_path: onnx.ModelProto | str | os.PathLike, lazy: bool = False) -> LoadedModel:
+    """Load and check a model; raise InputError naming the problem when it is not a usable ONNX model.
+
+    `lazy`: leave external data in its files; each weight is then read when it is used, one at a time
+    (see weights.Weight.value), and written out by save_model(base_dir=...)."""
     if isinstance(model_or_path, onnx.ModelProto):
         model, path, external = model_or_path, None, False
     else:
@@ -51,7 +65,7 @@ def load_model(model_or_path: onnx.ModelProto | str | os.PathLike) -> LoadedMode
                 external_data_helper.uses_external_data(t)
                 for t in external_data_helper._get_all_tensors(model)
             )
-            if external:
+            if external and not lazy:
                 external_data_helper.load_external_data_for_model(model, str(path.parent))
         except DecodeError:
             raise InputError(f"{path} is not an ONNX model (it does not parse as a protobuf ModelProto)") from None
@@ -61,16 +75,17 @@ def load_model(model_or_path: onnx.ModelProto | str | os.PathLike) -> LoadedMode
         where = path if path is not None else "the given model"
         raise InputError(f"{where} is not an ONNX model (no graph or no opset import)")
     _check_strings(model)
-    consistent = _check(model, path)
+    left_out = external and lazy
+    consistent = _check(str(path) if path is not None and (left_out or is_large(model)) else model)
     _check_opset(model)
     _check_tensors(model)
-    return LoadedModel(model, path, external, consistent)
+    return LoadedModel(model, path, external, consistent, str(path.parent) if left_out else "")
 
 
-def _check(model: onnx.ModelProto, path: Path | None) -> bool:
+def _check(target: onnx.ModelProto | str) -> bool:
     """The ONNX checker (InputError when it fails), run once with strict shape inference: whether the
-    shapes are consistent too. Models over 2 GB are checked from their file."""
-    target = str(path) if path is not None and is_large(model) else model
+    shapes are consistent too. Models over 2 GB, and those whose external data was left in its files,
+    are checked from their file."""
     try:
         onnx.checker.check_model(target, full_check=True)
         return True
@@ -153,39 +168,45 @@ def check_output_path(output: str | os.PathLike, source: Path | None) -> Path:
     parent = output.parent if str(output.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"cannot write {output}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"cannot write {output}: directory {parent} is not writable")
+    try:  # a real file, not os.access: root passes that check even on a read-only file system
+        handle, probe = tempfile.mkstemp(prefix=f".{output.name}.", dir=parent)
+    except OSError:
+        raise InputError(f"cannot write {output}: directory {parent} is not writable") from None
+    os.close(handle)
+    os.unlink(probe)
     if source is not None and output.resolve() == source.resolve():
         raise InputError(f"output {output} is the input model; choose another path")
     return output
 
 
-def save_model(model: onnx.ModelProto, output: str | os.PathLike, external_data: bool) -> None:
+def save_model(
+    model: onnx.ModelProto, output: str | os.PathLike, external_data: bool, base_dir: str = "",
+    check: bool | None = None,
+) -> None:
     """Write the model atomically: into a temporary folder beside the target, then rename into place.
 
-    With external data (asked for, or forced by a model over 2 GB) the tensors go to OUTPUT.data.
+    With external data (asked for, forced by a model over 2 GB, or tensors still in the input's files
+    under `base_dir`) the tensors go to OUTPUT.data, one at a time, and the caller's model is left as it
+    was. `check`: run the ONNX checker on the written file (True: with strict shape inference) before
+    it takes the output's place; for models that cannot be checked in memory.
     """
     output = Path(output)
-    external_data = external_data or is_large(model)
+    external_data = external_data or bool(base_dir) or is_large(model)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         staged = staging / output.name
         data_name = output.name + ".data"
         if external_data:
-            onnx.save_model(
-                model,
-                str(staged),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=data_name,
-                size_threshold=1024,
-            )
-            # save_model moves the tensors out of the proto; load them back so the caller's model stays whole
-            external_data_helper.load_external_data_for_model(model, str(staging))
+            _save_with_external_data(model, staged, data_name, base_dir)
         else:
             onnx.save_model(model, str(staged))
+        if check is not None:
+            try:
+                onnx.checker.check_model(str(staged), full_check=check)
+            except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+                raise RuntimeError(f"the rewritten model fails the ONNX checker: {error}") from error
         for written in (staged, staging / data_name):
-            if written.exists():  # onnx writes external data private (0600); the model is an ordinary file
+            if written.exists():  # mkstemp-like privacy is not wanted: the model is an ordinary file
                 os.chmod(written, 0o666 & ~_umask())
         if (staging / data_name).exists():
             os.replace(staging / data_name, output.parent / data_name)
@@ -196,6 +217,61 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike, external_data:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+EXTERNAL_THRESHOLD = 1024  # bytes: smaller tensors stay in the model file
+_CHUNK = 64 * 2**20
+
+
+def _save_with_external_data(model: onnx.ModelProto, staged: Path, data_name: str, base_dir: str) -> None:
+    """Every tensor of EXTERNAL_THRESHOLD bytes or more into one data file beside `staged`, streamed: a
+    tensor in memory is written and dropped from the proto, one still in the input's files (under
+    `base_dir`) is copied across in chunks. Afterwards the proto is put back as it was."""
+    moved: list[tuple[onnx.TensorProto, list[tuple[str, str]] | None, int, int]] = []
+    try:
+        with open(staged.parent / data_name, "wb") as data:
+            for tensor in external_data_helper._get_all_tensors(model):
+                if external_data_helper.uses_external_data(tensor):
+                    previous = [(entry.key, entry.value) for entry in tensor.external_data]
+                    offset = data.tell()
+                    _copy_external(tensor, base_dir, data)
+                elif tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_THRESHOLD:
+                    previous, offset = None, data.tell()
+                    data.write(tensor.raw_data)
+                    tensor.ClearField("raw_data")
+                else:
+                    continue
+                moved.append((tensor, previous, offset, data.tell() - offset))
+                _point_to(tensor, [("location", data_name), ("offset", str(offset)), ("length", str(data.tell() - offset))])
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+        onnx.save_model(model, str(staged))
+    finally:
+        for tensor, previous, offset, length in moved:
+            _point_to(tensor, previous or [])
+            if previous is None:  # back into the proto, from the file just written
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                with open(staged.parent / data_name, "rb") as data:
+                    data.seek(offset)
+                    tensor.raw_data = data.read(length)
+
+
+def _point_to(tensor: onnx.TensorProto, entries: list[tuple[str, str]]) -> None:
+    del tensor.external_data[:]
+    for key, value in entries:
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def _copy_external(tensor: onnx.TensorProto, base_dir: str, data) -> None:
+    info = external_data_helper.ExternalDataInfo(tensor)
+    with open(os.path.join(base_dir, info.location), "rb") as source:
+        source.seek(info.offset or 0)
+        left = info.length if info.length else None
+        while left is None or left > 0:
+            chunk = source.read(_CHUNK if left is None else min(_CHUNK, left))
+            if not chunk:
+                break
+            data.write(chunk)
+            if left is not None:
+                left -= len(chunk)
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write a small text file (the JSON report) atomically."""
     path = Path(path)
@@ -249,7 +325,10 @@ def _constant_tensors(graph: onnx.GraphProto):
 
 
 def _serialized_bytes(model: onnx.ModelProto) -> int:
+    """The model file's size plus what its tensors still in external files hold."""
+    outside = sum(external_data_helper.ExternalDataInfo(t).length or 0
+                  for t in _constant_tensors(model.graph) if external_data_helper.uses_external_data(t))
     try:
-        return model.ByteSize()
+        return model.ByteSize() + outside
     except Exception:  # protobuf refuses to size messages over 2 GB; count the tensor payloads instead
-        return sum(len(t.raw_data) for t in _constant_tensors(model.graph))
+        return sum(len(t.raw_data) for t in _constant_tensors(model.graph)) + outside

@@ -52,23 +52,17 @@ class Workers:
     executor: Executor
     slots: int
 
-    def map(self, function: Callable, *iterables: Iterable, advance: Callable[[int], None] | None = None) -> list:
-        """executor.map, in order, with at most `slots` tasks submitted at a time: each task carries a
-        layer's weight and statistics, and submitting all at once would hold (or, to a cluster, send
-        through its scheduler) every layer of the model at once."""
+    def map(self, function: Callable, *iterables: Iterable, each: Callable[[object], None]) -> None:
+        """executor.map, handing each result to `each` in order, with at most `slots` tasks submitted at a
+        time: each task carries a layer's weight and statistics, and submitting all at once would hold
+        (or, to a cluster, send through its scheduler) every layer of the model at once."""
         pending: collections.deque = collections.deque()
-        results = []
         for arguments in zip(*iterables):
             pending.append(self.executor.submit(function, *arguments))
             if len(pending) >= self.slots:
-                results.append(pending.popleft().result())
-                if advance is not None:
-                    advance(1)
-        for future in pending:
-            results.append(future.result())
-            if advance is not None:
-                advance(1)
-        return results
+                each(pending.popleft().result())
+        while pending:
+            each(pending.popleft().result())
 
 
 @contextlib.contextmanager

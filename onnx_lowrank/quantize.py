@@ -42,6 +42,17 @@ Settings, and why:
   (a factorized chain, LayerNorm, attention) that this module selects by name; onnxruntime's quantizers
   already run ONNX shape inference, which is all they need here.
 
+Per-node float fallback (`fallback`): when int8 of the whole model costs more error than the caller can
+spend, the nodes whose quantization costs the most are kept float. Each quantized node's cost is
+measured, not guessed: the error of the int8 model with that one node float (onnxruntime sessions on the
+caller's selection samples); names, shapes or a node's local output error are no guide (on MiniLM-L6 one
+FFN-output MatMul of layer 0 holds 0.0083 of the 0.0195 mean cosine error of int8, while its own output
+moves less than most: its relative output error, 1.7e-3, is below the median). The variants are built by
+putting the float node back into the one quantized model (onnxruntime's quantizers keep every replaced
+node's output name), so each costs a session, not a quantization (MiniLM-L6, 39 nodes: about 20 s on 2
+cores). Nodes are then kept float greedily, the best measured error reduction per byte kept float first,
+each step checked on the caller's check samples on the graph `quantize_int8(exclude=...)` gives.
+
 Only the main graph is quantized (nodes inside If/Loop/Scan bodies stay float). onnxruntime.quantization
 works on files: the model goes through a temporary folder (under $TMPDIR), always with external data,
 so models over 2 GB take the same path as small ones.
@@ -53,8 +64,9 @@ import contextlib
 import itertools
 import logging
 import tempfile
+import time
 from collections import Counter
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +92,7 @@ _WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1, "Gather": 0}
 _OTHER_FLOATS = (TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
 _QUANTIZED = (TensorProto.INT8, TensorProto.UINT8)
 _NAME_PREFIX = "onnx_lowrank_quantize"
+_SOURCE_KEY = "onnx_lowrank.source"  # a low-rank chain's node: the name of the node it replaced
 
 
 @dataclass(frozen=True)
@@ -173,6 +186,221 @@ def quantize_int8(
         notes.append(f"{count} {op_type} node(s) stay float: onnxruntime's quantizer left them")
     left_float.update(declined)
     return QuantizedModel(result, _info(done, left_float, notes))
+
+
+# compact mode: int8 of the original may take this much of the tolerance, the factorization the rest. Less
+# keeps more nodes float for a room the factorization may not use: on MiniLM-L6 at cosine 0.02, 0.5 kept 3
+# nodes float (+4.4% of the file) for a room of 0.0105, no more factorized than 0.6 with 1 node (+2%, room
+# 0.0088), whose rank frontier steps from 0.0087 to 0.0109.
+FALLBACK_SHARE = 0.6
+FALLBACK_CHECKS = 8  # at most this many checked steps (quantize + validate) in the greedy
+
+
+@dataclass(frozen=True)
+class FloatNode:
+    """A weight-bearing node the fallback kept float, and why."""
+
+    name: str
+    op_type: str
+    error_reduction: float  # measured on the selection samples: int8 error minus int8 error with it float
+    float_bytes: int  # what keeping it float adds to the int8 file
+    error_after: float  # checked: int8 error with it (and every node kept before it) float
+
+    def to_dict(self) -> dict:
+        return {"node": self.name, "op": self.op_type, "error_reduction": self.error_reduction,
+                "float_bytes": self.float_bytes, "error_after": self.error_after}
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """What `fallback` found: the nodes to keep float (`exclude`) and the measurements behind them."""
+
+    exclude: tuple[str, ...]
+    nodes: tuple[FloatNode, ...]  # the same nodes, in the order they were kept float
+    error_all: float  # checked error of int8 of every node
+    error: float  # checked error of int8 with `exclude` float
+    share: float  # what the int8 error was to be brought within
+    measured: int  # nodes whose cost was measured (0: int8 of every node was within the share)
+    checks: int  # quantizations checked (the first: every node)
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {"share": self.share, "error_int8_all": self.error_all, "error_int8_kept_float": self.error,
+                "nodes_measured": self.measured, "checks": self.checks, "seconds": self.seconds}
+
+
+def fallback(
+    model: onnx.ModelProto,
+    share: float,
+    check: Callable[[onnx.ModelProto], float],
+    select: Callable[[onnx.ModelProto], float] | None = None,
+    feeds: Iterable[Mapping[str, np.ndarray]] | None = None,
+    *,
+    reduce_range: bool = False,
+    max_checks: int = FALLBACK_CHECKS,
+) -> Fallback:
+    """The nodes to keep float so that int8 of the rest costs at most `share`, measured, not guessed.
+
+    `check(model)`: the error that must be within `share` (the caller's validation). `select(model)`: the
+    error each node's cost is measured with (default: `check`; better on other samples than those that
+    check, so that the nodes are not chosen on the samples that certify them). `feeds`: Conv calibration,
+    as for `quantize_int8` (kept in memory: the model is quantized several times).
+
+    When int8 of every node is within `share`, nothing is kept float (one quantization, one check).
+    Otherwise each quantized node's cost is measured: select(int8 of all) - select(int8 with that node
+    float), the variants built from the one quantized model (`_restore_float`). Nodes with a positive cost
+    are kept float in order of cost per byte kept float, each step checked on the model
+    `quantize_int8(exclude=...)` gives; a node whose step does not lower the checked error is left
+    quantized; it stops within `share`, out of nodes, or after `max_checks` checks. The result may still
+    be above `share`: `error` says where it ended.
+    """
+    started = time.perf_counter()
+    if feeds is not None:
+        feeds = list([feeds] if isinstance(feeds, Mapping) else feeds)
+    full = quantize_int8(model, feeds, reduce_range=reduce_range).model
+    error_all = check(full)
+    if error_all <= share:
+        return Fallback((), (), error_all, error_all, share, 0, 1, time.perf_counter() - started)
+    select = select or check
+    base_bytes = full.ByteSize()
+    base = select(full)
+    costs: dict[str, tuple[str, float, int]] = {}
+    nodes = {node.name: node for node in _excludable(model, full)}
+    for node in nodes.values():
+        variant = _restore_float(full, model, [node])
+        if variant is None:  # no output of the original name to reconnect: quantize without it
+            variant = quantize_int8(model, feeds, reduce_range=reduce_range, exclude=[node.name]).model
+        extra = max(variant.ByteSize() - base_bytes, 1)
+        costs[node.name] = (node.op_type, base - select(variant), extra)
+        del variant
+    order = sorted((name for name, cost in costs.items() if cost[1] > 0),
+                   key=lambda name: costs[name][1] / costs[name][2], reverse=True)
+    kept: list[FloatNode] = []
+    error, checks = error_all, 1
+    for name in order:
+        if error <= share or checks >= max_checks:
+            break
+        floats = [*(nodes[k.name] for k in kept), nodes[name]]
+        # the same graph as quantizing without them, but for QDQ Convs (the scales around them change)
+        trial = None if any(n.op_type == "Conv" for n in floats) else _restore_float(full, model, floats)
+        if trial is None:
+            trial = quantize_int8(model, feeds, reduce_range=reduce_range, exclude=[n.name for n in floats]).model
+        value = check(trial)
+        del trial
+        checks += 1
+        if value < error:
+            op_type, reduction, extra = costs[name]
+            kept.append(FloatNode(name, op_type, reduction, extra, value))
+            error = value
+    return Fallback(tuple(k.name for k in kept), tuple(kept), error_all, error, share, len(costs), checks,
+                    time.perf_counter() - started)
+
+
+def chain_names(model: onnx.ModelProto, names: Collection[str]) -> list[str]:
+    """The nodes of `model` that stand for the named original nodes: those still there under their name
+    and the nodes of the low-rank chains that replaced them (metadata `onnx_lowrank.source`)."""
+    wanted = set(names)
+    return [node.name for node in model.graph.node if node.name and (
+        node.name in wanted
+        or any(p.key == _SOURCE_KEY and p.value in wanted for p in node.metadata_props))]
+
+
+def _excludable(model: onnx.ModelProto, quantized: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The weight-bearing nodes of the main graph that int8 changed and that can be excluded by name."""
+    named = Counter(node.name for node in model.graph.node)
+    after = {node.name: node for node in quantized.graph.node}
+    found = []
+    for node in model.graph.node:
+        if node.op_type not in _WEIGHT_INPUT or node.domain not in ("", "ai.onnx") or not node.name:
+            continue
+        if named[node.name] > 1:
+            continue
+        same = after.get(node.name)
+        if same is not None and same.op_type == node.op_type and list(same.input) == list(node.input):
+            continue  # left float (no constant weight, or onnxruntime declined it)
+        found.append(node)
+    return found
+
+
+def _restore_float(quantized: onnx.ModelProto, original: onnx.ModelProto,
+                   nodes: Sequence[onnx.NodeProto]) -> onnx.ModelProto | None:
+    """The quantized model with `nodes` (of `original`) float again, without quantizing anew. The nodes
+    producing each one's outputs (onnxruntime keeps the output names: the scale Mul of a MatMulInteger,
+    the DequantizeLinear after a uint8 Gather, the bias Add of a rewritten Gemm, a QDQ Conv) give way to
+    the float node, and what only they used is dropped. For the dynamic nodes (MatMul, Gemm, Gather) that
+    is the graph quantizing with them excluded gives (identical outputs, tests/test_quantize.py); a QDQ
+    Conv keeps the Q/DQ pairs around it, whose calibrated scales a new quantization would place
+    differently: close, not equal. None when an output the graph uses has no producer under its name (a
+    Gather whose uint8 rows feed the next MatMulInteger directly)."""
+    used = _used(original.graph)
+    weights = {t.name: t for t in original.graph.initializer}
+    variant = onnx.ModelProto()
+    variant.CopyFrom(quantized)
+    graph = variant.graph
+    current = list(graph.node)
+    added: dict[str, onnx.TensorProto] = {}
+    for node in nodes:
+        producers = {name: index for index, n in enumerate(current) for name in n.output if name}
+        positions = set()
+        for name in node.output:
+            if name in producers:
+                positions.add(producers[name])
+            elif name and name in used:
+                return None
+        if not positions:
+            return None
+        at = max(positions)
+        known = {v.name for v in graph.input} | {t.name for t in graph.initializer} | set(added)
+        known.update(name for n in current[:at] for name in n.output)
+        for name in node.input:
+            if name and name not in known:
+                if name not in weights:
+                    return None
+                added[name] = weights[name]
+        restored = onnx.NodeProto()
+        restored.CopyFrom(node)
+        current = [restored if index == at else n for index, n in enumerate(current)
+                   if index not in positions or index == at]
+    current = _live(current, {v.name for v in graph.output})
+    del graph.node[:]
+    graph.node.extend(current)
+    graph.initializer.extend(added.values())
+    needed = _used(graph)
+    if any(t.name not in needed for t in graph.initializer):
+        tensors = [t for t in graph.initializer if t.name in needed]
+        del graph.initializer[:]
+        graph.initializer.extend(tensors)
+    return variant
+
+
+def _live(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
+    """The nodes (topologically sorted) that some graph output depends on."""
+    needed = set(outputs)
+    kept = []
+    for node in reversed(nodes):
+        if any(name and name in needed for name in node.output):
+            kept.append(node)
+            needed.update(_node_inputs(node))
+    kept.reverse()
+    return kept
+
+
+def _used(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name the graph's nodes read (their subgraphs' included) and its outputs."""
+    used = {v.name for v in graph.output}
+    for node in graph.node:
+        used.update(_node_inputs(node))
+    return used
+
+
+def _node_inputs(node: onnx.NodeProto) -> set[str]:
+    """A node's inputs, and the names its subgraphs (If/Loop/Scan bodies) read from outer scopes."""
+    names = {name for name in node.input if name}
+    for attribute in node.attribute:
+        for subgraph in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else
+                         attribute.graphs if attribute.type == onnx.AttributeProto.GRAPHS else []):
+            names.update(_used(subgraph))
+    return names
 
 
 def _prepare(model: onnx.ModelProto, notes: list[str], left_float: Counter, exclude: set[str]) -> list[_Candidate]:

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from .errors import InputError
 from .layers import Unit
 from .parallel import blas_threads
+from .parking import Parked
 from .svd import Option
 
 FULL = "full"
@@ -74,8 +76,17 @@ class Candidates:
             self.emptied_by = note
 
     def factorize(self, option: Option):
+        """The factors of an option; in float32 when the weight is stored so (all they are written as)."""
         with blas_threads(self.unit.params):
-            return self._by_method[option.method].factorize(option.config)
+            factorization = self._by_method[option.method].factorize(option.config)
+        return factorization.in_float32() if self.unit.weight.storage_type == onnx.TensorProto.FLOAT else factorization
+
+    def park(self, folder: Path, position: int) -> None:
+        """Move the decomposers to files in `folder` (see parking.py); they answer as before."""
+        parked = {method: Parked(d, folder / f"{position}.{method}.pickle") for method, d in self._by_method.items()}
+        self._offered = [parked[d.method] for d in self._offered]
+        self._by_method = parked
+        self.primary = parked[self.primary.method]
 
     @property
     def offers_others(self) -> bool:

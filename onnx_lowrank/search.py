@@ -36,10 +36,13 @@ def factors_of(candidates: Sequence[Candidates], choices: Sequence[Choice]) -> d
     return {c.unit.key: c.factorize(ch.option) for c, ch in zip(candidates, choices) if ch.option is not None}
 
 
-def build(original: onnx.ModelProto, adapters: dict, factors: dict[str, Factorization]) -> onnx.ModelProto:
-    """The original with the units named by key replaced by their factor chains."""
+def build(
+    original: onnx.ModelProto, adapters: dict, factors: dict[str, Factorization], base_dir: str = ""
+) -> onnx.ModelProto:
+    """The original with the units named by key replaced by their factor chains (`base_dir`: where the
+    original's external data lies, when it was loaded without it; the result then refers to it too)."""
     imported = import_graph(original)
-    plan = find_layers(imported.graph, original, adapters)
+    plan = find_layers(imported.graph, original, adapters, base_dir)
     splice = Splice(imported.graph)
     for unit in plan.units:
         if unit.key in factors:

@@ -120,7 +120,7 @@ class Emitter:
         Identical factors of one weight (a weight shared by several nodes) become one constant.
         """
         weight = like or self._layer.weight
-        stored = np.ascontiguousarray(value.astype(weight.storage_dtype))
+        stored = np.ascontiguousarray(value.astype(weight.storage_dtype, copy=False))  # factors: no copy
         key = (weight.name, hashlib.sha1(stored.tobytes() + str(stored.shape).encode()).hexdigest())
         if key in self._splice._constants:
             return self._splice._constants[key]

@@ -165,7 +165,7 @@ def collect(
         tensor, _ = layer.adapter.observed(layer)
         key = (tensor.name, type(layer.adapter).__name__, repr(layer.info), repr(sorted(layer.node.attrs.items())))
         if key not in jobs:
-            groups, out_dim, in_dim = layer.matrices.shape
+            groups, out_dim, in_dim = layer.shape
             side = layer.adapter.observed(layer)[1]
             if side == "indices":
                 jobs[key] = (layer, Counts.empty(in_dim))

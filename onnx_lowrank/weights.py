@@ -1,8 +1,10 @@
 """Finding a node's constant weight wherever exporters put it.
 
 Weights live in initializers, in `Constant` nodes (paddle2onnx keeps every weight this way), and behind
-Identity / Transpose / Cast chains. A `Weight` records the stored tensor, the value the node actually sees
-(in float64, after the chain) and the two element types, so factors can be stored like the original.
+Identity / Transpose / Cast chains. A `Weight` records the stored tensor, how to read the value the node
+actually sees (in float64, after the chain) and the two element types, so factors can be stored like the
+original. The value is read from the stored tensor on each use, never kept: a model's weights are then
+never all held in float64 at once, and a model with external data is read layer by layer from its file.
 """
 
 from __future__ import annotations
@@ -24,10 +26,31 @@ class Weight:
     """A constant weight as one node sees it."""
 
     name: str  # the stored tensor: an initializer or the output of a Constant node
-    stored: gs.Tensor  # that tensor in the graph
-    value: np.ndarray  # float64, after the chain's transposes
+    stored: gs.Tensor | None  # that tensor in the graph (None once detached from it)
     storage_type: int  # TensorProto element type as stored
     node_type: int  # element type the consuming node sees (differs when the chain casts)
+    shape: tuple[int, ...]  # as the node sees it, after the chain's transposes
+    source: onnx.TensorProto | None = None  # the stored tensor's proto, read on every use of `value`
+    base_dir: str = ""  # where its external data lies, if it has any
+    steps: tuple = ()  # the chain, in order: ("transpose", perm) or ("cast", element type)
+    held: np.ndarray | None = None  # the value itself, for a weight detached from its model
+
+    @property
+    def value(self) -> np.ndarray:
+        """float64, after the chain's transposes and casts: a fresh array on each use unless held."""
+        if self.held is not None:
+            return self.held
+        value = numpy_helper.to_array(self.source, self.base_dir).astype(np.float64)
+        for kind, argument in self.steps:
+            if kind == "transpose":
+                value = np.transpose(value, argument)
+            else:
+                value = value.astype(helper.tensor_dtype_to_np_dtype(argument)).astype(np.float64)
+        return value
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
 
     @property
     def storage_dtype(self) -> np.dtype:
@@ -42,7 +65,8 @@ class ConstantIndex:
     """Stored constants of a model by tensor name, read from the proto so every dtype (bfloat16 too) survives;
     and the names of the graph outputs (a constant or activation that is one cannot be changed)."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, base_dir: str = ""):
+        self.base_dir = base_dir  # where the model's external data lies, if it has any
         self.graph_outputs = {output.name for output in model.graph.output}
         self._tensors: dict[str, onnx.TensorProto] = {t.name: t for t in model.graph.initializer}
         for node in model.graph.node:
@@ -84,24 +108,28 @@ def resolve(tensor: gs.Tensor, index: ConstantIndex) -> Weight | str:
         return f"constant {tensor.name} has no tensor value (sparse or scalar-attribute Constant)"
     if proto.data_type not in FLOAT_TYPES:
         return f"weight {tensor.name} has element type {helper.tensor_dtype_to_string(proto.data_type)}, not floating point"
-    value = numpy_helper.to_array(proto).astype(np.float64)
-    if value.size == 0:
-        return f"weight {tensor.name} is empty (shape {list(value.shape)})"
-    if not np.isfinite(value).all():
-        return f"weight {tensor.name} holds NaN or Inf"
-    node_type = proto.data_type
+    shape, node_type, chain = tuple(proto.dims), proto.data_type, []
     for step in reversed(steps):
         if step.op == "Transpose":
             perm = step.attrs.get("perm")
-            if perm is not None and sorted(perm) != list(range(value.ndim)):
-                return f"Transpose node {step.name!r} has perm {list(perm)}, not a permutation of {value.ndim} axes"
-            value = np.transpose(value, perm)
+            if perm is not None and sorted(perm) != list(range(len(shape))):
+                return f"Transpose node {step.name!r} has perm {list(perm)}, not a permutation of {len(shape)} axes"
+            perm = tuple(perm) if perm is not None else tuple(reversed(range(len(shape))))
+            shape = tuple(shape[axis] for axis in perm)
+            chain.append(("transpose", perm))
         elif step.op == "Cast":
             node_type = step.attrs["to"]
             if node_type not in FLOAT_TYPES:
                 return f"weight {tensor.name} is cast to {helper.tensor_dtype_to_string(node_type)}, not floating point"
-            value = value.astype(helper.tensor_dtype_to_np_dtype(node_type)).astype(np.float64)
-    return Weight(name=tensor.name, stored=tensor, value=value, storage_type=proto.data_type, node_type=node_type)
+            chain.append(("cast", node_type))
+    if 0 in shape:
+        return f"weight {tensor.name} is empty (shape {list(shape)})"
+    weight = Weight(name=tensor.name, stored=tensor, storage_type=proto.data_type, node_type=node_type, shape=shape,
+                    source=proto, base_dir=index.base_dir, steps=tuple(chain))
+    stored = numpy_helper.to_array(proto, index.base_dir)
+    if not np.isfinite(stored if stored.dtype.kind == "f" else stored.astype(np.float32)).all():  # bfloat16
+        return f"weight {tensor.name} holds NaN or Inf"
+    return weight
 
 
 def weight_users(stored: gs.Tensor, graph_outputs: set[str]) -> tuple[list[gs.Node], bool]:

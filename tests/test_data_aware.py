@@ -587,7 +587,7 @@ def random_layer(groups, out_dim, in_dim, count, side, centred, weighted, dead, 
     x[:, :, :dead] = 0.0
     bias = rng.standard_normal(groups * out_dim) if centred else None
     scale = rng.choice([-1, 1], groups * out_dim) * 10 ** rng.uniform(-3, 2, groups * out_dim) if weighted else None
-    layer = Layer(None, None, None, weight, bias=None if bias is None else BiasSite(None, 0, bias, 0),
+    layer = Layer(None, None, None, None, held=weight, bias=None if bias is None else BiasSite(None, 0, bias, 0),
                   output_scale=scale)
     moments = Moments.empty(groups, in_dim if side == "input" else out_dim)
     if side == "input":

@@ -236,7 +236,7 @@ def test_collect_counts_the_lookups_of_the_fit_samples():
 
 def table_layer(table: np.ndarray) -> Layer:
     """A layer as the adapter makes it: W = table^T, one matrix (FrequencyWeightedSVD reads only this)."""
-    return Layer(None, None, None, np.asarray(table, dtype=np.float64).T[None])
+    return Layer(None, None, None, None, held=np.asarray(table, dtype=np.float64).T[None])
 
 
 def zipf(rows: int, rng, exponent: float = 1.1) -> np.ndarray:

@@ -116,6 +116,10 @@ def filled(report: Report) -> Report:
             "scheme": "int8-per-channel", "bytes_factorized": report.bytes_after,
             "bytes_quantized": report.bytes_after // 4 + 2000, "error_factorized": 0.0,
             "error_quantized": 0.0037, "nodes": 5,
+            "kept_float": [{"node": EVIL, "op": "Gemm", "error_reduction": 0.0123, "float_bytes": 40960,
+                            "error_after": 0.0021}],
+            "fallback": {"share": 0.006, "error_int8_all": 0.0144, "error_int8_kept_float": 0.0021,
+                         "nodes_measured": 4, "checks": 2, "seconds": 1.5},
         },
     )
 
@@ -180,19 +184,20 @@ def test_full_report_has_every_section(calibrated):
     assert "<h1>digits &lt;cnn&gt;.onnx</h1>" in page
     for heading in ("Summary", "Before and after", "Nodes by op type", "Validation", "Factorized (3)",
                     "Skipped (3)", "Chosen ranks", "Singular spectra", "Rank search", "Latency",
-                    "Quantization", "Time per phase"):
+                    "Quantization", "int8 fallback", "Time per phase"):
         assert f">{heading}</h" in page, heading
     # escaped wherever a user name lands: table cells, tooltips, the skip reason
     assert EVIL not in page and "alert(" in page
     escaped = '&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;&quot;&#x27;$x$'
-    assert page.count(escaped) >= 4
+    assert page.count(escaped) >= 5
     # the numbers the reader looks for
     latency, quantization, first = report.latency, report.quantization, report.layers[0].latency
     for text in (f"{report.params_before:,}", f"{report.params_after:,}", "accuracy", "passed", "cpu",
                  f"{report.validation.samples:,}", f"×{latency['speedup']:.2f}",
                  f"{latency['original']['median_ms']:,.3f} ms", f"{latency['compressed']['p90_ms']:,.3f} ms",
                  f"<code>{quantization['scheme']}</code>", "tucker2", "24, 16", "first stage", "n/a", "∞",
-                 f"{first['dense_ms']:,.3f} → {first['factorized_ms']:,.3f} ms"):
+                 f"{first['dense_ms']:,.3f} → {first['factorized_ms']:,.3f} ms", "0.0123", "40.00 KiB",
+                 "int8 of every node: error 0.0144"):
         assert text in page, text
     for layer in report.layers:
         assert f"{layer.params_before:,} → {layer.params_after:,}" in page

@@ -81,3 +81,51 @@ def test_report_gets_ordinary_permissions(tmp_path):
     finally:
         os.umask(previous)
     assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o644
+
+
+def stacked_model() -> onnx.ModelProto:
+    """Three MatMuls and a large constant no adapter touches (it must be copied across as it is)."""
+    rng = np.random.default_rng(2)
+    weights = [numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), f"w{i}") for i in range(3)]
+    shift = numpy_helper.from_array(rng.standard_normal((1, 64)).astype(np.float32) * np.ones((4, 1), np.float32), "shift")
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h0"], name="mm0"),
+             helper.make_node("MatMul", ["h0", "w1"], ["h1"], name="mm1"),
+             helper.make_node("Add", ["h1", "shift"], ["h2"], name="add"),
+             helper.make_node("MatMul", ["h2", "w2"], ["y"], name="mm2")]
+    graph = helper.make_graph(nodes, "stacked", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, 64])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 64])], [*weights, shift])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_external_data_is_read_one_weight_at_a_time_and_copied_across(tmp_path, monkeypatch):
+    """compress_file never loads a model's external data whole (each weight is read from the file when it
+    is used, the untouched ones are copied file to file), and writes what compressing it in memory does."""
+    source = tmp_path / "in.onnx"
+    onnx.save_model(stacked_model(), source, save_as_external_data=True, location="in.data", size_threshold=0)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    in_memory, _ = onnx_lowrank.compress(source, target_params=0.5, objective="size")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the whole external data was loaded")
+
+    monkeypatch.setattr(onnx.external_data_helper, "load_external_data_for_model", refuse)
+    report = onnx_lowrank.compress_file(source, tmp_path / "out.onnx", target_params=0.5, objective="size")
+    monkeypatch.undo()
+    assert len(report.layers) == 3 and report.bytes_before > 4 * 64 * 64 * 3
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name in before} == before
+    written = onnx.load(tmp_path / "out.onnx")  # its own data file, read in full
+    assert all(t.data_location == onnx.TensorProto.DEFAULT for t in written.graph.initializer)
+    expected = {t.name: numpy_helper.to_array(t) for t in in_memory.graph.initializer}
+    assert {t.name: numpy_helper.to_array(t).tobytes() for t in written.graph.initializer} == {
+        name: value.tobytes() for name, value in expected.items()}
+    x = np.random.default_rng(3).standard_normal((4, 64)).astype(np.float32)
+    np.testing.assert_array_equal(outputs(tmp_path / "out.onnx", x),
+                                  ort.InferenceSession(in_memory.SerializeToString()).run(None, {"x": x})[0])
+
+
+def test_external_data_without_factorizable_layers_is_copied_through(tmp_path):
+    source = tmp_path / "in.onnx"
+    onnx.save_model(stacked_model(), source, save_as_external_data=True, location="in.data", size_threshold=0)
+    onnx_lowrank.compress_file(source, tmp_path / "out.onnx", ranks={"*": "full"}, ops=["Gather"])
+    x = np.random.default_rng(4).standard_normal((4, 64)).astype(np.float32)
+    np.testing.assert_array_equal(outputs(tmp_path / "out.onnx", x), outputs(source, x))

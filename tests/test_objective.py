@@ -97,9 +97,39 @@ def test_int8_is_validated_against_the_same_bound(int8_compact):
     assert quantization["error_quantized_alone"] is not None and quantization["error_factorized"] is not None
     assert quantization["bytes_quantized"] < 0.4 * quantization["bytes_factorized"]
     assert quantization["nodes"]["nodes"]["MatMul"] > 0
+    # int8 alone (0.006) is within its share of the tolerance (0.6 x 0.02): nothing measured, nothing kept float
+    assert quantization["kept_float"] == [] and quantization["fallback"]["nodes_measured"] == 0
+    assert quantization["nodes"]["float"] == {}
     assert report.bytes_after == quantization["bytes_quantized"] < 0.3 * report.bytes_before
     ops = {node.op_type for node in model.graph.node}
     assert ops & {"MatMulInteger", "DynamicQuantizeLinear"}
+
+
+def test_int8_over_its_share_keeps_the_costliest_nodes_float():
+    """Tolerance 0.008: int8 of every node (0.006 on the held-out part) is over its share (0.6 x 0.008), so
+    the nodes whose measured cost is highest stay float, in the written model too, and the whole is
+    validated within the tolerance."""
+    with np.load(SENTENCES) as data:
+        calibration = {name: data[name][:96] for name in data.files}  # 48 fit, 48 held out
+    model, report = onnx_lowrank.compress(MINILM, calibration=calibration, metric="cosine", tolerance=0.008,
+                                          quantize="int8", objective="size", ops=("MatMul",), batch_size=48, jobs=1)
+    quantization = report.quantization
+    kept, found = quantization["kept_float"], quantization["fallback"]
+    assert kept, quantization
+    assert found["error_int8_all"] > found["share"] == pytest.approx(0.6 * 0.008)
+    assert quantization["error_quantized_alone"] == found["error_int8_kept_float"] <= found["share"]
+    assert all(node["error_reduction"] > 0 and node["float_bytes"] > 0 for node in kept)
+    assert report.validation.passed and report.validation.value <= 0.008
+    assert quantization["error_quantized"] == report.validation.value
+    assert "int8 fallback" in report.phases
+    floats = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    for entry in kept:  # the node, or the low-rank chain that replaced it, reads float weights
+        nodes = [node for node in model.graph.node if node.name == entry["node"] or any(
+            p.key == "onnx_lowrank.source" and p.value == entry["node"] for p in node.metadata_props)]
+        matmuls = [node for node in nodes if node.op_type == "MatMul"]
+        assert matmuls and all(node.input[1] in floats for node in matmuls), entry["node"]
+    assert sum(quantization["nodes"]["float"].values()) >= len(kept)
+    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= {node.op_type for node in model.graph.node}
 
 
 def test_int8_alone_above_the_tolerance_is_a_bound_not_met():

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import onnx_lowrank
-from onnx_lowrank import parallel
+from onnx_lowrank import api, parallel
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 DIGITS = MODELS / "digits_cnn.onnx"
@@ -55,3 +55,16 @@ def test_unreachable_scheduler_is_bad_input(monkeypatch):
     monkeypatch.setattr(parallel, "DASK_CONNECT_TIMEOUT", "2s")
     with pytest.raises(onnx_lowrank.InputError, match=r"cannot reach the Dask scheduler at tcp://127.0.0.1:9"):
         onnx_lowrank.compress(DIGITS, scheduler="tcp://127.0.0.1:9", **OPTIONS)
+
+
+def test_decompositions_parked_on_disk_give_the_same_model(monkeypatch):
+    """Large models keep each layer's decompositions in files while ranks are chosen (parking.py); every
+    method's decomposer (data-aware SVD, Tucker-2, CP, ...) answers the same from there."""
+    for method in ("auto", "tucker2"):  # auto picks data-aware SVDs here; a conv method's chain too
+        options = {"calibration": CALIB, "target_params": 0.4, "method": method, "objective": "size", "jobs": 1}
+        in_memory = onnx_lowrank.compress(DIGITS, **options)
+        with monkeypatch.context() as patched:
+            patched.setattr(api, "PARK_MIN_PARAMS", 0)
+            parked = onnx_lowrank.compress(DIGITS, **options)
+        assert parked[1].layers
+        _same(in_memory, parked)

@@ -22,7 +22,8 @@ from onnx import TensorProto, helper, numpy_helper
 import onnx_lowrank
 from onnx_lowrank.calibration import load_calibration
 from onnx_lowrank.errors import InputError
-from onnx_lowrank.quantize import QUANTIZATIONS, quantize_int8
+from onnx_lowrank.quantize import (QUANTIZATIONS, _excludable, _restore_float, chain_names, fallback,
+                                   quantize_int8)
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 MINILM = MODELS / "minilm_l2.onnx"
@@ -55,6 +56,14 @@ def embeddings(model: onnx.ModelProto, count: int | None = None) -> np.ndarray:
         run.run(["sentence_embedding"], {name: array[start : start + 100] for name, array in feeds.items()})[0]
         for start in range(0, count, 100)
     ])
+
+
+def cosine_error(model: onnx.ModelProto, start: int, stop: int):
+    """1 - mean cosine of sentence_embedding against `model`'s on sentences [start, stop): what the
+    fallback's check and select callables measure, in onnxruntime CPU sessions."""
+    feeds = {name: array[start:stop] for name, array in sentences().items()}
+    reference = session(model).run(["sentence_embedding"], feeds)[0]
+    return lambda candidate: 1 - mean_cosine(session(candidate).run(["sentence_embedding"], feeds)[0], reference)
 
 
 def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -269,3 +278,79 @@ def test_bad_feeds_are_input_errors():
     assert "\n" not in str(failure.value)
     with pytest.raises(InputError, match="calibration feed 0 is a str"):
         quantize_int8(model, ["image"])
+
+
+# ------------------------------------------------------------------------------- per-node float fallback
+# minilm_l2 measured (onnxruntime 1.32, CPU) on the first 200 sentences: int8 of every node costs mean cosine
+# 0.0022; with the token-type table (2 x 384, nearly free) float 0.0021, and with layer 0's FFN-output MatMul
+# (the one reading the GELU activations) float as well, 0.0013.
+
+FFN_OUT_0 = "/bert/encoder/layer.0/output/dense/MatMul"
+
+
+def test_fallback_keeps_nothing_float_within_the_share():
+    model = onnx.load(MINILM)
+    check = cosine_error(model, 0, 200)
+    result = fallback(model, 0.02, check)
+    assert result.exclude == () and result.nodes == ()
+    assert result.measured == 0 and result.checks == 1  # one quantization, one check: nothing measured
+    assert result.error == result.error_all <= 0.02
+
+
+def test_fallback_keeps_the_costliest_nodes_float_until_within_the_share():
+    model = onnx.load(MINILM)
+    check, select = cosine_error(model, 0, 200), cosine_error(model, 500, 532)
+    share = 0.0015
+    result = fallback(model, share, check, select)
+    assert result.error_all > share, "int8 of every node is already within the share: nothing to test"
+    assert result.exclude and result.error <= share < result.error_all
+    assert result.measured == 15  # every quantized MatMul and Gather
+    assert FFN_OUT_0 in result.exclude
+    steps = [result.error_all] + [node.error_after for node in result.nodes]
+    assert all(after < before for before, after in zip(steps, steps[1:])), steps
+    assert all(node.error_reduction > 0 and node.float_bytes > 0 for node in result.nodes)
+    assert len(result.exclude) <= 3, result.exclude  # a few nodes, not the model
+    report = result.to_dict()
+    assert report["share"] == share and report["error_int8_kept_float"] == result.error
+
+    # the excluded nodes stay float in what quantize_int8 makes of them, and that is the model checked
+    quantized = quantize_int8(model, exclude=result.exclude)
+    nodes = {node.name: node for node in quantized.model.graph.node}
+    types = {t.name: t.data_type for t in quantized.model.graph.initializer}
+    for name in result.exclude:
+        node = nodes[name]
+        weight = node.input[0] if node.op_type == "Gather" else node.input[1]
+        assert types[weight] == TensorProto.FLOAT, name
+    assert sum(quantized.info["float"].values()) == len(result.exclude)
+    assert check(quantized.model) == pytest.approx(result.error, rel=1e-9, abs=1e-12)
+
+
+def test_restored_float_node_equals_quantizing_without_it():
+    """The fallback measures each node's cost on the quantized model with that node put back float: for
+    the dynamic nodes that must be exactly what quantize_int8(exclude=[node]) gives."""
+    model = onnx.load(MINILM)
+    full = quantize_int8(model).model
+    nodes = {node.name: node for node in _excludable(model, full)}
+    assert len(nodes) == 15
+    feeds = {name: array[:50] for name, array in sentences().items()}
+    for names in ([FFN_OUT_0], ["/bert/embeddings/word_embeddings/Gather"],
+                  [FFN_OUT_0, "/bert/encoder/layer.1/attention/self/value/MatMul"]):
+        restored = _restore_float(full, model, [nodes[name] for name in names])
+        excluded = quantize_int8(model, exclude=names).model
+        onnx.checker.check_model(restored)
+        assert abs(restored.ByteSize() - excluded.ByteSize()) < 64  # the int8 weight gone, the float one back
+        got, expected = (session(m).run(["sentence_embedding"], feeds)[0] for m in (restored, excluded))
+        assert np.array_equal(got, expected), names
+        assert not np.array_equal(got, session(full).run(["sentence_embedding"], feeds)[0])
+
+
+def test_excluded_node_keeps_its_low_rank_chain_float():
+    model = onnx.load(MINILM)
+    factorized, _ = onnx_lowrank.compress(model, ranks={FFN_OUT_0: 96}, method="svd", jobs=1)
+    chain = chain_names(factorized, [FFN_OUT_0])
+    assert chain == [f"{FFN_OUT_0}.lowrank_a", f"{FFN_OUT_0}.lowrank_b"]
+    result = quantize_int8(factorized, exclude=chain)
+    assert result.info["float"] == {"MatMul": 2} and result.info["nodes"]["MatMul"] == 11
+    types = {t.name: t.data_type for t in result.model.graph.initializer}
+    kept = [node for node in result.model.graph.node if node.name in chain]
+    assert len(kept) == 2 and all(types[node.input[1]] == TensorProto.FLOAT for node in kept)

@@ -19,7 +19,8 @@ def make_unit(name: str, matrices: np.ndarray, weight: str | None = None) -> Uni
     node = gs.Node("MatMul", name=name)
     stored = gs.Constant(weight or f"{name}.w", np.zeros(1, np.float32))
     value = matrices[0].T
-    layer = Layer(node, None, Weight(stored.name, stored, value, 1, 1), matrices)
+    weight = Weight(stored.name, stored, 1, 1, value.shape, held=value)
+    layer = Layer(node, None, weight, None, held=matrices)
     return Unit(name, [layer])
 
 

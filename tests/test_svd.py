@@ -92,3 +92,49 @@ def test_rank_out_of_range_is_refused():
         svd.factorize(0)
     with pytest.raises(ValueError):
         svd.factorize(4)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    groups=st.integers(1, 2),
+    out_dim=st.integers(2, 40),
+    in_dim=st.integers(2, 40),
+    decay=st.sampled_from([0.3, 1.0, 3.0, 10.0]),  # singular values 10^(-decay * i / k), distinct: the
+    # last well below sqrt(eps) of the first, where squaring the matrix loses them
+    data=st.data(),
+)
+def test_leading_components_match_the_full_svd(groups, out_dim, in_dim, decay, data):
+    """The partial decomposition (top eigenpairs of the Gram matrix) offers the same leading ranks as
+    the full SVD: the same predicted errors, and factors that multiply back to the same matrices."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 1000)))
+    full_rank = min(out_dim, in_dim)
+    u = np.linalg.qr(rng.standard_normal((groups, out_dim, full_rank)))[0]
+    v = np.linalg.qr(rng.standard_normal((groups, in_dim, full_rank)))[0]
+    sigma = 10.0 ** (-decay * np.arange(full_rank) / full_rank)
+    matrices = (u * sigma[None, None, :]) @ np.swapaxes(v, 1, 2)
+    ranks = data.draw(st.integers(1, max(full_rank - 1, 1)))
+    full, partial = TruncatedSVD(matrices), TruncatedSVD(matrices, ranks=ranks)
+    assert len(partial.options()) == min(ranks, full_rank)
+    np.testing.assert_allclose(partial.spectrum.dropped[: ranks + 1], full.spectrum.dropped[: ranks + 1], atol=1e-12)
+    for rank in sorted({1, ranks}):
+        expected, got = full.factorize(rank).reconstruct(), partial.factorize(rank).reconstruct()
+        np.testing.assert_allclose(got, expected, atol=1e-9)
+
+
+def test_partial_svd_of_a_large_layer_is_used_only_for_the_rank_search():
+    """methods.py asks for the shrinking ranks only when the search will choose (eager) and both sides
+    are at least PARTIAL_MIN_SIDE; explicit ranks and energies see the whole spectrum."""
+    from onnx_lowrank import methods, svd
+
+    rng = np.random.default_rng(0)
+    side = svd.PARTIAL_MIN_SIDE
+    matrices = rng.standard_normal((1, side, side + 8))
+    from test_ranks import make_unit
+
+    unit = make_unit("big", matrices)
+    searched = methods._decomposers(unit, "svd", None, "input", eager=True).primary
+    explicit = methods._decomposers(unit, "svd", None, "input", eager=False).primary
+    assert len(searched.options()) == unit.break_even
+    assert len(explicit.options()) == side
+    np.testing.assert_allclose(searched.spectrum.dropped[: unit.break_even + 1],
+                               explicit.spectrum.dropped[: unit.break_even + 1], atol=1e-12)

@@ -492,6 +492,16 @@ def _render_int8(record: dict, run: dict) -> list[str]:
         lines.append(f"| {row['row']} | {_bytes(row['file_bytes'])} | {share:.1%} | {1 - row['eval']:.4f} | "
                      f"{'-' if held is None else f'{held:.4g}'} | {_seconds(row)} | {median} | {spread} | "
                      f"{speedup} | {met} |")
+    for row in record["rows"]:
+        quantization = row.get("quantization") or {}
+        kept, found = quantization.get("kept_float"), quantization.get("fallback")
+        if kept and found:
+            nodes = ", ".join(f"`{node['node']}` (-{node['error_reduction']:.4g}, {_bytes(node['float_bytes'])})"
+                              for node in kept)
+            lines += ["", f"{row['row']}: int8 alone {found['error_int8_all']:.4g} > share {found['share']:.4g}; kept "
+                          f"float (measured error reduction, bytes): {nodes}; int8 alone then "
+                          f"{found['error_int8_kept_float']:.4g} ({found['nodes_measured']} nodes measured, "
+                          f"{found['seconds']:.0f} s)."]
     return lines + [""]
 
 

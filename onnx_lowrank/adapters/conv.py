@@ -30,13 +30,13 @@ def _grouped_weight(node: gs.Node, index: ConstantIndex) -> tuple[Weight, int] |
     weight = resolve(node.inputs[1], index)
     if isinstance(weight, str):
         return f"kernel is not a constant: {weight}"
-    if weight.value.ndim < 3:
-        return f"kernel {weight.name} has {weight.value.ndim} dimensions, expected 3 or more"
+    if weight.ndim < 3:
+        return f"kernel {weight.name} has {weight.ndim} dimensions, expected 3 or more"
     groups = int(node.attrs.get("group", 1))
-    problem = _attribute_problem(node, weight.value.shape, groups)
+    problem = _attribute_problem(node, weight.shape, groups)
     if problem:
         return problem
-    if node.op == "ConvTranspose" and groups > 1 and weight.value.shape[0] // groups == 1:
+    if node.op == "ConvTranspose" and groups > 1 and weight.shape[0] // groups == 1:
         return "depthwise (one input channel per group): no channel rank to reduce"
     return weight, groups
 
@@ -88,7 +88,7 @@ class _ChannelStatistics:
         return layer.node.outputs[0], "output"
 
     def rows(self, layer: Layer, array: np.ndarray) -> np.ndarray:
-        groups, channels = layer.matrices.shape[:2]
+        groups, channels = layer.shape[:2]
         rows = np.moveaxis(array, 1, -1).reshape(-1, groups, channels)
         return rows.swapaxes(0, 1)
 
@@ -111,13 +111,13 @@ class ConvAdapter(_ChannelStatistics):
     op_type: ClassVar[str] = "Conv"
 
     def observed(self, layer: Layer) -> tuple[gs.Tensor, str]:
-        if layer.matrices.shape[2] <= PATCH_LIMIT:
+        if layer.shape[2] <= PATCH_LIMIT:
             return layer.node.inputs[0], "input"
         return super().observed(layer)
 
     def rows(self, layer: Layer, array: np.ndarray) -> np.ndarray:
-        if layer.matrices.shape[2] <= PATCH_LIMIT:
-            kernel = tuple(layer.weight.value.shape[2:])
+        if layer.shape[2] <= PATCH_LIMIT:
+            kernel = tuple(layer.weight.shape[2:])
             return conv_patches(array, kernel, layer.node.attrs, layer.info["groups"])
         return super().rows(layer, array)
 
@@ -126,15 +126,15 @@ class ConvAdapter(_ChannelStatistics):
         if isinstance(found, str):
             return found
         weight, groups = found
-        out_channels = weight.value.shape[0]
-        matrices = weight.value.reshape(groups, out_channels // groups, -1)
-        layer = Layer(node, self, weight, matrices, info={"groups": groups})
+        out_channels = weight.shape[0]
+        layer = Layer(node, self, weight, lambda value: value.reshape(groups, out_channels // groups, -1),
+                      info={"groups": groups})
         layer.bias = _bias_site(layer, index, out_channels)
         layer.output_scale = batchnorm_scale(node, index, out_channels)
         return layer
 
     def rewrite(self, layer: Layer, factors: Factorization, emit) -> None:
-        kernel = layer.weight.value.shape
+        kernel = layer.weight.shape
         groups, rank, spatial = layer.info["groups"], factors.rank, len(kernel) - 2
         w1 = factors.first.reshape(groups * rank, kernel[1], *kernel[2:])
         w2 = factors.second.reshape(kernel[0], rank, *[1] * spatial)
@@ -150,16 +150,19 @@ class ConvTransposeAdapter(_ChannelStatistics):
         if isinstance(found, str):
             return found
         weight, groups = found
-        in_channels, out_per_group = weight.value.shape[:2]
-        blocks = weight.value.reshape(groups, in_channels // groups, out_per_group, -1)
-        matrices = blocks.transpose(0, 2, 1, 3).reshape(groups, out_per_group, -1)
-        layer = Layer(node, self, weight, matrices, info={"groups": groups})
+        in_channels, out_per_group = weight.shape[:2]
+
+        def view(value: np.ndarray) -> np.ndarray:
+            blocks = value.reshape(groups, in_channels // groups, out_per_group, -1)
+            return blocks.transpose(0, 2, 1, 3).reshape(groups, out_per_group, -1)
+
+        layer = Layer(node, self, weight, view, info={"groups": groups})
         layer.bias = _bias_site(layer, index, groups * out_per_group)
         layer.output_scale = batchnorm_scale(node, index, groups * out_per_group)
         return layer
 
     def rewrite(self, layer: Layer, factors: Factorization, emit) -> None:
-        kernel = layer.weight.value.shape
+        kernel = layer.weight.shape
         groups, rank, spatial = layer.info["groups"], factors.rank, len(kernel) - 2
         in_per_group = kernel[0] // groups
         w1 = factors.first.reshape(groups, rank, in_per_group, -1).transpose(0, 2, 1, 3)

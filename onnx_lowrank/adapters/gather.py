@@ -24,13 +24,13 @@ class GatherAdapter:
         table = resolve(node.inputs[0], index)
         if isinstance(table, str):
             return None  # a Gather on computed data (shapes, slices) is no layer: nothing to say about it
-        if table.value.ndim != 2:
-            return f"table {table.name} has {table.value.ndim} dimensions, expected 2 (an embedding table)"
+        if table.ndim != 2:
+            return f"table {table.name} has {table.ndim} dimensions, expected 2 (an embedding table)"
         if int(node.attrs.get("axis", 0)) not in (0, -2):
             return "gathers along the table's columns (axis 1), not its rows"
         if stored_constant(node.inputs[1]) is not None:
             return "the indices are constants too (fold constants first)"
-        return Layer(node, self, table, table.value.T[None])
+        return Layer(node, self, table, lambda value: value.T[None])
 
     def observed(self, layer: Layer) -> tuple[gs.Tensor, str]:
         return layer.node.inputs[1], "indices"

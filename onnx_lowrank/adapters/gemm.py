@@ -39,15 +39,18 @@ class GemmAdapter:
             return "no constant weight (both A and B are computed)"
         side = "B" if b_const else "A"
         weight = b_weight if b_const else a_weight
-        if weight.value.ndim != 2:
+        if weight.ndim != 2:
             return f"weight {weight.name} is not 2-D"
         transposed = bool(node.attrs.get(f"trans{side}", 0))
-        effective = weight.value.T if transposed else weight.value  # A' (M x K) or B' (K x N)
-        matrix = effective.T if side == "B" else effective
-        layer = Layer(node, self, weight, matrix[None], info={"side": side, "transposed": transposed, "opset": opset})
+        # A' (M x K) or B' (K x N), B' transposed to out x in: the stored weight transposed an odd number of times
+        if transposed != (side == "B"):
+            view = lambda value: value.T[None]  # noqa: E731
+        else:
+            view = lambda value: value[None]  # noqa: E731
+        layer = Layer(node, self, weight, view, info={"side": side, "transposed": transposed, "opset": opset})
         layer.bias = _bias_site(layer, index)
         if side == "B":
-            layer.output_scale = batchnorm_scale(node, index, matrix.shape[0])
+            layer.output_scale = batchnorm_scale(node, index, layer.shape[1])
         return layer
 
     def observed(self, layer: Layer) -> tuple[gs.Tensor, str]:
@@ -91,7 +94,7 @@ def _bias_site(layer: Layer, index: ConstantIndex) -> BiasSite | None:
     alpha = float(layer.node.attrs.get("alpha", 1.0))
     if beta == 0.0:
         return None
-    channels = layer.matrices.shape[1]
+    channels = layer.shape[1]
     axis = -1 if layer.info["side"] == "B" else -2
     if len(layer.node.inputs) < 3:
         value = np.zeros(channels) if axis == -1 else np.zeros((channels, 1))

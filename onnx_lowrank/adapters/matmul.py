@@ -32,20 +32,20 @@ class MatMulAdapter:
             return "no constant weight (both inputs are computed)"
         side = "right" if right_const else "left"
         weight = right if right_const else left
-        value = weight.value
-        if value.ndim < 2:
+        if weight.ndim < 2:
             return f"weight {weight.name} is a vector (no rank to reduce)"
-        batch = value.shape[:-2]
+        batch = weight.shape[:-2]
         if batch:
             activation = node.inputs[0 if side == "right" else 1]
             if activation.shape is None:
                 return "batched weight with an activation of unknown rank (a 1-D one would change the result)"
             if len(activation.shape) < 2:
                 return "batched weight with a 1-D activation"
-        matrices = value.reshape(-1, *value.shape[-2:])
-        if side == "right":
-            matrices = matrices.transpose(0, 2, 1)  # x @ W maps rows: out x in = W^T
-        layer = Layer(node, self, weight, matrices, info={"side": side, "batch": batch})
+        if side == "right":  # x @ W maps rows: out x in = W^T
+            view = lambda value: value.reshape(-1, *value.shape[-2:]).transpose(0, 2, 1)  # noqa: E731
+        else:
+            view = lambda value: value.reshape(-1, *value.shape[-2:])  # noqa: E731
+        layer = Layer(node, self, weight, view, info={"side": side, "batch": batch})
         layer.bias = _following_add(layer, index)
         return layer
 
@@ -98,7 +98,7 @@ def _following_add(layer: Layer, index: ConstantIndex) -> BiasSite | None:
     constant = resolve(add.inputs[position], index)
     if isinstance(constant, str):
         return None
-    channels = layer.matrices.shape[1]
+    channels = layer.shape[1]
     axis = -1 if layer.info["side"] == "right" else -2
     shape = constant.value.shape
     per_channel = len(shape) >= -axis and shape[axis] in (1, channels) and all(
