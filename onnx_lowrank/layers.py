@@ -7,6 +7,7 @@ op types. A weight shared by several nodes in the same orientation forms one uni
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import math
 from collections.abc import Callable
@@ -206,7 +207,7 @@ def find_layers(graph: gs.Graph, model: onnx.ModelProto, adapters: dict[str, Ada
     index = ConstantIndex(model, base_dir)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     skipped: list[Skipped] = []
-    units: dict[str, Unit] = {}
+    layers: list[Layer] = []
     for node in graph.nodes:
         adapter = adapters.get(node.op)
         if adapter is None or node.domain not in ("", "ai.onnx", None):
@@ -217,8 +218,12 @@ def find_layers(graph: gs.Graph, model: onnx.ModelProto, adapters: dict[str, Ada
         if isinstance(found, str):
             skipped.append(Skipped(node.name, node.op, found))
             continue
-        key = _unit_key(found)
-        units.setdefault(key, Unit(key, [])).layers.append(found)
+        layers.append(found)
+    users = collections.Counter(layer.weight.name for layer in layers)
+    units: dict[str, Unit] = {}
+    for layer in layers:
+        key = _unit_key(layer, shared=users[layer.weight.name] > 1)
+        units.setdefault(key, Unit(key, [])).layers.append(layer)
     skipped.extend(_in_subgraphs(graph, adapters))
     kept: list[Unit] = []
     for unit in units.values():
@@ -245,10 +250,17 @@ def _in_subgraphs(graph: gs.Graph, adapters: dict[str, Adapter], where: str = ""
     return found
 
 
-def _unit_key(layer: Layer) -> str:
-    """Layers share a unit when they use the same matrices and observe the same kind of statistics."""
-    digest = hashlib.sha1(np.ascontiguousarray(layer.matrices).tobytes()).hexdigest()[:16]
+def _unit_key(layer: Layer, shared: bool) -> str:
+    """Layers share a unit when they use the same matrices and observe the same kind of statistics. A
+    weight that several layers use is told apart by its matrices' contents (a MatMul and a Gemm may see
+    one weight the same way); one used once, by the stored tensor's name (unique in the graph), the chain
+    to its node and its adapter's view (op and what check() found), so that the weight is not read."""
     side = layer.adapter.observed(layer)[1]
+    if shared:
+        digest = hashlib.sha1(np.ascontiguousarray(layer.matrices).tobytes()).hexdigest()[:16]
+    else:
+        view = repr((layer.weight.steps, layer.node.op, sorted(layer.info.items())))
+        digest = "once-" + hashlib.sha1(view.encode()).hexdigest()[:11]
     return f"{layer.weight.name}:{layer.shape}:{side}:{digest}"
 
 

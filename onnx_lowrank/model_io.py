@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import itertools
 import math
 import os
 import shutil
@@ -226,14 +227,17 @@ def _save_with_external_data(model: onnx.ModelProto, staged: Path, data_name: st
     tensor in memory is written and dropped from the proto, one still in the input's files (under
     `base_dir`) is copied across in chunks. Afterwards the proto is put back as it was."""
     moved: list[tuple[onnx.TensorProto, list[tuple[str, str]] | None, int, int]] = []
+    # like onnx.save_model: initializers (of subgraphs too) go out, Constant nodes' tensors stay in
+    tensors = itertools.chain(((t, True) for t in external_data_helper._get_initializer_tensors(model)),
+                              ((t, False) for t in external_data_helper._get_attribute_tensors(model)))
     try:
         with open(staged.parent / data_name, "wb") as data:
-            for tensor in external_data_helper._get_all_tensors(model):
+            for tensor, initializer in tensors:
                 if external_data_helper.uses_external_data(tensor):
                     previous = [(entry.key, entry.value) for entry in tensor.external_data]
                     offset = data.tell()
                     _copy_external(tensor, base_dir, data)
-                elif tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_THRESHOLD:
+                elif initializer and tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_THRESHOLD:
                     previous, offset = None, data.tell()
                     data.write(tensor.raw_data)
                     tensor.ClearField("raw_data")

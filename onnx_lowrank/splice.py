@@ -10,6 +10,8 @@ from collections.abc import Iterator
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.importers.onnx_importer import get_onnx_tensor_dtype, get_onnx_tensor_shape
+from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from .layers import BiasSite, Layer
@@ -17,6 +19,7 @@ from .svd import Factorization
 from .weights import Weight
 
 META_PREFIX = "onnx_lowrank."
+HEADER_ONLY_BYTES = 1024  # initializers this large go to shape inference without their values
 
 
 @contextlib.contextmanager
@@ -41,18 +44,17 @@ class Imported:
 
 
 def import_graph(model: onnx.ModelProto) -> Imported:
-    """Import a shape-inferred copy of the model (the caller's proto is never touched; activation ranks
-    become known); nodes left unnamed by the exporter get unique names."""
-    try:
-        working = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # inference is a help, not a requirement (e.g. models over 2 GB, unknown domains);
-        working = model  # onnx-graphsurgeon only reads the proto, so no second copy of the weights is made
+    """Import the model with the shapes ONNX shape inference finds (activation ranks become known); the
+    caller's proto is never touched, and its weights are neither copied nor serialized: inference runs
+    on a copy without their payloads. Nodes left unnamed by the exporter get unique names."""
     with quiet_graphsurgeon():
-        graph = gs.import_onnx(working)
+        graph = gs.import_onnx(model)
+    _detach_renamed(graph)
+    _add_inferred_shapes(graph, model)
     taken = {node.name for node in graph.nodes}
     extras: dict[str, onnx.NodeProto] = {}
     empty_lists: dict[str, list[onnx.AttributeProto]] = {}
-    for position, (node, proto) in enumerate(zip(graph.nodes, working.graph.node)):
+    for position, (node, proto) in enumerate(zip(graph.nodes, model.graph.node)):
         if not node.name:
             name = f"{node.op}_{position}"
             while name in taken:
@@ -68,6 +70,65 @@ def import_graph(model: onnx.ModelProto) -> Imported:
             for name in empty:
                 del node.attrs[name]
     return Imported(graph, extras, empty_lists)
+
+
+def _detach_renamed(graph: gs.Graph) -> None:
+    """onnx-graphsurgeon exports a constant it did not load as the very TensorProto it came from, named
+    after the graph tensor: for a Constant node's value (whose own name is usually unset) that would
+    rename the caller's tensor, or set its empty name. Those constants get a copy of theirs."""
+    for current in [graph, *graph.subgraphs(recursive=True)]:
+        attributes = [value for node in current.nodes for value in node.attrs.values() if isinstance(value, gs.Constant)]
+        for tensor in [*current.tensors().values(), *attributes]:
+            values = getattr(tensor, "_values", None)
+            if isinstance(values, LazyValues) and (values.tensor.name != tensor.name or not values.tensor.HasField("name")):
+                copy = onnx.TensorProto()
+                copy.CopyFrom(values.tensor)
+                values.tensor = copy
+
+
+def _add_inferred_shapes(graph: gs.Graph, model: onnx.ModelProto) -> None:
+    """Shapes and element types of the main graph's activations, inferred on a copy of the model whose
+    large initializers are headers only (marked external, so that nothing reads them): inference needs
+    their shapes, never their values; shape-giving constants are small and keep theirs."""
+    headers = onnx.ModelProto()
+    _copy_except(model, headers, "graph")
+    _copy_except(model.graph, headers.graph, "initializer")
+    for tensor in model.graph.initializer:
+        header = headers.graph.initializer.add()
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.raw_data) < HEADER_ONLY_BYTES:
+            header.CopyFrom(tensor)
+            continue
+        header.name, header.data_type = tensor.name, tensor.data_type
+        header.dims.extend(tensor.dims)
+        header.data_location = onnx.TensorProto.EXTERNAL
+        entry = header.external_data.add()
+        entry.key, entry.value = "location", "(left out)"
+    try:
+        inferred = onnx.shape_inference.infer_shapes(headers)
+    except Exception:  # inference is a help, not a requirement (e.g. unknown domains)
+        return
+    tensors = graph.tensors()
+    for info in [*inferred.graph.value_info, *inferred.graph.output]:
+        tensor = tensors.get(info.name)
+        if not isinstance(tensor, gs.Variable) or not info.type.HasField("tensor_type"):
+            continue
+        if tensor.dtype is None and info.type.tensor_type.elem_type:
+            tensor.dtype = get_onnx_tensor_dtype(info)
+        if tensor.shape is None and info.type.tensor_type.HasField("shape"):
+            tensor.shape = get_onnx_tensor_shape(info)
+
+
+def _copy_except(source, target, skipped: str) -> None:
+    """Copy every field of a protobuf message but one."""
+    for descriptor, value in source.ListFields():
+        if descriptor.name == skipped:
+            continue
+        # protobuf >= 6 has is_repeated; older ones only the label
+        repeated = descriptor.is_repeated if hasattr(descriptor, "is_repeated") else descriptor.label == descriptor.LABEL_REPEATED
+        if repeated or descriptor.type == descriptor.TYPE_MESSAGE:
+            getattr(target, descriptor.name).MergeFrom(value)
+        else:
+            setattr(target, descriptor.name, value)
 
 
 class Splice:

@@ -198,7 +198,10 @@ def test_compact_digits_within_bound_on_unseen_data(metric, tolerance, expected,
 
 
 def test_lossless_digits(digits_eval):
-    model, report = onnx_lowrank.compress(DIGITS, DIGITS_CALIB, labels=DIGITS_LABELS, metric="accuracy")
+    # objective size: under the balanced default the share kept dense depends on the latency gate's
+    # timings, which a loaded machine moves (seen: 15.9% removed during a full test run, 30%+ alone)
+    model, report = onnx_lowrank.compress(DIGITS, DIGITS_CALIB, labels=DIGITS_LABELS, metric="accuracy",
+                                          objective="size")
     validation = report.validation
     assert validation.metric == "accuracy"
     assert validation.tolerance == 0

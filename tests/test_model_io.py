@@ -129,3 +129,22 @@ def test_external_data_without_factorizable_layers_is_copied_through(tmp_path):
     onnx_lowrank.compress_file(source, tmp_path / "out.onnx", ranks={"*": "full"}, ops=["Gather"])
     x = np.random.default_rng(4).standard_normal((4, 64)).astype(np.float32)
     np.testing.assert_array_equal(outputs(tmp_path / "out.onnx", x), outputs(source, x))
+
+
+def test_external_data_takes_initializers_and_leaves_constant_nodes_inline(tmp_path):
+    """As onnx.save_model does: Constant nodes' tensors stay in the model file (not every runtime reads
+    external data there), initializers of 1 kB or more go to OUTPUT.data."""
+    model = linear_model()
+    big = numpy_helper.from_array(np.ones((16, 48), np.float32), "c")
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["offset"], value=big, name="const"))
+    model.graph.node[1].output[0] = "mm_out"
+    model.graph.node.append(helper.make_node("Add", ["mm_out", "offset"], ["y"], name="add"))
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 16
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 16
+    model_io.save_model(model, tmp_path / "m.onnx", external_data=True)
+    written = onnx.load(tmp_path / "m.onnx", load_external_data=False)
+    assert onnx.external_data_helper.uses_external_data(written.graph.initializer[0])
+    assert not onnx.external_data_helper.uses_external_data(written.graph.node[0].attribute[0].t)
+    x = np.random.default_rng(5).standard_normal((16, 64)).astype(np.float32)
+    np.testing.assert_allclose(outputs(tmp_path / "m.onnx", x),
+                               ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0], rtol=1e-6)

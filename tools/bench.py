@@ -245,6 +245,10 @@ def render(results: list[dict]) -> str:
                 "the largest of them, Dask workers not at all). *run*: the time each row was measured; rows",
                 "of one run ran one after the other.",
                 "",
+                *([f"Memory bound (issue 6): 3 x the largest layer's working set "
+                   f"({run['layer_working_set_gib']:.2f} GiB: its weight read and decomposed alone, measured) "
+                   f"+ one copy of the model ({run['rows'][0]['input_bytes'] / 2**30:.2f} GiB) = "
+                   f"{run['memory_bound_gib']:.2f} GiB.", ""] if "memory_bound_gib" in run else []),
                 "| way | run | params before | params after | input data | output | time | peak memory | factorize phase |",
                 "|---|---|---|---|---|---|---|---|---|",
                 *[f"| {r['way']} | {r.get('run', '-')} | {r['params_before']:,} | {r['params_after']:,} | {r['input_bytes'] / 2**30:.2f} GiB | "

@@ -5,6 +5,9 @@ projections and a d -> 4d -> d feed-forward per block, residual adds) saved with
 `onnx-lowrank compress --target-params 0.5` on it in a child process three ways: `--jobs 1`, `--jobs 2`
 and on a two-worker Dask LocalCluster. Records time, the child's peak resident memory
 (resource.getrusage), and the output's size; writes benchmarks/scale_cpu.json and BENCHMARKS.md.
+The memory bound (issue 6: at most 3x the largest layer's working set plus one copy of the model) is
+measured too: the largest weight read and decomposed alone, as compress does, in a child process (its
+peak less the peak of a child that only imports the same modules).
 
     python tools/bench_scale.py [--blocks 11] [--width 2048]
 """
@@ -80,6 +83,37 @@ def run(argv: list[str]) -> dict:
     return {"seconds": seconds, "peak_rss_gib": usage.ru_maxrss / 2**20}
 
 
+LAYER_SCRIPT = """
+import pathlib, sys
+import onnx, numpy as np
+from onnx import numpy_helper
+from onnx_lowrank import api
+from onnx_lowrank.svd import PARTIAL_MIN_SIDE, TruncatedSVD
+
+def status(key):  # kB, from this process's own memory map (rusage would count its parent's, from before exec)
+    line = next(l for l in open("/proc/self/status") if l.startswith(key + ":"))
+    return int(line.split()[1])
+
+path = pathlib.Path(sys.argv[1])
+model = onnx.load(str(path), load_external_data=False)
+largest = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
+before = status("VmRSS")
+matrices = numpy_helper.to_array(largest, str(path.parent)).astype(np.float64).T[None]
+rows, cols = matrices.shape[1:]
+ranks = rows * cols // (rows + cols) if min(rows, cols) >= PARTIAL_MIN_SIDE else None
+TruncatedSVD(matrices, ranks=ranks).factorize(max(1, (ranks or min(rows, cols)) // 2))
+print((status("VmHWM") - before) / 2**20)
+"""
+
+
+def layer_working_set(model: Path) -> float:
+    """GiB: the peak of reading and decomposing the largest weight alone, as compress does, above what
+    the process held before (in a child process)."""
+    done = subprocess.run([sys.executable, "-c", LAYER_SCRIPT, str(model)], cwd=REPO, capture_output=True,
+                          text=True, check=True)
+    return float(done.stdout.strip())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=11)
@@ -122,6 +156,9 @@ def main() -> None:
         rows = [row for row in json.loads(previous.read_text())["rows"] if row["way"] not in measured] + rows
     record = {"suite": "scale", "provider": "cpu", "machine": machine("cpu"), "onnxruntime": ort.__version__,
               "date": time.strftime("%Y-%m-%d"), "model": model.name, "rows": rows}
+    layer = layer_working_set(model)
+    record["layer_working_set_gib"] = layer
+    record["memory_bound_gib"] = 3 * layer + data_bytes / 2**30
     (RESULTS / "scale_cpu.json").write_text(json.dumps(record, indent=1))
     _render_all()
 
