@@ -82,6 +82,10 @@ def print_compress(report: Report, console: Console, written: bool) -> None:
             f"factorized -> {q['error_quantized']:.4g} with int8")
         console.print(f"int8: {human_bytes(q['bytes_factorized'])} factorized -> {human_bytes(q['bytes_quantized'])}"
                       f"{errors}")
+        kept = q.get("kept_float") or []
+        if kept:
+            names = ", ".join(node["node"] for node in kept)
+            console.print(f"int8: kept float (they cost the most error quantized): {names}", markup=False)
     if report.latency is not None:
         timing = report.latency
         console.print(f"latency ({timing['provider']}, batch {timing['batch']}, median of {timing['runs']} runs "

@@ -16,12 +16,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from rich.console import Console
 
 import onnx_lowrank
 import onnx_lowrank.cli
 from onnx_lowrank.errors import BoundNotMet
 from onnx_lowrank.objective import RANK_MULTIPLE
 from onnx_lowrank.ranks import Candidates, rank_multiple
+from onnx_lowrank.summary import print_compress
 from onnx_lowrank.svd import TruncatedSVD
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -128,6 +130,10 @@ def test_int8_over_its_share_keeps_the_costliest_nodes_float():
             p.key == "onnx_lowrank.source" and p.value == entry["node"] for p in node.metadata_props)]
         matmuls = [node for node in nodes if node.op_type == "MatMul"]
         assert matmuls and all(node.input[1] in floats for node in matmuls), entry["node"]
+    console = Console(record=True, width=400)
+    print_compress(report, console, written=True)
+    printed = console.export_text()
+    assert "int8: kept float" in printed and all(entry["node"] in printed for entry in kept)
     assert sum(quantization["nodes"]["float"].values()) >= len(kept)
     assert {"MatMulInteger", "DynamicQuantizeLinear"} <= {node.op_type for node in model.graph.node}
 
