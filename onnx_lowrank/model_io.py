@@ -80,6 +80,8 @@ def load_model(model_or_path: onnx.ModelProto | str | os.PathLike, lazy: bool = 
     consistent = _check(str(path) if path is not None and (left_out or is_large(model)) else model)
     _check_opset(model)
     _check_tensors(model)
+    if left_out:
+        _check_external_ranges(model, path)
     return LoadedModel(model, path, external, consistent, str(path.parent) if left_out else "")
 
 
@@ -153,6 +155,25 @@ def _check_tensors(model: onnx.ModelProto) -> None:
                              f"holds {found} {unit}, not {expected}")
 
 
+def _check_external_ranges(model: onnx.ModelProto, path: Path) -> None:
+    """What reading external data left in its files would find wrong, found now without reading it (the
+    checker has seen that the files exist): a tensor whose bytes are not all in its file, or whose length
+    is not its shape's."""
+    for tensor in external_data_helper._get_all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        info = external_data_helper.ExternalDataInfo(tensor)
+        size = os.path.getsize(path.parent / info.location)
+        offset = info.offset or 0
+        length = info.length if info.length is not None else size - offset
+        expected = length  # sub-byte and other element types: only the range is checked
+        if tensor.data_type in FLOAT_TYPES:
+            expected = math.prod(tensor.dims) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        if length != expected or offset + length > size:
+            raise InputError(f"cannot read model {path}: tensor {tensor.name!r} of shape {list(tensor.dims)} needs "
+                             f"{expected} bytes at offset {offset} of {info.location}, which holds {size} bytes")
+
+
 def is_large(model: onnx.ModelProto) -> bool:
     """Whether the model is too big for one protobuf message (2 GB): protobuf refuses even to size it."""
     try:
@@ -206,9 +227,6 @@ def save_model(
                 onnx.checker.check_model(str(staged), full_check=check)
             except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
                 raise RuntimeError(f"the rewritten model fails the ONNX checker: {error}") from error
-        for written in (staged, staging / data_name):
-            if written.exists():  # mkstemp-like privacy is not wanted: the model is an ordinary file
-                os.chmod(written, 0o666 & ~_umask())
         if (staging / data_name).exists():
             os.replace(staging / data_name, output.parent / data_name)
         os.replace(staged, output)
@@ -243,18 +261,20 @@ def _save_with_external_data(model: onnx.ModelProto, staged: Path, data_name: st
                     tensor.ClearField("raw_data")
                 else:
                     continue
-                moved.append((tensor, previous, offset, data.tell() - offset))
-                _point_to(tensor, [("location", data_name), ("offset", str(offset)), ("length", str(data.tell() - offset))])
+                length = data.tell() - offset
+                moved.append((tensor, previous, offset, length))
+                _point_to(tensor, [("location", data_name), ("offset", str(offset)), ("length", str(length))])
                 tensor.data_location = onnx.TensorProto.EXTERNAL
         onnx.save_model(model, str(staged))
     finally:
-        for tensor, previous, offset, length in moved:
-            _point_to(tensor, previous or [])
-            if previous is None:  # back into the proto, from the file just written
-                tensor.data_location = onnx.TensorProto.DEFAULT
-                with open(staged.parent / data_name, "rb") as data:
-                    data.seek(offset)
-                    tensor.raw_data = data.read(length)
+        if moved:
+            with open(staged.parent / data_name, "rb") as data:
+                for tensor, previous, offset, length in moved:
+                    _point_to(tensor, previous or [])
+                    if previous is None:  # back into the proto, from the file just written
+                        tensor.data_location = onnx.TensorProto.DEFAULT
+                        data.seek(offset)
+                        tensor.raw_data = data.read(length)
 
 
 def _point_to(tensor: onnx.TensorProto, entries: list[tuple[str, str]]) -> None:
@@ -265,17 +285,21 @@ def _point_to(tensor: onnx.TensorProto, entries: list[tuple[str, str]]) -> None:
 
 
 def _copy_external(tensor: onnx.TensorProto, base_dir: str, data) -> None:
+    """A tensor's bytes from its external file into `data`, in chunks."""
     info = external_data_helper.ExternalDataInfo(tensor)
-    with open(os.path.join(base_dir, info.location), "rb") as source:
-        source.seek(info.offset or 0)
-        left = info.length if info.length else None
-        while left is None or left > 0:
-            chunk = source.read(_CHUNK if left is None else min(_CHUNK, left))
+    path = os.path.join(base_dir, info.location)
+    offset = info.offset or 0
+    left = info.length or os.path.getsize(path) - offset  # no length: to the end of the file
+    with open(path, "rb") as source:
+        source.seek(offset)
+        while left > 0:
+            chunk = source.read(min(_CHUNK, left))
             if not chunk:
                 break
             data.write(chunk)
-            if left is not None:
-                left -= len(chunk)
+            left -= len(chunk)
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write a small text file (the JSON report) atomically."""
     path = Path(path)

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 from .errors import InputError
 from .layers import Unit
@@ -79,7 +78,7 @@ class Candidates:
         """The factors of an option; in float32 when the weight is stored so (all they are written as)."""
         with blas_threads(self.unit.params):
             factorization = self._by_method[option.method].factorize(option.config)
-        return factorization.in_float32() if self.unit.weight.storage_type == onnx.TensorProto.FLOAT else factorization
+        return factorization.in_float32() if self.unit.weight.storage_dtype == np.float32 else factorization
 
     def park(self, folder: Path, position: int) -> None:
         """Move the decomposers to files in `folder` (see parking.py); they answer as before."""

@@ -83,6 +83,16 @@ def test_report_gets_ordinary_permissions(tmp_path):
     assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o644
 
 
+def test_model_and_external_data_get_ordinary_permissions(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        model_io.save_model(linear_model(), tmp_path / "m.onnx", external_data=True)
+    finally:
+        os.umask(previous)
+    for name in ("m.onnx", "m.onnx.data"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+
+
 def stacked_model() -> onnx.ModelProto:
     """Three MatMuls and a large constant no adapter touches (it must be copied across as it is)."""
     rng = np.random.default_rng(2)
@@ -148,3 +158,16 @@ def test_external_data_takes_initializers_and_leaves_constant_nodes_inline(tmp_p
     x = np.random.default_rng(5).standard_normal((16, 64)).astype(np.float32)
     np.testing.assert_allclose(outputs(tmp_path / "m.onnx", x),
                                ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("keep", [0, 100, 16384 - 4])
+def test_truncated_external_data_is_an_input_error_before_any_work(tmp_path, keep):
+    """External data is left in its files (read a weight at a time), so a short file is found at load,
+    by its size: one line naming the tensor, and nothing written."""
+    source = tmp_path / "in.onnx"
+    onnx.save_model(linear_model(64, 64), source, save_as_external_data=True, location="in.data", size_threshold=0)
+    data = (tmp_path / "in.data").read_bytes()
+    (tmp_path / "in.data").write_bytes(data[:keep])
+    with pytest.raises(onnx_lowrank.InputError, match=r"tensor 'w' of shape \[64, 64\] needs 16384 bytes"):
+        onnx_lowrank.compress_file(source, tmp_path / "out.onnx", target_params=0.5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.data", "in.onnx"]

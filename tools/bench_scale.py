@@ -87,7 +87,6 @@ LAYER_SCRIPT = """
 import pathlib, sys
 import onnx, numpy as np
 from onnx import numpy_helper
-from onnx_lowrank import api
 from onnx_lowrank.svd import PARTIAL_MIN_SIDE, TruncatedSVD
 
 def status(key):  # kB, from this process's own memory map (rusage would count its parent's, from before exec)
