@@ -39,7 +39,8 @@ from .quantize import FALLBACK_SHARE, QUANTIZATIONS, Fallback, chain_names, fall
 from .ranks import Candidates, Choice, by_budget, by_energy, explicit, validate_ranks
 from .report import LayerReport, Report, SkippedLayer, Validation
 from .runtime import PROVIDERS, resolve_provider
-from .search import PROBE_SAMPLES, Evaluator, Search, build, factors_of, sensitivities
+from .overrides import overrides_for
+from .search import Evaluator, Search, build, factors_of, probe_count, sensitivities
 from .splice import import_graph
 from .svd import Factorization
 
@@ -219,11 +220,13 @@ def _compress_with(
 
     validation, sensitivity, trial, search = None, None, None, None
     if samples is not None:
-        evaluator = Evaluator(original, samples, provider, settings.batch_size)
+        overrides = overrides_for(original, units, {o.name for o in original.graph.output}) \
+            if mode in ("size", "compact") else None
+        evaluator = Evaluator(original, samples, provider, settings.batch_size, overrides)
         search = Search(original, adapters, candidates, evaluator, parts.validation, settings.metric, samples.labels,
                         progress.phase("validated candidates"))
         if mode in ("size", "compact"):
-            probe = parts.fit[:PROBE_SAMPLES]
+            probe = parts.fit[:probe_count(units, statistics, len(parts.fit))]
             probe_key = key_of(data_key, settings.method, settings.no_data, probe)
             sensitivity = cache.floats("sensitivity", probe_key)
             if sensitivity is None or len(sensitivity) != len(units):

@@ -164,7 +164,7 @@ class Tucker2(ConvDecomposer):
         out_basis = np.linalg.svd(projected.reshape(projected.shape[0], -1), full_matrices=False)[0][:, :out_rank]
         projected = np.einsum("oi...,or->ri...", self.kernel, out_basis)
         in_basis = np.linalg.svd(np.swapaxes(projected, 0, 1).reshape(projected.shape[1], -1), full_matrices=False)[0][:, :in_rank]
-        core = np.einsum("oi...,or,is->rs...", self.kernel, out_basis, in_basis)
+        core = np.einsum("oi...,or,is->rs...", self.kernel, out_basis, in_basis, optimize=True)
         ones = [1] * spatial
         return [
             Step(in_basis.T.reshape(in_rank, -1, *ones), _pointwise(spatial)),

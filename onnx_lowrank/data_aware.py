@@ -1,8 +1,9 @@
 """Data-aware factorization: the rank-r weight that minimises the layer's *output* error on calibration data.
 
 For y = W x (+ b), the optimum is W_r = P_r P_r^T W with P_r the top-r eigenvectors of the second moment
-of W x: in output form, eigh of the measured output statistics (out x out, no inverse); in input form
-(when the output side is the larger), the left singular vectors of W S with S S^T the input statistics.
+of W x: in output form, eigh of the measured output statistics (out x out, no inverse); in input form,
+eigh of W C W^T with C the input statistics, or (when the output side is the larger) the left singular
+vectors of W S with S S^T = C.
 Where the layer has a place for it (a BiasSite), the statistics are centred and the mean of the dropped
 subspace moves into the bias: the affine optimum. Elsewhere they stay uncentred, so the mean direction is
 kept like any other. Where the data are thin for a layer's size (few vectors per dimension, e.g. after a
@@ -54,10 +55,13 @@ class DataAwareSVD(RankedOptions):
             self._mean = np.einsum("gmn,gn->gm", weight, moments.mean)
             covariance = _shrunk(moments, np.broadcast_to(np.eye(in_dim), (groups, in_dim, in_dim)))
             second_moment = covariance + _outer(moments.mean)
-            root = _sqrt_psd(covariance if centred else second_moment)
-            u, s, _ = np.linalg.svd(scaled @ root, full_matrices=False)
-            energies, vectors = s**2, u
-            linear_energy = np.einsum("gmn,gnk,gmk->", scaled, second_moment, scaled)
+            observed = covariance if centred else second_moment
+            if out_dim <= in_dim:  # left singular vectors of D W S are the eigenvectors of D W C W^T D
+                energies, vectors = _top_eigen(_sandwich(scaled, observed), out_dim)
+            else:  # the smaller problem is on the input side: S (in x in), then the SVD of D W S
+                u, s, _ = np.linalg.svd(scaled @ _sqrt_psd(observed), full_matrices=False)
+                energies, vectors = s**2, u
+            linear_energy = _energy(scaled, second_moment)
         self._vectors = _fix_signs(vectors)
         self._weight = scaled
         self._centred = centred
@@ -111,7 +115,7 @@ class OutputError:
         self._mean = moments.mean if layer.bias is not None else None
         self._root = _sqrt_psd(covariance if layer.bias is not None else second_moment)
         scaled = self.scale[:, :, None] * weight
-        self._energy = float(np.einsum("gmn,gnk,gmk->", scaled, second_moment, scaled))
+        self._energy = _energy(scaled, second_moment)
 
     def _delta(self, approx: np.ndarray) -> np.ndarray:
         return self._weight - np.asarray(approx, dtype=np.float64).reshape(self._shape)
@@ -142,6 +146,28 @@ def _shrunk(moments: Moments, prior: np.ndarray) -> np.ndarray:
 
 def _outer(mean: np.ndarray) -> np.ndarray:
     return mean[:, :, None] * mean[:, None, :]
+
+
+def _sandwich(weight: np.ndarray, moment: np.ndarray | None) -> np.ndarray:
+    """W M W^T per group (symmetrised against rounding): the second moment of W x when M is x's
+    (None: the identity, W W^T)."""
+    product = (weight if moment is None else weight @ moment) @ np.swapaxes(weight, 1, 2)
+    return (product + np.swapaxes(product, 1, 2)) / 2
+
+
+def _left_singular(matrices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Squared singular values (descending) and left singular vectors of (G, m, n) matrices: for a wide
+    matrix (an embedding table is d x vocabulary) by eigh of the m x m Gram matrix, an order faster
+    than the SVD; otherwise by the SVD."""
+    if matrices.shape[1] <= matrices.shape[2]:
+        return _top_eigen(_sandwich(matrices, None), matrices.shape[1])
+    u, s, _ = np.linalg.svd(matrices, full_matrices=False)
+    return s**2, u
+
+
+def _energy(weight: np.ndarray, moment: np.ndarray) -> float:
+    """E||W x||^2 = trace(W M W^T) summed over groups, by BLAS (a three-operand einsum loops in C)."""
+    return float(np.sum((weight @ moment) * weight))
 
 
 def _top_eigen(matrices: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
@@ -191,11 +217,11 @@ class FrequencyWeightedSVD(RankedOptions):
         uniform = np.full(frequency.size, 1.0 / frequency.size)
         share = self.UNSEEN_SHARE if counts.count.sum() else 1.0
         self.row_weights = (1 - share) * frequency + share * uniform
-        u, s, _ = np.linalg.svd(weight * np.sqrt(self.row_weights), full_matrices=False)
-        self._basis = _fix_signs(u)
+        energies, basis = _left_singular(weight * np.sqrt(self.row_weights))
+        self._basis = _fix_signs(basis)
         self._weight = weight
-        self.spectrum = Spectrum(s**2, total=float(np.sum(weight**2 * self.row_weights)))
-        plain, _, _ = np.linalg.svd(weight, full_matrices=False)
+        self.spectrum = Spectrum(np.maximum(energies, 0.0), total=float(np.sum(weight**2 * self.row_weights)))
+        _, plain = _left_singular(weight)
         rows = _row_errors(weight[0].T, self._basis[0])  # (V, k + 1): every row at every rank
         bound = np.maximum(self.ROW_BOUND * _row_errors(weight[0].T, plain[0]), self.ROW_FLOOR)
         self.worst_row = rows.max(axis=0)

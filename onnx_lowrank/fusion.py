@@ -21,7 +21,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import InputError
-from .model_io import is_large, save_model
+from .model_io import save_model, serialized_or_none
 from .runtime import EXECUTION_PROVIDERS, resolve_provider
 from .splice import META_PREFIX
 
@@ -60,12 +60,13 @@ def optimized_model(
         options.optimized_model_filepath = str(written)
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        if is_large(model) or base_dir:
+        serialized = None if base_dir else serialized_or_none(model)
+        if serialized is None:
             source = Path(folder) / "model.onnx"
             save_model(model, source, external_data=True, base_dir=base_dir)
             ort.InferenceSession(str(source), options, providers=providers)
         else:
-            ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+            ort.InferenceSession(serialized, options, providers=providers)
         return onnx.load(str(written), load_external_data=False)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from .conv_methods import conv_decomposers
 from .data_aware import OutputError, data_aware_svd
 from .layers import Unit, detached
+from .parking import Shelf
 from .parallel import Workers, blas_threads
 from .ranks import Candidates
 from .statistics import Moments
@@ -41,11 +42,12 @@ def candidates_for(
         [eager] * len(units),
     )
     found: list[Candidates] = []
+    shelf = Shelf()
 
     def settle(candidate: Candidates) -> None:
         candidate.unit = units[len(found)]
         if parking is not None:
-            candidate.park(parking, len(found))
+            candidate.park(parking, len(found), shelf)
         found.append(candidate)
         if advance is not None:
             advance(1)

@@ -174,6 +174,16 @@ def _check_external_ranges(model: onnx.ModelProto, path: Path) -> None:
                              f"{expected} bytes at offset {offset} of {info.location}, which holds {size} bytes")
 
 
+def serialized_or_none(model: onnx.ModelProto) -> bytes | None:
+    """The model's bytes, or None when it is too big for one protobuf message (2 GB). Serializing
+    directly: sizing it first (is_large) walks a large model as long as serializing does."""
+    try:
+        serialized = model.SerializeToString()
+    except Exception:  # ValueError / EncodeError: over the limit
+        return None
+    return serialized if len(serialized) < TWO_GB else None
+
+
 def is_large(model: onnx.ModelProto) -> bool:
     """Whether the model is too big for one protobuf message (2 GB): protobuf refuses even to size it."""
     try:

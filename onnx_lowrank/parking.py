@@ -14,14 +14,25 @@ PARK_MIN_PARAMS = 4_000_000  # factorizable parameters from which a model's deco
 # (below, they stay in memory, where they are faster to reach)
 
 
+class Shelf:
+    """The decomposer read back last, shared by one run's parked decomposers: a unit is often factorized
+    a few times in a row (the latency gate's bisection, then its report), and one more decomposer in
+    memory is within the bound."""
+
+    def __init__(self):
+        self.path: Path | None = None
+        self.decomposer = None
+
+
 class Parked:
     """A decomposer in a file: spectrum and options at hand, the rest read back on use."""
 
-    def __init__(self, decomposer, path: Path):
+    def __init__(self, decomposer, path: Path, shelf: Shelf | None = None):
         self.method = decomposer.method
         self.spectrum = getattr(decomposer, "spectrum", None)
         self._options = decomposer.options()
         self._path = path
+        self._shelf = shelf or Shelf()
         with open(path, "wb") as stream:
             pickle.dump(decomposer, stream, protocol=pickle.HIGHEST_PROTOCOL)
 
@@ -32,9 +43,13 @@ class Parked:
         return self.unparked().factorize(config)
 
     def unparked(self):
-        """The decomposer itself, read back (not kept)."""
-        with open(self._path, "rb") as stream:
-            return pickle.load(stream)  # noqa: S301 - a file this process wrote
+        """The decomposer itself, read back (kept on the shelf until another is read)."""
+        if self._shelf.path != self._path:
+            self._shelf.path, self._shelf.decomposer = None, None  # never two read-back copies at once
+            with open(self._path, "rb") as stream:
+                self._shelf.decomposer = pickle.load(stream)  # noqa: S301 - a file this process wrote
+            self._shelf.path = self._path
+        return self._shelf.decomposer
 
     def __getattr__(self, name: str):  # anything else a decomposer offers, e.g. option(rank)
         if name.startswith("_"):

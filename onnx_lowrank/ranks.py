@@ -19,7 +19,7 @@ import numpy as np
 from .errors import InputError
 from .layers import Unit
 from .parallel import blas_threads
-from .parking import Parked
+from .parking import Parked, Shelf
 from .svd import Option
 
 FULL = "full"
@@ -80,9 +80,9 @@ class Candidates:
             factorization = self._by_method[option.method].factorize(option.config)
         return factorization.in_float32() if self.unit.weight.storage_dtype == np.float32 else factorization
 
-    def park(self, folder: Path, position: int) -> None:
+    def park(self, folder: Path, position: int, shelf: Shelf | None = None) -> None:
         """Move the decomposers to files in `folder` (see parking.py); they answer as before."""
-        parked = {method: Parked(d, folder / f"{position}.{method}.pickle") for method, d in self._by_method.items()}
+        parked = {method: Parked(d, folder / f"{position}.{method}.pickle", shelf) for method, d in self._by_method.items()}
         self._offered = [parked[d.method] for d in self._offered]
         self._by_method = parked
         self.primary = parked[self.primary.method]

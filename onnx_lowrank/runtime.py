@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import InputError
-from .model_io import is_large, save_model
+from .model_io import save_model, serialized_or_none
 
 PROVIDERS = ("cpu", "cuda", "auto")
 EXECUTION_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -46,8 +46,9 @@ def open_session(
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
     providers = [EXECUTION_PROVIDERS["cuda"], EXECUTION_PROVIDERS["cpu"]] if provider == "cuda" else [EXECUTION_PROVIDERS["cpu"]]
-    if not is_large(model):
-        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    serialized = serialized_or_none(model)
+    if serialized is not None:
+        return ort.InferenceSession(serialized, options, providers=providers)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.onnx"
         save_model(model, path, external_data=True)

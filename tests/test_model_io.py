@@ -9,7 +9,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import onnx_lowrank
-from onnx_lowrank import model_io
+from onnx_lowrank import model_io, runtime
 
 
 def linear_model(in_dim=64, out_dim=48) -> onnx.ModelProto:
@@ -47,6 +47,19 @@ def test_models_over_two_gigabytes_are_written_with_external_data(tmp_path, monk
     model_io.save_model(linear_model(), tmp_path / "big.onnx", external_data=False)
     assert (tmp_path / "big.onnx.data").is_file()
     assert onnx.load(tmp_path / "big.onnx").graph.initializer[0].dims == [64, 48]
+
+
+def test_sessions_of_models_over_two_gigabytes_are_opened_from_a_file(monkeypatch):
+    """Serialization over the limit is refused: the session then reads a file with external data."""
+    model = linear_model()
+    x = np.random.default_rng(2).standard_normal((3, 64)).astype(np.float32)
+    expected = runtime.Session(model, "cpu").run({"x": x})
+    written = []
+    monkeypatch.setattr(model_io, "TWO_GB", 1000)
+    monkeypatch.setattr(runtime, "save_model", lambda *a, **k: (written.append(a[1]), model_io.save_model(*a, **k)))
+    assert model_io.serialized_or_none(model) is None
+    np.testing.assert_array_equal(runtime.Session(model, "cpu").run({"x": x})[0], expected[0])
+    assert len(written) == 1
 
 
 def test_in_memory_model_is_left_whole_after_saving_with_external_data(tmp_path):

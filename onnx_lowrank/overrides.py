@@ -1,0 +1,175 @@
+"""A unit's factorization fed to the original model instead of built into a copy of it.
+
+A factor chain computes second @ first @ x, what the layer computes with the dense weight second @ first.
+So the original model, with the unit's stored weight (and the bias its factors shift) turned into graph
+inputs, computes what the factorized model computes (up to float rounding) when fed that product. One
+session then serves every unit's sensitivity probe, where building, serializing and loading a model per
+unit cost more than running it (BERT-base: about 2.5 s of 4.5 s per probe).
+
+A unit qualifies when its weight is stored (an initializer or a Constant node's) as float16/32/64 and its
+adapter's view only moves elements (reshapes, transposes): then the view applied to the stored positions
+says where each matrix element goes back to. Its bias shift, if any, must go to an initializer that only
+its bias node uses, or to a bias the node lacks (added as zeros in the probing copy, where Constant nodes
+of fed tensors also become initializers). Other units are probed by building their model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .layers import Unit
+from .svd import Factorization
+from .weights import Weight, weight_users
+
+FED_DTYPES = (np.float16, np.float32, np.float64)  # what onnxruntime's Python binding takes as is
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the elements of a value seen through a view go in the stored tensor."""
+
+    name: str  # the initializer
+    dims: tuple[int, ...]  # its stored shape
+    dtype: np.dtype  # its stored element type
+    positions: np.ndarray  # per element of the viewed value (in C order), its index in the stored tensor
+    attach: tuple[str, int] | None = None  # a bias the node lacks: (the node's first output, input position)
+
+    def stored(self, value: np.ndarray) -> np.ndarray:
+        flat = np.empty(math.prod(self.dims), dtype=self.dtype)
+        flat[self.positions] = np.asarray(value).reshape(-1)
+        return flat.reshape(self.dims)
+
+
+@dataclass(frozen=True)
+class Override:
+    """The inputs to feed for one unit's factorization."""
+
+    weight: Placement
+    biases: tuple[tuple[object, Placement], ...]  # (BiasSite, where its value goes) per layer
+
+    @property
+    def placements(self) -> list[Placement]:
+        return [self.weight, *(placement for _, placement in self.biases)]
+
+    def feed(self, factors: Factorization) -> dict[str, np.ndarray] | None:
+        """The stored weight (and biases) of the dense equivalent of `factors`; None for a decomposition
+        with its own chain (Tucker-2, CP, ...) or a bias shift this override has no place for."""
+        if hasattr(factors, "emit") or (factors.bias_shift is not None and not self.biases):
+            return None
+        fed = {self.weight.name: self.weight.stored(factors.reconstruct())}
+        if factors.bias_shift is not None:
+            shift = np.asarray(factors.bias_shift, dtype=np.float64).reshape(-1)
+            for site, placement in self.biases:
+                fed[placement.name] = placement.stored(site.shifted(shift))
+        return fed
+
+
+def overrides_for(model: onnx.ModelProto, units: Sequence[Unit], graph_outputs: set[str]) -> dict[str, Override]:
+    """By unit key, the overrides of the units that qualify (see the module's docstring)."""
+    initializers = _stored(model)
+    found = {}
+    for unit in units:
+        override = _override(unit, initializers, graph_outputs)
+        if override is not None:
+            found[unit.key] = override
+    return found
+
+
+def with_overridable(model: onnx.ModelProto, overrides: Iterable[Override]) -> onnx.ModelProto:
+    """The model (changed in place) taking the overrides' tensors as optional graph inputs: Constant nodes
+    of them become initializers, and a bias a node lacks is added as zeros."""
+    placements = {p.name: p for override in overrides for p in override.placements}
+    by_output = {node.output[0]: node for node in model.graph.node if node.output}
+    for node in [n for n in model.graph.node if n.op_type == "Constant" and n.output[0] in placements]:
+        tensor = model.graph.initializer.add()
+        tensor.CopyFrom(next(a.t for a in node.attribute if a.name == "value"))
+        tensor.name = node.output[0]
+        model.graph.node.remove(node)
+    for placement in placements.values():
+        if placement.attach is not None:
+            output, position = placement.attach
+            inputs = by_output[output].input
+            inputs.extend([""] * (position + 1 - len(inputs)))
+            inputs[position] = placement.name
+            model.graph.initializer.append(numpy_helper.from_array(np.zeros(placement.dims, placement.dtype), placement.name))
+    present = {i.name for i in model.graph.input}
+    initializers = {t.name: t for t in model.graph.initializer}
+    for name in placements:
+        if name not in present:
+            tensor = initializers[name]
+            model.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
+    return model
+
+
+def _stored(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Initializers and Constant nodes' tensors by name: the stored tensors a probe may feed."""
+    stored = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output:
+            stored.update({node.output[0]: a.t for a in node.attribute if a.name == "value"})
+    return stored
+
+
+def _override(unit: Unit, initializers: dict, graph_outputs: set[str]) -> Override | None:
+    placements = [_placement(layer.weight, initializers, layer.view) for layer in unit.layers]
+    first = placements[0]
+    if any(p is None or p.name != first.name or not np.array_equal(p.positions, first.positions) for p in placements):
+        return None
+    channels = unit.groups * unit.shape[0]
+    biases = [(layer.bias, _bias_placement(layer, channels, initializers, graph_outputs)) for layer in unit.layers]
+    if any(site is None or placement is None for site, placement in biases):
+        biases = []  # a bias shift is then probed by building
+    return Override(first, tuple(biases))
+
+
+def _bias_placement(layer, channels: int, initializers: dict, graph_outputs: set[str]) -> Placement | None:
+    """Where the layer's shifted bias goes: its bias initializer when only its bias node uses it and it
+    holds one value per channel, or a new one the node takes as input."""
+    site = layer.bias
+    if site is None:
+        return None
+    if site.weight is None:  # the node has no bias yet (Conv, Gemm): the chain would add one
+        if site.node is not layer.node or site.index != len(site.node.inputs):
+            return None
+        dtype = layer.weight.node_dtype
+        if dtype not in FED_DTYPES:
+            return None
+        dims = tuple(site.value.shape)
+        output = layer.node.outputs[0].name
+        return Placement(f"{output}.probe_bias", dims, np.dtype(dtype), np.arange(math.prod(dims)), (output, site.index))
+    users, to_output = weight_users(site.weight.stored, graph_outputs)
+    placement = _placement(site.weight, initializers)
+    if to_output or [id(user) for user in users] != [id(site.node)] or placement is None:
+        return None
+    if site.shifted(np.zeros(channels)).size != placement.positions.size:  # a bias broadcast over channels
+        return None
+    return placement
+
+
+def _placement(weight: Weight, initializers: dict, view=None) -> Placement | None:
+    """Where the value a node sees (through `view`, if given) goes back to in the stored initializer, when
+    it is one and the chain and view only move elements."""
+    tensor = initializers.get(weight.name)
+    if tensor is None or weight.stored is None:
+        return None
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    if dtype not in FED_DTYPES:
+        return None
+    dims = tuple(tensor.dims)
+    size = math.prod(dims)
+    positions = np.arange(size, dtype=np.int64).reshape(dims)
+    for kind, argument in weight.steps:
+        if kind == "transpose":
+            positions = np.transpose(positions, argument)
+    if view is not None:
+        positions = view(positions)
+    positions = np.asarray(positions).reshape(-1)
+    if positions.size != size or positions.dtype.kind not in "iu" or not np.array_equal(np.sort(positions), np.arange(size)):
+        return None
+    return Placement(weight.name, dims, np.dtype(dtype), positions)
