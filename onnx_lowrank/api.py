@@ -310,6 +310,7 @@ def _compress_with(
         objective=settings.objective,
         notes=notes,
     )
+    clock.lap("report")  # the per-layer timings of the chosen factorizations included
     any_factors = bool(factors)
     del factors  # the model holds its own copy of the factors now: a large model's are not held twice
     if int8 is not None:

@@ -46,11 +46,15 @@ from .svd import Factorization, Option
 from .weights import CHAIN_OPS, ConstantIndex, stored_constant
 
 
-WARMUP = 3  # untimed runs of every model before the rounds
+WARMUP = 3  # untimed runs of every model before the rounds, ...
+WARM_AFTER_SECONDS = 0.5  # ... fewer for a model one of whose warm-up runs took this long (BERT-base: 3 s a run)
 MIN_RUNS = 10  # timed runs of every model, at least ...
-MIN_SECONDS = 1.0  # ... and rounds for at least this long in all (end to end)
-LAYER_MIN_RUNS = 20  # a single layer is quick: more runs, less time
+MIN_SECONDS = 1.0  # ... and rounds for at least this long in all (end to end), ...
+MAX_SECONDS = 15.0  # ... but slow models (BERT-base at batch 16: 3 s a run) stop after this long
+LAYER_MIN_RUNS = 20  # a single layer is quick: more runs, less time, ...
 LAYER_MIN_SECONDS = 0.25
+LAYER_MAX_SECONDS = 1.0  # ... but a slow layer (a BERT-base FFN at 2048 tokens: 0.1 s a run) stops after this
+FEW_RUNS = 5  # stopping after the longest allowed time needs this many runs of every model
 
 CACHE_FORMAT = "onnx-lowrank-latency-1"
 
@@ -128,29 +132,35 @@ def time_side_by_side(
     min_runs: int = MIN_RUNS,
     min_seconds: float = MIN_SECONDS,
     advance: Callable[[int], None] | None = None,
+    max_seconds: float | None = None,
 ) -> list[Timing]:
     """Latency of each model on `feed` (each takes the inputs it declares), one Timing per model.
 
     All sessions are opened first (as deployed: see `timing_session`), each model runs `warmup` times,
     then rounds run every model once, in an order reversed every round (ABBA...: a drift of the machine's
     speed hits all models alike), until every model ran `min_runs` times and the rounds took
-    `min_seconds` in all. `advance` is called once per round (a progress bar). Never compare timings
-    taken on different machines or thread counts.
+    `min_seconds` in all, or, with `max_seconds`, until the rounds took that long and every model ran
+    FEW_RUNS times. A model is warm after a warm-up run of WARM_AFTER_SECONDS. `advance` is called
+    once per round (a progress bar). Never compare timings taken on different machines or thread counts.
     """
     if min_runs < 1:
         raise ValueError(f"min_runs must be at least 1, got {min_runs}")
     runners = [_Runner(model, feed, provider, threads) for model in models]
-    return _rounds(runners, warmup, min_runs, min_seconds, advance)
+    return _rounds(runners, warmup, min_runs, min_seconds, advance, max_seconds)
 
 
-def _rounds(runners: list[_Runner], warmup: int, min_runs: int, min_seconds: float, advance) -> list[Timing]:
+def _rounds(runners: list[_Runner], warmup: int, min_runs: int, min_seconds: float, advance,
+            max_seconds: float | None = None) -> list[Timing]:
     for runner in runners:
         for _ in range(warmup):
-            runner()
+            if runner() >= WARM_AFTER_SECONDS:
+                break
     seconds: list[list[float]] = [[] for _ in runners]
     order = list(range(len(runners)))
     rounds, start = 0, time.perf_counter()
     while rounds < min_runs or time.perf_counter() - start < min_seconds:
+        if max_seconds is not None and rounds >= min(FEW_RUNS, min_runs) and time.perf_counter() - start >= max_seconds:
+            break
         for position in order if rounds % 2 == 0 else reversed(order):
             seconds[position].append(runners[position]())
         rounds += 1
@@ -193,7 +203,7 @@ def end_to_end(
         models["factorized"] = factorized
     try:
         runners = [_Runner(model, feed, provider, threads) for model in models.values()]
-        timings = _rounds(runners, WARMUP, min_runs, min_seconds, advance)
+        timings = _rounds(runners, WARMUP, min_runs, min_seconds, advance, MAX_SECONDS)
     except _ORT_ERRORS as error:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         return {**result, "error": f"onnxruntime could not time the models with every optimization on: {first_line}"}
@@ -426,7 +436,7 @@ class LayerTimer:
             models = self.models(unit, factorization)
             dense, factorized = time_side_by_side(
                 [models.dense, models.factorized], self.feed(unit), self.provider, self.threads,
-                min_runs=self.min_runs, min_seconds=self.min_seconds,
+                min_runs=self.min_runs, min_seconds=self.min_seconds, max_seconds=LAYER_MAX_SECONDS,
             )
             self.timings[key] = (dense.median_ms, factorized.median_ms)
             self.measured += 1

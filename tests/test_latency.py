@@ -352,6 +352,26 @@ def test_rounds_alternate_the_order(monkeypatch):
     assert [t.runs for t in timings] == [4, 4, 4] and timings[0].median_ms == pytest.approx(1.0)
 
 
+def test_slow_models_warm_up_once_and_slow_layers_stop_early(monkeypatch):
+    """A warm-up run of WARM_AFTER_SECONDS ends the warm-up; with max_seconds spent, FEW_RUNS rounds do."""
+    calls = []
+
+    class Fake:
+        def __init__(self, model, feed, provider, threads):
+            self.name = model
+
+        def __call__(self):
+            calls.append(self.name)
+            return latency.WARM_AFTER_SECONDS if self.name == "slow" else 1e-3
+
+    monkeypatch.setattr(latency, "_Runner", Fake)
+    time_side_by_side(["slow", "quick"], {}, "cpu", warmup=3, min_runs=2, min_seconds=0)
+    assert calls[:4] == ["slow", "quick", "quick", "quick"]
+    timings = time_side_by_side(["quick"], {}, "cpu", min_runs=20, min_seconds=0, max_seconds=0.0)
+    assert timings[0].runs == latency.FEW_RUNS
+    assert time_side_by_side(["quick"], {}, "cpu", min_runs=20, min_seconds=0)[0].runs == 20
+
+
 def test_layer_timings_are_sane_and_cached(tmp_path):
     minilm = get_case("minilm")
     shapes = activation_shapes(minilm.model, minilm.units, minilm.feed, "cpu")
