@@ -53,7 +53,7 @@ MIN_SECONDS = 1.0  # ... and rounds for at least this long in all (end to end), 
 MAX_SECONDS = 15.0  # ... but slow models (BERT-base at batch 16: 3 s a run) stop after this long
 LAYER_MIN_RUNS = 20  # a single layer is quick: more runs, less time, ...
 LAYER_MIN_SECONDS = 0.25
-LAYER_MAX_SECONDS = 1.0  # ... but a slow layer (a BERT-base FFN at 2048 tokens: 0.1 s a run) stops after this
+LAYER_MAX_SECONDS = 0.5  # ... but a slow layer (a BERT-base FFN at 2048 tokens: 0.1 s a run) stops after this
 FEW_RUNS = 5  # stopping after the longest allowed time needs this many runs of every model
 
 CACHE_FORMAT = "onnx-lowrank-latency-1"
