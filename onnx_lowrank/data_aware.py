@@ -140,7 +140,7 @@ def _shrunk(moments: Moments, prior: np.ndarray) -> np.ndarray:
     trace = np.trace(covariance, axis1=1, axis2=2)
     prior_trace = np.trace(prior, axis1=1, axis2=2)
     target = prior * (trace / np.where(prior_trace > 0, prior_trace, 1.0))[:, None, None]
-    intensity = moments.shrinkage(target)[:, None, None]
+    intensity = moments.shrinkage(target, covariance)[:, None, None]
     return (1 - intensity) * covariance + intensity * target
 
 

@@ -69,19 +69,26 @@ class Moments:
     def _about(self, delta: np.ndarray) -> tuple:
         """The sums re-expressed for a + delta (rows measured from origin - delta), exactly."""
         n, t, o = self.count, self.total, self.outer
-        squared = np.sum(delta**2, axis=1)  # (G,)
-        along = np.einsum("gd,gd->g", delta, t)  # delta . T
         total = t + n * delta
         outer = o + t[:, :, None] * delta[:, None, :] + delta[:, :, None] * t[:, None, :] + n * _outer(delta)
         if self.third is None or self.fourth is None:
             return total, outer, None, None
-        trace = np.trace(o, axis1=1, axis2=2)
-        o_delta = np.einsum("gde,ge->gd", o, delta)
+        squared, along, trace, o_delta = self._shift_terms(delta)
         third = (self.third + 2 * o_delta + squared[:, None] * t + delta * trace[:, None]
                  + 2 * delta * along[:, None] + n * squared[:, None] * delta)
-        fourth = (self.fourth + 4 * np.einsum("gd,gd->g", delta, o_delta) + n * squared**2
-                  + 4 * np.einsum("gd,gd->g", delta, self.third) + 2 * squared * trace + 4 * squared * along)
-        return total, outer, third, fourth
+        return total, outer, third, self._fourth_about(delta)
+
+    def _shift_terms(self, delta: np.ndarray) -> tuple:
+        """|delta|^2, delta . T, trace(O) and O delta per group: what the shifted higher sums are made of."""
+        squared = np.sum(delta**2, axis=1)
+        along = np.einsum("gd,gd->g", delta, self.total)
+        return squared, along, np.trace(self.outer, axis1=1, axis2=2), np.einsum("gde,ge->gd", self.outer, delta)
+
+    def _fourth_about(self, delta: np.ndarray) -> np.ndarray:
+        """The sum of |a + delta|^4 alone (what the shrinkage needs), without the d x d sums."""
+        squared, along, trace, o_delta = self._shift_terms(delta)
+        return (self.fourth + 4 * np.einsum("gd,gd->g", delta, o_delta) + self.count * squared**2
+                + 4 * np.einsum("gd,gd->g", delta, self.third) + 2 * squared * trace + 4 * squared * along)
 
     @property
     def mean(self) -> np.ndarray:
@@ -95,19 +102,20 @@ class Moments:
         covariance = self.outer / max(self.count, 1) - offset[:, :, None] * offset[:, None, :]
         return (covariance + np.swapaxes(covariance, 1, 2)) / 2
 
-    def shrinkage(self, target: np.ndarray) -> np.ndarray:
+    def shrinkage(self, target: np.ndarray, covariance: np.ndarray | None = None) -> np.ndarray:
         """Ledoit-Wolf intensity (G,) for pulling the covariance towards `target` (G, d, d): the sampling
         variance of the covariance's entries over their squared distance from the target. Near 0 when
         there are many more rows than dimensions; large when a layer sees few vectors (e.g. one per
         sample after a global pooling) and its covariance would otherwise claim a rank it does not have.
-        With fewer rows than dimensions the estimate itself degrades, so at least 1 - rows/d is used."""
+        With fewer rows than dimensions the estimate itself degrades, so at least 1 - rows/d is used.
+        `covariance`: this one's, when the caller has it already."""
         groups, dim = self.total.shape
         if self.count < 2:
             return np.ones(groups)  # no spread to go on
         if self.third is None or self.fourth is None:
             return np.zeros(groups)  # sums made without the higher moments: taken as they are
-        _, _, _, fourth = self._about(-self.total / self.count)  # about the rows' own mean
-        covariance = self.covariance
+        fourth = self._fourth_about(-self.total / self.count)  # about the rows' own mean
+        covariance = self.covariance if covariance is None else covariance
         noise = np.maximum(fourth / self.count - np.sum(covariance**2, axis=(1, 2)), 0.0) / self.count
         distance = np.sum((covariance - target) ** 2, axis=(1, 2))
         intensity = np.divide(noise, distance, out=np.ones_like(noise), where=distance > 0)  # 0: already the target

@@ -429,7 +429,7 @@ def test_planted_cp_orthogonal_factors(seed):
 # --------------------------------------------------------------- 3. predicted error = measured error
 
 
-def _unshrunk(self: Moments, target: np.ndarray) -> np.ndarray:
+def _unshrunk(self: Moments, target: np.ndarray, covariance=None) -> np.ndarray:
     return np.zeros(self.total.shape[0])
 
 

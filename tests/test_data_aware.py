@@ -49,7 +49,7 @@ from onnx_lowrank.svd import Factorization, TruncatedSVD
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def _unshrunk(self: Moments, target: np.ndarray) -> np.ndarray:
+def _unshrunk(self: Moments, target: np.ndarray, covariance=None) -> np.ndarray:
     return np.zeros(self.total.shape[0])
 
 
