@@ -58,7 +58,8 @@ def restrict(
     slack = 0.0
     if objective == "balanced" and any(c.unit.op == "Gather" and c.options() for c in candidates):
         # a 1% allowance needs no precise figure: a few runs of the whole model
-        slack = EMBEDDING_SLACK * time_side_by_side([model], feed, provider, warmup=1, min_runs=3, min_seconds=0)[0].median_ms
+        rough = time_side_by_side([model], feed, provider, warmup=1, min_runs=3, min_seconds=0)[0]
+        slack = EMBEDDING_SLACK * rough.median_ms
     for candidate in candidates:
         if candidate.options():
             try:

@@ -23,9 +23,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .layers import Unit
+from .layers import BiasSite, Layer, Unit
 from .svd import Factorization
-from .weights import Weight, weight_users
+from .weights import ConstantIndex, Weight, weight_users
 
 FED_DTYPES = (np.float16, np.float32, np.float64)  # what onnxruntime's Python binding takes as is
 
@@ -51,7 +51,7 @@ class Override:
     """The inputs to feed for one unit's factorization."""
 
     weight: Placement
-    biases: tuple[tuple[object, Placement], ...]  # (BiasSite, where its value goes) per layer
+    biases: tuple[tuple[BiasSite, Placement], ...]  # per layer: its bias site and where its value goes
 
     @property
     def placements(self) -> list[Placement]:
@@ -72,10 +72,10 @@ class Override:
 
 def overrides_for(model: onnx.ModelProto, units: Sequence[Unit], graph_outputs: set[str]) -> dict[str, Override]:
     """By unit key, the overrides of the units that qualify (see the module's docstring)."""
-    initializers = _stored(model)
+    stored = ConstantIndex(model)  # initializers and Constant nodes' tensors: what a probe may feed
     found = {}
     for unit in units:
-        override = _override(unit, initializers, graph_outputs)
+        override = _override(unit, stored, graph_outputs)
         if override is not None:
             found[unit.key] = override
     return found
@@ -97,7 +97,8 @@ def with_overridable(model: onnx.ModelProto, overrides: Iterable[Override]) -> o
             inputs = by_output[output].input
             inputs.extend([""] * (position + 1 - len(inputs)))
             inputs[position] = placement.name
-            model.graph.initializer.append(numpy_helper.from_array(np.zeros(placement.dims, placement.dtype), placement.name))
+            zeros = np.zeros(placement.dims, placement.dtype)
+            model.graph.initializer.append(numpy_helper.from_array(zeros, placement.name))
     present = {i.name for i in model.graph.input}
     initializers = {t.name: t for t in model.graph.initializer}
     for name in placements:
@@ -107,28 +108,19 @@ def with_overridable(model: onnx.ModelProto, overrides: Iterable[Override]) -> o
     return model
 
 
-def _stored(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    """Initializers and Constant nodes' tensors by name: the stored tensors a probe may feed."""
-    stored = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.output:
-            stored.update({node.output[0]: a.t for a in node.attribute if a.name == "value"})
-    return stored
-
-
-def _override(unit: Unit, initializers: dict, graph_outputs: set[str]) -> Override | None:
-    placements = [_placement(layer.weight, initializers, layer.view) for layer in unit.layers]
+def _override(unit: Unit, stored: ConstantIndex, graph_outputs: set[str]) -> Override | None:
+    placements = [_placement(layer.weight, stored, layer.view) for layer in unit.layers]
     first = placements[0]
     if any(p is None or p.name != first.name or not np.array_equal(p.positions, first.positions) for p in placements):
         return None
     channels = unit.groups * unit.shape[0]
-    biases = [(layer.bias, _bias_placement(layer, channels, initializers, graph_outputs)) for layer in unit.layers]
+    biases = [(layer.bias, _bias_placement(layer, channels, stored, graph_outputs)) for layer in unit.layers]
     if any(site is None or placement is None for site, placement in biases):
         biases = []  # a bias shift is then probed by building
     return Override(first, tuple(biases))
 
 
-def _bias_placement(layer, channels: int, initializers: dict, graph_outputs: set[str]) -> Placement | None:
+def _bias_placement(layer: Layer, channels: int, stored: ConstantIndex, graph_outputs: set[str]) -> Placement | None:
     """Where the layer's shifted bias goes: its bias initializer when only its bias node uses it and it
     holds one value per channel, or a new one the node takes as input."""
     site = layer.bias
@@ -142,9 +134,10 @@ def _bias_placement(layer, channels: int, initializers: dict, graph_outputs: set
             return None
         dims = tuple(site.value.shape)
         output = layer.node.outputs[0].name
-        return Placement(f"{output}.probe_bias", dims, np.dtype(dtype), np.arange(math.prod(dims)), (output, site.index))
+        positions = np.arange(math.prod(dims))
+        return Placement(f"{output}.probe_bias", dims, np.dtype(dtype), positions, (output, site.index))
     users, to_output = weight_users(site.weight.stored, graph_outputs)
-    placement = _placement(site.weight, initializers)
+    placement = _placement(site.weight, stored)
     if to_output or [id(user) for user in users] != [id(site.node)] or placement is None:
         return None
     if site.shifted(np.zeros(channels)).size != placement.positions.size:  # a bias broadcast over channels
@@ -152,10 +145,10 @@ def _bias_placement(layer, channels: int, initializers: dict, graph_outputs: set
     return placement
 
 
-def _placement(weight: Weight, initializers: dict, view=None) -> Placement | None:
+def _placement(weight: Weight, stored: ConstantIndex, view=None) -> Placement | None:
     """Where the value a node sees (through `view`, if given) goes back to in the stored initializer, when
     it is one and the chain and view only move elements."""
-    tensor = initializers.get(weight.name)
+    tensor = stored.get(weight.name)
     if tensor is None or weight.stored is None:
         return None
     dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
@@ -170,6 +163,8 @@ def _placement(weight: Weight, initializers: dict, view=None) -> Placement | Non
     if view is not None:
         positions = view(positions)
     positions = np.asarray(positions).reshape(-1)
-    if positions.size != size or positions.dtype.kind not in "iu" or not np.array_equal(np.sort(positions), np.arange(size)):
+    if positions.size != size or positions.dtype.kind not in "iu":
+        return None
+    if not np.array_equal(np.sort(positions), np.arange(size)):  # the view repeats or drops elements
         return None
     return Placement(weight.name, dims, np.dtype(dtype), positions)

@@ -82,7 +82,8 @@ class Candidates:
 
     def park(self, folder: Path, position: int, shelf: Shelf | None = None) -> None:
         """Move the decomposers to files in `folder` (see parking.py); they answer as before."""
-        parked = {method: Parked(d, folder / f"{position}.{method}.pickle", shelf) for method, d in self._by_method.items()}
+        parked = {method: Parked(d, folder / f"{position}.{method}.pickle", shelf)
+                  for method, d in self._by_method.items()}
         self._offered = [parked[d.method] for d in self._offered]
         self._by_method = parked
         self.primary = parked[self.primary.method]

@@ -144,7 +144,8 @@ def probe_count(units: Sequence, statistics: Sequence | None, fit: int) -> int:
     the factorizable layers (params x positions each layer saw per sample) would exceed the PROBE_MACS budget."""
     if statistics is None or fit == 0:
         return PROBE_SAMPLES
-    per_sample = sum(unit.params * stats.count / fit for unit, stats in zip(units, statistics) if isinstance(stats, Moments))
+    per_sample = sum(unit.params * stats.count / fit
+                     for unit, stats in zip(units, statistics) if isinstance(stats, Moments))
     affordable = int(PROBE_MACS // per_sample) if per_sample > 0 else PROBE_SAMPLES
     return min(PROBE_SAMPLES, max(PROBE_MIN_SAMPLES, affordable))
 

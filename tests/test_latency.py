@@ -335,25 +335,10 @@ def test_models_over_2gb_are_timed_from_a_file_and_cut_by_hand(monkeypatch):
         np.testing.assert_array_equal(numpy_helper.to_array(tensor), before[tensor.name])
 
 
-def test_rounds_alternate_the_order(monkeypatch):
-    calls = []
-
-    class Fake:
-        def __init__(self, model, feed, provider, threads):
-            self.name = model
-
-        def __call__(self):
-            calls.append(self.name)
-            return 1e-3
-
-    monkeypatch.setattr(latency, "_Runner", Fake)
-    timings = time_side_by_side(["a", "b", "c"], {}, "cpu", warmup=1, min_runs=4, min_seconds=0)
-    assert calls == ["a", "b", "c"] + ["a", "b", "c", "c", "b", "a", "a", "b", "c", "c", "b", "a"]
-    assert [t.runs for t in timings] == [4, 4, 4] and timings[0].median_ms == pytest.approx(1.0)
-
-
-def test_slow_models_warm_up_once_and_slow_layers_stop_early(monkeypatch):
-    """A warm-up run of WARM_AFTER_SECONDS ends the warm-up; with max_seconds spent, FEW_RUNS rounds do."""
+@pytest.fixture
+def fake_runs(monkeypatch) -> list[str]:
+    """Models named by strings run instantly: the names in the order run ("slow" reports
+    WARM_AFTER_SECONDS a run, any other 1 ms)."""
     calls = []
 
     class Fake:
@@ -365,6 +350,19 @@ def test_slow_models_warm_up_once_and_slow_layers_stop_early(monkeypatch):
             return latency.WARM_AFTER_SECONDS if self.name == "slow" else 1e-3
 
     monkeypatch.setattr(latency, "_Runner", Fake)
+    return calls
+
+
+def test_rounds_alternate_the_order(fake_runs):
+    calls = fake_runs
+    timings = time_side_by_side(["a", "b", "c"], {}, "cpu", warmup=1, min_runs=4, min_seconds=0)
+    assert calls == ["a", "b", "c"] + ["a", "b", "c", "c", "b", "a", "a", "b", "c", "c", "b", "a"]
+    assert [t.runs for t in timings] == [4, 4, 4] and timings[0].median_ms == pytest.approx(1.0)
+
+
+def test_slow_models_warm_up_once_and_slow_layers_stop_early(fake_runs):
+    """A warm-up run of WARM_AFTER_SECONDS ends the warm-up; with max_seconds spent, FEW_RUNS rounds do."""
+    calls = fake_runs
     time_side_by_side(["slow", "quick"], {}, "cpu", warmup=3, min_runs=2, min_seconds=0)
     assert calls[:4] == ["slow", "quick", "quick", "quick"]
     timings = time_side_by_side(["quick"], {}, "cpu", min_runs=20, min_seconds=0, max_seconds=0.0)
