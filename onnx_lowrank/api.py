@@ -205,7 +205,8 @@ def _compress_with(
     # one calibration batch: what layers and the whole model are timed on
     timing_feed = next(samples.batches(parts.fit, settings.batch_size))[1] if samples is not None else None
     factorizable = sum(unit.params for unit in units)
-    with executor_for(settings.jobs, settings.scheduler, factorizable) as workers:
+    pool_pays = statistics is None or (settings.method != "svd" and any(unit.op == "Conv" for unit in units))
+    with executor_for(settings.jobs, settings.scheduler, factorizable, pool_pays) as workers:
         candidates = candidates_for(units, settings.method, statistics, workers, eager=mode in ("size", "compact"),
                                     advance=progress.phase("factorizations (layers)", len(units)),
                                     parking=work if factorizable >= PARK_MIN_PARAMS else None)
@@ -321,9 +322,9 @@ def _compress_with(
             settings.metric, closest.error, tolerance, False, search.evaluator.provider_used, len(search.indices)
         )
         if int8 is not None and int8.alone_error is not None and int8.alone_error > tolerance:
-            kept = len(int8.exclude)
+            kept = len(int8.floats) + len(int8.weight_only)
             detail = f" (int8 quantization alone reaches {int8.alone_error:.4g}" + (
-                f" with {kept} node(s) kept float)" if kept else ")")
+                f" with {kept} node(s) weight-only or float)" if kept else ")")
         elif closest is None:
             detail = ""
         else:
@@ -376,9 +377,10 @@ class _Int8:
     halved (twice at most), then only the quantized original remains.
 
     When int8 of the original alone takes more than FALLBACK_SHARE of the tolerance, the nodes whose
-    quantization costs the most (measured: quantize.fallback) are kept float until it takes at most that,
-    in the original and in the factorized model (a low-rank chain that replaced such a node stays float
-    too). Their cost is measured on fit samples, the held-out part checks each step."""
+    dynamic quantization costs the most (measured: quantize.fallback) are quantized weight-only instead
+    (MatMul, Gemm) or kept float (Gather, Conv) until it takes at most that, in the original and in the
+    factorized model (the low-rank chain that replaced such a node is treated alike). Their cost is
+    measured on fit samples, the held-out part checks each step."""
 
     RETRIES = 2
     SELECT_SAMPLES = 32  # fit samples each node's cost is measured on
@@ -393,11 +395,13 @@ class _Int8:
         self.info: dict = {}
         self.retries = self.RETRIES
         self.fallback: Fallback | None = None
-        self.exclude: tuple[str, ...] = ()  # original node names kept float
+        self.floats: tuple[str, ...] = ()  # original node names kept float
+        self.weight_only: tuple[str, ...] = ()  # ... and quantized weight-only
         self.select_indices = [] if parts is None else list(parts.fit[: self.SELECT_SAMPLES])
 
     def quantize(self, model: onnx.ModelProto) -> onnx.ModelProto:
-        quantized = quantize_int8(model, self.feeds, exclude=chain_names(model, self.exclude))
+        quantized = quantize_int8(model, self.feeds, exclude=chain_names(model, self.floats),
+                                  weight_only=chain_names(model, self.weight_only))
         self.info = quantized.info
         return quantized.model
 
@@ -417,10 +421,12 @@ class _Int8:
 
     def room(self, tolerance: float) -> float | None:
         """What the tolerance leaves the factorization once the original's own int8 error is spent, after
-        keeping float the nodes that cost the most when int8 alone takes more than its share (None: nothing)."""
+        taking out of dynamic int8 the nodes that cost the most when int8 alone takes more than its share
+        (None: nothing)."""
         self.fallback = fallback(self.original, tolerance * FALLBACK_SHARE, self.error,
                                  self.select if self.select_indices else None, self.feeds)
-        self.exclude, self.alone_error = self.fallback.exclude, self.fallback.error
+        self.floats, self.weight_only = self.fallback.floats, self.fallback.weight_only
+        self.alone_error = self.fallback.error
         left = tolerance - self.alone_error
         return left if left > 0 or (left == 0 and self.metric == "accuracy") else None
 
@@ -437,11 +443,11 @@ class _Int8:
             "bytes_quantized": model_stats(quantized).bytes,
             "error_factorized": factor_error,  # the factorization alone (validated, before quantizing)
             "error_quantized": error,  # factorization and quantization together: what was validated
-            "error_quantized_alone": self.alone_error,  # the original quantized (kept_float float), no factorization
+            "error_quantized_alone": self.alone_error,  # the original quantized (with the fallback), no factorization
             "nodes": self.info,
         }
-        if self.fallback is not None:  # compact mode: the nodes kept float, each with its measured cost
-            summary["kept_float"] = [node.to_dict() for node in self.fallback.nodes]
+        if self.fallback is not None:  # compact mode: the nodes taken out, each with its measured cost
+            summary["fallback_nodes"] = [node.to_dict() for node in self.fallback.nodes]
             summary["fallback"] = self.fallback.to_dict()
         return summary
 

@@ -80,8 +80,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="write a standalone HTML report with plots (pip install 'onnx-lowrank[html]')")
     run.add_argument("--allow-larger", action="store_true", help="keep factorizations that do not shrink a layer")
     run.add_argument("--jobs", type=int, metavar="N",
-                     help="worker processes for the per-layer factorizations (default: all cores; models "
-                          "under 4M factorizable parameters run in one process)")
+                     help="worker processes for the per-layer factorizations (default: all cores for weight-only "
+                          "or Conv decompositions; data-aware SVDs and models under 4M factorizable "
+                          "parameters run in one process)")
     run.add_argument("--scheduler", metavar="ADDRESS",
                      help="send the per-layer factorizations to this Dask scheduler (tcp://host:8786) instead")
     run.add_argument("--cache", type=Path, metavar="DIR",

@@ -439,7 +439,7 @@ def _quantization(data: Mapping) -> str:
     elif isinstance(nodes, Sequence) and not isinstance(nodes, str):
         extra.append(f"{len(nodes):,} nodes quantized")
     known = {"scheme", "bytes_factorized", "bytes_quantized", "error_factorized", "error_quantized", "nodes",
-             "kept_float", "fallback"}
+             "fallback_nodes", "fallback"}
     extra += [f"{_e(key)}: {_num(value) if isinstance(value, (int, float)) else _e(value)}"
               for key, value in quant.items() if key not in known]
     caption = ("<em>step</em>: how much smaller than the stage before; <em>total</em>: than the original; "
@@ -448,24 +448,25 @@ def _quantization(data: Mapping) -> str:
     if isinstance(nodes, Sequence) and not isinstance(nodes, str) and nodes:
         names = ", ".join(f'<span class="name">{_e(n)}</span>' for n in nodes)
         out.append(f"<details><summary>Quantized nodes</summary><p>{names}</p></details>")
-    out.append(_kept_float(quant.get("kept_float"), quant.get("fallback")))
+    out.append(_fallback(quant.get("fallback_nodes"), quant.get("fallback")))
     return "\n".join(out)
 
 
-def _kept_float(nodes, fallback) -> str:
-    """The int8 fallback: the nodes kept float in the order chosen, each with what it was measured to save."""
+def _fallback(nodes, fallback) -> str:
+    """The int8 fallback: the nodes taken out of dynamic int8 (weight-only or float) in the order chosen,
+    each with what it was measured to save."""
     if not isinstance(fallback, Mapping):
         return ""
-    rows = [[f'<span class="name">{_e(n.get("node"))}</span>', _e(n.get("op")), _num(n.get("error_reduction"), 4),
-             _bytes(n.get("float_bytes")), _num(n.get("error_after"), 4)]
+    rows = [[f'<span class="name">{_e(n.get("node"))}</span>', _e(n.get("op")), _e(n.get("scheme")),
+             _num(n.get("error_reduction"), 4), _bytes(n.get("extra_bytes")), _num(n.get("error_after"), 4)]
             for n in (nodes or []) if isinstance(n, Mapping)]
     summary = (f"int8 of every node: error {_num(fallback.get('error_int8_all'), 4)}; its share of the tolerance "
-               f"{_num(fallback.get('share'), 4)}; with the nodes below kept float {_num(fallback.get('error_int8_kept_float'), 4)} "
+               f"{_num(fallback.get('share'), 4)}; with the nodes below taken out {_num(fallback.get('error_int8_fallback'), 4)} "
                f"({_int(fallback.get('nodes_measured'))} nodes measured, {_int(fallback.get('checks'))} checks, "
                f"{_seconds(fallback.get('seconds'))})")
     if not rows:
-        return f'<p class="caption">{summary}; no node kept float.</p>'
-    table = _table([("kept float", False), ("op", False), ("error saved", True), ("float bytes", True),
+        return f'<p class="caption">{summary}; no node taken out.</p>'
+    table = _table([("node", False), ("op", False), ("now", False), ("error saved", True), ("bytes added", True),
                     ("error after", True)], rows, cls="narrow")
     return f'<h3>int8 fallback</h3>\n{table}\n<p class="caption">{summary}.</p>'
 

@@ -51,6 +51,8 @@ WARM_AFTER_SECONDS = 0.5  # ... fewer for a model one of whose warm-up runs took
 MIN_RUNS = 10  # timed runs of every model, at least ...
 MIN_SECONDS = 1.0  # ... and rounds for at least this long in all (end to end), ...
 MAX_SECONDS = 15.0  # ... but slow models (BERT-base at batch 16: 3 s a run) stop after this long
+LAYER_WARMUP = 1  # a single layer's first run allocates its buffers; the next ones are steady (measured: a
+# 768->3072 MatMul at 2048 tokens, 63/51/52/51 ms), and the median ignores one slow run anyway
 LAYER_MIN_RUNS = 20  # a single layer is quick: more runs, less time, ...
 LAYER_MIN_SECONDS = 0.25
 LAYER_MAX_SECONDS = 0.5  # ... but a slow layer (a BERT-base FFN at 2048 tokens: 0.1 s a run) stops after this
@@ -256,15 +258,30 @@ def activations(
 ) -> dict[str, Activation]:
     """Per unit key, its first layer's data input on `feed`, from one ONNX Runtime run with those tensors
     as extra outputs (graph inputs are read from the feed itself)."""
+    return timed_activations(model, units, feed, provider, timed=False)[0]
+
+
+def timed_activations(
+    model: onnx.ModelProto, units: Sequence[Unit], feed: Mapping[str, np.ndarray], provider: str, timed: bool = True
+) -> tuple[dict[str, Activation], float | None]:
+    """`activations`, and with `timed` the milliseconds of a second (warm) run of the same session: the
+    model's time give or take the copies of the extra outputs, enough for a rough allowance and cheaper
+    than a session of its own (None when every data input is a graph input and nothing ran)."""
     names = {unit.key: data_input(unit.layers[0]) for unit in units}
     graph_inputs = {i.name for i in model.graph.input}
     computed = list(dict.fromkeys(name for name in names.values() if name not in graph_inputs))
     values = {name: np.asarray(feed[name]) for name in names.values() if name in graph_inputs}
+    run_ms = None
     if computed:
         session = _augmented_session(model, computed, provider)
         values.update(zip(computed, session.run(dict(feed), computed)))
-    return {key: Activation(name, tuple(int(n) for n in values[name].shape), values[name].dtype.name)
-            for key, name in names.items()}
+        if timed:
+            started = time.perf_counter()
+            session.run(dict(feed), computed)
+            run_ms = (time.perf_counter() - started) * 1e3
+    found = {key: Activation(name, tuple(int(n) for n in values[name].shape), values[name].dtype.name)
+             for key, name in names.items()}
+    return found, run_ms
 
 
 def activation_shapes(
@@ -435,7 +452,7 @@ class LayerTimer:
         if key not in self.timings:
             models = self.models(unit, factorization)
             dense, factorized = time_side_by_side(
-                [models.dense, models.factorized], self.feed(unit), self.provider, self.threads,
+                [models.dense, models.factorized], self.feed(unit), self.provider, self.threads, warmup=LAYER_WARMUP,
                 min_runs=self.min_runs, min_seconds=self.min_seconds, max_seconds=LAYER_MAX_SECONDS,
             )
             self.timings[key] = (dense.median_ms, factorized.median_ms)

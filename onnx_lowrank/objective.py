@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from .latency import LayerTimer, Untimeable, activations, not_slower, time_side_by_side
+from .latency import LayerTimer, Untimeable, not_slower, time_side_by_side, timed_activations
 from .ranks import Candidates, rank_multiple
 
 OBJECTIVES = ("balanced", "size", "latency")
@@ -53,13 +53,14 @@ def restrict(
     if feed is None:
         return None, [f"--objective {objective} without calibration data: ranks are multiples of {multiple}, "
                       "but nothing was timed (there is no activation shape to time layers at)"]
-    shapes = activations(model, [c.unit for c in candidates], feed, provider)
+    embeddings = objective == "balanced" and any(c.unit.op == "Gather" and c.options() for c in candidates)
+    shapes, run_ms = timed_activations(model, [c.unit for c in candidates], feed, provider, timed=embeddings)
     timer = LayerTimer(model, adapters, shapes, provider, cache=cache_file)
     slack = 0.0
-    if objective == "balanced" and any(c.unit.op == "Gather" and c.options() for c in candidates):
-        # a 1% allowance needs no precise figure: a few runs of the whole model
-        rough = time_side_by_side([model], feed, provider, warmup=1, min_runs=3, min_seconds=0)[0]
-        slack = EMBEDDING_SLACK * rough.median_ms
+    if embeddings:  # a 1% allowance needs no precise figure: one warm run of the whole model
+        if run_ms is None:
+            run_ms = time_side_by_side([model], feed, provider, warmup=1, min_runs=1, min_seconds=0)[0].median_ms
+        slack = EMBEDDING_SLACK * run_ms
     for candidate in candidates:
         if candidate.options():
             try:

@@ -82,10 +82,10 @@ def print_compress(report: Report, console: Console, written: bool) -> None:
             f"factorized -> {q['error_quantized']:.4g} with int8")
         console.print(f"int8: {human_bytes(q['bytes_factorized'])} factorized -> {human_bytes(q['bytes_quantized'])}"
                       f"{errors}")
-        kept = q.get("kept_float") or []
-        if kept:
-            names = ", ".join(node["node"] for node in kept)
-            console.print(f"int8: kept float (they cost the most error quantized): {names}", markup=False)
+        taken = q.get("fallback_nodes") or []
+        if taken:
+            names = ", ".join(f"{node['node']} ({node['scheme']})" for node in taken)
+            console.print(f"int8: taken out of dynamic quantization (they cost the most error): {names}", markup=False)
     if report.latency is not None:
         timing = report.latency
         console.print(f"latency ({timing['provider']}, batch {timing['batch']}, median of {timing['runs']} runs "

@@ -116,9 +116,9 @@ def filled(report: Report) -> Report:
             "scheme": "int8-per-channel", "bytes_factorized": report.bytes_after,
             "bytes_quantized": report.bytes_after // 4 + 2000, "error_factorized": 0.0,
             "error_quantized": 0.0037, "nodes": 5,
-            "kept_float": [{"node": EVIL, "op": "Gemm", "error_reduction": 0.0123, "float_bytes": 40960,
-                            "error_after": 0.0021}],
-            "fallback": {"share": 0.006, "error_int8_all": 0.0144, "error_int8_kept_float": 0.0021,
+            "fallback_nodes": [{"node": EVIL, "op": "Gemm", "scheme": "weight-only", "error_reduction": 0.0123,
+                                "extra_bytes": 1280, "error_after": 0.0021}],
+            "fallback": {"share": 0.006, "error_int8_all": 0.0144, "error_int8_fallback": 0.0021,
                          "nodes_measured": 4, "checks": 2, "seconds": 1.5},
         },
     )
@@ -196,7 +196,7 @@ def test_full_report_has_every_section(calibrated):
                  f"{report.validation.samples:,}", f"×{latency['speedup']:.2f}",
                  f"{latency['original']['median_ms']:,.3f} ms", f"{latency['compressed']['p90_ms']:,.3f} ms",
                  f"<code>{quantization['scheme']}</code>", "tucker2", "24, 16", "first stage", "n/a", "∞",
-                 f"{first['dense_ms']:,.3f} → {first['factorized_ms']:,.3f} ms", "0.0123", "40.00 KiB",
+                 f"{first['dense_ms']:,.3f} → {first['factorized_ms']:,.3f} ms", "0.0123", "1.25 KiB", "weight-only",
                  "int8 of every node: error 0.0144"):
         assert text in page, text
     for layer in report.layers:

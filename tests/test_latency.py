@@ -33,6 +33,7 @@ from onnx_lowrank.latency import (
     end_to_end,
     not_slower,
     time_side_by_side,
+    timed_activations,
     timing_session,
 )
 from onnx_lowrank.layers import find_layers
@@ -162,6 +163,19 @@ def test_activations_carry_names_and_types(case: Case):
         activation = found[unit.key]
         assert activation.dtype == reference[activation.name].dtype.name
         assert activation.shape == reference[activation.name].shape
+
+
+def test_timed_activations_time_a_warm_run(case: Case):
+    """The same activations, and one warm run's milliseconds when the model had to run (the embedding
+    slack's rough figure), None when every data input is a graph input."""
+    found, run_ms = timed_activations(case.model, case.units, case.feed, "cpu")
+    assert found == activations(case.model, case.units, case.feed, "cpu")
+    graph_inputs = {i.name for i in case.model.graph.input}
+    if all(activation.name in graph_inputs for activation in found.values()):
+        assert run_ms is None
+    else:
+        assert run_ms is not None and run_ms > 0
+    assert timed_activations(case.model, case.units, case.feed, "cpu", timed=False)[1] is None
 
 
 # ------------------------------------------------------------------------------ single-layer models

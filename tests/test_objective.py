@@ -100,41 +100,39 @@ def test_int8_is_validated_against_the_same_bound(int8_compact):
     assert quantization["bytes_quantized"] < 0.4 * quantization["bytes_factorized"]
     assert quantization["nodes"]["nodes"]["MatMul"] > 0
     # int8 alone (0.006) is within its share of the tolerance (0.6 x 0.02): nothing measured, nothing kept float
-    assert quantization["kept_float"] == [] and quantization["fallback"]["nodes_measured"] == 0
+    assert quantization["fallback_nodes"] == [] and quantization["fallback"]["nodes_measured"] == 0
     assert quantization["nodes"]["float"] == {}
     assert report.bytes_after == quantization["bytes_quantized"] < 0.3 * report.bytes_before
     ops = {node.op_type for node in model.graph.node}
     assert ops & {"MatMulInteger", "DynamicQuantizeLinear"}
 
 
-def test_int8_over_its_share_keeps_the_costliest_nodes_float():
+def test_int8_over_its_share_quantizes_the_costliest_nodes_weight_only():
     """Tolerance 0.008: int8 of every node (0.006 on the held-out part) is over its share (0.6 x 0.008), so
-    the nodes whose measured cost is highest stay float, in the written model too, and the whole is
-    validated within the tolerance."""
+    the nodes whose measured cost is highest are quantized weight-only (MatMulNBits) instead, in the written
+    model too (their low-rank chains alike), and the whole is validated within the tolerance."""
     with np.load(SENTENCES) as data:
         calibration = {name: data[name][:96] for name in data.files}  # 48 fit, 48 held out
     model, report = onnx_lowrank.compress(MINILM, calibration=calibration, metric="cosine", tolerance=0.008,
                                           quantize="int8", objective="size", ops=("MatMul",), batch_size=48, jobs=1)
     quantization = report.quantization
-    kept, found = quantization["kept_float"], quantization["fallback"]
+    kept, found = quantization["fallback_nodes"], quantization["fallback"]
     assert kept, quantization
     assert found["error_int8_all"] > found["share"] == pytest.approx(0.6 * 0.008)
-    assert quantization["error_quantized_alone"] == found["error_int8_kept_float"] <= found["share"]
-    assert all(node["error_reduction"] > 0 and node["float_bytes"] > 0 for node in kept)
+    assert quantization["error_quantized_alone"] == found["error_int8_fallback"] <= found["share"]
+    assert all(node["error_reduction"] > 0 and node["extra_bytes"] > 0 for node in kept)
+    assert all(node["scheme"] == "weight-only" for node in kept)  # MatMuls only here
     assert report.validation.passed and report.validation.value <= 0.008
     assert quantization["error_quantized"] == report.validation.value
     assert "int8 fallback" in report.phases
-    floats = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
-    for entry in kept:  # the node, or the low-rank chain that replaced it, reads float weights
-        nodes = [node for node in model.graph.node if node.name == entry["node"] or any(
-            p.key == "onnx_lowrank.source" and p.value == entry["node"] for p in node.metadata_props)]
-        matmuls = [node for node in nodes if node.op_type == "MatMul"]
-        assert matmuls and all(node.input[1] in floats for node in matmuls), entry["node"]
+    for entry in kept:  # the node, or each node of the low-rank chain that replaced it, is a MatMulNBits
+        nodes = [node for node in model.graph.node if node.name.startswith(entry["node"])]
+        assert nodes and all(node.op_type == "MatMulNBits" for node in nodes), entry["node"]
     console = Console(record=True, width=400)
     print_compress(report, console, written=True)
     printed = console.export_text()
-    assert "int8: kept float" in printed and all(entry["node"] in printed for entry in kept)
-    assert sum(quantization["nodes"]["float"].values()) >= len(kept)
+    assert "int8: taken out of dynamic quantization" in printed and all(entry["node"] in printed for entry in kept)
+    assert sum(quantization["nodes"]["weight_only"].values()) >= len(kept)
     assert {"MatMulInteger", "DynamicQuantizeLinear"} <= {node.op_type for node in model.graph.node}
 
 

@@ -153,14 +153,17 @@ def test_sensitivities_of_real_models_fed_as_built(name, calibration):
 
 
 def test_probe_count_follows_the_multiply_adds_of_a_sample():
-    """16 samples for small models, fewer (never below 4) where one sample costs much (BERT-base: 4)."""
+    """16 samples for small models, fewer (never below 2) where probing every unit costs much (BERT-base: 2)."""
     def stats(positions: int) -> Moments:
         moments = Moments.empty(1, 2)
         moments.count = positions
         return moments
 
-    bert_layer = SimpleNamespace(params=7_077_888)  # one encoder layer's Linear weights, 12 of them
-    assert probe_count([bert_layer] * 12, [stats(128 * 48)] * 12, 48) == 4
+    # BERT-base's Linear layers, 12 x (4 of 768 x 768 and 2 of 768 x 3072), at 128 tokens
+    bert = [SimpleNamespace(params=589_824)] * 48 + [SimpleNamespace(params=2_359_296)] * 24
+    assert probe_count(bert, [stats(128 * 48)] * len(bert), 48) == 2
+    minilm = [SimpleNamespace(params=147_456)] * 24 + [SimpleNamespace(params=589_824)] * 12  # MiniLM-L6, 64 tokens
+    assert probe_count(minilm, [stats(64 * 48)] * len(minilm), 48) == PROBE_SAMPLES
     assert probe_count([SimpleNamespace(params=1_000)], [stats(64 * 10)], 10) == PROBE_SAMPLES
     assert probe_count([SimpleNamespace(params=10**12)], [stats(10)], 10) == PROBE_MIN_SAMPLES
     assert probe_count([SimpleNamespace(params=10**12)], None, 10) == PROBE_SAMPLES  # without statistics

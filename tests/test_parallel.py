@@ -68,3 +68,17 @@ def test_decompositions_parked_on_disk_give_the_same_model(monkeypatch):
             parked = onnx_lowrank.compress(DIGITS, **options)
         assert parked[1].layers
         _same(in_memory, parked)
+
+
+def test_default_pool_only_where_it_pays():
+    """Without `jobs`, data-aware SVDs (pool_pays False) run inline; an explicit `jobs` still gets its pool."""
+    large = parallel.POOL_MIN_PARAMS
+    with parallel.executor_for(None, None, large, pool_pays=False) as workers:
+        assert workers is None
+    with parallel.executor_for(2, None, large, pool_pays=False) as workers:
+        assert workers is not None and workers.slots == 4
+    with parallel.executor_for(None, None, large - 1, pool_pays=True) as workers:
+        assert workers is None
+    if parallel.default_jobs() > 1:
+        with parallel.executor_for(None, None, large, pool_pays=True) as workers:
+            assert workers is not None

@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnx_lowrank
 from onnx_lowrank.calibration import load_calibration
 from onnx_lowrank.errors import InputError
-from onnx_lowrank.quantize import (QUANTIZATIONS, _excludable, _restore_float, chain_names, fallback,
+from onnx_lowrank.quantize import (QUANTIZATIONS, _excludable, _restore_float, _variant, chain_names, fallback,
                                    quantize_int8)
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -292,37 +292,64 @@ def test_fallback_keeps_nothing_float_within_the_share():
     model = onnx.load(MINILM)
     check = cosine_error(model, 0, 200)
     result = fallback(model, 0.02, check)
-    assert result.exclude == () and result.nodes == ()
+    assert result.floats == () and result.weight_only == () and result.nodes == ()
     assert result.measured == 0 and result.checks == 1  # one quantization, one check: nothing measured
     assert result.error == result.error_all <= 0.02
 
 
-def test_fallback_keeps_the_costliest_nodes_float_until_within_the_share():
+def test_fallback_takes_the_costliest_nodes_out_until_within_the_share():
     model = onnx.load(MINILM)
     check, select = cosine_error(model, 0, 200), cosine_error(model, 500, 532)
     share = 0.0015
     result = fallback(model, share, check, select)
     assert result.error_all > share, "int8 of every node is already within the share: nothing to test"
-    assert result.exclude and result.error <= share < result.error_all
+    assert result.nodes and result.error <= share < result.error_all
     assert result.measured == 15  # every quantized MatMul and Gather
-    assert FFN_OUT_0 in result.exclude
+    assert FFN_OUT_0 in result.weight_only  # a MatMul: weight-only int8, not float
+    assert all(node.scheme == ("weight-only" if node.op_type == "MatMul" else "float") for node in result.nodes)
     steps = [result.error_all] + [node.error_after for node in result.nodes]
     assert all(after < before for before, after in zip(steps, steps[1:])), steps
-    assert all(node.error_reduction > 0 and node.float_bytes > 0 for node in result.nodes)
-    assert len(result.exclude) <= 3, result.exclude  # a few nodes, not the model
+    assert all(node.error_reduction > 0 and node.extra_bytes > 0 for node in result.nodes)
+    assert len(result.nodes) <= 3, result.nodes  # a few nodes, not the model
     report = result.to_dict()
-    assert report["share"] == share and report["error_int8_kept_float"] == result.error
+    assert report["share"] == share and report["error_int8_fallback"] == result.error
 
-    # the excluded nodes stay float in what quantize_int8 makes of them, and that is the model checked
-    quantized = quantize_int8(model, exclude=result.exclude)
-    nodes = {node.name: node for node in quantized.model.graph.node}
+    # what quantize_int8 makes of them is what was checked: MatMulNBits for the MatMuls, float for the rest
+    quantized = quantize_int8(model, exclude=result.floats, weight_only=result.weight_only)
+    producers = {output: node for node in quantized.model.graph.node for output in node.output}
+    originals = {node.name: node for node in model.graph.node}
     types = {t.name: t.data_type for t in quantized.model.graph.initializer}
-    for name in result.exclude:
-        node = nodes[name]
+    for name in result.weight_only:
+        node = producers[originals[name].output[0]]
+        assert node.op_type == "MatMulNBits" and node.domain == "com.microsoft", name
+        assert types[node.input[1]] == TensorProto.UINT8  # 8-bit codes
+    for name in result.floats:
+        node = producers[originals[name].output[0]]
         weight = node.input[0] if node.op_type == "Gather" else node.input[1]
         assert types[weight] == TensorProto.FLOAT, name
-    assert sum(quantized.info["float"].values()) == len(result.exclude)
-    assert check(quantized.model) == pytest.approx(result.error, rel=1e-9, abs=1e-12)
+    assert sum(quantized.info.get("weight_only", {}).values()) == len(result.weight_only)
+    assert sum(quantized.info["float"].values()) == len(result.floats)
+    assert check(quantized.model) == pytest.approx(result.error, rel=1e-6, abs=1e-9)
+
+
+def test_weight_only_variant_equals_quantizing_so():
+    """The fallback measures a MatMul's cost on the quantized model with that node put back and quantized
+    weight-only alone: the outputs of what quantize_int8(weight_only=[node]) gives. Weight-only int8 is
+    far closer to float than the dynamic scheme on this model's layer-0 FFN output."""
+    model = onnx.load(MINILM)
+    full = quantize_int8(model).model
+    nodes = {node.name: node for node in _excludable(model, full)}
+    feeds = {name: array[:50] for name, array in sentences().items()}
+    names = [FFN_OUT_0, "/bert/encoder/layer.1/attention/self/value/MatMul"]
+    variant = _variant(full, model, [nodes[name] for name in names], exact=True)
+    quantized = quantize_int8(model, weight_only=names)
+    assert quantized.info["weight_only"] == {"MatMul": 2} and quantized.info["nodes"]["MatMul"] == 10
+    onnx.checker.check_model(variant)
+    got, expected, dynamic, exact = (session(m).run(["sentence_embedding"], feeds)[0]
+                                     for m in (variant, quantized.model, full, model))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert abs(variant.ByteSize() - quantized.model.ByteSize()) < 1024
+    assert np.abs(got - exact).max() < np.abs(dynamic - exact).max()
 
 
 def test_restored_float_node_equals_quantizing_without_it():
