@@ -23,7 +23,7 @@ import onnxruntime as ort
 from .errors import InputError
 from .model_io import save_model, serialized_or_none
 from .runtime import EXECUTION_PROVIDERS, resolve_provider
-from .splice import META_PREFIX
+from .splice import META_PREFIX, inferred_shapes
 
 LEVELS = {
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -157,10 +157,16 @@ def fusion_check(
 
 
 def _with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    try:
-        return onnx.shape_inference.infer_shapes(model)
-    except Exception:  # over 2 GB, unknown domains: compare as given
+    """A copy of the model with the value_info and outputs ONNX shape inference gives (as given when it fails)."""
+    inferred = inferred_shapes(model)
+    if inferred is None:
         return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for field in ("value_info", "output"):
+        del getattr(copy.graph, field)[:]
+        getattr(copy.graph, field).extend(getattr(inferred.graph, field))
+    return copy
 
 
 def _by_kind(found: Counter, unfactorized_only: bool = False) -> dict[str, int]:

@@ -165,6 +165,6 @@ def _placement(weight: Weight, stored: ConstantIndex, view=None) -> Placement | 
     positions = np.asarray(positions).reshape(-1)
     if positions.size != size or positions.dtype.kind not in "iu":
         return None
-    if not np.array_equal(np.sort(positions), np.arange(size)):  # the view repeats or drops elements
-        return None
+    if positions.min() < 0 or positions.max() >= size or not (np.bincount(positions, minlength=size) == 1).all():
+        return None  # the view repeats or drops elements (counted, not sorted: a 30522 x 768 table took 0.4 s)
     return Placement(weight.name, dims, np.dtype(dtype), positions)

@@ -478,3 +478,35 @@ def test_not_slower_with_real_timings(margin):
     boundary = limit.boundaries["svd"]
     assert boundary.dense_ms > 0 and boundary.factorized_ms > 0
     assert boundary.timings == timer.measured <= math.ceil(math.log2(len(options) + 1)) + 1
+
+
+class CachingParamsTimer(ParamsTimer):
+    """ParamsTimer with LayerTimer's `cached`: a timing is found again by method, rank and bias shift."""
+
+    def __init__(self):
+        super().__init__()
+        self.timings = {}
+
+    def times(self, unit, factorization):
+        found = super().times(unit, factorization)
+        self.timings[unit.key, factorization.method, factorization.rank, factorization.bias_shift is not None] = found
+        return found
+
+    def cached(self, unit, method, rank, shifted):
+        return self.timings.get((unit.key, method, rank, shifted))
+
+
+@pytest.mark.parametrize("layer, method", [("/5/Conv", "svd"), ("/0/Conv", "auto")])
+def test_cached_timings_spare_the_factorizations(layer, method, monkeypatch):
+    """A second gate over options timed before factorizes each method once (to learn whether it shifts
+    the bias) and finds the same boundaries: every method's option configs map onto its ranks."""
+    candidate = candidate_of(layer, method)
+    timer = CachingParamsTimer()
+    first = not_slower(candidate, timer, 0.5)
+    made = []
+    factorize = type(candidate).factorize
+    monkeypatch.setattr(type(candidate), "factorize", lambda self, option: made.append(option) or factorize(self, option))
+    again = not_slower(candidate, timer, 0.5)
+    assert again.to_dict() == first.to_dict()
+    assert len(made) == len(first.boundaries)  # one per method
+    assert timer.calls == sum(b.timings for b in first.boundaries.values()) + len(made)
