@@ -51,9 +51,9 @@ almost all in its per-tensor activations (mean cosine error 0.0186; the same wei
 float activations: 0.0031), which the weight-only scheme avoids (every MatMul so: 0.0005) at about
 12% more bytes than dynamic int8 and a slower kernel (MiniLM-L6, every MatMul: 296 ms against 178 ms
 dynamic, 333 ms float, batch 32, 2 cores). A Gather or Conv is kept float. Each quantized node's cost is
-measured, not guessed: the error of the int8 model with that one node weight-only (a Gemm: float; a
-Gather or Conv: float) (onnxruntime sessions on the
-caller's selection samples); names, shapes or a node's local output error are no guide (on MiniLM-L6 one
+measured, not guessed: the error of the int8 model with that one node taken out (MatMul: weight-only;
+Gemm, Gather, Conv: float), in onnxruntime sessions on the caller's selection samples; names, shapes or
+a node's local output error are no guide (on MiniLM-L6 one
 FFN-output MatMul of layer 0 holds 0.0083 of the 0.0195 mean cosine error of int8, while its own output
 moves less than most: its relative output error, 1.7e-3, is below the median). The variants are built by
 putting the float node back into the one quantized model (onnxruntime's quantizers keep every replaced
