@@ -461,7 +461,8 @@ def _fallback(nodes, fallback) -> str:
              _num(n.get("error_reduction"), 4), _bytes(n.get("extra_bytes")), _num(n.get("error_after"), 4)]
             for n in (nodes or []) if isinstance(n, Mapping)]
     summary = (f"int8 of every node: error {_num(fallback.get('error_int8_all'), 4)}; its share of the tolerance "
-               f"{_num(fallback.get('share'), 4)}; with the nodes below taken out {_num(fallback.get('error_int8_fallback'), 4)} "
+               f"{_num(fallback.get('share'), 4)}; with the nodes below taken out "
+               f"{_num(fallback.get('error_int8_fallback'), 4)} "
                f"({_int(fallback.get('nodes_measured'))} nodes measured, {_int(fallback.get('checks'))} checks, "
                f"{_seconds(fallback.get('seconds'))})")
     if not rows:

@@ -505,7 +505,8 @@ def test_cached_timings_spare_the_factorizations(layer, method, monkeypatch):
     first = not_slower(candidate, timer, 0.5)
     made = []
     factorize = type(candidate).factorize
-    monkeypatch.setattr(type(candidate), "factorize", lambda self, option: made.append(option) or factorize(self, option))
+    monkeypatch.setattr(type(candidate), "factorize",
+                        lambda self, option: made.append(option) or factorize(self, option))
     again = not_slower(candidate, timer, 0.5)
     assert again.to_dict() == first.to_dict()
     assert len(made) == len(first.boundaries)  # one per method
