@@ -21,7 +21,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import InputError
-from .model_io import save_model, serialized_or_none
+from .model_io import all_graphs, save_model, serialized_or_none, subgraphs
 from .runtime import EXECUTION_PROVIDERS, resolve_provider
 from .splice import META_PREFIX, inferred_shapes
 
@@ -180,7 +180,7 @@ def _by_kind(found: Counter, unfactorized_only: bool = False) -> dict[str, int]:
 
 def _nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
     """Every node of the graph and of its subgraphs (If / Loop / Scan bodies)."""
-    for inner in _graphs(graph):
+    for inner in all_graphs(graph):
         yield from inner.node
 
 
@@ -253,7 +253,7 @@ class _Source:
     shapes: dict[str, list[int | None]] = field(default_factory=dict)  # from the graph's value_info
 
     def __post_init__(self) -> None:
-        for graph in _graphs(self.graph):
+        for graph in all_graphs(self.graph):
             self.boundary.update(value.name for value in (*graph.input, *graph.output))
             for value in graph.value_info:
                 if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
@@ -281,10 +281,9 @@ class _Source:
             node = _Node(proto, name if name in self.factorized else None)
         if name:
             self.by_name.setdefault(name, node)
-        for attribute in proto.attribute:  # subgraphs: after their node, as they see its outer scope
-            for body in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
-                for inner in body.node:
-                    self._add(inner, inner.name)
+        for body in subgraphs(proto):  # after their node, as they see its outer scope
+            for inner in body.node:
+                self._add(inner, inner.name)
         self._index(node)
 
     def _index(self, node: _Node) -> None:
@@ -355,12 +354,3 @@ class _Source:
         return owners
 
 
-def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    yield graph
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attribute.g)
-            elif attribute.type == onnx.AttributeProto.GRAPHS:
-                for body in attribute.graphs:
-                    yield from _graphs(body)

@@ -84,6 +84,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import InputError
+from .model_io import all_graphs, subgraphs
 
 QUANTIZATIONS = ("int8",)
 
@@ -226,7 +227,7 @@ def _weight_only(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
     config = matmul_nbits_quantizer.DefaultWeightOnlyQuantConfig(
         block_size=WEIGHT_ONLY_BLOCK, is_symmetric=True, accuracy_level=4, quant_format=QuantFormat.QOperator,
         op_types_to_quantize=("MatMul",), quant_axes=(("MatMul", 0),), bits=8)
-    others = {node.name for graph in _graphs(model.graph) for node in graph.node} - names
+    others = {node.name for graph in all_graphs(model.graph) for node in graph.node} - names
     quantizer = matmul_nbits_quantizer.MatMulNBitsQuantizer(model, nodes_to_exclude=others | {""}, algo_config=config)
     with _quiet_onnxruntime():
         quantizer.process()
@@ -244,16 +245,6 @@ def _matmul_nbits():
         root.removeHandler(handler)
     root.setLevel(level)
     return matmul_nbits_quantizer
-
-
-def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """The graph and every subgraph in it (If/Loop/Scan bodies)."""
-    yield graph
-    for node in graph.node:
-        for attribute in node.attribute:
-            for subgraph in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else
-                             attribute.graphs if attribute.type == onnx.AttributeProto.GRAPHS else []):
-                yield from _graphs(subgraph)
 
 
 # compact mode: int8 of the original may take this much of the tolerance, the factorization the rest. Less
@@ -491,10 +482,8 @@ def _used(graph: onnx.GraphProto) -> set[str]:
 def _node_inputs(node: onnx.NodeProto) -> set[str]:
     """A node's inputs, and the names its subgraphs (If/Loop/Scan bodies) read from outer scopes."""
     names = {name for name in node.input if name}
-    for attribute in node.attribute:
-        for subgraph in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else
-                         attribute.graphs if attribute.type == onnx.AttributeProto.GRAPHS else []):
-            names.update(_used(subgraph))
+    for body in subgraphs(node):
+        names.update(_used(body))
     return names
 
 

@@ -73,10 +73,11 @@ class Moments:
         outer = o + t[:, :, None] * delta[:, None, :] + delta[:, :, None] * t[:, None, :] + n * _outer(delta)
         if self.third is None or self.fourth is None:
             return total, outer, None, None
-        squared, along, trace, o_delta = self._shift_terms(delta)
+        terms = self._shift_terms(delta)
+        squared, along, trace, o_delta = terms
         third = (self.third + 2 * o_delta + squared[:, None] * t + delta * trace[:, None]
                  + 2 * delta * along[:, None] + n * squared[:, None] * delta)
-        return total, outer, third, self._fourth_about(delta)
+        return total, outer, third, self._fourth_about(delta, terms)
 
     def _shift_terms(self, delta: np.ndarray) -> tuple:
         """|delta|^2, delta . T, trace(O) and O delta per group: what the shifted higher sums are made of."""
@@ -84,9 +85,10 @@ class Moments:
         along = np.einsum("gd,gd->g", delta, self.total)
         return squared, along, np.trace(self.outer, axis1=1, axis2=2), np.einsum("gde,ge->gd", self.outer, delta)
 
-    def _fourth_about(self, delta: np.ndarray) -> np.ndarray:
-        """The sum of |a + delta|^4 alone (what the shrinkage needs), without the d x d sums."""
-        squared, along, trace, o_delta = self._shift_terms(delta)
+    def _fourth_about(self, delta: np.ndarray, terms: tuple | None = None) -> np.ndarray:
+        """The sum of |a + delta|^4 alone (what the shrinkage needs), without the d x d sums; `terms`:
+        _shift_terms(delta), when the caller has them."""
+        squared, along, trace, o_delta = self._shift_terms(delta) if terms is None else terms
         return (self.fourth + 4 * np.einsum("gd,gd->g", delta, o_delta) + self.count * squared**2
                 + 4 * np.einsum("gd,gd->g", delta, self.third) + 2 * squared * trace + 4 * squared * along)
 
