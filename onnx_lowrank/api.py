@@ -35,7 +35,7 @@ from .parking import PARK_MIN_PARAMS
 from .progress import Progress
 from .fusion import fusion_check
 from .latency import LayerTimer, Untimeable, end_to_end
-from .quantize import FALLBACK_SHARE, QUANTIZATIONS, Fallback, chain_names, fallback, quantize_int8
+from .quantize import FALLBACK_SHARE, INT8_RANGES, QUANTIZATIONS, Fallback, chain_names, fallback, quantize_int8
 from .ranks import Candidates, Choice, by_budget, by_energy, explicit, validate_ranks
 from .report import LayerReport, Report, SkippedLayer, Validation
 from .runtime import PROVIDERS, resolve_provider
@@ -67,6 +67,8 @@ class Options:
     cache: str | os.PathLike | None = None  # folder keeping statistics and sensitivities between runs
     objective: str = DEFAULT_OBJECTIVE  # size | latency | balanced: see objective.py
     quantize: str | None = None  # "int8": quantize the weights after factorizing, validated together
+    int8_range: str = "auto"  # full | reduced | auto: reduced range where the CPU lacks VNNI (quantize.py)
+    confidence: float = 0.95  # of the bound promised for new inputs (generalization.py)
     progress: bool = False  # progress bars on stderr (the command line turns them on in a terminal)
 
     def __post_init__(self) -> None:
@@ -101,6 +103,11 @@ class Options:
             raise InputError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
         if self.quantize not in (None, *QUANTIZATIONS):
             raise InputError(f"unknown quantization {self.quantize!r}; choose {', '.join(QUANTIZATIONS)}")
+        if self.int8_range not in INT8_RANGES:
+            raise InputError(f"unknown int8 range {self.int8_range!r}; choose one of {', '.join(INT8_RANGES)}")
+        if isinstance(self.confidence, bool) or not isinstance(self.confidence, (int, float)) \
+                or not 0.5 <= self.confidence < 1:
+            raise InputError(f"confidence must be a number in [0.5, 1), got {self.confidence!r}")
         if self.provider not in PROVIDERS:
             raise InputError(f"unknown provider {self.provider!r}; choose one of {', '.join(PROVIDERS)}")
 

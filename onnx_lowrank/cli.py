@@ -27,7 +27,7 @@ from .html_report import render_html
 from .model_io import check_output_path, write_text
 from .objective import DEFAULT_OBJECTIVE, OBJECTIVES
 from .progress import terminal_progress
-from .quantize import QUANTIZATIONS
+from .quantize import INT8_RANGES, QUANTIZATIONS
 from .ranks import load_ranks_file
 from .summary import print_compress, print_inspect
 
@@ -76,6 +76,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--quantize", choices=QUANTIZATIONS,
                      help="also quantize the weights (int8: dynamic for MatMul/Gemm/Gather, static QDQ with "
                           "the calibration data for Conv); the combined model is validated against the bound")
+    run.add_argument("--int8-range", choices=INT8_RANGES, default="auto",
+                     help="int8 value range: full needs a CPU with VNNI (or AMX, or ARM dot-product) to be exact; "
+                          "reduced (7 bits) is right on every CPU; auto picks by this CPU (default %(default)s)")
+    run.add_argument("--confidence", type=float, default=0.95, metavar="C",
+                     help="confidence of the bound reported for new inputs (default %(default)s)")
     run.add_argument("--html", type=Path, metavar="FILE.html",
                      help="write a standalone HTML report with plots (pip install 'onnx-lowrank[html]')")
     run.add_argument("--allow-larger", action="store_true", help="keep factorizations that do not shrink a layer")
@@ -142,6 +147,8 @@ def _compress(args: argparse.Namespace, console: Console) -> int:
             cache=args.cache,
             objective=args.objective,
             quantize=args.quantize,
+            int8_range=args.int8_range,
+            confidence=args.confidence,
             progress=terminal_progress(args.quiet),
         )
     except BoundNotMet as failure:

@@ -87,6 +87,7 @@ from .errors import InputError
 from .model_io import all_graphs, subgraphs
 
 QUANTIZATIONS = ("int8",)
+INT8_RANGES = ("auto", "full", "reduced")  # --int8-range: see int8_range_for
 
 SCHEMES = {
     "MatMul": "dynamic: int8 weights, symmetric, one scale per output column; uint8 activations quantized "

@@ -46,6 +46,18 @@ class Validation:
     passed: bool | None
     provider: str  # the execution provider that really ran: cpu or cuda
     samples: int
+    # what the held-out result promises for new inputs from the same distribution (generalization.py)
+    confidence: float | None = None  # the confidence level of `unseen_bound` (e.g. 0.95)
+    unseen_bound: float | None = None  # upper confidence bound on the metric for new inputs: Clopper-Pearson
+    # for top1 / accuracy (the fraction of new decisions lost), a bootstrap over samples for rel-l2 and
+    # cosine; for max-abs, the fraction of new inputs that may exceed the observed maximum
+    decisions: int | None = None  # top1 / accuracy: decisions counted on the held-out part (samples, or
+    # positions for top1 on sequence outputs) ...
+    lost: int | None = None  # ... and how many of them changed (top1) or were lost (accuracy)
+    threatened: int | None = None  # top1 / accuracy: calibration decisions (fit part included) whose margin
+    # is within the safety factor times the perturbation the compressed model causes at that margin level
+    predicted_unseen: float | None = None  # threatened / decisions of all calibration samples: the
+    # predicted fraction of new inputs whose decision may change (what the search held within the tolerance)
 
 
 @dataclass
