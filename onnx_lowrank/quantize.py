@@ -30,12 +30,15 @@ Settings, and why:
   different singular values, have very different ranges; one scale per tensor wastes most of the 256
   levels on the small ones. Measured on MiniLM-L2: mean cosine 0.978 per tensor, 0.998 per channel.
   QDQ per-channel needs opset >= 13; older models get per-tensor Conv weights.
-* reduce_range off by default (full 8-bit weights): that is onnxruntime's advice (quantize_static's
-  docstring) for x86 CPUs with VNNI (AVX512-VNNI / AVX-VNNI: Cascade Lake and later, Zen 4) and for
-  ARM. On x86 CPUs without VNNI (AVX2 / AVX-512 only) the u8 x s8 products are summed in pairs into
-  saturating int16 (vpmaddubsw), which full-range weights can overflow; pass `reduce_range=True`
-  (7-bit weights) for those targets, at a small cost in accuracy (MiniLM-L6: mean cosine 0.9928 ->
-  0.9913).
+* the weight range (`int8_range`, INT8_RANGES) follows the CPU: full 8-bit weights only where it sums
+  the u8 x s8 products into int32 (x86 VNNI or AMX, ARM dot product: cpu_features.py); elsewhere (x86
+  with AVX2 or AVX-512 alone) pairs of products go through saturating int16 and full-range weights
+  overflow (digits_cnn factorized, AMD EPYC AVX2: 91.7% of predictions kept), so the weights get 7 bits
+  (onnxruntime's reduce_range, dynamic and static alike) at a small cost in accuracy (MiniLM-L6: mean
+  cosine 0.9928 -> 0.9913). "auto" decides by the CPU this runs on, which also runs the validation; a
+  model meant for other CPUs is right everywhere with "reduced". The weight-only MatMulNBits scheme
+  (8 bits, int8 activations per block) is exact on AVX2 without VNNI (matches int8 arithmetic done in
+  float64 to 2e-7): it has no range to reduce.
 * MatMulConstBOnly: only MatMuls with a constant B are quantized; activation x activation products
   (attention scores) hold no weight to shrink and stay float.
 * No `quant_pre_process`: it runs onnxruntime's graph optimizer, which fuses and renames the nodes
@@ -83,6 +86,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .cpu_features import full_int8_range, read_cpuinfo
 from .errors import InputError
 from .model_io import all_graphs, subgraphs
 
@@ -118,7 +122,8 @@ class QuantizedModel:
     "nodes": {op type: number of nodes quantized},
     "schemes": {op type: how those nodes were quantized},
     "float": {op type: number of weight-bearing nodes left float},
-    "notes": [one line per reason something stayed float, or that there was nothing to quantize]}.
+    "notes": [one line per reason something stayed float, or that there was nothing to quantize],
+    "range": "full" or "reduced" (7-bit weights), "range_reason": why (`int8_range_for`)}.
     """
 
     model: onnx.ModelProto
@@ -132,11 +137,24 @@ class _Candidate:
     weight_only: bool = False  # MatMulNBits instead of dynamic
 
 
+def int8_range_for(choice: str = "auto", cpuinfo: str | None = None) -> tuple[str, str]:
+    """The weight range ("full" or "reduced") an INT8_RANGES choice means here, and why: "auto" is full
+    only where this CPU (or the /proc/cpuinfo text given) sums int8 products without saturating."""
+    if choice not in INT8_RANGES:
+        raise InputError(f"unknown int8 range {choice!r}; choose one of {', '.join(INT8_RANGES)}")
+    full, why = full_int8_range(read_cpuinfo() if cpuinfo is None else cpuinfo)
+    if choice == "auto":
+        return ("full" if full else "reduced"), f"auto: {why}"
+    if choice == "full" and not full:
+        why += ": full-range products can saturate here"
+    return choice, f"requested; {why}"
+
+
 def quantize_int8(
     model: onnx.ModelProto,
     feeds: Iterable[Mapping[str, np.ndarray]] | None = None,
     *,
-    reduce_range: bool = False,
+    int8_range: str = "auto",
     exclude: Collection[str] = (),
     weight_only: Collection[str] = (),
 ) -> QuantizedModel:
@@ -144,15 +162,17 @@ def quantize_int8(
 
     `feeds`: calibration feed dicts (input name -> array; one dict is one feed), consumed once, only when
     the model has Conv weights to quantize; without them Conv stays float and `info` says so.
-    `reduce_range`: 7-bit weights, for x86 CPUs without VNNI (see the module docstring).
+    `int8_range`: "full", "reduced" (7-bit weights) or "auto" (by this CPU, `int8_range_for`).
     `exclude`: names of nodes to leave float (say, those whose quantization costs the most accuracy; an
     excluded Gemm may come back as the equivalent float MatMul + Add, since onnxruntime's dynamic pass
     rewrites plain Gemms).
     `weight_only`: names of MatMul and Gemm nodes to quantize weight-only instead (MatMulNBits, see the
     module docstring); other ops named there stay float.
-    The input model is not modified. Raises InputError when onnxruntime cannot quantize the model,
-    naming the problem in one line.
+    The input model is not modified. Raises InputError for bad feeds, RuntimeError (one line) when
+    onnxruntime's quantizer fails.
     """
+    chosen = int8_range_for(int8_range)
+    reduce_range = chosen[0] == "reduced"
     working = onnx.ModelProto()
     working.CopyFrom(model)
     notes: list[str] = []
@@ -163,7 +183,7 @@ def quantize_int8(
         try:
             working = _weight_only(working, {c.name for c in nbits})
         except Exception as error:  # noqa: BLE001 - onnxruntime.quantization raises anything
-            raise InputError(f"onnxruntime cannot quantize this model weight-only: {_one_line(error)}") from None
+            raise RuntimeError(f"onnxruntime's weight-only quantizer failed: {_one_line(error)}") from None
     dynamic = [c for c in candidates if c.op_type != "Conv" and not c.weight_only]
     convs = [c for c in candidates if c.op_type == "Conv"]
     first = None
@@ -181,7 +201,7 @@ def quantize_int8(
         if not candidates and not left_float:
             notes.append("nothing to quantize: no MatMul, Gemm, Gather or Conv node has a constant float weight")
         if not nbits:
-            return QuantizedModel(_copy(model), _info({}, left_float, notes))
+            return QuantizedModel(_copy(model), _info({}, left_float, notes, chosen))
 
     with tempfile.TemporaryDirectory(prefix="onnx-lowrank-quantize-") as folder, _quiet_onnxruntime():
         path = Path(folder) / "input.onnx"
@@ -189,18 +209,18 @@ def quantize_int8(
         del working
         try:
             if convs:
-                path = _static_conv(path, Path(folder) / "conv.onnx", convs, itertools.chain([first], feeds),
-                                    reduce_range)
+                reader = _Reader(itertools.chain([first], feeds), model.graph)
+                path = _static_conv(path, Path(folder) / "conv.onnx", convs, reader, reduce_range)
             if dynamic:
                 path = _dynamic(path, Path(folder) / "dynamic.onnx", dynamic, reduce_range)
         except (InputError, MemoryError):
             raise
         except Exception as error:  # onnxruntime.quantization raises anything from ValueError to KeyError
-            raise InputError(f"onnxruntime cannot quantize this model: {_one_line(error)}") from None
+            raise RuntimeError(f"onnxruntime's int8 quantizer failed: {_one_line(error)}") from None
         try:
             onnx.checker.check_model(str(path))
         except Exception as error:
-            raise InputError(f"onnxruntime's quantization gave an invalid model: {_one_line(error)}") from None
+            raise RuntimeError(f"onnxruntime's int8 quantizer gave an invalid model: {_one_line(error)}") from None
         result = onnx.load(str(path))  # loads the external data back into the proto
     _restore_metadata(result, model)
 
@@ -212,7 +232,7 @@ def quantize_int8(
     for op_type, count in sorted(declined.items()):
         notes.append(f"{count} {op_type} node(s) stay float: onnxruntime's quantizer left them")
     left_float.update(declined)
-    return QuantizedModel(result, _info(done, left_float, notes, light))
+    return QuantizedModel(result, _info(done, left_float, notes, chosen, light))
 
 
 def _names(names: Collection[str]) -> set[str]:
@@ -221,7 +241,10 @@ def _names(names: Collection[str]) -> set[str]:
 
 def _weight_only(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
     """The MatMuls named (constant 2-D B) as MatMulNBits, 8 bits; onnxruntime's quantizer renames each
-    node (a suffix) and keeps its output name."""
+    node (a suffix) and keeps its output name. That output is typed float here (value_info): ONNX shape
+    inference does not know MatMulNBits, and every tensor computed from an untyped one stays untyped,
+    which onnxruntime's dynamic MatMul quantizer refuses further down (digits_cnn, first Gemm weight-only:
+    "Unable to find data type for weight_name='logits_matmul'")."""
     from onnxruntime.quantization import QuantFormat
 
     matmul_nbits_quantizer = _matmul_nbits()
@@ -230,9 +253,14 @@ def _weight_only(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
         op_types_to_quantize=("MatMul",), quant_axes=(("MatMul", 0),), bits=8)
     others = {node.name for graph in all_graphs(model.graph) for node in graph.node} - names
     quantizer = matmul_nbits_quantizer.MatMulNBitsQuantizer(model, nodes_to_exclude=others | {""}, algo_config=config)
+    outputs = [node.output[0] for node in model.graph.node if node.name in names]  # float32: so are the weights
     with _quiet_onnxruntime():
         quantizer.process()
-    return quantizer.model.model
+    result = quantizer.model.model
+    typed = {v.name for v in itertools.chain(result.graph.value_info, result.graph.output)}
+    result.graph.value_info.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+                                   for name in outputs if name not in typed)
+    return result
 
 
 def _matmul_nbits():
@@ -299,7 +327,7 @@ def fallback(
     select: Callable[[onnx.ModelProto], float] | None = None,
     feeds: Iterable[Mapping[str, np.ndarray]] | None = None,
     *,
-    reduce_range: bool = False,
+    int8_range: str = "auto",
     max_checks: int = FALLBACK_CHECKS,
 ) -> Fallback:
     """The nodes to take out of dynamic int8 (MatMul and Gemm: weight-only int8; Gather, Conv: float) so
@@ -308,7 +336,7 @@ def fallback(
     `check(model)`: the error that must be within `share` (the caller's validation). `select(model)`: the
     error each node's cost is measured with (default: `check`; better on other samples than those that
     check, so that the nodes are not chosen on the samples that certify them). `feeds`: Conv calibration,
-    as for `quantize_int8` (kept in memory: the model is quantized several times).
+    as for `quantize_int8` (kept in memory: the model is quantized several times), and `int8_range`.
 
     When int8 of every node is within `share`, nothing changes (one quantization, one check). Otherwise
     each quantized node's cost is measured: select(int8 of all) - select(int8 with that node taken out),
@@ -319,9 +347,10 @@ def fallback(
     `share`: `error` says where it ended.
     """
     started = time.perf_counter()
+    int8_range = int8_range_for(int8_range)[0]  # read the CPU once
     if feeds is not None:
         feeds = list([feeds] if isinstance(feeds, Mapping) else feeds)
-    full = quantize_int8(model, feeds, reduce_range=reduce_range).model
+    full = quantize_int8(model, feeds, int8_range=int8_range).model
     error_all = check(full)
     if error_all <= share:
         return Fallback((), (), (), error_all, error_all, share, 0, 1, time.perf_counter() - started)
@@ -333,7 +362,7 @@ def fallback(
     for node in nodes.values():
         variant = _variant(full, model, [node])
         if variant is None:  # no output of the original name to reconnect: quantize without it
-            variant = quantize_int8(model, feeds, reduce_range=reduce_range, **_taken_out([node])).model
+            variant = quantize_int8(model, feeds, int8_range=int8_range, **_taken_out([node])).model
         costs[node.name] = (base - select(variant), max(variant.ByteSize() - base_bytes, 1))
         del variant
     order = sorted((name for name, cost in costs.items() if cost[0] > 0),
@@ -346,7 +375,7 @@ def fallback(
         taken = [*(nodes[k.name] for k in kept), nodes[name]]
         trial = _variant(full, model, taken, exact=True)
         if trial is None:
-            trial = quantize_int8(model, feeds, reduce_range=reduce_range, **_taken_out(taken)).model
+            trial = quantize_int8(model, feeds, int8_range=int8_range, **_taken_out(taken)).model
         value, trial_size = check(trial), trial.ByteSize()
         del trial
         checks += 1
@@ -609,7 +638,7 @@ def _gemm_to_matmul(model: onnx.ModelProto, gemm: onnx.NodeProto, weights: dict,
         graph.node.insert(position + offset, node)
 
 
-def _static_conv(source: Path, target: Path, convs: list[_Candidate], feeds: Iterator, reduce_range: bool) -> Path:
+def _static_conv(source: Path, target: Path, convs: list[_Candidate], reader: _Reader, reduce_range: bool) -> Path:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     opset = next((o.version for o in onnx.load(str(source), load_external_data=False).opset_import
@@ -617,7 +646,7 @@ def _static_conv(source: Path, target: Path, convs: list[_Candidate], feeds: Ite
     quantize_static(
         str(source),
         str(target),
-        _Reader(feeds),
+        reader,
         quant_format=QuantFormat.QDQ,
         op_types_to_quantize=["Conv"],
         nodes_to_quantize=[c.name for c in convs],
@@ -650,11 +679,14 @@ def _dynamic(source: Path, target: Path, nodes: list[_Candidate], reduce_range: 
 
 
 class _Reader:
-    """onnxruntime's CalibrationDataReader protocol (get_next until None) over an iterator of feeds."""
+    """onnxruntime's CalibrationDataReader protocol (get_next until None) over an iterator of feeds, each
+    checked against the graph's inputs: a bad feed is the caller's error, not a failure of the quantizer."""
 
-    def __init__(self, feeds: Iterator):
+    def __init__(self, feeds: Iterator, graph: onnx.GraphProto):
         self._feeds = feeds
         self._count = 0
+        self._inputs = {v.name for v in graph.input}
+        self._required = self._inputs - {t.name for t in graph.initializer}
 
     def get_next(self):
         feed = next(self._feeds, None)
@@ -662,6 +694,9 @@ class _Reader:
             return None
         if not isinstance(feed, Mapping):
             raise InputError(f"calibration feed {self._count} is a {type(feed).__name__}, not a dict of input arrays")
+        if set(feed) - self._inputs or self._required - set(feed):
+            raise InputError(f"calibration feed {self._count} gives {', '.join(sorted(feed))}; "
+                             f"the model's inputs are {', '.join(sorted(self._inputs))}")
         self._count += 1
         return {name: np.asarray(value) for name, value in feed.items()}
 
@@ -687,7 +722,7 @@ def _quantized(model: onnx.ModelProto, candidates: list[_Candidate]) -> set[str]
     return done
 
 
-def _info(done: Mapping[str, int], left_float: Mapping[str, int], notes: list[str],
+def _info(done: Mapping[str, int], left_float: Mapping[str, int], notes: list[str], chosen: tuple[str, str],
           weight_only: Mapping[str, int] | None = None) -> dict:
     info = {
         "scheme": "int8",
@@ -695,6 +730,8 @@ def _info(done: Mapping[str, int], left_float: Mapping[str, int], notes: list[st
         "schemes": {op_type: SCHEMES[op_type] for op_type in sorted(done)},
         "float": dict(sorted(left_float.items())),
         "notes": notes,
+        "range": chosen[0],
+        "range_reason": chosen[1],
     }
     if weight_only:
         info["weight_only"] = dict(sorted(weight_only.items()))
