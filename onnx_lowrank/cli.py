@@ -1,8 +1,8 @@
 """The `onnx-lowrank` command: compress and inspect.
 
 Exit codes: 0 written (and within the bound), 1 the bound cannot be met (nothing written),
-2 bad input or usage (one line on stderr), 3 an internal error (a bug; one line, the traceback with
-ONNX_LOWRANK_DEBUG=1).
+2 bad input or usage (one line on stderr), 3 an internal error (a bug; one line naming where it failed,
+the traceback with ONNX_LOWRANK_DEBUG=1).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from .adapters import ADAPTERS
 from .api import compress_file
 from .methods import METHODS
 from .inspection import inspect
+from .installation import install_hint, version
 from .errors import BoundNotMet, InputError
 from .metrics import DEFAULT_METRIC, DEFAULT_TOLERANCE, METRICS
 from .runtime import PROVIDERS
@@ -32,6 +33,21 @@ from .ranks import load_ranks_file
 from .summary import print_compress, print_inspect
 
 PROG = "onnx-lowrank"
+REPORT_ASK = "please report it with the command and ONNX_LOWRANK_DEBUG=1 output"
+
+COMPRESS_EXAMPLES = f"""\
+examples:
+  {PROG} compress models/digits_cnn.onnx -o digits.lowrank.onnx --calib models/digits_calib.npz \\
+      --labels models/digits_calib_labels.npy --metric accuracy
+  {PROG} compress models/minilm_l2.onnx -o minilm_l2.lowrank.onnx --calib models/minilm_sentences.npz \\
+      --metric cosine --tolerance 0.01
+
+exit codes:
+  0  the model was written (validated within --tolerance when --calib was given)
+  1  the bound cannot be met: no model written (--report and --html still say how close it came)
+  2  bad input or usage: one line on stderr naming the problem
+  3  an internal error (a bug in {PROG}): one line naming what failed; please report it
+"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,10 +58,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Factorize the weights of an ONNX model into low-rank chains.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = _Parser(prog=PROG, description="Factorize the weights of an ONNX model into low-rank chains.",
+                     epilog=f"{PROG} COMMAND --help: the options of a command")
+    parser.add_argument("--version", action="version", version=f"{PROG} {version()}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, title="commands",
+                                     metavar="COMMAND")
 
-    run = commands.add_parser("compress", help="write a model with factorized layers")
+    run = commands.add_parser("compress", help="write a model with factorized layers",
+                              description="Write a model with factorized layers, validated on --calib when given.",
+                              epilog=COMPRESS_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("input", type=Path, help="the ONNX model (never modified)")
     run.add_argument("-o", "--output", type=Path, required=True, help="where to write the new model")
     rank = run.add_mutually_exclusive_group()
@@ -123,7 +144,7 @@ def _compress(args: argparse.Namespace, console: Console) -> int:
     if args.report is not None and args.html is not None and args.report.resolve() == args.html.resolve():
         raise InputError("--report and --html name the same file; choose two paths")
     if args.html is not None and importlib.util.find_spec("matplotlib") is None:
-        raise InputError("--html needs matplotlib: pip install 'onnx-lowrank[html]'")
+        raise InputError(f"--html needs matplotlib: {install_hint('html')}")
     try:
         report = compress_file(
             args.input,
@@ -181,11 +202,36 @@ def _warn(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"{PROG}: warning: {message}", file=sys.stderr)
 
 
+def _where(error: BaseException) -> str:
+    """What failed: the innermost onnx-lowrank function the error passed through, and the library that
+    raised it when that is not onnx-lowrank or the standard library (e.g. onnxruntime, numpy)."""
+    ours, raiser = PROG, None
+    traceback = error.__traceback__
+    while traceback is not None:
+        frame = traceback.tb_frame
+        module = frame.f_globals.get("__name__", "")
+        top = module.partition(".")[0]
+        if top == __package__:
+            ours, raiser = f"{module}.{frame.f_code.co_qualname}", None
+        elif top and top not in sys.stdlib_module_names and raiser is None:
+            raiser = top
+        traceback = traceback.tb_next
+    return ours if raiser is None else f"{ours} (raised by {raiser})"
+
+
 def main(argv: list[str] | None = None) -> int:
     console = Console(width=None if sys.stdout.isatty() else 200)
     warnings.showwarning = _warn
     try:
-        args = _parser().parse_args(argv)
+        parser = _parser()
+        argv = sys.argv[1:] if argv is None else list(argv)
+        if not argv:  # a bare `onnx-lowrank`: what it can do rather than a missing-argument line
+            print(parser.format_help(), end="", file=sys.stderr)
+            return 2
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as done:  # --help and --version printed what was asked
+            return done.code if isinstance(done.code, int) else 0
         return _compress(args, console) if args.command == "compress" else _inspect(args, console)
     except InputError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
@@ -200,5 +246,6 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("ONNX_LOWRANK_DEBUG"):
             raise
         first_line = (str(error).strip().splitlines() or [""])[0]
-        print(f"{PROG}: internal error: {type(error).__name__}: {first_line}", file=sys.stderr)
+        print(f"{PROG}: internal error in {_where(error)}: {type(error).__name__}: {first_line}; {REPORT_ASK}",
+              file=sys.stderr)
         return 3

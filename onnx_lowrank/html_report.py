@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .errors import InputError
+from .installation import install_hint
 from .summary import human_bytes
 from .report import Report
 
@@ -39,7 +40,7 @@ def render_html(report: Report | Mapping[str, Any], *, title: str | None = None)
         from matplotlib import rc_context
         from matplotlib.figure import Figure
     except ImportError as error:
-        raise InputError("--html needs matplotlib: pip install 'onnx-lowrank[html]'") from error
+        raise InputError(f"--html needs matplotlib: {install_hint('html')}") from error
     data = report.to_dict() if isinstance(report, Report) else dict(report)
     plots = _Plots(Figure, rc_context)
     heading = title or "Compression report"

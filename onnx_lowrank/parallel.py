@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from threadpoolctl import threadpool_limits
 
 from .errors import InputError
+from .installation import install_hint
 
 BLAS_THREADS_MIN_PARAMS = 1_000_000
 POOL_MIN_PARAMS = 4_000_000  # below this many factorizable parameters the work runs in this process
@@ -93,7 +94,7 @@ def _dask_executor(address: str) -> Iterator[Workers]:
     try:
         from distributed import Client
     except ImportError:
-        raise InputError("--scheduler needs Dask's distributed: pip install 'onnx-lowrank[dask]'") from None
+        raise InputError(f"--scheduler needs Dask's distributed: {install_hint('dask')}") from None
     try:
         client = Client(address, timeout=DASK_CONNECT_TIMEOUT, set_as_default=False)
     except (OSError, TimeoutError, ValueError) as error:

@@ -12,6 +12,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import InputError
+from .installation import install_hint
 from .model_io import save_model, serialized_or_none
 
 PROVIDERS = ("cpu", "cuda", "auto")
@@ -26,7 +27,7 @@ def resolve_provider(name: str) -> str:
     if name == "cuda" and not has_cuda:
         warnings.warn(
             "CUDA was asked for but this onnxruntime has no CUDAExecutionProvider "
-            "(install onnx-lowrank[gpu]); validating on the CPU instead",
+            f"({install_hint('gpu')}); validating on the CPU instead",
             RuntimeWarning,
             stacklevel=2,
         )

@@ -9,11 +9,16 @@ the input byte-identical, no output, no temporary file left behind.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 import tempfile
+import tomllib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -538,3 +543,268 @@ def test_read_only_output_directory(tiny: Path, tmp_path: Path):
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith(PREFIX) and "not writable" in done.stderr and len(done.stderr.splitlines()) == 1
     assert sorted(locked.iterdir()) == before
+
+
+# ---------------------------------------------------------------------------------------------- usage
+
+
+def test_version(tmp_path: Path):
+    from onnx_lowrank.installation import version
+
+    done = cli("--version", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"onnx-lowrank {version()}\n"
+    assert re.fullmatch(r"onnx-lowrank \d+\.\d+\.\d+\S*\n", done.stdout), done.stdout
+    with open(ROOT / "pyproject.toml", "rb") as file:
+        assert version() == tomllib.load(file)["project"]["version"]  # the tests run from the checkout
+
+
+def test_version_from_a_checkout_its_pyproject_else_the_metadata(tmp_path: Path, monkeypatch):
+    from onnx_lowrank import installation
+
+    checkout = _fake_checkout(tmp_path / "src", version="9.8.7")
+    assert installation.version(checkout / "onnx_lowrank") == "9.8.7"
+    installed = tmp_path / "site-packages" / "onnx_lowrank"
+    installed.mkdir(parents=True)
+    monkeypatch.setattr(installation.importlib.metadata, "version", lambda name: "1.2.3")
+    assert installation.version(installed) == "1.2.3"
+
+    def absent(name: str) -> str:
+        raise installation.importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(installation.importlib.metadata, "version", absent)
+    assert installation.version(installed) == "unknown"
+
+
+def test_bare_command_prints_usage_and_commands(tmp_path: Path):
+    done = cli(cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == ""
+    assert done.stderr.startswith("usage: onnx-lowrank"), done.stderr
+    assert "error" not in done.stderr and "required" not in done.stderr, done.stderr
+    commands = [line.split()[0] for line in done.stderr.splitlines() if line.startswith("    ")]
+    assert commands == ["compress", "inspect"], done.stderr
+    assert "--version" in done.stderr
+
+
+def _examples(epilog: str) -> list[list[str]]:
+    """The example commands of a help text, continuation lines joined, as argv lists."""
+    text = epilog.split("examples:\n", 1)[1].split("\n\n", 1)[0].replace("\\\n", " ")
+    return [shlex.split(line) for line in text.splitlines() if line.strip()]
+
+
+def test_compress_help_ends_with_examples_and_exit_codes(tmp_path: Path):
+    from onnx_lowrank import cli as command
+
+    done = cli("compress", "--help", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    text = done.stdout
+    # the flags keep their help
+    for flag, words in (("--tolerance T", "held-out"), ("--calib PATH", ".npz"), ("--html FILE.html", "HTML"),
+                        ("--objective", "balanced")):
+        assert flag in text and words in text, (flag, words)
+    # then two examples, line breaks kept, that name shipped files and parse
+    assert text.index("examples:\n") > text.index("--quiet")
+    examples = _examples(text)
+    assert len(examples) == 2, examples
+    for argv in examples:
+        assert argv[:2] == ["onnx-lowrank", "compress"], argv
+        args = command._parser().parse_args(argv[1:])
+        for path in (args.input, args.calib, args.labels):
+            if path is not None:
+                assert (ROOT / path).is_file(), path
+        assert args.calib is not None and args.metric in ("accuracy", "cosine"), argv
+    assert {Path(argv[2]).name for argv in examples} == {"digits_cnn.onnx", "minilm_l2.onnx"}
+    # and the exit codes, one line each, last
+    codes = text.split("exit codes:\n", 1)[1].rstrip("\n").splitlines()
+    assert [line.split()[0] for line in codes] == ["0", "1", "2", "3"], codes
+    assert "written" in codes[0] and "bound" in codes[1] and "bad input" in codes[2] and "internal" in codes[3]
+
+
+def test_top_level_help_lists_the_commands(tmp_path: Path):
+    done = cli("--help", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "compress" in done.stdout and "inspect" in done.stdout and "--version" in done.stdout
+
+
+# ---------------------------------------------------------------------------------------------- install hints
+
+
+def _fake_checkout(root: Path, name: str = "onnx-lowrank", version: str = "0.1.0") -> Path:
+    (root / "onnx_lowrank").mkdir(parents=True)
+    (root / "pyproject.toml").write_text(f'[project]\nname = "{name}"\nversion = "{version}"\n')
+    return root
+
+
+def test_install_hint_from_a_checkout(tmp_path: Path):
+    from onnx_lowrank.installation import install_hint, source_checkout
+
+    root = _fake_checkout(tmp_path / "my checkout")
+    assert source_checkout(root / "onnx_lowrank") == root.resolve()
+    here = shlex.quote(str(root.resolve()))
+    assert install_hint("html", root / "onnx_lowrank") == f"cd {here} && pip install '.[html]'"
+    underscored = _fake_checkout(tmp_path / "other", name="ONNX_Lowrank")  # names compare normalized
+    assert install_hint("cp", underscored / "onnx_lowrank").endswith("pip install '.[cp]'")
+
+
+def test_install_hint_when_installed(tmp_path: Path):
+    from onnx_lowrank.installation import install_hint, source_checkout
+
+    installed = tmp_path / "site-packages" / "onnx_lowrank"
+    installed.mkdir(parents=True)
+    assert source_checkout(installed) is None
+    assert install_hint("html", installed) == "pip install 'onnx-lowrank[html]'"
+    stranger = _fake_checkout(tmp_path / "vendored", name="someone-else")  # another project's pyproject.toml
+    assert install_hint("dask", stranger / "onnx_lowrank") == "pip install 'onnx-lowrank[dask]'"
+    broken = tmp_path / "broken"
+    (broken / "onnx_lowrank").mkdir(parents=True)
+    (broken / "pyproject.toml").write_text("[project\nname = ")
+    assert install_hint("gpu", broken / "onnx_lowrank") == "pip install 'onnx-lowrank[gpu]'"
+
+
+def test_install_hint_keeps_an_editable_install_editable(tmp_path: Path, monkeypatch):
+    """`pip install '.[html]'` over an editable install would replace it with a copy: keep `-e`."""
+    from onnx_lowrank import installation
+
+    root = _fake_checkout(tmp_path / "src").resolve()
+
+    class Installed:
+        def __init__(self, origin: dict):
+            self.origin = origin
+
+        def read_text(self, name: str) -> str | None:
+            return json.dumps(self.origin) if name == "direct_url.json" else None
+
+    def distributions(origin: dict):
+        return lambda name: [Installed(origin)] if name == "onnx-lowrank" else []
+
+    editable = {"url": root.as_uri(), "dir_info": {"editable": True}}
+    monkeypatch.setattr(installation.importlib.metadata, "distributions", distributions(editable))
+    hint = installation.install_hint("html", root / "onnx_lowrank")
+    assert hint == f"cd {shlex.quote(str(root))} && pip install -e '.[html]'"
+    elsewhere = {"url": (tmp_path / "another").as_uri(), "dir_info": {"editable": True}}
+    monkeypatch.setattr(installation.importlib.metadata, "distributions", distributions(elsewhere))
+    assert installation.install_hint("html", root / "onnx_lowrank").endswith("&& pip install '.[html]'")
+
+
+def test_html_without_matplotlib_gives_the_install_hint(tiny: Path, tmp_path: Path, monkeypatch, capsys):
+    from onnx_lowrank import cli as command
+    from onnx_lowrank.installation import install_hint
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *rest: None if name == "matplotlib" else real(name, *rest))
+    code, out, err = _main(monkeypatch, capsys, "compress", tiny, "-o", tmp_path / "c.onnx", "--energy", "0.9",
+                           "--html", tmp_path / "r.html")
+    assert code == 2 and out == ""
+    assert err == f"{PREFIX} --html needs matplotlib: {install_hint('html')}\n"
+    assert not (tmp_path / "c.onnx").exists()
+    assert command.install_hint is install_hint
+
+
+# ---------------------------------------------------------------------------------------------- internal errors
+
+
+def _main(monkeypatch, capsys, *argv: str | os.PathLike) -> tuple[int, str, str]:
+    """cli.main in this process (so that internals can be patched): exit code, stdout, stderr."""
+    from onnx_lowrank import cli as command
+
+    monkeypatch.delenv("ONNX_LOWRANK_DEBUG", raising=False)
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main sets its own
+    code = command.main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture()
+def tiny_calib(tmp_path: Path) -> Path:
+    """16 feeds of the tiny model (its batch is fixed at 2): 8 to fit, 8 to validate."""
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    rng = np.random.default_rng(11)
+    for i in range(16):
+        np.savez(folder / f"{i:02d}.npz", x=rng.standard_normal((2, 8, 6, 6)).astype(np.float32))
+    return folder
+
+
+def _internal_error_line(code: int, err: str) -> str:
+    assert code == 3, err
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    line = lines[0]
+    assert line.startswith("onnx-lowrank: internal error in "), line
+    assert line.endswith("please report it with the command and ONNX_LOWRANK_DEBUG=1 output"), line
+    return line
+
+
+def test_an_internal_failure_is_exit_3_naming_it(tiny: Path, tiny_calib: Path, tmp_path: Path, monkeypatch, capsys):
+    from onnx_lowrank import api
+
+    def build(*args, **kwargs):
+        raise RuntimeError("splice lost tensor 'gemm_w'\nsecond line of detail")
+
+    monkeypatch.setattr(api, "build", build)
+    out, report = tmp_path / "out" / "c.onnx", tmp_path / "out" / "c.json"
+    out.parent.mkdir()
+    code, stdout, err = _main(monkeypatch, capsys, "compress", tiny, "-o", out, "--energy", "0.99", "--calib",
+                              tiny_calib, "--objective", "size", "--report", report)
+    line = _internal_error_line(code, err)
+    assert "onnx_lowrank.api._compress_with" in line, line
+    assert "RuntimeError: splice lost tensor 'gemm_w';" in line and "second line" not in line, line
+    assert stdout == ""
+    assert list(out.parent.iterdir()) == [], "nothing is written: no model, no report, no temporary file"
+
+    monkeypatch.setenv("ONNX_LOWRANK_DEBUG", "1")  # and with the variable, the traceback
+    from onnx_lowrank import cli as command
+
+    with pytest.raises(RuntimeError, match="splice lost tensor"):
+        command.main(["compress", str(tiny), "-o", str(out), "--energy", "0.99", "--calib", str(tiny_calib),
+                      "--objective", "size"])
+
+
+def _unrunnable(original: onnx.ModelProto) -> onnx.ModelProto:
+    """The original's input and output, a Reshape between them that ONNX Runtime cannot do (576 into 7 rows)."""
+    shape = numpy_helper.from_array(np.array([7, -1], dtype=np.int64), "bad_shape")
+    node = helper.make_node("Reshape", ["x", "bad_shape"], ["y"], name="broken")
+    graph = helper.make_graph([node], "broken", list(original.graph.input), list(original.graph.output), [shape])
+    return helper.make_model(graph, opset_imports=list(original.opset_import), ir_version=original.ir_version)
+
+
+def test_onnxruntime_failing_on_our_candidate_is_exit_3(tiny: Path, tiny_calib: Path, tmp_path: Path, monkeypatch,
+                                                         capsys):
+    """The input model loaded and ran; a model onnx-lowrank built failing in ONNX Runtime is our bug, not bad input."""
+    from onnx_lowrank import search
+
+    monkeypatch.setattr(search, "build", lambda original, *args, **kwargs: _unrunnable(original))
+    out = tmp_path / "out" / "c.onnx"
+    out.parent.mkdir()
+    code, stdout, err = _main(monkeypatch, capsys, "compress", tiny, "-o", out, "--energy", "0.99", "--calib",
+                              tiny_calib, "--objective", "size")
+    line = _internal_error_line(code, err)
+    assert "onnx_lowrank." in line and "(raised by onnxruntime)" in line, line
+    assert list(out.parent.iterdir()) == []
+
+
+def test_onnxruntime_failing_on_our_fed_values_is_exit_3(tiny: Path, tiny_calib: Path, tmp_path: Path, monkeypatch,
+                                                         capsys):
+    """Sensitivity probes feed a factorization to the input model's own session: a failure then is ours too."""
+    from onnx_lowrank import overrides
+
+    real = overrides.Override.feed
+    fed = []
+
+    def feed(self, factors):
+        values = real(self, factors)
+        fed.append(values is not None)
+        return None if values is None else {name: value.reshape(-1) for name, value in values.items()}  # wrong rank
+
+    monkeypatch.setattr(overrides.Override, "feed", feed)
+    out = tmp_path / "out" / "c.onnx"
+    out.parent.mkdir()
+    code, stdout, err = _main(monkeypatch, capsys, "compress", tiny, "-o", out, "--target-params", "0.5",
+                              "--calib", tiny_calib, "--objective", "size")
+    assert any(fed), "no unit of the tiny model was probed through its overrides"
+    line = _internal_error_line(code, err)
+    assert "probe_error_fed" in line and "overridden initializers" in line, line
+    assert list(out.parent.iterdir()) == []

@@ -249,7 +249,7 @@ def test_many_layers_are_capped(minimal, monkeypatch):
 
 def test_without_matplotlib_names_the_extra(minimal, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(InputError, match=r"pip install 'onnx-lowrank\[html\]'"):
+    with pytest.raises(InputError, match=r"pip install (-e )?'(onnx-lowrank|\.)\[html\]'"):
         render_html(minimal)
 
 
