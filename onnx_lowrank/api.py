@@ -8,6 +8,7 @@ and the result is validated in ONNX Runtime on held-out samples.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import os
@@ -34,10 +35,11 @@ from .objective import restrict as restrict_to_objective
 from .parking import PARK_MIN_PARAMS
 from .progress import Progress
 from .fusion import fusion_check
+from .installation import install_hint
 from .latency import LayerTimer, Untimeable, end_to_end
 from .quantize import FALLBACK_SHARE, INT8_RANGES, QUANTIZATIONS, Fallback, chain_names, fallback, quantize_int8
 from .ranks import Candidates, Choice, by_budget, by_energy, explicit, validate_ranks
-from .report import LayerReport, Report, SkippedLayer, Validation
+from .report import LayerReport, Report, SkippedLayer
 from .runtime import PROVIDERS, resolve_provider
 from .overrides import overrides_for
 from .search import Evaluator, Search, build, factors_of, probe_count, sensitivities
@@ -90,7 +92,7 @@ class Options:
         if self.mode in ("ranks", "energy") and self.method not in ("auto", "svd"):
             raise InputError(f"--ranks and --energy choose SVD ranks; they do not combine with --method {self.method}")
         if self.method == "cp" and importlib.util.find_spec("tensorly") is None:
-            raise InputError("method cp needs tensorly: pip install 'onnx-lowrank[cp]'")
+            raise InputError(f"method cp needs tensorly: {install_hint('cp')}")
         unknown = [op for op in self.ops if op not in ADAPTERS]
         if unknown or not self.ops:
             raise InputError(f"unknown op type {unknown[0] if unknown else '(none)'!r} in ops; choose from {', '.join(ADAPTERS)}")
@@ -283,14 +285,7 @@ def _compress_with(
             break
         factor_tolerance = int8.tighter(factor_tolerance)  # the two errors did not add up as assumed
     if search is not None:
-        validation = Validation(
-            metric=settings.metric,
-            value=value,
-            tolerance=tolerance,
-            passed=None if tolerance is None else value <= tolerance,
-            provider=search.evaluator.provider_used,
-            samples=len(search.indices),
-        )
+        validation = search.validation(result, tolerance, settings.confidence)
     closest = search.closest() if mode == "compact" and trial is None and units else None
     after = model_stats(result)
     report = Report(
@@ -312,7 +307,7 @@ def _compress_with(
         validation=validation,
         mode=mode,
         phases=clock.phases,
-        trace=[{"params": t.params, "error": t.error, "samples": t.samples} for t in search.trials] if search else [],
+        trace=[_traced(t) for t in search.trials] if search else [],
         factorizable_params=factorizable,
         chosen=None if trial is None else {"params": trial.params, "error": trial.error},
         objective=settings.objective,
@@ -325,9 +320,9 @@ def _compress_with(
         report.quantization = int8.summary(factorized, result, None if search is None else factor_error,
                                            None if search is None else value)
     if mode == "compact" and trial is None and units and (int8 is None or value > tolerance):
-        report.validation = None if closest is None else Validation(
-            settings.metric, closest.error, tolerance, False, search.evaluator.provider_used, len(search.indices)
-        )
+        report.validation = None if closest is None else dataclasses.replace(
+            search.validation(build(original, adapters, search.factors(closest.choices)), tolerance,
+                              settings.confidence), passed=False)
         if int8 is not None and int8.alone_error is not None and int8.alone_error > tolerance:
             kept = len(int8.floats) + len(int8.weight_only)
             detail = f" (int8 quantization alone reaches {int8.alone_error:.4g}" + (
@@ -335,7 +330,9 @@ def _compress_with(
         elif closest is None:
             detail = ""
         else:
-            detail = f" (the closest that removes parameters reached {closest.error:.4g} on the held-out part)"
+            threatened = "" if closest.threat is None else \
+                f", with {closest.threat.threatened} calibration decision(s) threatened"
+            detail = f" (the closest that removes parameters reached {closest.error:.4g} on the held-out part{threatened})"
         raise BoundNotMet(f"no factorization keeps {settings.metric} within {tolerance:g}{detail}", report)
     if validation is not None and validation.passed is False:
         raise BoundNotMet(f"{settings.metric} is {validation.value:.4g}, above the tolerance {tolerance:g}", report)
@@ -352,6 +349,14 @@ def _compress_with(
             report.notes.append(slower)
     report.phases, report.seconds = clock.phases, time.perf_counter() - clock.start
     return result, report
+
+
+def _traced(trial) -> dict:
+    """A validated candidate in the report's trace; top1 / accuracy add the calibration decisions it threatens."""
+    traced = {"params": trial.params, "error": trial.error, "samples": trial.samples}
+    if trial.threat is not None:
+        traced["threatened"] = trial.threat.threatened
+    return traced
 
 
 def _clearly_slower(timing: dict) -> str | None:
@@ -394,6 +399,7 @@ class _Int8:
 
     def __init__(self, settings: Options, samples: Samples | None, parts, search: Search | None, original):
         self.metric = settings.metric
+        self.range = settings.int8_range  # "auto": by this CPU (quantize.int8_range_for)
         # Conv needs calibration for its activations' scales; without data it stays float
         self.feeds = None if samples is None else [feed for _, feed in samples.batches(parts.fit, settings.batch_size)]
         self.search = search
@@ -407,7 +413,7 @@ class _Int8:
         self.select_indices = [] if parts is None else list(parts.fit[: self.SELECT_SAMPLES])
 
     def quantize(self, model: onnx.ModelProto) -> onnx.ModelProto:
-        quantized = quantize_int8(model, self.feeds, exclude=chain_names(model, self.floats),
+        quantized = quantize_int8(model, self.feeds, int8_range=self.range, exclude=chain_names(model, self.floats),
                                   weight_only=chain_names(model, self.weight_only))
         self.info = quantized.info
         return quantized.model
@@ -415,7 +421,7 @@ class _Int8:
     def error(self, model: onnx.ModelProto) -> float:
         indices = self.search.indices
         labels = None if self.search.labels is None else self.search.labels[indices]
-        return self.search.evaluator.error(model, indices, self.metric, labels)
+        return self.search.evaluator.judge(model, indices, self.metric, labels).value
 
     def select(self, model: onnx.ModelProto) -> float:
         """A node's cost, on fit samples (the held-out ones check): the metric, or for top1 and accuracy,
@@ -431,7 +437,7 @@ class _Int8:
         taking out of dynamic int8 the nodes that cost the most when int8 alone takes more than its share
         (None: nothing)."""
         self.fallback = fallback(self.original, tolerance * FALLBACK_SHARE, self.error,
-                                 self.select if self.select_indices else None, self.feeds)
+                                 self.select if self.select_indices else None, self.feeds, int8_range=self.range)
         self.floats, self.weight_only = self.fallback.floats, self.fallback.weight_only
         self.alone_error = self.fallback.error
         left = tolerance - self.alone_error
@@ -452,6 +458,8 @@ class _Int8:
             "error_quantized": error,  # factorization and quantization together: what was validated
             "error_quantized_alone": self.alone_error,  # the original quantized (with the fallback), no factorization
             "nodes": self.info,
+            "range": self.info["range"],  # full or reduced (7-bit weights)
+            "range_reason": self.info["range_reason"],  # auto: which CPU feature decided; or requested
         }
         if self.fallback is not None:  # compact mode: the nodes taken out, each with its measured cost
             summary["fallback_nodes"] = [node.to_dict() for node in self.fallback.nodes]

@@ -38,15 +38,31 @@ def check_metric(metric: str, has_labels: bool) -> None:
 
 def score(metric: str, reference: Outputs, candidate: Outputs, labels: np.ndarray | None = None) -> float:
     """The metric's value for the candidate's outputs against the reference's."""
-    if metric == "accuracy":
-        truth = np.asarray(labels).reshape(-1)
-        right_before = _predictions(reference[0], truth.size) == truth
-        right_after = _predictions(candidate[0], truth.size) == truth
-        return float(np.mean(right_before & ~right_after))
+    if metric in ("top1", "accuracy"):
+        lost, total = lost_decisions(metric, reference, candidate, labels)
+        return lost / max(total, 1)
     values = [_one(metric, ref, cand) for ref, cand in zip(reference, candidate) if _is_float(ref)]
     if not values:
         raise InputError("the model has no floating-point output to compare")
     return max(values)
+
+
+def lost_decisions(metric: str, reference: Outputs, candidate: Outputs, labels=None) -> tuple[int, int]:
+    """top1: argmax decisions changed and decisions made (of the float output where most changed);
+    accuracy: samples the original gets right and the candidate wrong, and samples."""
+    if metric == "accuracy":
+        truth = np.asarray(labels).reshape(-1)
+        right_before = _predictions(reference[0], truth.size) == truth
+        right_after = _predictions(candidate[0], truth.size) == truth
+        return int(np.sum(right_before & ~right_after)), int(truth.size)
+    counts = [
+        (sum(int(np.sum(np.argmax(r, -1) != np.argmax(c, -1))) for r, c in zip(ref, cand)),
+         sum(int(np.prod(r.shape[:-1])) for r in ref))
+        for ref, cand in zip(reference, candidate) if _is_float(ref)
+    ]
+    if not counts:
+        raise InputError("the model has no floating-point output to compare")
+    return max(counts, key=lambda count: count[0] / max(count[1], 1))
 
 
 def _predictions(samples: Sequence[np.ndarray], count: int) -> np.ndarray:
@@ -62,18 +78,14 @@ def _one(metric: str, reference: Sequence[np.ndarray], candidate: Sequence[np.nd
         norm = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in reference)
         return float(np.sqrt(diff / norm)) if norm > 0 else float(np.sqrt(diff))
     if metric == "cosine":
-        similarities = [_cosine(r, c) for r, c in zip(reference, candidate)]
+        similarities = [cosine_similarity(r, c) for r, c in zip(reference, candidate)]
         return 1.0 - float(np.mean(similarities))
     if metric == "max-abs":
         return max(float(np.max(np.abs(c.astype(np.float64) - r))) for r, c in zip(reference, candidate))
-    if metric == "top1":
-        changed = sum(int(np.sum(np.argmax(r, -1) != np.argmax(c, -1))) for r, c in zip(reference, candidate))
-        total = sum(int(np.prod(r.shape[:-1])) for r in reference)
-        return changed / max(total, 1)
     raise AssertionError(metric)
 
 
-def _cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
+def cosine_similarity(reference: np.ndarray, candidate: np.ndarray) -> float:
     a = reference.astype(np.float64).reshape(-1)
     b = candidate.astype(np.float64).reshape(-1)
     norms = np.linalg.norm(a) * np.linalg.norm(b)

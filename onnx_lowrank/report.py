@@ -56,6 +56,10 @@ class Validation:
     lost: int | None = None  # ... and how many of them changed (top1) or were lost (accuracy)
     threatened: int | None = None  # top1 / accuracy: calibration decisions (fit part included) whose margin
     # is within the safety factor times the perturbation the compressed model causes at that margin level
+    ties: int | None = None  # top1 / accuracy: calibration decisions the original makes by a near-tie margin,
+    # which any change may flip: counted, not held against the tolerance ...
+    ties_lost: int | None = None  # ... and how many of the `lost` were such near-ties
+    calibration_decisions: int | None = None  # top1 / accuracy: decisions on all calibration samples
     predicted_unseen: float | None = None  # threatened / decisions of all calibration samples: the
     # predicted fraction of new inputs whose decision may change (what the search held within the tolerance)
 

@@ -18,13 +18,16 @@ import numpy as np
 import onnx
 
 from .calibration import Samples
+from .generalization import DISCRETE, Decisions, Threat, beyond_maximum, bootstrap, clopper_pearson, decisions, \
+    margins_for, threat
 from .layers import find_layers
-from .metrics import Outputs, score
+from .metrics import Outputs, lost_decisions, score
 from .overrides import Override, with_overridable
 from .ranks import Candidates, Choice, by_budget, frontier
 from .errors import InputError
 from .runtime import Session
 from .splice import Splice, export, import_graph
+from .report import Validation
 from .statistics import Moments
 from .svd import Factorization
 
@@ -83,6 +86,34 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
     return model
 
 
+def session_with_outputs(model: onnx.ModelProto, names: Sequence[str], provider: str) -> Session:
+    """A session of the model with `names` among its outputs; the model is left as it was (no copy: a
+    large candidate is not held twice)."""
+    count = len(model.graph.output)
+    try:
+        return Session(with_outputs(model, names), provider)
+    finally:
+        del model.graph.output[count:]
+
+
+@dataclass(frozen=True)
+class Judged:
+    """A candidate's validated error and, for top1 / accuracy, its margin analysis (generalization.py)."""
+
+    error: float
+    threat: Threat | None = None
+    lost: tuple[int, int] | None = None  # top1 / accuracy: decisions lost, of decisions made (held-out)
+
+    @property
+    def value(self) -> float:
+        """What the search holds within the tolerance: the error seen (for top1 / accuracy, less the
+        held-out near-ties lost), or the fraction of calibration decisions threatened when that is larger."""
+        if self.threat is None or self.lost is None:
+            return self.error
+        lost, total = self.lost
+        return max((lost - self.threat.ties_lost) / max(total, 1), self.threat.predicted)
+
+
 class Evaluator:
     """Runs candidates on calibration samples and scores them against the original's outputs: the graph
     outputs for validation, the probe tensors (logits rather than probabilities) for sensitivity."""
@@ -101,6 +132,7 @@ class Evaluator:
         self.output_names = [o.name for o in original.graph.output]
         self.provider_used = self._original.provider
         self._references: dict[tuple, Outputs] = {}
+        self._decisions: dict[str, Decisions] = {}
 
     def outputs(self, session: Session, indices: Sequence[int], names: list[str], fed: dict | None = None) -> Outputs:
         """Per named tensor, per sample: its values (rows along axis 0 when the samples are stacked);
@@ -129,6 +161,43 @@ class Evaluator:
         candidate = self.outputs(Session(model, self.provider), indices, self.output_names)
         return score(metric, self.reference(indices, self.output_names), candidate, labels)
 
+    def judge(self, model: onnx.ModelProto, indices: Sequence[int], metric: str, labels=None) -> Judged:
+        """The metric and, for top1 / accuracy, how many calibration decisions the candidate threatens,
+        from one run on the held-out samples (the model is left as it was)."""
+        if metric not in DISCRETE:
+            return Judged(self.error(model, indices, metric, labels))
+        names = self.decision_names(metric)
+        session = session_with_outputs(model, names, self.provider)
+        found = self.outputs(session, indices, self.output_names + names)
+        outputs, logits = found[: len(self.output_names)], found[len(self.output_names) :]
+        lost, total = lost_decisions(metric, self.reference(indices, self.output_names), outputs, labels)
+        threats = [self.threat(indices, name, after, labels) for name, after in zip(names, logits)]
+        return Judged(lost / max(total, 1), max(threats, key=lambda t: t.predicted), (lost, total))
+
+    def decision_names(self, metric: str) -> list[str]:
+        """The tensors whose margins decide: per float graph output (accuracy: the first), its logits (the
+        input of its Softmax) when they have the output's shape, else the output itself."""
+        first = [0]
+        outputs = self.reference(first, self.output_names)
+        logits = self.reference(first, self.probe_names)
+        names = [probe if l[0].shape == o[0].shape else output
+                 for output, probe, o, l in zip(self.output_names, self.probe_names, outputs, logits)
+                 if o and o[0].dtype.kind == "f"]
+        return names[:1] if metric == "accuracy" else names
+
+    def threat(self, indices: Sequence[int], name: str, after: list[np.ndarray], labels=None) -> Threat:
+        everything = self.decisions(name)
+        before = self.reference(indices, [name])[0]
+        classes = decisions(before, labels).classes
+        return threat(everything, margins_for(before, classes), margins_for(after, classes))
+
+    def decisions(self, name: str) -> Decisions:
+        """The original's decisions on every calibration sample, fit part included."""
+        if name not in self._decisions:
+            every = list(range(len(self.samples)))
+            self._decisions[name] = decisions(self.reference(every, [name])[0], self.samples.labels)
+        return self._decisions[name]
+
     def probe_error(self, model: onnx.ModelProto, indices: Sequence[int]) -> float:
         """Squared relative L2 error of the probe tensors of a candidate (changed in place)."""
         session = Session(with_outputs(model, self.probe_names), self.provider)
@@ -137,8 +206,12 @@ class Evaluator:
 
     def probe_error_fed(self, fed: dict[str, np.ndarray], indices: Sequence[int]) -> float:
         """The same for the original fed other values of its overridable initializers (overrides.py)."""
-        candidate = self.outputs(self._original, indices, self.probe_names, fed)
-        return score("rel-l2", self.reference(indices, self.probe_names), candidate) ** 2
+        reference = self.reference(indices, self.probe_names)  # the input model as it is: a failure is the user's
+        try:
+            candidate = self.outputs(self._original, indices, self.probe_names, fed)
+        except InputError as error:  # the same session fed our values: a failure is ours, not bad input
+            raise RuntimeError(f"{error} (fed a probe's overridden initializers)") from error
+        return score("rel-l2", reference, candidate) ** 2
 
 
 def probe_count(units: Sequence, statistics: Sequence | None, fit: int) -> int:
@@ -161,6 +234,14 @@ class Trial:
     params: int  # parameters of the factorizable units after factorization
     error: float
     samples: int  # how many held-out samples it was validated on
+    threat: Threat | None = None  # top1 / accuracy: the margin analysis (generalization.py)
+
+    lost: tuple[int, int] | None = None  # top1 / accuracy: decisions lost, of decisions made
+
+    @property
+    def value(self) -> float:
+        """What the search compares with the tolerance (Judged.value)."""
+        return Judged(self.error, self.threat, self.lost).value
 
 
 def sensitivities(
@@ -218,8 +299,8 @@ class Search:
         indices = self.indices if indices is None else list(indices)
         labels = None if self.labels is None else self.labels[indices]
         model = build(self.original, self.adapters, self.factors(choices))
-        error = self.evaluator.error(model, indices, metric or self.metric, labels)
-        trial = Trial(choices, self.params(choices), error, len(indices))
+        judged = self.evaluator.judge(model, indices, metric or self.metric, labels)
+        trial = Trial(choices, self.params(choices), judged.error, len(indices), judged.threat, judged.lost)
         self.trials.append(trial)
         if self.advance is not None:
             self.advance(1)
@@ -246,7 +327,7 @@ class Search:
                 key = (index, len(indices), metric)
                 if key not in tried:
                     tried[key] = self.try_(candidates[index], indices, metric)
-                if tried[key].error > tolerance:
+                if tried[key].value > tolerance:
                     return False
             return True
 
@@ -281,7 +362,30 @@ class Search:
                 key = tuple(c.option for c in choices)
                 if key not in seen:
                     seen[key] = self.try_(choices)
-        return min(seen.values(), key=lambda trial: trial.error)
+        return min(seen.values(), key=lambda trial: trial.value)
+
+    def validation(self, model: onnx.ModelProto, tolerance: float | None, confidence: float) -> Validation:
+        """The held-out result of `model` and what it promises for new inputs (generalization.py)."""
+        indices = self.indices
+        labels = None if self.labels is None else self.labels[indices]
+        common = {"metric": self.metric, "tolerance": tolerance, "provider": self.evaluator.provider_used,
+                  "samples": len(indices), "confidence": confidence}
+        if self.metric in DISCRETE:
+            judged = self.evaluator.judge(model, indices, self.metric, labels)
+            (lost, total), found = judged.lost, judged.threat
+            return Validation(value=judged.error, passed=None if tolerance is None else judged.value <= tolerance,
+                              unseen_bound=clopper_pearson(lost, total, confidence), decisions=total, lost=lost,
+                              threatened=found.threatened, calibration_decisions=found.decisions,
+                              ties=found.ties, ties_lost=found.ties_lost,
+                              predicted_unseen=found.predicted, **common)
+        names = self.evaluator.output_names
+        candidate = self.evaluator.outputs(Session(model, self.evaluator.provider), indices, names)
+        reference = self.evaluator.reference(indices, names)
+        error = score(self.metric, reference, candidate)
+        bound = beyond_maximum(len(indices), confidence) if self.metric == "max-abs" else \
+            bootstrap(self.metric, reference, candidate, confidence)
+        return Validation(value=error, passed=None if tolerance is None else error <= tolerance,
+                          unseen_bound=bound, **common)
 
     def closest(self) -> Trial | None:
         """The trial with the least error among those that removed parameters, validated on the whole
@@ -290,5 +394,5 @@ class Search:
         shrunk = [t for t in self.trials if t.params < total]
         if not shrunk:
             return None
-        best = min(shrunk, key=lambda t: (t.error, t.samples != len(self.indices)))
+        best = min(shrunk, key=lambda t: (t.value, t.samples != len(self.indices)))
         return best if best.samples == len(self.indices) else self.try_(best.choices)

@@ -29,6 +29,7 @@ import onnxruntime as ort
 import pytest
 
 import onnx_lowrank
+from onnx_lowrank.generalization import clopper_pearson
 from onnx_lowrank.calibration import Samples, split
 from onnx_lowrank.metrics import DEFAULT_TOLERANCE
 
@@ -205,8 +206,11 @@ def test_lossless_digits(digits_eval):
     validation = report.validation
     assert validation.metric == "accuracy"
     assert validation.tolerance == 0
-    assert validation.value == 0
+    # lossless: no held-out decision lost but near-ties of the original, no calibration margin threatened
+    assert validation.lost == validation.ties_lost and validation.threatened == 0
+    assert validation.value == validation.lost / validation.samples
     assert validation.passed is True
+    assert validation.unseen_bound == pytest.approx(clopper_pearson(validation.lost, validation.samples, 0.95))
     removed = 1 - report.params_after / report.params_before
     assert removed >= 0.30, f"only {removed:.1%} of the parameters removed"
     feeds, reference, labels = digits_eval

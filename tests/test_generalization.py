@@ -1,0 +1,91 @@
+"""What a held-out result promises for new inputs: margins, threatened decisions and confidence bounds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.stats import binomtest
+
+from onnx_lowrank import generalization as g
+
+
+def test_margins_of_labelled_and_argmax_decisions():
+    logits = [np.array([[2.0, 1.0, -1.0]]), np.array([[0.0, 3.0, 2.5]])]
+    by_label = g.decisions(logits, np.array([0, 2]))
+    assert by_label.classes.tolist() == [0, 2]
+    assert by_label.margins.tolist() == pytest.approx([1.0, -0.5])  # the second sample is wrong already
+    by_argmax = g.decisions(logits, None)
+    assert by_argmax.classes.tolist() == [0, 1]
+    assert by_argmax.margins.tolist() == pytest.approx([1.0, 0.5])
+    # sequence outputs: one decision per position
+    assert g.decisions([np.zeros((1, 4, 5))], None).margins.size == 4
+
+
+def test_clopper_pearson_is_the_exact_one_sided_bound():
+    assert g.clopper_pearson(0, 192, 0.95) == pytest.approx(1 - 0.05 ** (1 / 192))
+    for lost, total in ((0, 10), (3, 256), (10, 100)):
+        two_sided = binomtest(lost, total).proportion_ci(confidence_level=0.90, method="exact").high
+        assert g.clopper_pearson(lost, total, 0.95) == pytest.approx(two_sided)
+    assert g.clopper_pearson(5, 5, 0.95) == 1.0
+
+
+def test_beyond_maximum_covers_at_its_confidence():
+    """The probability that a new value exceeds the largest of n is below the bound in about 95% of draws."""
+    rng = np.random.default_rng(0)
+    n, repeats = 40, 4000
+    maxima = rng.random((repeats, n)).max(axis=1)  # uniform: P(new > max) = 1 - max
+    covered = np.mean(1 - maxima <= g.beyond_maximum(n, 0.95))
+    assert 0.93 <= covered <= 0.97
+
+
+def test_bootstrap_bound_covers_the_population_value():
+    """rel-l2 of outputs with 5% noise: the 95% bootstrap bound is above the population value in most draws."""
+    rng = np.random.default_rng(1)
+    population = 0.05  # E||noise||^2 / E||x||^2 with x, noise Gaussian of the same shape
+    covered = []
+    for _ in range(60):
+        reference = [rng.standard_normal((1, 16)) for _ in range(60)]
+        candidate = [r + population * rng.standard_normal(r.shape) for r in reference]
+        bound = g.bootstrap("rel-l2", [reference], [candidate], 0.95, seed=int(rng.integers(1 << 30)))
+        covered.append(bound >= population)
+    assert np.mean(covered) >= 0.85
+    cosine = g.bootstrap("cosine", [reference], [candidate], 0.95)
+    seen = 1 - np.mean([g.cosine_similarity(r, c) for r, c in zip(reference, candidate)])
+    assert cosine > seen
+
+
+def test_threat_counts_margins_within_the_safety_factor():
+    margins = np.array([0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 16.0, 16.0, 32.0, 64.0])
+    everything = g.Decisions(np.zeros(margins.size, np.int64), margins)
+    held_out = margins[1::2]  # 1, 4, 16, 16, 64
+    assert g.threat(everything, held_out, held_out).threatened == 0  # no shrink, no threat
+    shrunk = g.threat(everything, held_out, held_out - 0.6)  # 2 x 0.6 reaches margins up to 1.2
+    assert (shrunk.threatened, shrunk.decisions) == (2, 10)
+    assert shrunk.predicted == pytest.approx(0.2)
+    grown = g.threat(everything, held_out, held_out + 5)  # margins that grow threaten nothing
+    assert grown.threatened == 0
+
+
+def test_near_ties_of_the_original_are_counted_apart():
+    margins = np.array([0.01, 0.02, 10.0, 10.0, 12.0, 12.0, -3.0])  # a wrong decision: nothing to lose
+    everything = g.Decisions(np.zeros(margins.size, np.int64), margins)
+    found = g.threat(everything, margins[2:6], margins[2:6] - 1.0)
+    assert found.ties == 2  # below TIE x the median margin (10 or 12)
+    assert found.threatened == 0  # 2 x 1.0 does not reach 10
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0.01, 100), min_size=1, max_size=30), st.lists(st.floats(0.01, 100), min_size=1, max_size=10),
+       st.integers(0, 1000))
+def test_nearest_maximum_matches_brute_force(levels, points, seed):
+    levels, points = np.array(levels), np.array(points)
+    values = np.random.default_rng(seed).random(levels.size)
+    found = g._nearest_maximum(levels, values, points)
+    k = min(g.NEIGHBOURS, levels.size)
+    for point, value in zip(points, found):
+        distance = np.abs(levels - point)
+        # the k nearest (ties in distance may go either way): the maximum lies between these two
+        nearest = np.sort(distance)[k - 1]
+        assert values[distance < nearest].max(initial=-np.inf) <= value <= values[distance <= nearest].max()
