@@ -335,7 +335,7 @@ def _compress_with(
             detail = f" (the closest that removes parameters reached {closest.error:.4g} on the held-out part{threatened})"
         raise BoundNotMet(f"no factorization keeps {settings.metric} within {tolerance:g}{detail}", report)
     if validation is not None and validation.passed is False:
-        raise BoundNotMet(f"{settings.metric} is {validation.value:.4g}, above the tolerance {tolerance:g}", report)
+        raise BoundNotMet(_above(validation), report)
     if any_factors:
         report.fusions = _fusions(original, factorized, report, search, loaded.base_dir)
         clock.lap("fusion check")
@@ -349,6 +349,15 @@ def _compress_with(
             report.notes.append(slower)
     report.phases, report.seconds = clock.phases, time.perf_counter() - clock.start
     return result, report
+
+
+def _above(validation) -> str:
+    """Why a validated model is refused: its error, or for top1 / accuracy the margins it threatens."""
+    seen = f"{validation.metric} is {validation.value:.4g}"
+    if validation.threatened:
+        seen += (f" and {validation.threatened} of {validation.calibration_decisions} calibration decisions "
+                 f"have their margin threatened ({validation.predicted_unseen:.4g})")
+    return f"{seen}, above the tolerance {validation.tolerance:g}"
 
 
 def _traced(trial) -> dict:

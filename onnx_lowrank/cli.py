@@ -179,8 +179,7 @@ def _compress(args: argparse.Namespace, console: Console) -> int:
         raise
     _write_reports(args, report)
     if not args.quiet:
-        print_compress(report, console, written=True)
-        console.print(f"wrote {args.output}")
+        print_compress(report, console, written=True, output=args.output)
     return 0
 
 

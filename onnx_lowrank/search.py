@@ -186,6 +186,8 @@ class Evaluator:
         return names[:1] if metric == "accuracy" else names
 
     def threat(self, indices: Sequence[int], name: str, after: list[np.ndarray], labels=None) -> Threat:
+        """The calibration decisions threatened by a candidate whose `name` tensor on the held-out
+        `indices` is `after` (generalization.threat)."""
         everything = self.decisions(name)
         before = self.reference(indices, [name])[0]
         classes = decisions(before, labels).classes
@@ -193,9 +195,9 @@ class Evaluator:
 
     def decisions(self, name: str) -> Decisions:
         """The original's decisions on every calibration sample, fit part included."""
-        if name not in self._decisions:
+        if name not in self._decisions:  # the logits themselves are not kept: only margins and classes
             every = list(range(len(self.samples)))
-            self._decisions[name] = decisions(self.reference(every, [name])[0], self.samples.labels)
+            self._decisions[name] = decisions(self.outputs(self._original, every, [name])[0], self.samples.labels)
         return self._decisions[name]
 
     def probe_error(self, model: onnx.ModelProto, indices: Sequence[int]) -> float:

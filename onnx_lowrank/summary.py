@@ -454,10 +454,10 @@ def _quantization_lines(report: Report) -> list[str]:
     return lines
 
 
-def print_compress(report: Report, console: Console, written: bool) -> None:
+def print_compress(report: Report, console: Console, written: bool, output=None) -> None:
     """Per-layer table, the layers left as they were, the before/after summary (parameters, bytes, the
-    node counts that changed), the validation result and what it promises; a run nothing validated ends
-    with a NOT VALIDATED line."""
+    node counts that changed), the validation result and what it promises, where the model went
+    (`output`); a run nothing validated ends with a NOT VALIDATED line."""
     names = [node for layer in report.layers for node in layer.nodes] + [entry.node for entry in report.skipped]
     if report.layers:
         table, legend = _layers_table(report)
@@ -486,6 +486,8 @@ def print_compress(report: Report, console: Console, written: bool) -> None:
     if not report.layers and written:
         console.print(Text("Nothing was factorized; the model is written unchanged." if report.quantization is None
                            else "Nothing was factorized; only the int8 quantization changed the model."))
+    if output is not None:
+        console.print(Text(f"wrote {output}"))
     if written and report.validation is None and (report.layers or report.quantization is not None):
         console.print()
         text = Text(not_validated_text(report))

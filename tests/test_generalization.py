@@ -89,3 +89,20 @@ def test_nearest_maximum_matches_brute_force(levels, points, seed):
         # the k nearest (ties in distance may go either way): the maximum lies between these two
         nearest = np.sort(distance)[k - 1]
         assert values[distance < nearest].max(initial=-np.inf) <= value <= values[distance <= nearest].max()
+
+
+def test_a_candidate_that_loses_nothing_held_out_can_still_be_refused():
+    """Size mode at 40% of the digits CNN's factorizable parameters loses no held-out sample, yet the
+    margins of calibration samples it threatens (measured: 2 of 359) refuse it in lossless terms."""
+    import onnx_lowrank
+    from onnx_lowrank.errors import BoundNotMet
+
+    with pytest.raises(BoundNotMet, match=r"calibration decisions have their margin threatened") as refused:
+        onnx_lowrank.compress("models/digits_cnn.onnx", "models/digits_calib.npz",
+                              labels="models/digits_calib_labels.npy", metric="accuracy", tolerance=0.0,
+                              target_params=0.4, objective="size", method="svd")
+    check = refused.value.report.validation
+    assert check.lost == 0 and check.value == 0  # the held-out count alone would have accepted it
+    assert check.threatened > 0 and check.calibration_decisions == 359
+    assert check.predicted_unseen == pytest.approx(check.threatened / 359)
+    assert check.passed is False

@@ -2,7 +2,7 @@
 
 Not a test: figures depend on the machine. Every figure in a row is measured in the same run.
 
-    python tools/bench.py error-bound|methods|latency [--models minilm,ppocr_cls,...] [--provider cpu|cuda]
+    python tools/bench.py error-bound|generalization|methods|latency [--models minilm,ppocr_cls,...] [--provider cpu|cuda]
 
 error-bound: for each model, compact mode at several tolerances (data-aware factors, sensitivity-weighted
 allocation, validation in ONNX Runtime), and the weight-only path (--no-data) at the same parameter
@@ -10,6 +10,10 @@ budget; errors are measured on an evaluation set the tool never saw. Models come
 tools/real_models.py (cache/) or, for the small ones, models/. Each run writes
 benchmarks/<suite>_<provider>.json (with the machine it ran on) and regenerates BENCHMARKS.md from every
 JSON file there, so runs on different machines (the GPU one included) end up side by side.
+
+generalization: what compact mode promises for new inputs (the report's confidence bound, the calibration
+decisions whose margin is threatened) against what the evaluation set shows, for top1 / accuracy once per
+acceptance criterion (margins, and the held-out count alone as before).
 
 methods: for the convnets, size mode at a budget with each decomposition alone and with auto.
 
@@ -22,6 +26,7 @@ its parameters and with int8; compression time of a BERT-base-size model. `--thr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -163,6 +168,78 @@ def error_bound(case: Case, provider: str) -> list[dict]:
     return rows
 
 
+GENERALIZATION_CASES = {  # what a result promises for new inputs against what new inputs then show
+    "digits": Case("digits", "accuracy", (0.0,)),
+    "ppocr_cls_lines": Case("ppocr_cls_lines", "accuracy", (0.0,)),
+    "ppocr_cls": Case("ppocr_cls", "accuracy", (0.0,)),
+    "digits-rel": Case("digits", "rel-l2", (0.05,)),
+    "minilm_l2": Case("minilm_l2", "cosine", (0.01,), batch_size=32),
+}
+CRITERIA = ("margins", "count")  # top1 / accuracy: margins threatened (today) or the held-out count alone
+
+
+def generalization(case: Case, provider: str) -> list[dict]:
+    """Compact mode (objective size, so that timings do not move the ranks), the validation's promise for
+    new inputs, and the evaluation set's verdict; for top1 / accuracy once per acceptance criterion:
+    margins threatened (generalization.py) and, as before it, the held-out count alone (SAFETY 0)."""
+    from onnx_lowrank import generalization as rule
+
+    paths = data_for(case.name)
+    original = onnx.load(paths["model"])
+    eval_samples = load_calibration(paths["eval"], original, paths.get("eval_labels"))
+    evaluator = Evaluator(original, eval_samples, provider, case.batch_size)
+    rows = []
+    for criterion in CRITERIA if case.metric in rule.DISCRETE else CRITERIA[:1]:
+        safety, rule.SAFETY = rule.SAFETY, (rule.SAFETY if criterion == "margins" else 0.0)
+        started = time.perf_counter()
+        try:
+            model, report = onnx_lowrank.compress(
+                original, calibration=paths["calib"], labels=paths.get("calib_labels"), metric=case.metric,
+                tolerance=case.tolerances[0], provider=provider, batch_size=case.batch_size, objective="size")
+        except BoundNotMet as failure:
+            model, report = None, failure.report
+        finally:
+            rule.SAFETY = safety
+        check = report.validation
+        row = {"model": case.name, "metric": case.metric, "tolerance": case.tolerances[0], "criterion": criterion,
+               "met": model is not None, "seconds": time.perf_counter() - started,
+               "params_before": report.params_before, "params_after": report.params_after,
+               "validation": None if check is None else dataclasses.asdict(check)}
+        if model is not None:
+            judged = evaluator.judge(model, range(len(eval_samples)), case.metric, eval_samples.labels)
+            row["eval"], row["eval_samples"] = judged.error, len(eval_samples)
+            if judged.threat is not None:  # near-ties of the original on the evaluation set that flipped
+                row["eval_ties_lost"] = judged.threat.ties_lost
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def render_generalization(run: dict) -> list[str]:
+    lines = ["| model | metric | tolerance | accepted by | kept | held-out | threatened (ties) | promised, 95% | "
+             "eval | time |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in run["rows"]:
+        check = row["validation"] or {}
+        discrete = row["metric"] in ("top1", "accuracy")
+        head = (f"| {row['model']} | {row['metric']} | {row['tolerance']:g} | "
+                f"{'margins' if row['criterion'] == 'margins' else 'held-out count only'} |")
+        if not row["met"]:
+            lines.append(f"{head} not met | | | | | {row['seconds']:.0f} s |")
+            continue
+        if discrete:
+            held = f"{check['lost']} of {check['decisions']} lost"
+            threatened = f"{check['threatened']} of {check['calibration_decisions']} ({check['ties']})"
+            promised = f"<= {check['unseen_bound']:.2%} lose"
+            ties = f" ({row['eval_ties_lost']} a near-tie)" if row.get("eval_ties_lost") else ""
+            unseen = f"{round(row['eval'] * row['eval_samples'])} of {row['eval_samples']} lost{ties}"
+        else:
+            held, threatened = f"{check['value']:.4g}", "-"
+            promised, unseen = f"<= {check['unseen_bound']:.4g}", f"{row['eval']:.4g}"
+        lines.append(f"{head} {row['params_after'] / row['params_before']:.1%} | {held} | {threatened} | "
+                     f"{promised} | {unseen} | {row['seconds']:.0f} s |")
+    return lines
+
+
 METHOD_CASES = {  # model, metric, budgets (fractions of the factorizable parameters) for the methods suite
     "digits": ("digits", "rel-l2", (0.5, 0.3)),
     "ppocr_cls": ("ppocr_cls", "rel-l2", (0.7, 0.5)),
@@ -263,6 +340,17 @@ def render(results: list[dict]) -> str:
 
             lines += bench_latency.render_latency(run)
             continue
+        if run["suite"] == "generalization":
+            lines += [
+                "Compact mode, objective size; *held-out*: the validation on the held-out calibration part;",
+                "*threatened*: calibration decisions (fit part included) whose margin twice the perturbation",
+                "the compressed model causes at that margin level reaches, near-ties of the original in",
+                "brackets; *promised*: the report's upper confidence bound for new inputs; *eval*: what the",
+                "never-seen evaluation set then showed. *held-out count only*: the acceptance before margins",
+                "were judged (no held-out decision lost), for comparison.", "",
+                *render_generalization(run), "",
+            ]
+            continue
         if run["suite"] == "methods":
             lines += [
                 "Size mode at a budget (a fraction of the factorizable parameters), once per decomposition",
@@ -291,7 +379,7 @@ def render(results: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("suite", choices=["error-bound", "methods", "latency", "render"],
+    parser.add_argument("suite", choices=["error-bound", "generalization", "methods", "latency", "render"],
                         help="render: only rewrite BENCHMARKS.md")
     parser.add_argument("--models", help="comma-separated cases (default: all of the suite's)")
     parser.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
@@ -308,10 +396,15 @@ def main() -> None:
     if args.suite == "latency":
         _latency(args)
         return
-    names = args.models.split(",") if args.models else list(CASES if args.suite == "error-bound" else METHOD_CASES)
+    suites = {"error-bound": (CASES, lambda name: error_bound(CASES[name], args.provider)),
+              "generalization": (GENERALIZATION_CASES,
+                                 lambda name: generalization(GENERALIZATION_CASES[name], args.provider)),
+              "methods": (METHOD_CASES, lambda name: methods(name, args.provider))}
+    cases, run_case = suites[args.suite]
+    names = args.models.split(",") if args.models else list(cases)
     rows = []
     for name in names:
-        rows += error_bound(CASES[name], args.provider) if args.suite == "error-bound" else methods(name, args.provider)
+        rows += run_case(name)
     args.out.mkdir(exist_ok=True)
     run = {"suite": args.suite, "provider": args.provider, "machine": machine(args.provider),
            "onnxruntime": ort.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows}
