@@ -10,6 +10,7 @@ only here, drawn on `matplotlib.figure.Figure` directly (no pyplot, no global ba
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
 import math
@@ -19,8 +20,8 @@ from typing import Any
 
 from .errors import InputError
 from .installation import install_hint
-from .summary import human_bytes
-from .report import Report
+from .summary import human_bytes, validation_text
+from .report import Report, Validation
 
 MAX_SPECTRA = 24  # small multiples: the largest layers (by parameters) that have a spectrum
 MAX_RANK_BARS = 60  # bars in the rank chart: the largest layers
@@ -282,6 +283,9 @@ def _summary(data: Mapping) -> str:
             ["Execution provider", _e(validation.get("provider", "—"))],
             ["Samples", _int(validation.get("samples"))],
         ]
+        fields = {f.name for f in dataclasses.fields(Validation)}
+        promise = validation_text(Validation(**{k: v for k, v in validation.items() if k in fields}))
+        rows.append(["For new inputs", "<br>".join(_e(line) for line in promise.splitlines()[1:]) or "—"])
         out.append(_table([("", False), ("", False)], rows, cls="kv"))
     else:
         out.append(_note("Not validated: no calibration data was given, so the compressed model's error "

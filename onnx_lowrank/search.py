@@ -288,6 +288,7 @@ class Search:
         self.metric = metric
         self.labels = labels
         self.trials: list[Trial] = []
+        self.steered: list[int] = []  # held-out samples that steered the choice (compact mode's bisection)
         self.advance = advance  # called once per validated trial (a progress bar)
 
     def factors(self, choices: Sequence[Choice]) -> dict[str, Factorization]:
@@ -318,7 +319,7 @@ class Search:
         """
         candidates = frontier(self.candidates, weights)
         last = len(candidates) - 1  # everything dense: the original, which passes by definition
-        selecting = self.indices[::2]
+        selecting = self.steered = self.indices[::2]
         tried: dict[tuple, Trial] = {}
 
         checks = [(selecting, None), (self.indices, None)]
@@ -384,8 +385,13 @@ class Search:
         candidate = self.evaluator.outputs(Session(model, self.evaluator.provider), indices, names)
         reference = self.evaluator.reference(indices, names)
         error = score(self.metric, reference, candidate)
-        bound = beyond_maximum(len(indices), confidence) if self.metric == "max-abs" else \
-            bootstrap(self.metric, reference, candidate, confidence)
+        # resampled: the held-out samples that did not steer the choice (the others favour it)
+        steered = set(self.steered)
+        kept = [position for position, index in enumerate(indices) if index not in steered]
+        kept = kept if len(kept) >= len(indices) // 4 else list(range(len(indices)))
+        bound = beyond_maximum(len(indices), confidence) if self.metric == "max-abs" else bootstrap(
+            self.metric, [[r[k] for k in kept] for r in reference], [[c[k] for k in kept] for c in candidate],
+            confidence)
         return Validation(value=error, passed=None if tolerance is None else error <= tolerance,
                           unseen_bound=bound, **common)
 
