@@ -514,7 +514,7 @@ def test_accuracy_allows_tolerance_zero():
     _, report = onnx_lowrank.compress(DIGITS, {"image": images}, labels=labels, metric="accuracy", tolerance=0,
                                       objective="size")
     assert report.validation.tolerance == 0
-    assert report.validation.value == 0
+    assert report.validation.lost == report.validation.ties_lost  # near-ties of the original apart
     assert report.validation.passed is True
 
 
