@@ -1,8 +1,13 @@
-"""Shared helpers for the model-level tests: build tiny ONNX models, compress them, run them in onnxruntime."""
+"""Shared helpers for the model-level tests: build tiny ONNX models, compress them, run them in onnxruntime;
+and the expensive results on the real models in models/ that several test modules read, computed once per
+session (`inspected`, `shared_run`)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -145,3 +150,50 @@ def assert_factorized(report: onnx_lowrank.Report, original: onnx.ModelProto, ne
     assert layer.op == op
     assert op_counts(new).get(op, 0) == op_counts(original).get(op, 0) + len(layer.nodes)
     assert node not in {n.name for n in new.graph.node}, "the original node is still in the graph"
+
+
+# ------------------------------------------------------------------------------- shared real-model results
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+DIGITS = MODELS / "digits_cnn.onnx"
+MINILM = MODELS / "minilm_l2.onnx"
+PPOCR = MODELS / "ppocr_cls.onnx"
+
+
+def inspected(path: Path) -> tuple[onnx_lowrank.LayerInfo, ...]:
+    """onnx_lowrank.inspect(path) (weights only), once per session per file: the rows are frozen, and
+    inspecting the digits CNN takes about 14 s (CP decompositions of its convs at every candidate rank)."""
+    return _inspected(Path(path).resolve())
+
+
+@cache
+def _inspected(path: Path) -> tuple[onnx_lowrank.LayerInfo, ...]:
+    return tuple(onnx_lowrank.inspect(path))
+
+
+# compress() runs that more than one test module asserts on: name -> (model file, options)
+SHARED_RUNS = {
+    "minilm target 0.7": (MINILM, dict(target_params=0.7)),  # no data: weights alone, not validated
+    "minilm full rank": (MINILM, dict(ranks={"*": "full"}, allow_larger=True)),
+    "ppocr target 0.7": (PPOCR, dict(target_params=0.7)),
+    "ppocr full rank": (PPOCR, dict(ranks={"*": "full"}, allow_larger=True)),
+    "digits compact 0.05": (DIGITS, dict(calibration=MODELS / "digits_calib.npz", tolerance=0.05, objective="size")),
+}
+
+
+@dataclass(frozen=True)
+class SharedRun:
+    model: onnx.ModelProto
+    report: onnx_lowrank.Report
+    input_unchanged: bool  # the ModelProto passed to compress() serializes to the same bytes afterwards
+
+
+@cache
+def shared_run(name: str) -> SharedRun:
+    """compress() of a freshly loaded copy of the model with SHARED_RUNS[name]'s options, once per session.
+    Treat the model and report as read-only: other tests read the same objects."""
+    path, options = SHARED_RUNS[name]
+    model = onnx.load_from_string(path.read_bytes())
+    before = model.SerializeToString()
+    new, report = onnx_lowrank.compress(model, **options)
+    return SharedRun(new, report, model.SerializeToString() == before)

@@ -11,6 +11,10 @@ nearly low-rank weights) and the real digits CNN in models/ (input `image` [N, 1
   `onnx-lowrank: error: ...` line and no traceback; nothing is written and the input is unchanged.
 * Split: seeded; the report's validation value is the metric on exactly the seed's held-out samples.
 * Provider: `cuda` on a CPU-only onnxruntime warns and validates on the CPU; `auto` resolves to the CPU.
+
+The digits runs that test how data reaches the tool (sources, split, seed, batch size, provider) use method
+svd (METHOD): `auto` also tries every Conv decomposition, CP among them, which is most of a digits run's time
+and has nothing to do with the data path.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import onnx_lowrank
 from onnx_lowrank.calibration import Samples, split
 from onnx_lowrank.cli import main as cli_main
 
-from conftest import make_model
+from conftest import make_model, shared_run
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -44,6 +48,7 @@ DIGITS_CALIB = MODELS / "digits_calib.npz"
 DIGITS_LABELS = MODELS / "digits_calib_labels.npy"
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 ERROR_PREFIX = "onnx-lowrank: error:"
+METHOD = "svd"  # for the digits runs about the data path (see the module docstring)
 
 # ---------------------------------------------------------------------------------------------- helpers
 
@@ -183,7 +188,7 @@ def test_every_source_kind_gives_the_same_result(tmp_path: Path):
     }
     results = {}
     for name, make in sources.items():
-        model, report = onnx_lowrank.compress(DIGITS, make(), tolerance=0.05, objective="size")
+        model, report = onnx_lowrank.compress(DIGITS, make(), tolerance=0.05, objective="size", method=METHOD)
         assert report.validation is not None, name
         assert report.validation.samples == 32, name  # half of 64 held out
         assert report.validation.passed is True, name
@@ -220,7 +225,7 @@ def test_folder_and_npz_via_cli_agree(tmp_path: Path):
     for name, calib in (("npz", npz), ("folder", folder)):
         out = tmp_path / f"{name}.onnx"
         assert cli_main(["compress", str(DIGITS), "-o", str(out), "--calib", str(calib), "--objective", "size",
-                         "-q"]) == 0
+                         "--method", METHOD, "-q"]) == 0
         model = onnx.load(str(out))
         onnx.checker.check_model(model, full_check=True)
         shapes[name] = {t.name: list(t.dims) for t in model.graph.initializer}
@@ -567,7 +572,7 @@ def test_split_is_seeded_and_reproducible():
     runs = {}
     for seed in (0, 0, 1):
         model, report = onnx_lowrank.compress(DIGITS, {"image": images}, tolerance=0.05, seed=seed,
-                                              objective="size")
+                                              objective="size", method=METHOD)
         runs.setdefault(seed, []).append((model, report))
 
     (model_a, report_a), (model_b, report_b) = runs[0]
@@ -607,7 +612,7 @@ def test_seed_via_cli_is_reproducible(tmp_path: Path):
     for name in ("a", "b"):
         out = tmp_path / f"{name}.onnx"
         code = cli_main(["compress", str(DIGITS), "-o", str(out), "--calib", str(DIGITS_CALIB), "--seed", "7",
-                         "--batch-size", "16", "--objective", "size", "-q"])
+                         "--batch-size", "16", "--objective", "size", "--method", METHOD, "-q"])
         assert code == 0
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]
@@ -615,7 +620,8 @@ def test_seed_via_cli_is_reproducible(tmp_path: Path):
 
 def test_batch_size_does_not_change_the_choice():
     images = digits_images(96)
-    reports = [onnx_lowrank.compress(DIGITS, {"image": images}, tolerance=0.05, batch_size=b, objective="size")[1]
+    reports = [onnx_lowrank.compress(DIGITS, {"image": images}, tolerance=0.05, batch_size=b, objective="size",
+                                     method=METHOD)[1]
                for b in (1, 7, 96)]
     for report in reports[1:]:
         assert [layer.rank for layer in report.layers] == [layer.rank for layer in reports[0].layers]
@@ -628,18 +634,21 @@ def test_batch_size_does_not_change_the_choice():
 @pytest.mark.skipif(HAS_CUDA, reason="this onnxruntime has CUDA")
 def test_cuda_without_cuda_warns_and_runs_on_cpu():
     with pytest.warns(RuntimeWarning, match="CUDA"):
-        _, report = onnx_lowrank.compress(DIGITS, DIGITS_CALIB, tolerance=0.05, provider="cuda", objective="size")
+        _, report = onnx_lowrank.compress(DIGITS, DIGITS_CALIB, tolerance=0.05, provider="cuda", objective="size",
+                                          method=METHOD)
     assert report.validation.provider == "cpu"
     assert report.validation.passed is True
 
 
 def test_auto_provider_resolves():
-    _, report = onnx_lowrank.compress(DIGITS, DIGITS_CALIB, tolerance=0.05, provider="auto", objective="size")
+    _, report = onnx_lowrank.compress(DIGITS, DIGITS_CALIB, tolerance=0.05, provider="auto", objective="size",
+                                      method=METHOD)
     assert report.validation.provider == ("cuda" if HAS_CUDA else "cpu")
 
 
 def test_cpu_provider_is_default_and_reported():
-    _, report = onnx_lowrank.compress(DIGITS, DIGITS_CALIB, tolerance=0.05, objective="size")
+    # compress(DIGITS, DIGITS_CALIB, tolerance=0.05, objective="size"), shared with tests/test_error_bound.py
+    report = shared_run("digits compact 0.05").report
     assert report.validation.provider == "cpu"
 
 

@@ -5,12 +5,14 @@ import sys
 from pathlib import Path
 
 import onnx_lowrank
+from conftest import inspected
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
 def test_output_spectra_on_data_are_more_concentrated_than_weight_spectra():
-    weights = {row.node: row for row in onnx_lowrank.inspect(MODELS / "digits_cnn.onnx")}
+    # the weight spectra: onnx_lowrank.inspect(digits), shared with other modules (conftest.inspected)
+    weights = {row.node: row for row in inspected(MODELS / "digits_cnn.onnx")}
     data = {row.node: row for row in onnx_lowrank.inspect(MODELS / "digits_cnn.onnx", calibration=MODELS / "digits_calib.npz")}
     assert weights.keys() == data.keys()
     for node, row in data.items():

@@ -66,11 +66,18 @@ def test_balanced_without_data_rounds_ranks_and_says_nothing_was_timed():
     assert sized.notes == [] and any(rank % RANK_MULTIPLE["cpu"] for rank in _ranks(sized))
 
 
+def first_sentences(count: int) -> dict[str, np.ndarray]:
+    with np.load(SENTENCES) as data:
+        return {name: data[name][:count] for name in data.files}
+
+
 @pytest.fixture(scope="module")
 def int8_compact():
-    """MiniLM-L2 in compact mode, balanced objective, int8: one run, checked from several sides."""
+    """MiniLM-L2 in compact mode, balanced objective, int8: one run, checked from several sides. On 200 of the
+    600 sentences (100 fit, 100 held out): the same held-out errors as on all 600 (measured: int8 alone 0.0101
+    against 0.0103, with int8 0.0140 against 0.0142), a third of the statistics and validation work."""
     model, report = onnx_lowrank.compress(
-        MINILM, calibration=SENTENCES, metric="cosine", tolerance=0.02, quantize="int8", batch_size=32,
+        MINILM, calibration=first_sentences(200), metric="cosine", tolerance=0.02, quantize="int8", batch_size=32,
     )
     return model, report
 
@@ -111,8 +118,7 @@ def test_int8_over_its_share_quantizes_the_costliest_nodes_weight_only():
     """Tolerance 0.008: int8 of every node (0.006 on the held-out part) is over its share (0.6 x 0.008), so
     the nodes whose measured cost is highest are quantized weight-only (MatMulNBits) instead, in the written
     model too (their low-rank chains alike), and the whole is validated within the tolerance."""
-    with np.load(SENTENCES) as data:
-        calibration = {name: data[name][:96] for name in data.files}  # 48 fit, 48 held out
+    calibration = first_sentences(96)  # 48 fit, 48 held out
     model, report = onnx_lowrank.compress(MINILM, calibration=calibration, metric="cosine", tolerance=0.008,
                                           quantize="int8", objective="size", ops=("MatMul",), batch_size=48, jobs=1)
     quantization = report.quantization
@@ -137,8 +143,9 @@ def test_int8_over_its_share_quantizes_the_costliest_nodes_weight_only():
 
 
 def test_int8_alone_above_the_tolerance_is_a_bound_not_met():
+    # 96 sentences (48 held out): int8 alone measures about 0.006 there, 600 times the tolerance
     with pytest.raises(BoundNotMet, match="int8 quantization alone"):
-        onnx_lowrank.compress(MINILM, calibration=SENTENCES, metric="cosine", tolerance=1e-5,
+        onnx_lowrank.compress(MINILM, calibration=first_sentences(96), metric="cosine", tolerance=1e-5,
                               quantize="int8", objective="size", batch_size=32)
 
 

@@ -6,7 +6,8 @@
   `input_ids`, `attention_mask` int64 [batch, seq], fed with the first 16 real tokenised sentences.
 
 At full rank (ranks {"*": "full"}, allow_larger) the rewrite must be exact up to float32 rounding; at
-target_params=0.7 the model must be valid, smaller, and still run.
+target_params=0.7 the model must be valid, smaller, and still run. The compressions are conftest.shared_run's,
+made once per session (tests/test_summary.py reads MiniLM's at 0.7 too).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import onnxruntime as ort
 import pytest
 
 import onnx_lowrank
+from conftest import SHARED_RUNS, inspected, shared_run
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 PPOCR = MODELS / "ppocr_cls.onnx"
@@ -64,10 +66,11 @@ def sha256(path: Path) -> str:
 
 
 OPTIONS = {"full": dict(ranks={"*": "full"}, allow_larger=True), "target": dict(target_params=TARGET)}
+RUNS = {"full": "{} full rank", "target": "{} target 0.7"}  # conftest.SHARED_RUNS names, by model
 
 
 class Case:
-    """One real model: the proto, its feeds, the original outputs, and compressions made once per module."""
+    """One real model: the proto, its feeds, the original outputs, and its compressions (shared, once per session)."""
 
     def __init__(self, name: str):
         self.name = name
@@ -76,16 +79,17 @@ class Case:
         self.feeds = make_feeds()
         self.outputs = session(self.model).run(None, self.feeds)
         self.output_names = [o.name for o in self.model.graph.output]
-        self._compressed: dict[str, tuple[onnx.ModelProto, onnx_lowrank.Report]] = {}
+
+    def shared(self, key: str):
+        """conftest.shared_run: compress() of a private copy with OPTIONS[key], and whether that copy was left
+        unchanged."""
+        name = RUNS[key].format(self.name)
+        assert SHARED_RUNS[name] == (self.path, OPTIONS[key]), f"conftest.SHARED_RUNS[{name!r}] is not OPTIONS[{key!r}]"
+        return shared_run(name)
 
     def compressed(self, key: str) -> tuple[onnx.ModelProto, onnx_lowrank.Report]:
-        """compress() of a private copy (whether the input is modified is tested on its own, below)."""
-        if key not in self._compressed:
-            self._compressed[key] = onnx_lowrank.compress(self.fresh(), **OPTIONS[key])
-        return self._compressed[key]
-
-    def fresh(self) -> onnx.ModelProto:
-        return onnx.load_from_string(self.path.read_bytes())
+        run = self.shared(key)
+        return run.model, run.report
 
 
 @cache
@@ -152,7 +156,7 @@ def test_target_params_is_smaller_and_meets_budget(case: Case):
     new, report = case.compressed("target")
     assert report.layers, "nothing factorized at target 0.7"
     assert report.params_after < report.params_before
-    rows = onnx_lowrank.inspect(case.model)
+    rows = inspected(case.path)
     factorizable = {row.node: row.params for row in rows if row.reason is None}
     total = sum(factorizable.values())
     factorized = {layer.node for layer in report.layers}
@@ -198,13 +202,9 @@ def test_minilm_sentence_embedding_cosine(minilm: Case, record_property):
 
 @pytest.mark.parametrize("key", list(OPTIONS))
 def test_compress_does_not_modify_input_model(case: Case, key: str):
-    """`compress(model)` promises the input is never modified: its serialized bytes must stay identical."""
-    model = case.fresh()
-    before = model.SerializeToString()
-    onnx_lowrank.compress(model, **OPTIONS[key])
-    after = model.SerializeToString()
-    unchanged = after == before  # (not inside the assert: pytest would diff 17 MB of bytes)
-    assert unchanged, f"compress() changed the caller's {case.name} ModelProto ({len(before)} -> {len(after)} bytes)"
+    """`compress(model)` promises the input is never modified: its serialized bytes must stay identical
+    (compared by conftest.shared_run around the very compress() call the other tests read)."""
+    assert case.shared(key).input_unchanged, f"compress() changed the caller's {case.name} ModelProto"
 
 
 @pytest.fixture(scope="module", params=list(SPECS))

@@ -11,7 +11,7 @@ import pytest
 from rich.console import Console
 
 import onnx_lowrank
-from onnx_lowrank.inspection import inspect
+from conftest import inspected, shared_run
 from onnx_lowrank.report import LayerReport, Report, SkippedLayer, Validation
 from onnx_lowrank.summary import (
     not_validated_text,
@@ -98,12 +98,12 @@ def report(layers=(), skipped=(), validation=None, **keywords) -> Report:
 
 @pytest.fixture(scope="module")
 def minilm_rows():
-    return inspect(MINILM)
+    return list(inspected(MINILM))  # shared with the other modules that inspect MiniLM
 
 
 @pytest.fixture(scope="module")
 def minilm_report():
-    return onnx_lowrank.compress(MINILM, target_params=0.7, jobs=1)[1]  # no data: not validated
+    return shared_run("minilm target 0.7").report  # target_params 0.7, no data: not validated (test_real_models')
 
 
 @pytest.fixture(scope="module")
