@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import beta
+from scipy.special import betaincinv
 
 from .metrics import cosine_similarity
 
@@ -125,7 +125,7 @@ def clopper_pearson(lost: int, total: int, confidence: float) -> float:
     """One-sided upper confidence bound on a rate from `lost` events in `total` trials."""
     if total == 0:
         return 1.0
-    return 1.0 if lost >= total else float(beta.ppf(confidence, lost + 1, total - lost))
+    return 1.0 if lost >= total else float(betaincinv(lost + 1, total - lost, confidence))
 
 
 def beyond_maximum(total: int, confidence: float) -> float:

@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_lowrank
+from onnx_lowrank.conv_methods import CanonicalPolyadic
 
 OPSET = 17
 IR_VERSION = 8
@@ -197,3 +199,27 @@ def shared_run(name: str) -> SharedRun:
     before = model.SerializeToString()
     new, report = onnx_lowrank.compress(model, **options)
     return SharedRun(new, report, model.SerializeToString() == before)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cp_once_per_kernel():
+    """CP factors (tensorly's parafac: deterministic, SVD start, fixed seed) of a kernel at a rank, computed once
+    per session: every `--method auto` run on the digits CNN decomposes the same kernels at the same ranks, and
+    those ALS fits take most of such a run (about 14 s of 20). The memo only avoids recomputing identical
+    factors; the key holds all they depend on (kernel, rank, attributes, the divergence threshold)."""
+    memo: dict[tuple, tuple] = {}
+    steps = CanonicalPolyadic.steps
+
+    def memoised(self, config):
+        key = (self.kernel.shape, self.kernel.dtype.str, self.kernel.tobytes(), tuple(config),
+               repr(sorted(self.attrs.items())), self.DIVERGENCE)
+        if key not in memo:
+            before = len(self.rejected)
+            memo[key] = (steps(self, config), self.rejected[before:])
+        else:
+            self.rejected.extend(memo[key][1])
+        return memo[key][0]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(CanonicalPolyadic, "steps", memoised)
+        yield

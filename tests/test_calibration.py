@@ -517,7 +517,7 @@ def test_accuracy_allows_tolerance_zero():
     images = digits_images()
     labels = np.load(DIGITS_LABELS)
     _, report = onnx_lowrank.compress(DIGITS, {"image": images}, labels=labels, metric="accuracy", tolerance=0,
-                                      objective="size")
+                                      objective="size", method=METHOD)
     assert report.validation.tolerance == 0
     assert report.validation.lost == report.validation.ties_lost  # near-ties of the original apart
     assert report.validation.passed is True

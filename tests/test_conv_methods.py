@@ -19,9 +19,9 @@ depthwise conv), depthwise-separable and block low-rank.
 
 Everything runs in a real onnxruntime CPU session; nothing is mocked. The only patches: `Moments.shrinkage`
 (0: the raw statistics, so predictions are exact on the calibration rows), `importlib.util.find_spec`
-(tensorly "not installed"), `CanonicalPolyadic.DIVERGENCE` (0: every fit counts as diverging), and in
-section 6 a memo of `CanonicalPolyadic.steps` shared by the runs on the same model (tensorly's ALS is
-deterministic, fixed seed; the memo only avoids recomputing identical factors, which dominate the runtime).
+(tensorly "not installed"), `CanonicalPolyadic.DIVERGENCE` (0: every fit counts as diverging), and, for the
+whole session, conftest's memo of `CanonicalPolyadic.steps` (tensorly's ALS is deterministic, fixed seed; the
+memo only avoids recomputing identical factors, which dominate the runtime of the runs on the digits CNN).
 
 """
 
@@ -714,34 +714,20 @@ TARGETS = (0.5, 0.3)
 
 @pytest.fixture(scope="module")
 def digits_runs():
-    """compress(digits, method=m, target_params=t) for auto and every single method; CP factors memoised
-    across the runs (same kernels, same deterministic parafac)."""
-    memo: dict[tuple, tuple] = {}
-    steps = CanonicalPolyadic.steps
-
-    def memoised(self, config):
-        key = (self.kernel.shape, self.kernel.tobytes(), tuple(config), repr(sorted(self.attrs.items())))
-        if key not in memo:
-            before = len(self.rejected)
-            memo[key] = (steps(self, config), self.rejected[before:])
-        else:
-            self.rejected.extend(memo[key][1])
-        return memo[key][0]
-
+    """compress(digits, method=m, target_params=t) for auto and every single method (CP factors memoised per
+    session: conftest.cp_once_per_kernel)."""
     runs = {}
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(CanonicalPolyadic, "steps", memoised)
-        for target in TARGETS:
-            for method in ("auto", *SINGLE_METHODS):
-                try:
-                    runs[method, target] = onnx_lowrank.compress(
-                        str(DIGITS), calibration=str(DIGITS_CALIB), target_params=target, method=method,
-                        objective="size",
-                    )
-                except InputError as error:  # the budget is below what the method can reach (it leaves
-                    # the Gemms whole): recorded, and checked to be only that
-                    assert method not in ("auto", "svd") and "below what the smallest rank everywhere keeps" in str(error)
-                    runs[method, target] = None
+    for target in TARGETS:
+        for method in ("auto", *SINGLE_METHODS):
+            try:
+                runs[method, target] = onnx_lowrank.compress(
+                    str(DIGITS), calibration=str(DIGITS_CALIB), target_params=target, method=method,
+                    objective="size",
+                )
+            except InputError as error:  # the budget is below what the method can reach (it leaves
+                # the Gemms whole): recorded, and checked to be only that
+                assert method not in ("auto", "svd") and "below what the smallest rank everywhere keeps" in str(error)
+                runs[method, target] = None
     return runs
 
 
