@@ -8,6 +8,7 @@ the traceback with ONNX_LOWRANK_DEBUG=1).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -18,18 +19,14 @@ from rich.console import Console
 
 from .adapters import ADAPTERS
 from .api import compress_file
-from .methods import METHODS
+from .options import Options
 from .inspection import inspect
 from .installation import install_hint, version
 from .errors import BoundNotMet, InputError
-from .metrics import DEFAULT_METRIC, DEFAULT_TOLERANCE, METRICS
 from .runtime import PROVIDERS
 from .html_report import render_html
 from .model_io import check_output_path, write_text
-from .objective import DEFAULT_OBJECTIVE, OBJECTIVES
 from .progress import terminal_progress
-from .quantize import INT8_RANGES, QUANTIZATIONS
-from .ranks import load_ranks_file
 from .summary import print_compress, print_inspect
 
 PROG = "onnx-lowrank"
@@ -69,51 +66,12 @@ def _parser() -> argparse.ArgumentParser:
                               epilog=COMPRESS_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("input", type=Path, help="the ONNX model (never modified)")
     run.add_argument("-o", "--output", type=Path, required=True, help="where to write the new model")
-    rank = run.add_mutually_exclusive_group()
-    rank.add_argument("--ranks", type=Path, metavar="FILE.json",
-                      help='ranks per node or weight name: {"name" | "*": int | "full"}')
-    rank.add_argument("--target-params", type=float, metavar="F",
-                      help="keep this fraction of the factorizable parameters, spent where it loses least energy")
-    rank.add_argument("--energy", type=float, metavar="E",
-                      help="per layer, the smallest rank keeping this fraction of the singular-value energy")
     run.add_argument("--calib", type=Path, metavar="PATH",
                      help=".npz of stacked samples (one array per graph input, axis 0 = samples) or a folder of .npz feeds")
-    run.add_argument("--tolerance", type=float, metavar="T",
-                     help="max validated error on the held-out calibration part, in --metric "
-                          f"(compact-mode default per metric: {_defaults()})")
-    run.add_argument("--metric", choices=METRICS, default=DEFAULT_METRIC, help="error measure (default %(default)s)")
     run.add_argument("--labels", type=Path, metavar="PATH", help=".npy of one label per calibration sample (accuracy)")
-    run.add_argument("--method", choices=METHODS, default="auto", help="decomposition (auto: the best available)")
-    run.add_argument("--no-data", action="store_true", help="factorize from the weights alone (still validate on --calib)")
-    run.add_argument("--provider", choices=PROVIDERS, default="cpu", help="execution provider for validation")
-    run.add_argument("--seed", type=int, default=0, help="seed of the fit / validation split")
-    run.add_argument("--batch-size", type=int, default=8, help="calibration samples per ONNX Runtime run")
-    run.add_argument("--ops", default=",".join(ADAPTERS), metavar="LIST",
-                     help=f"comma-separated op types to consider (default {','.join(ADAPTERS)})")
-    run.add_argument("--objective", choices=OBJECTIVES, default=DEFAULT_OBJECTIVE,
-                     help="size: fewest parameters; balanced: ranks in hardware-friendly multiples and no "
-                          "factorization slower than its dense layer on --provider (measured); latency: "
-                          "only factorizations measurably faster (default %(default)s)")
-    run.add_argument("--quantize", choices=QUANTIZATIONS,
-                     help="also quantize the weights (int8: dynamic for MatMul/Gemm/Gather, static QDQ with "
-                          "the calibration data for Conv); the combined model is validated against the bound")
-    run.add_argument("--int8-range", choices=INT8_RANGES, default="auto",
-                     help="int8 value range: full needs a CPU with VNNI (or AMX, or ARM dot-product) to be exact; "
-                          "reduced (7 bits) is right on every CPU; auto picks by this CPU (default %(default)s)")
-    run.add_argument("--confidence", type=float, default=0.95, metavar="C",
-                     help="confidence of the bound reported for new inputs (default %(default)s)")
+    _option_flags(run)
     run.add_argument("--html", type=Path, metavar="FILE.html",
                      help="write a standalone HTML report with plots (pip install 'onnx-lowrank[html]')")
-    run.add_argument("--allow-larger", action="store_true", help="keep factorizations that do not shrink a layer")
-    run.add_argument("--jobs", type=int, metavar="N",
-                     help="worker processes for the per-layer factorizations (default: all cores for weight-only "
-                          "or Conv decompositions; data-aware SVDs and models under 4M factorizable "
-                          "parameters run in one process)")
-    run.add_argument("--scheduler", metavar="ADDRESS",
-                     help="send the per-layer factorizations to this Dask scheduler (tcp://host:8786) instead")
-    run.add_argument("--cache", type=Path, metavar="DIR",
-                     help="keep calibration statistics and sensitivities here, keyed by model and data: "
-                          "a second run (another tolerance or budget) skips those passes")
     run.add_argument("--report", type=Path, metavar="FILE.json", help="write the machine-readable report here")
     run.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
 
@@ -126,8 +84,34 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _defaults() -> str:
-    return ", ".join(f"{metric} {value:g}" for metric, value in DEFAULT_TOLERANCE.items())
+def _option_flags(run: argparse.ArgumentParser) -> None:
+    """One flag per field of Options that declares one (options.Flag), in the fields' order."""
+    groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
+    for option in dataclasses.fields(Options):
+        flag = option.metadata.get("flag")
+        if flag is None:
+            continue
+        if flag.exclusive is not None and flag.exclusive not in groups:
+            groups[flag.exclusive] = run.add_mutually_exclusive_group()
+        target = run if flag.exclusive is None else groups[flag.exclusive]
+        name = "--" + option.name.replace("_", "-")
+        if option.default is False:
+            target.add_argument(name, action="store_true", help=flag.help)
+        else:
+            default = None if option.default is dataclasses.MISSING else option.default
+            target.add_argument(name, type=flag.type, choices=flag.choices, metavar=flag.metavar, default=default,
+                                help=flag.help)
+
+
+def _options(args: argparse.Namespace) -> dict:
+    """The Options fields given on the command line (converted as their flags say)."""
+    given = {}
+    for option in dataclasses.fields(Options):
+        flag = option.metadata.get("flag")
+        value = None if flag is None else getattr(args, option.name)
+        if value is not None:
+            given[option.name] = value if flag.convert is None else flag.convert(value)
+    return given
 
 
 def _ops(text: str) -> tuple[str, ...]:
@@ -135,7 +119,6 @@ def _ops(text: str) -> tuple[str, ...]:
 
 
 def _compress(args: argparse.Namespace, console: Console) -> int:
-    ranks = load_ranks_file(args.ranks) if args.ranks is not None else None
     for flag, path in (("--report", args.report), ("--html", args.html)):
         if path is not None:
             check_output_path(path, args.input)
@@ -146,32 +129,8 @@ def _compress(args: argparse.Namespace, console: Console) -> int:
     if args.html is not None and importlib.util.find_spec("matplotlib") is None:
         raise InputError(f"--html needs matplotlib: {install_hint('html')}")
     try:
-        report = compress_file(
-            args.input,
-            args.output,
-            calibration=args.calib,
-            labels=args.labels,
-            ranks=ranks,
-            target_params=args.target_params,
-            energy=args.energy,
-            tolerance=args.tolerance,
-            metric=args.metric,
-            method=args.method,
-            no_data=args.no_data,
-            ops=_ops(args.ops),
-            provider=args.provider,
-            allow_larger=args.allow_larger,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            jobs=args.jobs,
-            scheduler=args.scheduler,
-            cache=args.cache,
-            objective=args.objective,
-            quantize=args.quantize,
-            int8_range=args.int8_range,
-            confidence=args.confidence,
-            progress=terminal_progress(args.quiet),
-        )
+        report = compress_file(args.input, args.output, calibration=args.calib, labels=args.labels,
+                               progress=terminal_progress(args.quiet), **_options(args))
     except BoundNotMet as failure:
         _write_reports(args, failure.report)
         if not args.quiet:

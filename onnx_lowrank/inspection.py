@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
 
 from .adapters import ADAPTERS
-from .errors import InputError
-from .layers import find_layers
 from .model_io import load_model
-from .splice import import_graph
-from .calibration import load_calibration
-from .data_aware import unit_statistics
-from .methods import candidates_for
-from .runtime import resolve_provider
+from .options import Options
+from .pipeline import FRONT, Run, run_stages
+from .progress import Progress
+from .rank_modes import Describe
 
 
 @dataclass(frozen=True)
@@ -59,43 +58,35 @@ def inspect(
     loaded = load_model(model_or_path, lazy=True)  # weights read one layer at a time
     if calibration is not None:  # ONNX Runtime needs them all
         loaded = loaded.materialized()
-    chosen = tuple(ops) if ops is not None else tuple(ADAPTERS)
-    unknown = [op for op in chosen if op not in ADAPTERS]
-    if unknown:
-        raise InputError(f"unknown op type {unknown[0]!r} in ops; choose from {', '.join(ADAPTERS)}")
-    graph = import_graph(loaded.model).graph
-    plan = find_layers(graph, loaded.model, {op: ADAPTERS[op] for op in chosen}, loaded.base_dir)
-    statistics = None
-    if calibration is not None:
-        samples = load_calibration(calibration, loaded.model)
-        every = list(range(len(samples)))
-        provider = resolve_provider(provider)
-        statistics = unit_statistics(loaded.model, plan.units, samples, every, provider, batch_size)
-    candidates = candidates_for(plan.units, method, statistics)
-    rows = []
-    for unit, candidate in zip(plan.units, candidates):
-        spectrum = candidate.primary.spectrum
-        at_half: dict[str, float] = {}
-        for option in candidate.options():
-            if option.params <= unit.params / 2:
-                at_half[option.method] = min(option.error, at_half.get(option.method, np.inf))
-        rows.append(
-            LayerInfo(
-                node=unit.name,
-                op=unit.op,
-                weight=unit.weight.name,
-                shape=list(unit.weight.shape),
-                groups=unit.groups,
-                matrix=unit.shape,
-                params=unit.params,
-                break_even=unit.break_even,
-                effective_rank=spectrum.effective_rank,
-                rank_90=spectrum.rank_for_energy(0.90),
-                rank_99=spectrum.rank_for_energy(0.99),
-                energy_at_break_even=float(1.0 - spectrum.dropped[unit.break_even]),
-                shared_by=[layer.node.name for layer in unit.layers[1:]],
-                at_half=dict(sorted(at_half.items(), key=lambda item: item[1])),
-            )
-        )
-    rows += [LayerInfo(node=s.node, op=s.op, reason=s.reason) for s in plan.skipped]
-    return rows
+    settings = Options(ops=tuple(ops) if ops is not None else tuple(ADAPTERS), provider=provider,
+                       batch_size=batch_size, method=method)
+    with tempfile.TemporaryDirectory(prefix="onnx-lowrank-") as work:
+        run = Run(settings, loaded, calibration, None, Progress(False), Path(work), mode=Describe())
+        run_stages(run, FRONT)  # large models park their decompositions in `work`: rows are made here
+        rows = [_row(unit, candidate) for unit, candidate in zip(run.units, run.decomposers)]
+    return rows + [LayerInfo(node=s.node, op=s.op, reason=s.reason) for s in run.plan.skipped]
+
+
+def _row(unit, candidate) -> LayerInfo:
+    """A factorizable unit's row: its shape, size, spectrum and each method's error at half its size."""
+    spectrum = candidate.primary.spectrum
+    at_half: dict[str, float] = {}
+    for option in candidate.options():
+        if option.params <= unit.params / 2:
+            at_half[option.method] = min(option.error, at_half.get(option.method, np.inf))
+    return LayerInfo(
+        node=unit.name,
+        op=unit.op,
+        weight=unit.weight.name,
+        shape=list(unit.weight.shape),
+        groups=unit.groups,
+        matrix=unit.shape,
+        params=unit.params,
+        break_even=unit.break_even,
+        effective_rank=spectrum.effective_rank,
+        rank_90=spectrum.rank_for_energy(0.90),
+        rank_99=spectrum.rank_for_energy(0.99),
+        energy_at_break_even=float(1.0 - spectrum.dropped[unit.break_even]),
+        shared_by=[layer.node.name for layer in unit.layers[1:]],
+        at_half=dict(sorted(at_half.items(), key=lambda item: item[1])),
+    )

@@ -37,11 +37,10 @@ from onnx import helper
 from .cache import write_cache_file
 from .layers import Layer, Unit, find_layers
 from .model_io import is_large
-from .runtime import EXECUTION_PROVIDERS, open_session
-from .ranks import Candidates, pareto_front
-from .search import build
+from .runtime import EXECUTION_PROVIDERS, open_session, session_with_outputs
+from .ranks import UnitDecomposers, pareto_front
+from .rewrite import build
 from .splice import import_graph
-from .statistics import _augmented_session
 from .svd import Factorization, Option
 from .weights import CHAIN_OPS, ConstantIndex, stored_constant
 
@@ -273,7 +272,7 @@ def timed_activations(
     values = {name: np.asarray(feed[name]) for name in names.values() if name in graph_inputs}
     run_ms = None
     if computed:
-        session = _augmented_session(model, computed, provider)
+        session = session_with_outputs(model, computed, provider, source="the input model")
         values.update(zip(computed, session.run(dict(feed), computed)))
         if timed:
             started = time.perf_counter()
@@ -611,7 +610,7 @@ class LatencyLimit:
         return {"unit": self.unit, "margin": self.margin, "boundaries": [b.to_dict() for b in self.boundaries.values()]}
 
 
-def not_slower(candidates: Candidates, timer, margin: float = 1.0, slack_ms: float = 0.0) -> LatencyLimit:
+def not_slower(candidates: UnitDecomposers, timer, margin: float = 1.0, slack_ms: float = 0.0) -> LatencyLimit:
     """The options of `candidates` whose factorized layer runs within `margin` times the dense layer's
     time plus `slack_ms` (`timer.times(unit, factorization) -> (dense_ms, factorized_ms)`, e.g. a
     LayerTimer).
@@ -632,7 +631,7 @@ def not_slower(candidates: Candidates, timer, margin: float = 1.0, slack_ms: flo
     return limit
 
 
-def _option_times(candidates: Candidates, timer) -> Callable[[Option], tuple[float, float]]:
+def _option_times(candidates: UnitDecomposers, timer) -> Callable[[Option], tuple[float, float]]:
     """timer.times of an option's factorization, found without factorizing when the timer has it cached
     (`timer.cached`): a layer of a shape timed before (BERT-base: 75 units, 5 shapes) costs no
     decomposition. How a method's ranks read its option configs (a tuple, or its one number) and whether

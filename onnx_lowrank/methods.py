@@ -15,7 +15,7 @@ from .data_aware import OutputError, data_aware_svd
 from .layers import Unit, detached
 from .parking import Shelf
 from .parallel import Workers, blas_threads
-from .ranks import Candidates
+from .ranks import UnitDecomposers
 from .statistics import Moments
 from .svd import PARTIAL_MIN_SIDE, TruncatedSVD
 
@@ -23,10 +23,10 @@ CONV_METHODS = ("tucker2", "cp", "spatial", "depthwise", "block")
 METHODS = ("auto", "svd", *CONV_METHODS)
 
 
-def candidates_for(
+def decomposers_for(
     units: Sequence[Unit], method: str, statistics: Sequence | None, workers: Workers | None = None,
     eager: bool = False, advance: Callable[[int], None] | None = None, parking: Path | None = None,
-) -> list[Candidates]:
+) -> list[UnitDecomposers]:
     """Per unit, its decomposers under `method`; `statistics` per unit from calibration, or None.
 
     Each unit is worked on detached from the graph (its weight read then), one after the other inline or
@@ -41,10 +41,10 @@ def candidates_for(
         [unit.layers[0].adapter.observed(unit.layers[0])[1] for unit in units],
         [eager] * len(units),
     )
-    found: list[Candidates] = []
+    found: list[UnitDecomposers] = []
     shelf = Shelf()
 
-    def settle(candidate: Candidates) -> None:
+    def settle(candidate: UnitDecomposers) -> None:
         candidate.unit = units[len(found)]
         if parking is not None:
             candidate.park(parking, len(found), shelf)
@@ -60,12 +60,12 @@ def candidates_for(
     return found
 
 
-def _candidates(unit: Unit, method: str, stats, side: str, eager: bool) -> Candidates:
+def _candidates(unit: Unit, method: str, stats, side: str, eager: bool) -> UnitDecomposers:
     with blas_threads(unit.params):
         return _decomposers(unit, method, stats, side, eager)
 
 
-def _decomposers(unit: Unit, method: str, stats, side: str, eager: bool) -> Candidates:
+def _decomposers(unit: Unit, method: str, stats, side: str, eager: bool) -> UnitDecomposers:
     layer = unit.layers[0]
     if stats is not None:
         primary = data_aware_svd(unit, stats, side)
@@ -82,7 +82,7 @@ def _decomposers(unit: Unit, method: str, stats, side: str, eager: bool) -> Cand
         elif method != "auto":
             why = "applies to Conv only" if unit.op != "Conv" else "needs input-patch statistics (patch too large)"
             notes = [f"{method}: {why}"]
-    candidate = Candidates(unit, primary, others, include_primary=method in ("auto", "svd"), notes=notes)
+    candidate = UnitDecomposers(unit, primary, others, include_primary=method in ("auto", "svd"), notes=notes)
     if eager:
         candidate.options()
     return candidate

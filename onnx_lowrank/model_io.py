@@ -108,12 +108,16 @@ def _check(target: onnx.ModelProto | str) -> bool:
     return False
 
 
+def is_repeated(field) -> bool:
+    """Whether a protobuf field descriptor is a repeated field (protobuf >= 6 says so; older ones by label)."""
+    return field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+
+
 def _check_strings(message) -> None:
     """Protobuf parses onnx's (proto2) strings without checking them; one that is not UTF-8 fails later,
     anywhere (the checker, onnx-graphsurgeon)."""
     for field, value in message.ListFields():
-        # protobuf >= 6 has is_repeated; older ones only the label
-        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+        repeated = is_repeated(field)
         if field.type == field.TYPE_MESSAGE:
             for item in value if repeated else [value]:
                 _check_strings(item)

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from .latency import LayerTimer, Untimeable, not_slower, time_side_by_side, timed_activations
-from .ranks import Candidates, rank_multiple
+from .ranks import UnitDecomposers, rank_multiple
 
 OBJECTIVES = ("balanced", "size", "latency")
 DEFAULT_OBJECTIVE = "balanced"
@@ -34,7 +34,7 @@ MARGIN = {"balanced": 1.0, "latency": 0.9}  # allowed factorized time, as a frac
 
 def restrict(
     objective: str,
-    candidates: Sequence[Candidates],
+    candidates: Sequence[UnitDecomposers],
     provider: str,
     model: onnx.ModelProto,
     adapters: dict,

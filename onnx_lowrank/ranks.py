@@ -40,7 +40,7 @@ class Choice:
         return config[0] if len(config) == 1 else config
 
 
-class Candidates:
+class UnitDecomposers:
     """Every way to factorize one unit: one decomposer per method. `primary` is the unit's SVD, used
     where a single rank is asked for (explicit ranks, energy threshold); it offers options itself unless
     another method is forced. `notes` say why methods asked for do not apply."""
@@ -93,11 +93,11 @@ class Candidates:
         """Whether methods besides the SVD compete for this unit."""
         return any(d is not self.primary for d in self._offered)
 
-    def primary_only(self) -> Candidates:
+    def primary_only(self) -> UnitDecomposers:
         """The same unit offering its SVD alone (when the SVD is offered at all)."""
         if self.primary not in self._offered:
             return self
-        alone = Candidates(self.unit, self.primary, notes=self.notes)
+        alone = UnitDecomposers(self.unit, self.primary, notes=self.notes)
         alone._allowed, alone.emptied_by = list(self._allowed), self.emptied_by
         return alone
 
@@ -134,7 +134,7 @@ def validate_ranks(table: object, where: str = "ranks") -> dict[str, int | str]:
 
 
 def explicit(
-    candidates: Sequence[Candidates], table: Mapping[str, int | str], known: set[str], allow_larger: bool
+    candidates: Sequence[UnitDecomposers], table: Mapping[str, int | str], known: set[str], allow_larger: bool
 ) -> list[Choice]:
     """Ranks by node name, then weight name, then "*"; units not named stay dense."""
     unknown = sorted(set(table) - known - {"*"})
@@ -155,14 +155,14 @@ def explicit(
     return choices
 
 
-def by_energy(candidates: Sequence[Candidates], keep: float, allow_larger: bool) -> list[Choice]:
+def by_energy(candidates: Sequence[UnitDecomposers], keep: float, allow_larger: bool) -> list[Choice]:
     """Per unit, the smallest rank of its SVD keeping `keep` of the (singular-value or output) energy."""
     return [_keep_if_smaller(c, max(1, c.primary.spectrum.rank_for_energy(keep)), allow_larger) for c in candidates]
 
 
-def by_budget(candidates: Sequence[Candidates], fraction: float, weights: Sequence[float] | None = None) -> list[Choice]:
+def by_budget(candidates: Sequence[UnitDecomposers], fraction: float, weights: Sequence[float] | None = None) -> list[Choice]:
     """Keep at most `fraction` of the units' parameters at the least total (weighted) predicted error."""
-    options = _menus(candidates, weights)
+    options = _weighted_fronts(candidates, weights)
     # the budget is over every layer found, whatever the method: units nothing shrinks stay dense in it
     total = sum(c.unit.params for c in candidates)
     budget = fraction * total
@@ -189,11 +189,11 @@ def by_budget(candidates: Sequence[Candidates], fraction: float, weights: Sequen
 
 
 def frontier(
-    candidates: Sequence[Candidates], weights: Sequence[float] | None = None, points: int = 600
+    candidates: Sequence[UnitDecomposers], weights: Sequence[float] | None = None, points: int = 600
 ) -> list[list[Choice]]:
     """The distinct allocations params + lambda * weight * error traces as lambda grows: from the
     smallest model (rank 1 nearly everywhere) to the largest; ends with everything dense."""
-    options = _menus(candidates, weights)
+    options = _weighted_fronts(candidates, weights)
     seen: dict[tuple[int, ...], None] = {}
     for log_lambda in np.linspace(*LOG_LAMBDA, points):
         seen.setdefault(tuple(o.best(10**log_lambda) for o in options), None)
@@ -204,20 +204,20 @@ def frontier(
 LOG_LAMBDA = (-6.0, 24.0)  # errors are relative (<= 1 per unit), params counts below 1e12
 
 
-def _params(options: list[_Menu], log_lambda: float) -> int:
+def _params(options: list[_WeightedFront], log_lambda: float) -> int:
     return sum(int(o.params[o.best(10**log_lambda)]) for o in options)
 
 
-def _menus(candidates: Sequence[Candidates], weights) -> list[_Menu]:
+def _weighted_fronts(candidates: Sequence[UnitDecomposers], weights) -> list[_WeightedFront]:
     weights = [1.0] * len(candidates) if weights is None else weights
-    return [_Menu(candidate, weight) for candidate, weight in zip(candidates, weights)]
+    return [_WeightedFront(candidate, weight) for candidate, weight in zip(candidates, weights)]
 
 
-class _Menu:
+class _WeightedFront:
     """A unit's options that shrink it, on their Pareto front (fewer parameters, then less error) and
     ordered by size, then dense (last entry); errors weighted by the unit's sensitivity (1 if unknown)."""
 
-    def __init__(self, candidate: Candidates, weight: float):
+    def __init__(self, candidate: UnitDecomposers, weight: float):
         dense = candidate.unit.params
         front = pareto_front(candidate.options(), dense)
         self.options = front
@@ -237,7 +237,7 @@ class _Menu:
         return Choice(self.options[index])
 
 
-def _top_up(options: list[_Menu], picks: list[int], left: float) -> None:
+def _top_up(options: list[_WeightedFront], picks: list[int], left: float) -> None:
     """Spend what bisection left of the budget on the steps with the best error drop per parameter."""
     while True:
         best, best_gain = None, 0.0
@@ -256,7 +256,7 @@ def _top_up(options: list[_Menu], picks: list[int], left: float) -> None:
         left -= cost
 
 
-def _exchange(options: list[_Menu], picks: list[int], budget: float) -> None:
+def _exchange(options: list[_WeightedFront], picks: list[int], budget: float) -> None:
     """Local search past what lambda can reach (the budget is a knapsack): raise one unit a step, paying
     for it by lowering others where that loses least per parameter freed, while the total error drops."""
     improved = True
@@ -303,7 +303,7 @@ def rank_multiple(multiple: int) -> Callable[[Option], bool]:
     return lambda option: all(rank % multiple == 0 for rank in option.config)
 
 
-def _keep_if_smaller(candidate: Candidates, rank: int, allow_larger: bool) -> Choice:
+def _keep_if_smaller(candidate: UnitDecomposers, rank: int, allow_larger: bool) -> Choice:
     unit = candidate.unit
     if rank <= unit.break_even or allow_larger:
         return Choice(candidate.primary.option(rank))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
@@ -92,3 +93,21 @@ class Session:
         except Exception as error:  # onnxruntime's own exception types (Fail, InvalidGraph, ...)
             first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise InputError(f"onnxruntime cannot run {self.source}: {first_line}") from None
+
+
+def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """The model (changed in place) with `names` among its graph outputs."""
+    existing = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names) if n not in existing)
+    return model
+
+
+def session_with_outputs(model: onnx.ModelProto, names: Sequence[str], provider: str,
+                         source: str | None = None) -> Session:
+    """A session of the model with `names` among its outputs; the model is left as it was (no copy: a
+    large model is not held twice). `source`: as for Session."""
+    count = len(model.graph.output)
+    try:
+        return Session(with_outputs(model, names), provider, source=source)
+    finally:
+        del model.graph.output[count:]

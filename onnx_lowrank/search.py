@@ -20,13 +20,12 @@ import onnx
 from .calibration import Samples
 from .generalization import DISCRETE, Decisions, Threat, beyond_maximum, bootstrap, clopper_pearson, decisions, \
     margins_for, threat
-from .layers import find_layers
 from .metrics import Outputs, lost_decisions, score
 from .overrides import Override, with_overridable
-from .ranks import Candidates, Choice, by_budget, frontier
+from .ranks import UnitDecomposers, Choice, by_budget, frontier
 from .errors import InputError
-from .runtime import Session
-from .splice import Splice, export, import_graph
+from .rewrite import build, factors_of
+from .runtime import Session, session_with_outputs, with_outputs
 from .report import Validation
 from .statistics import Moments
 from .svd import Factorization
@@ -39,26 +38,6 @@ PROBE_MACS = 2e12  # (one probe per unit). BERT-base at 128 tokens: 2 samples (a
 # for four disjoint pairs; 4 samples 0.98-0.99), and the half-size allocations they lead to validated at
 # 0.1156-0.1204 mean cosine error, 16 samples' at 0.1195
 SIZE_MODE_EXPONENTS = (0.0, 0.5, 1.0)
-
-
-def factors_of(candidates: Sequence[Candidates], choices: Sequence[Choice]) -> dict[str, Factorization]:
-    """The factorization of every unit that is not kept dense, by unit key."""
-    return {c.unit.key: c.factorize(ch.option) for c, ch in zip(candidates, choices) if ch.option is not None}
-
-
-def build(
-    original: onnx.ModelProto, adapters: dict, factors: dict[str, Factorization], base_dir: str = ""
-) -> onnx.ModelProto:
-    """The original with the units named by key replaced by their factor chains (`base_dir`: where the
-    original's external data lies, when it was loaded without it; the result then refers to it too)."""
-    imported = import_graph(original)
-    plan = find_layers(imported.graph, original, adapters, base_dir)
-    splice = Splice(imported.graph)
-    for unit in plan.units:
-        if unit.key in factors:
-            for layer in unit.layers:
-                splice.replace(layer, factors[unit.key])
-    return export(imported, original, splice.metadata)
 
 
 SATURATING = ("Softmax", "LogSoftmax", "Sigmoid")
@@ -77,23 +56,6 @@ def probe_outputs(model: onnx.ModelProto) -> list[str]:
         node = producers.get(name)
         names.append(node.input[0] if node is not None and node.op_type in SATURATING else output.name)
     return names
-
-
-def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """The model (changed in place) with `names` among its graph outputs."""
-    existing = {o.name for o in model.graph.output}
-    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names) if n not in existing)
-    return model
-
-
-def session_with_outputs(model: onnx.ModelProto, names: Sequence[str], provider: str) -> Session:
-    """A session of the model with `names` among its outputs; the model is left as it was (no copy: a
-    large candidate is not held twice)."""
-    count = len(model.graph.output)
-    try:
-        return Session(with_outputs(model, names), provider)
-    finally:
-        del model.graph.output[count:]
 
 
 @dataclass(frozen=True)
@@ -249,7 +211,7 @@ class Trial:
 def sensitivities(
     original: onnx.ModelProto,
     adapters: dict,
-    candidates: Sequence[Candidates],
+    candidates: Sequence[UnitDecomposers],
     evaluator: Evaluator,
     probe: Sequence[int],
     advance: Callable[[int], None] | None = None,
@@ -277,7 +239,7 @@ def sensitivities(
 
 
 class Search:
-    """Candidates over the units: build, validate, remember every trial (the report's trace)."""
+    """UnitDecomposers over the units: build, validate, remember every trial (the report's trace)."""
 
     def __init__(self, original, adapters, candidates, evaluator: Evaluator, indices, metric, labels, advance=None):
         self.original = original
@@ -297,7 +259,7 @@ class Search:
     def params(self, choices: Sequence[Choice]) -> int:
         return sum(c.unit.params if ch.option is None else ch.option.params for c, ch in zip(self.candidates, choices))
 
-    def try_(self, choices: list[Choice], indices: Sequence[int] | None = None, metric: str | None = None) -> Trial:
+    def validated(self, choices: list[Choice], indices: Sequence[int] | None = None, metric: str | None = None) -> Trial:
         """Build and validate one allocation (on all held-out samples, in the search's metric, unless told)."""
         indices = self.indices if indices is None else list(indices)
         labels = None if self.labels is None else self.labels[indices]
@@ -329,7 +291,7 @@ class Search:
             for indices, metric in checks[:upto]:
                 key = (index, len(indices), metric)
                 if key not in tried:
-                    tried[key] = self.try_(candidates[index], indices, metric)
+                    tried[key] = self.validated(candidates[index], indices, metric)
                 if tried[key].value > tolerance:
                     return False
             return True
@@ -364,7 +326,7 @@ class Search:
                 choices = by_budget(view, fraction, weights)
                 key = tuple(c.option for c in choices)
                 if key not in seen:
-                    seen[key] = self.try_(choices)
+                    seen[key] = self.validated(choices)
         return min(seen.values(), key=lambda trial: trial.value)
 
     def validation(self, model: onnx.ModelProto, tolerance: float | None, confidence: float) -> Validation:
@@ -403,4 +365,4 @@ class Search:
         if not shrunk:
             return None
         best = min(shrunk, key=lambda t: (t.value, t.samples != len(self.indices)))
-        return best if best.samples == len(self.indices) else self.try_(best.choices)
+        return best if best.samples == len(self.indices) else self.validated(best.choices)

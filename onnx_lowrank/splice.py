@@ -15,6 +15,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from .layers import BiasSite, Layer
+from .model_io import is_repeated
 from .svd import Factorization
 from .weights import Weight
 
@@ -132,9 +133,7 @@ def _copy_except(source, target, skipped: str) -> None:
     for descriptor, value in source.ListFields():
         if descriptor.name == skipped:
             continue
-        # protobuf >= 6 has is_repeated; older ones only the label
-        repeated = descriptor.is_repeated if hasattr(descriptor, "is_repeated") else descriptor.label == descriptor.LABEL_REPEATED
-        if repeated or descriptor.type == descriptor.TYPE_MESSAGE:
+        if is_repeated(descriptor) or descriptor.type == descriptor.TYPE_MESSAGE:
             getattr(target, descriptor.name).MergeFrom(value)
         else:
             setattr(target, descriptor.name, value)

@@ -16,7 +16,7 @@ import onnx
 from .calibration import Samples
 from .layers import Layer
 from .errors import InputError
-from .runtime import Session
+from .runtime import session_with_outputs
 
 
 @dataclass
@@ -186,7 +186,8 @@ def collect(
     names = list(dict.fromkeys(key[0] for key in jobs))
     for start in range(0, max(len(names), 1), max_outputs):
         chunk = names[start : start + max_outputs]
-        session = _augmented_session(model, [n for n in chunk if n not in graph_inputs], provider)
+        session = session_with_outputs(model, [n for n in chunk if n not in graph_inputs], provider,
+                                       source="the input model")
         for batch_indices, feed in samples.batches(indices, batch_size):
             fetched = {n: feed[n] for n in chunk if n in graph_inputs}
             wanted = [n for n in chunk if n not in graph_inputs]
@@ -203,13 +204,3 @@ def collect(
                 progress(len(batch_indices))
     return [jobs[key][1] for key in keys]
 
-
-def _augmented_session(model: onnx.ModelProto, names: list[str], provider: str) -> Session:
-    """A session whose outputs include `names`; the model is restored afterwards (no copy of it is made)."""
-    existing = {o.name for o in model.graph.output}
-    added = [onnx.ValueInfoProto(name=name) for name in names if name not in existing]
-    model.graph.output.extend(added)
-    try:
-        return Session(model, provider, source="the input model")
-    finally:
-        del model.graph.output[len(model.graph.output) - len(added) :]

@@ -97,11 +97,6 @@ class Factorization:
     def params(self) -> int:
         return int(self.first.size + self.second.size)
 
-    @property
-    def macs_per_position(self) -> int:
-        """Multiply-adds per input vector (per pixel for convs), against out*in*G for the dense weight."""
-        return self.params
-
     def reconstruct(self) -> np.ndarray:
         return self.second @ self.first
 

@@ -739,18 +739,18 @@ def _internal_error_line(code: int, err: str) -> str:
 
 
 def test_an_internal_failure_is_exit_3_naming_it(tiny: Path, tiny_calib: Path, tmp_path: Path, monkeypatch, capsys):
-    from onnx_lowrank import api
+    from onnx_lowrank import pipeline
 
     def build(*args, **kwargs):
         raise RuntimeError("splice lost tensor 'gemm_w'\nsecond line of detail")
 
-    monkeypatch.setattr(api, "build", build)
+    monkeypatch.setattr(pipeline, "build", build)
     out, report = tmp_path / "out" / "c.onnx", tmp_path / "out" / "c.json"
     out.parent.mkdir()
     code, stdout, err = _main(monkeypatch, capsys, "compress", tiny, "-o", out, "--energy", "0.99", "--calib",
                               tiny_calib, "--objective", "size", "--report", report)
     line = _internal_error_line(code, err)
-    assert "onnx_lowrank.api._compress_with" in line, line
+    assert "onnx_lowrank.pipeline._rewrite" in line, line
     assert "RuntimeError: splice lost tensor 'gemm_w';" in line and "second line" not in line, line
     assert stdout == ""
     assert list(out.parent.iterdir()) == [], "nothing is written: no model, no report, no temporary file"

@@ -3,7 +3,7 @@ depthwise conv), depthwise-separable and block low-rank.
 
 1. Full rank is exact: each decomposer is built directly on a real Layer (import_graph + find_layers +
    ADAPTERS) with the weight-only `OutputError(layer)`; at its full configuration the chain reconstructs
-   the kernel, predicts ~0 error, and the model from `search.build` passes the full ONNX checker and
+   the kernel, predicts ~0 error, and the model from `rewrite.build` passes the full ONNX checker and
    matches the original in onnxruntime (float32 tolerance): Conv 1-D/2-D/3-D, strides, dilations,
    asymmetric pads, auto_pad, with and without bias; fixed cases and a Hypothesis property per method.
 2. Planted structure: kernels that are exactly Tucker-(r_o, r_i), a sum of r separable terms,
@@ -55,8 +55,8 @@ from onnx_lowrank.conv_methods import (
 )
 from onnx_lowrank.data_aware import OutputError, unit_statistics
 from onnx_lowrank.layers import Layer, Unit, find_layers
-from onnx_lowrank.methods import CONV_METHODS, candidates_for
-from onnx_lowrank.search import build
+from onnx_lowrank.methods import CONV_METHODS, decomposers_for
+from onnx_lowrank.rewrite import build
 from onnx_lowrank.splice import import_graph
 from onnx_lowrank.statistics import Moments
 
@@ -492,8 +492,8 @@ PREDICTION_CASES = {
 @pytest.mark.parametrize("case", list(PREDICTION_CASES))
 def test_predicted_error_is_the_measured_output_error(case):
     fitted = calibrated(**PREDICTION_CASES[case])
-    # through the product's own wiring: candidates_for gives every decomposer the data-aware OutputError
-    (candidates,) = candidates_for([fitted.unit], "auto", [fitted.moments])
+    # through the product's own wiring: decomposers_for gives every decomposer the data-aware OutputError
+    (candidates,) = decomposers_for([fitted.unit], "auto", [fitted.moments])
     by_method = {}
     for option in candidates.options():
         by_method.setdefault(option.method, []).append(option)
@@ -632,7 +632,7 @@ def test_cp_and_spatial_not_offered_for_1d_convs():
     names, reasons = offered(model)
     assert names == {"tucker2", "depthwise", "block2"}
     assert "2-D" in reasons["cp"] and "2-D" in reasons["spatial"]
-    (candidates,) = candidates_for([the_unit(model)[0]], "cp", None)
+    (candidates,) = decomposers_for([the_unit(model)[0]], "cp", None)
     assert candidates.options() == [] and any(note.startswith("cp: needs a 2-D") for note in candidates.notes)
 
 
@@ -658,16 +658,16 @@ def test_only_svd_for_grouped_convs():
     assert names == set()
     for method in ("tucker2", "depthwise", "spatial", "cp", "block"):
         assert "group 1" in reasons[method]
-    (candidates,) = candidates_for([the_unit(model)[0]], "auto", None)
+    (candidates,) = decomposers_for([the_unit(model)[0]], "auto", None)
     assert {option.method for option in candidates.options()} == {"svd"}
 
 
 def test_non_conv_units_get_no_conv_methods():
     weight = np.random.default_rng(0).standard_normal((16, 12)).astype(np.float32)
     model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], {"x": [2, 16]}, ["y"], {"w": weight})
-    (candidates,) = candidates_for([the_unit(model)[0]], "tucker2", None)
+    (candidates,) = decomposers_for([the_unit(model)[0]], "tucker2", None)
     assert candidates.options() == [] and candidates.notes == ["tucker2: applies to Conv only"]
-    (candidates,) = candidates_for([the_unit(model)[0]], "auto", None)
+    (candidates,) = decomposers_for([the_unit(model)[0]], "auto", None)
     assert {option.method for option in candidates.options()} == {"svd"} and candidates.notes == []
 
 

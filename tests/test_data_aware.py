@@ -9,7 +9,7 @@ therefore switch the shrinkage off (`no_shrinkage`: `Moments.shrinkage` patched 
 6 tests the shrinkage itself, and the property test is repeated with it on against the shrunk statistics.
 
 Layers come from real ONNX models (import_graph + find_layers), statistics from `collect` in onnxruntime,
-factorized models from `search.build`, run in onnxruntime. Errors are measured independently here: in
+factorized models from `rewrite.build`, run in onnxruntime. Errors are measured independently here: in
 float64 numpy from the model's own weights (tight), and end to end in onnxruntime (float32 tolerances).
 A Conv's statistics are those of its input patches (im2col) when a patch has at most PATCH_LIMIT values,
 of its output channels otherwise (and for ConvTranspose). Conv cases run both ways: `conv_side="output"`
@@ -41,7 +41,7 @@ from onnx_lowrank.calibration import load_calibration
 from onnx_lowrank.data_aware import DataAwareSVD
 from onnx_lowrank.layers import BiasSite, Layer, Unit, find_layers
 from onnx_lowrank.patches import conv_patches
-from onnx_lowrank.search import build
+from onnx_lowrank.rewrite import build
 from onnx_lowrank.splice import import_graph
 from onnx_lowrank.statistics import Moments, collect
 from onnx_lowrank.svd import Factorization, TruncatedSVD

@@ -37,9 +37,9 @@ from onnx_lowrank.latency import (
     timing_session,
 )
 from onnx_lowrank.layers import find_layers
-from onnx_lowrank.methods import candidates_for
+from onnx_lowrank.methods import decomposers_for
 from onnx_lowrank.ranks import pareto_front
-from onnx_lowrank.search import build
+from onnx_lowrank.rewrite import build
 from onnx_lowrank.splice import import_graph
 from onnx_lowrank.svd import Factorization
 
@@ -435,7 +435,7 @@ _CANDIDATES = {}
 
 def candidate_of(name: str, method: str):
     if (name, method) not in _CANDIDATES:
-        _CANDIDATES[name, method] = candidates_for([get_case("digits").unit(name)], method, None)[0]
+        _CANDIDATES[name, method] = decomposers_for([get_case("digits").unit(name)], method, None)[0]
     return _CANDIDATES[name, method]
 
 

@@ -22,7 +22,7 @@ import onnx_lowrank
 import onnx_lowrank.cli
 from onnx_lowrank.errors import BoundNotMet
 from onnx_lowrank.objective import RANK_MULTIPLE
-from onnx_lowrank.ranks import Candidates, rank_multiple
+from onnx_lowrank.ranks import UnitDecomposers, rank_multiple
 from onnx_lowrank.summary import print_compress
 from onnx_lowrank.svd import TruncatedSVD
 
@@ -37,7 +37,7 @@ def _ranks(report) -> list[int]:
 
 
 class _Unit:
-    """What Candidates reads of a unit."""
+    """What UnitDecomposers reads of a unit."""
 
     def __init__(self, matrices):
         self.matrices = matrices
@@ -46,12 +46,12 @@ class _Unit:
 
 def test_rank_multiple_leaves_only_tiled_ranks_and_says_why_when_none_is_left():
     rng = np.random.default_rng(0)
-    wide = Candidates(_Unit(rng.standard_normal((1, 96, 64))), TruncatedSVD(rng.standard_normal((1, 96, 64))))
+    wide = UnitDecomposers(_Unit(rng.standard_normal((1, 96, 64))), TruncatedSVD(rng.standard_normal((1, 96, 64))))
     wide.restrict(rank_multiple(16), "no tiled rank")
     assert [o.config for o in wide.options()] == [(16,), (32,), (48,), (64,)]
     assert wide.emptied_by is None
     assert wide.primary_only().options() == wide.options()
-    small = Candidates(_Unit(rng.standard_normal((1, 12, 10))), TruncatedSVD(rng.standard_normal((1, 12, 10))))
+    small = UnitDecomposers(_Unit(rng.standard_normal((1, 12, 10))), TruncatedSVD(rng.standard_normal((1, 12, 10))))
     small.restrict(rank_multiple(16), "no tiled rank")
     assert small.options() == [] and small.emptied_by == "no tiled rank"
 

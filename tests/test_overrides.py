@@ -26,9 +26,10 @@ from onnx_lowrank.adapters import ADAPTERS
 from onnx_lowrank.calibration import load_calibration
 from onnx_lowrank.data_aware import unit_statistics
 from onnx_lowrank.layers import find_layers
-from onnx_lowrank.methods import candidates_for
+from onnx_lowrank.methods import decomposers_for
 from onnx_lowrank.overrides import overrides_for, with_overridable
-from onnx_lowrank.search import (PROBE_ERROR, PROBE_MIN_SAMPLES, PROBE_SAMPLES, Evaluator, build, probe_count,
+from onnx_lowrank.rewrite import build
+from onnx_lowrank.search import (PROBE_ERROR, PROBE_MIN_SAMPLES, PROBE_SAMPLES, Evaluator, probe_count,
                                  sensitivities)
 from onnx_lowrank.statistics import Moments
 from onnx_lowrank.splice import import_graph
@@ -140,7 +141,7 @@ def test_sensitivities_of_real_models_fed_as_built(name, calibration):
     samples = load_calibration(MODELS / calibration, model)
     units = units_of(model)
     fit = list(range(16))
-    candidates = candidates_for(units, "svd", unit_statistics(model, units, samples, fit, "cpu", 16))
+    candidates = decomposers_for(units, "svd", unit_statistics(model, units, samples, fit, "cpu", 16))
     overrides = overrides_for(model, units, {o.name for o in model.graph.output})
     options = [(c.unit, c.probe_option(PROBE_ERROR)) for c in candidates]
     factors = [(unit, c.factorize(option)) for c, (unit, option) in zip(candidates, options) if option is not None]

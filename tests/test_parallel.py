@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import onnx_lowrank
-from onnx_lowrank import api, parallel
+from onnx_lowrank import parallel, pipeline
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 DIGITS = MODELS / "digits_cnn.onnx"
@@ -64,7 +64,7 @@ def test_decompositions_parked_on_disk_give_the_same_model(monkeypatch):
         options = {"calibration": CALIB, "target_params": 0.4, "method": method, "objective": "size", "jobs": 1}
         in_memory = onnx_lowrank.compress(DIGITS, **options)
         with monkeypatch.context() as patched:
-            patched.setattr(api, "PARK_MIN_PARAMS", 0)
+            patched.setattr(pipeline, "PARK_MIN_PARAMS", 0)
             parked = onnx_lowrank.compress(DIGITS, **options)
         assert parked[1].layers
         _same(in_memory, parked)

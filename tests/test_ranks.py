@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from onnx_lowrank.errors import InputError
 from onnx_lowrank.layers import Layer, Unit
-from onnx_lowrank.ranks import Candidates, by_budget, by_energy, explicit, validate_ranks
+from onnx_lowrank.ranks import UnitDecomposers, by_budget, by_energy, explicit, validate_ranks
 from onnx_lowrank.svd import TruncatedSVD, spectrum_of
 from onnx_lowrank.weights import Weight
 
@@ -24,8 +24,8 @@ def make_unit(name: str, matrices: np.ndarray, weight: str | None = None) -> Uni
     return Unit(name, [layer])
 
 
-def candidates_of(units: list[Unit]) -> list[Candidates]:
-    return [Candidates(unit, TruncatedSVD(unit.matrices)) for unit in units]
+def candidates_of(units: list[Unit]) -> list[UnitDecomposers]:
+    return [UnitDecomposers(unit, TruncatedSVD(unit.matrices)) for unit in units]
 
 
 def decaying(out_dim: int, in_dim: int, decay: float, seed: int) -> np.ndarray:

@@ -1,0 +1,159 @@
+"""`Options`: how to compress, one typed field per choice. Each field's metadata carries its command-line
+flag (help, choices, metavar), so that the `compress` command's flags are generated from here (cli.py):
+adding an option touches this file only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .adapters import ADAPTERS
+from .errors import InputError
+from .installation import install_hint
+from .methods import METHODS
+from .metrics import DEFAULT_METRIC, DEFAULT_TOLERANCE, METRICS, check_metric
+from .objective import DEFAULT_OBJECTIVE, OBJECTIVES
+from .parallel import check_jobs
+from .quantize import INT8_RANGES, QUANTIZATIONS
+from .ranks import load_ranks_file, validate_ranks
+from .runtime import PROVIDERS
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How an `Options` field is given on the command line (--field-name)."""
+
+    help: str
+    metavar: str | None = None
+    choices: Sequence[str] | None = None
+    type: Callable[[str], object] | None = None  # argparse's conversion of the text
+    convert: Callable[[object], object] | None = None  # then, for a value given, what the field holds
+    exclusive: str | None = None  # flags with the same group name exclude each other
+
+
+def _option(default, flag: Flag | None = None, factory: Callable[[], object] | None = None):
+    metadata = {} if flag is None else {"flag": flag}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _ops(text: object) -> tuple[str, ...]:
+    return tuple(op.strip() for op in str(text).split(",") if op.strip())
+
+
+def _tolerance_defaults() -> str:
+    return ", ".join(f"{metric} {value:g}" for metric, value in DEFAULT_TOLERANCE.items())
+
+
+@dataclass(frozen=True)
+class Options:
+    """How to compress. At most one of `ranks`, `target_params`, `energy`; with none, calibration data
+    is needed and compact mode finds the fewest parameters within `tolerance`."""
+
+    ranks: Mapping[str, int | str] | None = _option(None, Flag(  # {"node or weight name" | "*": int | "full"}
+        'ranks per node or weight name: {"name" | "*": int | "full"}', "FILE.json", type=Path,
+        convert=load_ranks_file, exclusive="rank"))
+    target_params: float | None = _option(None, Flag(  # keep this fraction of the factorizable parameters
+        "keep this fraction of the factorizable parameters, spent where it loses least energy", "F", type=float,
+        exclusive="rank"))
+    energy: float | None = _option(None, Flag(
+        "per layer, the smallest rank keeping this fraction of the singular-value energy", "E", type=float,
+        exclusive="rank"))
+    tolerance: float | None = _option(None, Flag(  # bound on the validated error (compact: default per metric)
+        "max validated error on the held-out calibration part, in --metric (compact-mode default per metric: "
+        f"{_tolerance_defaults()})", "T", type=float))
+    metric: str = _option(DEFAULT_METRIC, Flag("error measure (default %(default)s)", choices=METRICS))
+    method: str = _option("auto", Flag("decomposition (auto: the best available)", choices=METHODS))
+    no_data: bool = _option(False, Flag("factorize from the weights alone (still validate on --calib)"))
+    ops: Sequence[str] = _option(None, Flag(
+        f"comma-separated op types to consider (default {','.join(ADAPTERS)})", "LIST", convert=_ops),
+        factory=lambda: tuple(ADAPTERS))
+    provider: str = _option("cpu", Flag("execution provider for validation", choices=PROVIDERS))  # cpu|cuda|auto
+    allow_larger: bool = _option(False, Flag("keep factorizations that do not shrink a layer"))
+    seed: int = _option(0, Flag("seed of the fit / validation split", type=int))
+    batch_size: int = _option(8, Flag("calibration samples per ONNX Runtime run", type=int))
+    jobs: int | None = _option(None, Flag(  # worker processes for the per-layer work (None: by model size)
+        "worker processes for the per-layer factorizations (default: all cores for weight-only or Conv "
+        "decompositions; data-aware SVDs and models under 4M factorizable parameters run in one process)", "N",
+        type=int))
+    scheduler: str | None = _option(None, Flag(
+        "send the per-layer factorizations to this Dask scheduler (tcp://host:8786) instead", "ADDRESS"))
+    cache: str | os.PathLike | None = _option(None, Flag(  # statistics and sensitivities kept between runs
+        "keep calibration statistics and sensitivities here, keyed by model and data: a second run (another "
+        "tolerance or budget) skips those passes", "DIR", type=Path))
+    objective: str = _option(DEFAULT_OBJECTIVE, Flag(  # size | latency | balanced: see objective.py
+        "size: fewest parameters; balanced: ranks in hardware-friendly multiples and no factorization slower "
+        "than its dense layer on --provider (measured); latency: only factorizations measurably faster "
+        "(default %(default)s)", choices=OBJECTIVES))
+    quantize: str | None = _option(None, Flag(  # also quantize, validated together
+        "also quantize the weights (int8: dynamic for MatMul/Gemm/Gather, static QDQ with the calibration data "
+        "for Conv); the combined model is validated against the bound", choices=QUANTIZATIONS))
+    int8_range: str = _option("auto", Flag(  # reduced range where the CPU lacks VNNI (quantize.py)
+        "int8 value range: full needs a CPU with VNNI (or AMX, or ARM dot-product) to be exact; reduced (7 bits) "
+        "is right on every CPU; auto picks by this CPU (default %(default)s)", choices=INT8_RANGES))
+    confidence: float = _option(0.95, Flag(  # of the bound promised for new inputs (generalization.py)
+        "confidence of the bound reported for new inputs (default %(default)s)", "C", type=float))
+    progress: bool = False  # progress bars on stderr (the command line turns them on in a terminal)
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("ranks", "target_params", "energy") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise InputError("choose ranks with only one of --ranks, --target-params or --energy")
+        if self.ranks is not None:
+            object.__setattr__(self, "ranks", validate_ranks(self.ranks))
+        _check_fraction("target-params", self.target_params)
+        _check_fraction("energy", self.energy)
+        self._check_tolerance()
+        self._check_methods()
+        _check_choice("op type", self.ops, ADAPTERS, " in ops; choose from")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise InputError(f"batch size must be a positive integer, got {self.batch_size!r}")
+        check_jobs(self.jobs)
+        if self.scheduler is not None and (not isinstance(self.scheduler, str) or not self.scheduler):
+            raise InputError(f"scheduler must be an address such as tcp://host:8786, got {self.scheduler!r}")
+        _check_choice("objective", [self.objective], OBJECTIVES)
+        if self.quantize not in (None, *QUANTIZATIONS):
+            raise InputError(f"unknown quantization {self.quantize!r}; choose {', '.join(QUANTIZATIONS)}")
+        _check_choice("int8 range", [self.int8_range], INT8_RANGES)
+        if isinstance(self.confidence, bool) or not isinstance(self.confidence, (int, float)) \
+                or not 0.5 <= self.confidence < 1:
+            raise InputError(f"confidence must be a number in [0.5, 1), got {self.confidence!r}")
+        _check_choice("provider", [self.provider], PROVIDERS)
+
+    def _check_tolerance(self) -> None:
+        check_metric(self.metric, has_labels=True)
+        if self.tolerance is None:
+            return
+        if isinstance(self.tolerance, bool) or not isinstance(self.tolerance, (int, float)):
+            raise InputError(f"tolerance must be a number, got {self.tolerance!r}")
+        if not math.isfinite(self.tolerance) or self.tolerance < 0 or (self.tolerance == 0 and self.metric != "accuracy"):
+            raise InputError(f"tolerance must be a positive number (0 only for accuracy), got {self.tolerance:g}")
+
+    def _check_methods(self) -> None:
+        _check_choice("method", [self.method], METHODS)
+        if (self.ranks is not None or self.energy is not None) and self.method not in ("auto", "svd"):
+            raise InputError(f"--ranks and --energy choose SVD ranks; they do not combine with --method {self.method}")
+        if self.method == "cp" and importlib.util.find_spec("tensorly") is None:
+            raise InputError(f"method cp needs tensorly: {install_hint('cp')}")
+
+
+def _check_fraction(name: str, value: float | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{name} must be a number in (0, 1], got {value!r}")
+    if not 0 < value <= 1:
+        raise InputError(f"{name} must be in (0, 1], got {value:g}")
+
+
+def _check_choice(what: str, given: Sequence[str], allowed: Sequence[str], wording: str = "; choose one of") -> None:
+    """One line naming the first unknown value (or an empty list) and what is allowed."""
+    unknown = [value for value in given if value not in allowed]
+    if unknown or not given:
+        raise InputError(f"unknown {what} {unknown[0] if unknown else '(none)'!r}{wording} {', '.join(allowed)}")

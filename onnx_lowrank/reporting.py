@@ -1,0 +1,110 @@
+"""The parts of a run's Report that are worked out from its state: per-layer rows, the trace, notes and
+the one-line reasons a result is refused."""
+
+from __future__ import annotations
+
+from .fusion import fusion_check
+from .latency import LayerTimer, Untimeable
+from .ranks import UnitDecomposers, Choice
+from .report import LayerReport, Report
+from .search import Search
+from .svd import Factorization
+
+
+def refusal(validation) -> str:
+    """Why a validated model is refused: its error, or for top1 / accuracy the margins it threatens."""
+    seen = f"{validation.metric} is {validation.value:.4g}"
+    if validation.threatened:
+        seen += (f" and {validation.threatened} of {validation.calibration_decisions} calibration decisions "
+                 f"have their margin threatened ({validation.predicted_unseen:.4g})")
+    return f"{seen}, above the tolerance {validation.tolerance:g}"
+
+
+def traced(trial) -> dict:
+    """A validated candidate in the report's trace; top1 / accuracy add the calibration decisions it threatens."""
+    traced = {"params": trial.params, "error": trial.error, "samples": trial.samples}
+    if trial.threat is not None:
+        traced["threatened"] = trial.threat.threatened
+    return traced
+
+
+def clearly_slower(timing: dict) -> str | None:
+    """A note when the compressed model ran slower end to end beyond the timings' spread (each layer's
+    gate cannot see effects between layers, such as a layout change)."""
+    if "speedup" not in timing or timing["compressed"]["p10_ms"] <= timing["original"]["p90_ms"]:
+        return None
+    return (f"end to end the compressed model ran slower than the original ({timing['speedup']:.2f}x, "
+            f"{timing['provider']}, batch {timing['batch']}); try --objective latency")
+
+
+def layer_reports(
+    candidates: list[UnitDecomposers], choices: list[Choice], factors: dict[str, Factorization],
+    sensitivity: list[float] | None, timer: LayerTimer | None,
+) -> list[LayerReport]:
+    reports = []
+    for position, (candidate, choice) in enumerate(zip(candidates, choices)):
+        if choice.option is None:
+            continue
+        unit = candidate.unit
+        factorization = factors[unit.key]
+        config = choice.option.config
+        reports.append(
+            LayerReport(
+                node=unit.name,
+                op=unit.op,
+                weight=unit.weight.name,
+                shape=list(unit.weight.shape),
+                method=factorization.method,
+                rank=config[0] if len(config) == 1 else list(config),
+                params_before=unit.params,
+                params_after=factorization.params,
+                predicted_error=factorization.predicted_error,
+                nodes=[layer.node.name for layer in unit.layers],
+                sensitivity=None if sensitivity is None else sensitivity[position],
+                alternatives=_alternatives(candidate, choice.option),
+                spectrum=_spectrum(candidate),
+                latency=None if timer is None else _layer_latency(timer, unit, factorization),
+            )
+        )
+    return reports
+
+
+def fusions(original, factorized, report: Report, search: Search | None, base_dir: str) -> dict:
+    """ONNX Runtime's fusions in the original and the factorized model; a model ONNX Runtime cannot
+    optimize was still validated as written, so that is a note, not a failure."""
+    provider = search.evaluator.provider_used if search is not None else "cpu"
+    try:
+        return fusion_check(original, factorized, [n for layer in report.layers for n in layer.nodes], provider,
+                            base_dir=base_dir)
+    except Exception as error:  # noqa: BLE001 - onnxruntime's own exception types
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return {"error": f"onnxruntime could not optimize the models: {first_line}"}
+
+
+def _layer_latency(timer: LayerTimer, unit, factorization: Factorization) -> dict[str, float] | None:
+    """The chosen factorization against its dense layer, alone (cached when the gate timed it)."""
+    try:
+        dense_ms, factorized_ms = timer.times(unit, factorization)
+    except Untimeable:
+        return None
+    return {"dense_ms": dense_ms, "factorized_ms": factorized_ms}
+
+
+def _spectrum(candidate: UnitDecomposers) -> list[float]:
+    """The unit's SVD energies as fractions of its total, to 4 digits (the report's spectrum plots)."""
+    spectrum = candidate.primary.spectrum
+    total = spectrum.energy.sum() if spectrum.total is None else spectrum.total
+    return [float(f"{e:.4g}") for e in (spectrum.energy / total if total > 0 else spectrum.energy)]
+
+
+def _alternatives(candidate: UnitDecomposers, chosen) -> dict[str, float | None]:
+    """Why the other methods lost: each one's least predicted error within the chosen option's parameters
+    (None: it has no option that small)."""
+    best: dict[str, float | None] = {}
+    for option in candidate.options():
+        if option.method == chosen.method:
+            continue
+        best.setdefault(option.method, None)
+        if option.params <= chosen.params and (best[option.method] is None or option.error < best[option.method]):
+            best[option.method] = option.error
+    return best

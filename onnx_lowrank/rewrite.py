@@ -1,0 +1,42 @@
+"""The rewrite: the original model with chosen units replaced by their factor chains, checked as ONNX."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import onnx
+
+from .layers import find_layers
+from .ranks import UnitDecomposers, Choice
+from .splice import Splice, export, import_graph
+from .svd import Factorization
+
+
+def factors_of(candidates: Sequence[UnitDecomposers], choices: Sequence[Choice]) -> dict[str, Factorization]:
+    """The factorization of every unit that is not kept dense, by unit key."""
+    return {c.unit.key: c.factorize(ch.option) for c, ch in zip(candidates, choices) if ch.option is not None}
+
+
+def build(
+    original: onnx.ModelProto, adapters: dict, factors: dict[str, Factorization], base_dir: str = ""
+) -> onnx.ModelProto:
+    """The original with the units named by key replaced by their factor chains (`base_dir`: where the
+    original's external data lies, when it was loaded without it; the result then refers to it too)."""
+    imported = import_graph(original)
+    plan = find_layers(imported.graph, original, adapters, base_dir)
+    splice = Splice(imported.graph)
+    for unit in plan.units:
+        if unit.key in factors:
+            for layer in unit.layers:
+                splice.replace(layer, factors[unit.key])
+    return export(imported, original, splice.metadata)
+
+
+
+def check_rewritten(model: onnx.ModelProto, full: bool) -> None:
+    """Our own output must pass the checker, with strict shape inference where the input did; a failure
+    here is a bug, not bad input."""
+    try:
+        onnx.checker.check_model(model, full_check=full)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        raise RuntimeError(f"the rewritten model fails the ONNX checker: {error}") from error
