@@ -808,3 +808,44 @@ def test_onnxruntime_failing_on_our_fed_values_is_exit_3(tiny: Path, tiny_calib:
     line = _internal_error_line(code, err)
     assert "probe_error_fed" in line and "overridden initializers" in line, line
     assert list(out.parent.iterdir()) == []
+
+
+# ------------------------------------------------------------------------ flags generated from Options
+
+
+def test_every_option_is_a_flag_with_its_help_and_choices():
+    """The compress flags come from the fields of Options (options.Flag in their metadata): each field with one is
+    on the command line, under its name, with its help text and its choices."""
+    import dataclasses
+
+    from onnx_lowrank import cli as command
+    from onnx_lowrank.options import Options
+
+    parser = command._parser()
+    compress = parser._subparsers._group_actions[0].choices["compress"]
+    flags = {action.dest: action for action in compress._actions}
+    for option in dataclasses.fields(Options):
+        flag = option.metadata.get("flag")
+        if flag is None:
+            assert option.name not in flags, option.name  # e.g. progress: set from --quiet and the terminal
+            continue
+        action = flags[option.name]
+        assert action.option_strings == ["--" + option.name.replace("_", "-")]
+        assert action.help == flag.help and action.help
+        assert tuple(action.choices or ()) == tuple(flag.choices or ())
+
+
+def test_flags_reach_options_converted(tmp_path: Path):
+    """What the command line parses is what Options holds: converted (--ops, --ranks) and defaulted alike."""
+    from onnx_lowrank import cli as command
+    from onnx_lowrank.options import Options
+
+    ranks = tmp_path / "ranks.json"
+    ranks.write_text(json.dumps({"*": 4, "fc": "full"}))
+    args = command._parser().parse_args(["compress", "in.onnx", "-o", "out.onnx", "--ranks", str(ranks),
+                                          "--ops", "MatMul, Gemm", "--no-data", "--seed", "3", "--metric", "cosine"])
+    given = Options(**command._options(args))
+    assert given == Options(ranks={"*": 4, "fc": "full"}, ops=("MatMul", "Gemm"), no_data=True, seed=3,
+                            metric="cosine")
+    defaults = command._parser().parse_args(["compress", "in.onnx", "-o", "out.onnx"])
+    assert Options(**command._options(defaults)) == Options()
