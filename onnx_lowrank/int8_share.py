@@ -8,6 +8,7 @@ from .calibration import Samples, Split
 from .model_io import model_stats
 from .options import Options
 from .quantize import FALLBACK_SHARE, Fallback, chain_names, fallback, quantize_int8
+from .report import FallbackSearch, FallbackStep, Quantization
 from .search import Search
 
 
@@ -81,19 +82,18 @@ class Int8Share:
             return None
         return share / 2
 
-    def summary(self, factorized, quantized, factor_error: float | None, error: float | None) -> dict:
-        summary = {
-            "scheme": "int8",
-            "bytes_factorized": model_stats(factorized).bytes,
-            "bytes_quantized": model_stats(quantized).bytes,
-            "error_factorized": factor_error,  # the factorization alone (validated, before quantizing)
-            "error_quantized": error,  # factorization and quantization together: what was validated
-            "error_quantized_alone": self.alone_error,  # the original quantized (with the fallback), no factorization
-            "nodes": self.info,
-            "range": self.info["range"],  # full or reduced (7-bit weights)
-            "range_reason": self.info["range_reason"],  # auto: which CPU feature decided; or requested
-        }
-        if self.fallback is not None:  # compact mode: the nodes taken out, each with its measured cost
-            summary["fallback_nodes"] = [node.to_dict() for node in self.fallback.nodes]
-            summary["fallback"] = self.fallback.to_dict()
-        return summary
+    def summary(self, factorized, quantized, factor_error: float | None, error: float | None) -> Quantization:
+        fallback = self.fallback  # compact mode: the nodes taken out, each with its measured cost
+        return Quantization(
+            scheme="int8",
+            bytes_factorized=model_stats(factorized).bytes,
+            bytes_quantized=model_stats(quantized).bytes,
+            error_factorized=factor_error,  # the factorization alone (validated, before quantizing)
+            error_quantized=error,  # factorization and quantization together: what was validated
+            error_quantized_alone=self.alone_error,  # the original quantized (with the fallback), no factorization
+            nodes=self.info,
+            range=self.info["range"],  # full or reduced (7-bit weights)
+            range_reason=self.info["range_reason"],  # auto: which CPU feature decided; or requested
+            fallback_nodes=None if fallback is None else [FallbackStep(**node.to_dict()) for node in fallback.nodes],
+            fallback=None if fallback is None else FallbackSearch(**fallback.to_dict()),
+        )

@@ -36,7 +36,7 @@ from .parking import PARK_MIN_PARAMS
 from .progress import Advance, Progress
 from .rank_modes import Allocation, RankMode, rank_mode_for
 from .ranks import UnitDecomposers
-from .report import Report, SkippedLayer, Validation
+from .report import Chosen, Report, SkippedLayer, Validation
 from .runtime import resolve_provider
 from .reporting import clearly_slower, fusions, layer_reports, refusal, traced
 from .rewrite import build, check_rewritten, factors_of
@@ -261,7 +261,7 @@ def report(run: Run, advance: Advance) -> None:
         validation=run.validation, mode=run.mode.name, phases=run.phases,
         trace=[traced(t) for t in run.search.trials] if run.search else [],
         factorizable_params=sum(unit.params for unit in run.units),
-        chosen=None if trial is None else {"params": trial.params, "error": trial.error},
+        chosen=None if trial is None else Chosen(params=trial.params, error=trial.error),
         objective=run.settings.objective, notes=run.notes,
     )
     run.rewritten, run.factors = bool(run.factors), {}

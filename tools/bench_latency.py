@@ -176,7 +176,7 @@ def _compress(original: onnx.ModelProto, common: dict, **settings) -> tuple[onnx
     removed = sum(layer.params_before - layer.params_after for layer in report.layers)
     total = report.factorizable_params
     embedding = [layer for layer in report.layers if layer.op == "Gather"]
-    fusions = report.fusions or {}
+    fusions = report.fusions.to_dict() if report.fusions is not None else {}
     row = {
         "settings": shown, "met": True, "seconds": seconds, "phases": report.phases,
         "params": report.params_after, "file_bytes": model_stats(model).bytes,
@@ -188,9 +188,10 @@ def _compress(original: onnx.ModelProto, common: dict, **settings) -> tuple[onnx
         "fusions_match": fusions.get("unfactorized_match"),
         "fusions_lost": [entry["kind"] for entry in fusions.get("lost", []) if entry["layer"] is None],
         "fusions_error": fusions.get("error"),
-        "tool_latency": report.latency,  # the tool's own end-to-end check (its default threads, its feed)
+        # the tool's own end-to-end check (its default threads, its feed)
+        "tool_latency": None if report.latency is None else report.latency.to_dict(),
         "quantization": None if report.quantization is None else
-        {k: v for k, v in report.quantization.items() if k != "nodes"},
+        {k: v for k, v in report.quantization.to_dict().items() if k != "nodes"},
         "notes": report.notes,
     }
     return model, row
