@@ -65,7 +65,7 @@ class Cache:
             if not os.access(self.folder, os.W_OK):
                 raise InputError(f"cannot use cache folder {self.folder}: it is not writable")
 
-    def statistics(self, key: str) -> list[Moments | Counts] | None:
+    def statistics(self, key: str | None) -> list[Moments | Counts] | None:
         path = self._path("statistics", key, ".npz")
         if path is None or not path.is_file():
             return None
@@ -77,7 +77,7 @@ class Cache:
         except (OSError, ValueError, KeyError):
             return None
 
-    def save_statistics(self, key: str, statistics: Sequence[Moments | Counts]) -> None:
+    def save_statistics(self, key: str | None, statistics: Sequence[Moments | Counts]) -> None:
         path = self._path("statistics", key, ".npz")
         if path is None:
             return
@@ -107,7 +107,7 @@ class Cache:
         timings, shared by every model: they depend on shapes, not weights)."""
         return None if self.folder is None else self.folder / name
 
-    def _path(self, kind: str, key: str, suffix: str) -> Path | None:
+    def _path(self, kind: str, key: str | None, suffix: str) -> Path | None:
         return None if self.folder is None else self.folder / f"{kind}-{key}{suffix}"
 
     def _write(self, path: Path, write) -> None:

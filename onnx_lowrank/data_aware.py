@@ -22,7 +22,7 @@ import numpy as np
 from .calibration import Samples
 from .layers import Layer, Unit
 from .statistics import Counts, Moments, collect
-from .svd import Factorization, RankedOptions, Spectrum
+from .svd import Factorization, Option, RankedOptions, Spectrum
 
 RELATIVE_FLOOR = 1e-12
 
@@ -70,7 +70,7 @@ class DataAwareSVD(RankedOptions):
     def _shape(self) -> tuple[int, int, int]:
         return self._matrix_shape
 
-    def factorize(self, rank: int | tuple[int]) -> Factorization:
+    def factorize(self, rank: int | tuple[int, ...]) -> Factorization:
         rank = rank[0] if isinstance(rank, tuple) else rank
         if not 1 <= rank <= self._vectors.shape[2]:
             raise ValueError(f"rank {rank} outside 1..{self._vectors.shape[2]}")
@@ -230,10 +230,10 @@ class FrequencyWeightedSVD(RankedOptions):
     def _shape(self) -> tuple[int, int, int]:
         return self._matrix_shape
 
-    def options(self):
+    def options(self) -> list[Option]:
         return [option for option in super().options() if self._allowed[option.config[0]]]
 
-    def factorize(self, rank: int | tuple[int]) -> Factorization:
+    def factorize(self, rank: int | tuple[int, ...]) -> Factorization:
         rank = rank[0] if isinstance(rank, tuple) else rank
         if not 1 <= rank <= self._basis.shape[2]:
             raise ValueError(f"rank {rank} outside 1..{self._basis.shape[2]}")

@@ -41,7 +41,8 @@ from .runtime import EXECUTION_PROVIDERS, open_session, session_with_outputs
 from .ranks import UnitDecomposers, pareto_front
 from .rewrite import build
 from .splice import import_graph
-from .svd import Factorization, Option
+from .decompositions import Factorized
+from .svd import Option
 from .weights import CHAIN_OPS, ConstantIndex, stored_constant
 
 
@@ -343,7 +344,7 @@ class LayerTimer:
 
     # ---- models
 
-    def models(self, unit: Unit, factorization: Factorization) -> LayerModels:
+    def models(self, unit: Unit, factorization: Factorized) -> LayerModels:
         """The unit's first layer as a model of its own, dense and factorized (Untimeable when it cannot
         be cut out)."""
         dense, input_name, output_name, extracted = self._dense_model(unit)
@@ -423,7 +424,7 @@ class LayerTimer:
 
     # ---- timing
 
-    def key(self, unit: Unit, factorization: Factorization) -> str:
+    def key(self, unit: Unit, factorization: Factorized) -> str:
         """What a layer's time depends on: op, attributes, weight and data shapes and types, the bias
         fused or not, the method and its ranks, provider and threads (not the weights' values)."""
         return self._key(unit, factorization.method, factorization.rank, factorization.bias_shift is not None)
@@ -452,7 +453,7 @@ class LayerTimer:
         }
         return json.dumps(parts, sort_keys=True)
 
-    def times(self, unit: Unit, factorization: Factorization) -> tuple[float, float]:
+    def times(self, unit: Unit, factorization: Factorized) -> tuple[float, float]:
         """(dense_ms, factorized_ms): median latencies of the unit's first layer, measured side by side."""
         key = self.key(unit, factorization)
         if key not in self.timings:

@@ -12,7 +12,7 @@ import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import numpy as np
 import onnx
@@ -20,6 +20,9 @@ import onnx_graphsurgeon as gs
 
 from .svd import Factorization
 from .weights import ConstantIndex, Weight, resolve, weight_users
+
+if TYPE_CHECKING:
+    from .splice import Emitter
 
 
 @dataclass
@@ -166,6 +169,13 @@ def detached(unit: Unit) -> Unit:
 
 
 @dataclass(frozen=True)
+class Skip:
+    """An adapter's answer for a node of its op type that it cannot factorize: why (the report lists it)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
 class Skipped:
     """A node an adapter looked at and left, with the reason."""
 
@@ -175,13 +185,13 @@ class Skipped:
 
 
 class Adapter(Protocol):
-    """One op type: `check` a node (a Layer, or the reason it is skipped) and `rewrite` it as a chain."""
+    """One op type: `check` a node (a Layer, or why it is skipped) and `rewrite` it as a chain."""
 
     op_type: ClassVar[str]
 
-    def check(self, node: gs.Node, index: ConstantIndex, opset: int) -> Layer | str | None:
-        """A Layer, the reason the node cannot be one, or None when it is no layer at all (e.g. a Gather
-        on shapes) and deserves no line in reports."""
+    def check(self, node: gs.Node, index: ConstantIndex, opset: int) -> Layer | Skip | None:
+        """A Layer, a Skip saying why the node cannot be one, or None when it is no layer at all (e.g. a
+        Gather on shapes) and deserves no line in reports."""
 
     def observed(self, layer: Layer) -> tuple[gs.Tensor, str]:
         """The tensor whose statistics describe the layer, and its side: "input" (vectors the weight
@@ -190,7 +200,7 @@ class Adapter(Protocol):
     def rows(self, layer: Layer, array: np.ndarray) -> np.ndarray:
         """That tensor's values as (G, positions, channels): one row per vector the weight meets."""
 
-    def rewrite(self, layer: Layer, factors: Factorization, emit) -> None:
+    def rewrite(self, layer: Layer, factors: Factorization, emit: Emitter) -> None:
         """Emit nodes computing second @ first @ x per group (`first` (G, r, in), `second` (G, out, r)),
         moving `factors.bias_shift` (when set) into the layer's bias site."""
 
@@ -215,8 +225,8 @@ def find_layers(graph: gs.Graph, model: onnx.ModelProto, adapters: dict[str, Ada
         found = adapter.check(node, index, opset)
         if found is None:
             continue
-        if isinstance(found, str):
-            skipped.append(Skipped(node.name, node.op, found))
+        if isinstance(found, Skip):
+            skipped.append(Skipped(node.name, node.op, found.reason))
             continue
         layers.append(found)
     users = collections.Counter(layer.weight.name for layer in layers)

@@ -23,8 +23,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .decompositions import Factorized
 from .layers import BiasSite, Layer, Unit
-from .svd import Factorization
 from .weights import ConstantIndex, Weight, weight_users
 
 FED_DTYPES = (np.float16, np.float32, np.float64)  # what onnxruntime's Python binding takes as is
@@ -57,12 +57,13 @@ class Override:
     def placements(self) -> list[Placement]:
         return [self.weight, *(placement for _, placement in self.biases)]
 
-    def feed(self, factors: Factorization) -> dict[str, np.ndarray] | None:
+    def feed(self, factors: Factorized) -> dict[str, np.ndarray] | None:
         """The stored weight (and biases) of the dense equivalent of `factors`; None for a decomposition
         with its own chain (Tucker-2, CP, ...) or a bias shift this override has no place for."""
-        if hasattr(factors, "emit") or (factors.bias_shift is not None and not self.biases):
+        weight = factors.same_op_weight()
+        if weight is None or (factors.bias_shift is not None and not self.biases):
             return None
-        fed = {self.weight.name: self.weight.stored(factors.reconstruct())}
+        fed = {self.weight.name: self.weight.stored(weight)}
         if factors.bias_shift is not None:
             shift = np.asarray(factors.bias_shift, dtype=np.float64).reshape(-1)
             for site, placement in self.biases:

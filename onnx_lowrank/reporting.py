@@ -8,7 +8,7 @@ from .latency import LayerTimer, Untimeable
 from .ranks import UnitDecomposers, Choice
 from .report import LayerReport, Report
 from .search import Search
-from .svd import Factorization
+from .decompositions import Factorized
 
 
 def refusal(validation) -> str:
@@ -38,7 +38,7 @@ def clearly_slower(timing: dict) -> str | None:
 
 
 def layer_reports(
-    candidates: list[UnitDecomposers], choices: list[Choice], factors: dict[str, Factorization],
+    candidates: list[UnitDecomposers], choices: list[Choice], factors: dict[str, Factorized],
     sensitivity: list[float] | None, timer: LayerTimer | None,
 ) -> list[LayerReport]:
     reports = []
@@ -81,7 +81,7 @@ def fusions(original, factorized, report: Report, search: Search | None, base_di
         return {"error": f"onnxruntime could not optimize the models: {first_line}"}
 
 
-def _layer_latency(timer: LayerTimer, unit, factorization: Factorization) -> dict[str, float] | None:
+def _layer_latency(timer: LayerTimer, unit, factorization: Factorized) -> dict[str, float] | None:
     """The chosen factorization against its dense layer, alone (cached when the gate timed it)."""
     try:
         dense_ms, factorized_ms = timer.times(unit, factorization)

@@ -28,7 +28,7 @@ from .rewrite import build, factors_of
 from .runtime import Session, session_with_outputs, with_outputs
 from .report import Validation
 from .statistics import Moments
-from .svd import Factorization
+from .decompositions import Factorized
 
 PROBE_ERROR = 0.01  # predicted relative error at which each unit's sensitivity is probed
 PROBE_SAMPLES = 16  # fit samples a probe runs on, at most ...
@@ -253,7 +253,7 @@ class Search:
         self.steered: list[int] = []  # held-out samples that steered the choice (compact mode's bisection)
         self.advance = advance  # called once per validated trial (a progress bar)
 
-    def factors(self, choices: Sequence[Choice]) -> dict[str, Factorization]:
+    def factors(self, choices: Sequence[Choice]) -> dict[str, Factorized]:
         return factors_of(self.candidates, choices)
 
     def params(self, choices: Sequence[Choice]) -> int:
