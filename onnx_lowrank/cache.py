@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from .calibration import Samples
-from .errors import InputError
+from .errors import InputError, known
 from .statistics import Counts, Moments
 
 FORMAT = "onnx-lowrank-cache-1"
@@ -84,7 +84,8 @@ class Cache:
         arrays: dict[str, np.ndarray] = {"format": np.array(FORMAT), "units": np.array(len(statistics))}
         for i, entry in enumerate(statistics):
             arrays.update(_pack(entry, f"{i}."))
-        self._write(path, lambda stream: np.savez(stream, **arrays))
+        self._write(path, lambda stream: np.savez(stream, **arrays))  # type: ignore[arg-type]  # numpy's stub
+        # takes the keywords for its allow_pickle flag
 
     def floats(self, kind: str, key: str) -> list[float] | None:
         path = self._path(kind, key, ".json")
@@ -144,4 +145,5 @@ def _unpack(stored, prefix: str) -> Moments | Counts:
     if str(stored[prefix + "kind"]) == "counts":
         return Counts(stored[prefix + "count"].copy())
     fields = {name: stored[prefix + name].copy() if prefix + name in stored.files else None for name in _MOMENT_FIELDS}
-    return Moments(count=int(stored[prefix + "count"]), **fields)
+    return Moments(int(stored[prefix + "count"]), known(fields["total"], "the stored total"),
+                   known(fields["outer"], "the stored outer sum"), fields["origin"], fields["third"], fields["fourth"])

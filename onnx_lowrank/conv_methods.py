@@ -204,7 +204,7 @@ class SpatialSeparable(ConvDecomposer):
         else:  # rows (cin, i), columns (cout, j)
             matrices = self.kernel.transpose(1, 2, 0, 3).reshape(1, per_group * height, out_channels * width)
         self._u, self._s, self._vt = np.linalg.svd(matrices, full_matrices=False)
-        self._first, self._second = _split_axes(self.attrs, height, width)
+        self._first, self._second = _split_pair(self.attrs, height, width)
 
     def configs(self) -> list[tuple[int, ...]]:
         return rank_grid(self._s.shape[1])
@@ -301,7 +301,7 @@ class CanonicalPolyadic(ConvDecomposer):
     def __init__(self, layer: Layer, error: OutputError) -> None:
         super().__init__(layer, error)
         out_channels, in_channels, height, width = self.kernel.shape
-        self._first, self._second = _split_axes(self.attrs, height, width)
+        self._first, self._second = _split_pair(self.attrs, height, width)
         self.rejected: list[str] = []
 
     def configs(self) -> list[tuple[int, ...]]:
@@ -385,6 +385,14 @@ def conv_decomposers(layer: Layer, error: OutputError, methods: set[str]) -> tup
 
 def _pointwise(spatial: int) -> dict:
     return {"kernel_shape": [1] * spatial}
+
+
+def _split_pair(attrs: dict, height: int, width: int) -> tuple[dict, dict]:
+    """_split_axes of a conv that conv_decomposers found separable."""
+    vertical, horizontal = _split_axes(attrs, height, width)
+    if vertical is None or horizontal is None:
+        raise ValueError("the conv's padding depends on its input size: it does not split into kh x 1 and 1 x kw")
+    return vertical, horizontal
 
 
 def _split_axes(attrs: dict, height: int, width: int) -> tuple[dict | None, dict | None]:

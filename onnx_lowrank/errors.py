@@ -26,8 +26,8 @@ class BoundNotMet(RuntimeError):
 
 
 def known(value: T | None, what: str) -> T:
-    """`value`, which an earlier stage of the run has set (what the stage that reads it relies on); a
-    RuntimeError, our own bug, when it has not."""
+    """`value`, which the caller knows to be set (e.g. by an earlier stage of the run); a RuntimeError, our
+    own bug, when it is not."""
     if value is None:
-        raise RuntimeError(f"{what} is read before the stage that sets it")
+        raise RuntimeError(f"{what} is not set where it is read (a bug)")
     return value

@@ -525,6 +525,7 @@ def _by_hand(index: ConstantIndex, opsets, ir_version: int, layer: Layer, activa
     name (so the layer is found under the same unit key)."""
     nodes = [layer.node]
     if output_name != layer.node.outputs[0].name:
+        assert layer.bias is not None  # the output is that of the layer's bias Add
         nodes.append(layer.bias.node)
     made = {activation.name, ""} | {t.name for node in nodes for t in node.outputs}
     stored: list[onnx.TensorProto] = []
@@ -651,10 +652,10 @@ def _option_times(candidates: UnitDecomposers, timer) -> Callable[[Option], tupl
         factorization = candidates.factorize(option)
         if option.method not in learned:
             rank, config = factorization.rank, tuple(option.config)
-            whole = rank == config if isinstance(rank, tuple) else None
-            if whole is None and len(config) == 1 and rank == config[0]:
-                whole = False
-            learned[option.method] = None if whole is None else (whole, factorization.bias_shift is not None)
+            reads: bool | None = rank == config if isinstance(rank, tuple) else None  # the rank is the config tuple
+            if reads is None and len(config) == 1 and rank == config[0]:
+                reads = False
+            learned[option.method] = None if reads is None else (reads, factorization.bias_shift is not None)
         return timer.times(unit, factorization)
 
     return times

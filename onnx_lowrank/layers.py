@@ -64,12 +64,18 @@ class Layer:
         if self.held is not None:
             self.shape = self.held.shape
         else:  # applied to a stride-0 array of the weight's shape: the shape without reading the weight
-            self.shape = self.view(np.broadcast_to(np.empty(()), self.weight.shape)).shape
+            self.shape = self.viewed(np.broadcast_to(np.empty(()), self.weight.shape)).shape
 
     @property
     def matrices(self) -> np.ndarray:
         """Read from the weight on each use (see weights.Weight.value), unless held."""
-        return self.held if self.held is not None else self.view(self.weight.value)
+        return self.held if self.held is not None else self.viewed(self.weight.value)
+
+    def viewed(self, value: np.ndarray) -> np.ndarray:
+        """A value of the weight's shape seen as the matrices (only a layer attached to its graph can)."""
+        if self.view is None:
+            raise RuntimeError(f"layer {self.node.name!r} is detached: it holds its matrices, and no view")
+        return self.view(value)
 
 
 def batchnorm_scale(node: gs.Node, index: ConstantIndex, channels: int) -> np.ndarray | None:
@@ -164,7 +170,7 @@ def detached(unit: Unit) -> Unit:
     node = NodeView(layer.node.name, layer.node.op, dict(layer.node.attrs))
     value = layer.weight.value
     weight = replace(layer.weight, stored=None, source=None, held=value)
-    matrices = layer.view(value)
+    matrices = layer.viewed(value)
     return Unit(unit.key, [replace(layer, node=node, weight=weight, view=None, held=matrices, bias=bias)])
 
 

@@ -112,12 +112,17 @@ def with_overridable(model: onnx.ModelProto, overrides: Iterable[Override]) -> o
 def _override(unit: Unit, stored: ConstantIndex, graph_outputs: set[str]) -> Override | None:
     placements = [_placement(layer.weight, stored, layer.view) for layer in unit.layers]
     first = placements[0]
-    if any(p is None or p.name != first.name or not np.array_equal(p.positions, first.positions) for p in placements):
+    if first is None or any(p is None or p.name != first.name or not np.array_equal(p.positions, first.positions)
+                            for p in placements):
         return None
     channels = unit.groups * unit.shape[0]
-    biases = [(layer.bias, _bias_placement(layer, channels, stored, graph_outputs)) for layer in unit.layers]
-    if any(site is None or placement is None for site, placement in biases):
-        biases = []  # a bias shift is then probed by building
+    biases: list[tuple[BiasSite, Placement]] = []
+    for layer in unit.layers:
+        placement = _bias_placement(layer, channels, stored, graph_outputs)
+        if layer.bias is None or placement is None:
+            biases = []  # a bias shift is then probed by building
+            break
+        biases.append((layer.bias, placement))
     return Override(first, tuple(biases))
 
 

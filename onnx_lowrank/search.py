@@ -23,7 +23,7 @@ from .generalization import DISCRETE, Decisions, Threat, beyond_maximum, bootstr
 from .metrics import Outputs, lost_decisions, score
 from .overrides import Override, with_overridable
 from .ranks import UnitDecomposers, Choice, by_budget, frontier
-from .errors import InputError
+from .errors import InputError, known
 from .rewrite import build, factors_of
 from .runtime import Session, session_with_outputs, with_outputs
 from .report import Validation
@@ -337,7 +337,8 @@ class Search:
                   "samples": len(indices), "confidence": confidence}
         if self.metric in DISCRETE:
             judged = self.evaluator.judge(model, indices, self.metric, labels)
-            (lost, total), found = judged.lost, judged.threat
+            lost, total = known(judged.lost, "the decisions lost")  # judged on a discrete metric
+            found = known(judged.threat, "the threat")
             return Validation(value=judged.error, passed=None if tolerance is None else judged.value <= tolerance,
                               unseen_bound=clopper_pearson(lost, total, confidence), decisions=total, lost=lost,
                               threatened=found.threatened, calibration_decisions=found.decisions,

@@ -14,6 +14,7 @@ from onnx_graphsurgeon.importers.onnx_importer import get_onnx_tensor_dtype, get
 from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
+from .errors import known
 from .layers import BiasSite, Layer
 from .model_io import is_repeated
 from .decompositions import Factorized
@@ -176,8 +177,9 @@ class Emitter:
         self.inputs = inputs
         self.outputs = outputs
 
-    def bias(self, site: BiasSite, shift: np.ndarray) -> gs.Tensor:
+    def bias(self, site: BiasSite | None, shift: np.ndarray) -> gs.Tensor:
         """The layer's bias moved by `shift` (G, out), stored like the bias it replaces."""
+        site = known(site, "the bias site of a layer whose factors shift its bias")
         return self.weight("bias", site.shifted(shift.reshape(-1)), like=site.weight)
 
     def weight(self, role: str, value: np.ndarray, like: Weight | None = None) -> gs.Tensor:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..errors import known
 from ..layers import BiasSite, Layer, Skip
 from ..svd import Factorization
 from ..weights import ConstantIndex, Weight, resolve, weight_users
@@ -86,7 +87,7 @@ class MatMulAdapter:
             emit.node("a", "MatMul", [emit.weight("a", w1), emit.inputs[1]], [middle])
             emit.node("b", "MatMul", [emit.weight("b", w2), middle], emit.outputs)
         if factors.bias_shift is not None:
-            site = layer.bias
+            site = known(layer.bias, "the bias site of a layer whose factors shift its bias")
             site.node.inputs[site.index] = emit.bias(site, factors.bias_shift)
 
 
