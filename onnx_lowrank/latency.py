@@ -42,7 +42,8 @@ from .runtime import EXECUTION_PROVIDERS, open_session, session_with_outputs
 from .ranks import UnitDecomposers, pareto_front
 from .rewrite import build
 from .splice import import_graph
-from .svd import Factorization, Option
+from .decompositions import Factorized
+from .svd import Option
 from .weights import CHAIN_OPS, ConstantIndex, stored_constant
 
 
@@ -323,7 +324,7 @@ class LayerTimer:
 
     # ---- models
 
-    def models(self, unit: Unit, factorization: Factorization) -> LayerModels:
+    def models(self, unit: Unit, factorization: Factorized) -> LayerModels:
         """The unit's first layer as a model of its own, dense and factorized (Untimeable when it cannot
         be cut out)."""
         dense, input_name, output_name, extracted = self._dense_model(unit)
@@ -403,7 +404,7 @@ class LayerTimer:
 
     # ---- timing
 
-    def key(self, unit: Unit, factorization: Factorization) -> str:
+    def key(self, unit: Unit, factorization: Factorized) -> str:
         """What a layer's time depends on: op, attributes, weight and data shapes and types, the bias
         fused or not, the method and its ranks, provider and threads (not the weights' values)."""
         return self._key(unit, factorization.method, factorization.rank, factorization.bias_shift is not None)
@@ -432,7 +433,7 @@ class LayerTimer:
         }
         return json.dumps(parts, sort_keys=True)
 
-    def times(self, unit: Unit, factorization: Factorization) -> tuple[float, float]:
+    def times(self, unit: Unit, factorization: Factorized) -> tuple[float, float]:
         """(dense_ms, factorized_ms): median latencies of the unit's first layer, measured side by side."""
         key = self.key(unit, factorization)
         if key not in self.timings:
@@ -504,6 +505,7 @@ def _by_hand(index: ConstantIndex, opsets, ir_version: int, layer: Layer, activa
     name (so the layer is found under the same unit key)."""
     nodes = [layer.node]
     if output_name != layer.node.outputs[0].name:
+        assert layer.bias is not None  # the output is that of the layer's bias Add
         nodes.append(layer.bias.node)
     made = {activation.name, ""} | {t.name for node in nodes for t in node.outputs}
     stored: list[onnx.TensorProto] = []
@@ -630,10 +632,10 @@ def _option_times(candidates: UnitDecomposers, timer) -> Callable[[Option], tupl
         factorization = candidates.factorize(option)
         if option.method not in learned:
             rank, config = factorization.rank, tuple(option.config)
-            whole = rank == config if isinstance(rank, tuple) else None
-            if whole is None and len(config) == 1 and rank == config[0]:
-                whole = False
-            learned[option.method] = None if whole is None else (whole, factorization.bias_shift is not None)
+            reads: bool | None = rank == config if isinstance(rank, tuple) else None  # the rank is the config tuple
+            if reads is None and len(config) == 1 and rank == config[0]:
+                reads = False
+            learned[option.method] = None if reads is None else (reads, factorization.bias_shift is not None)
         return timer.times(unit, factorization)
 
     return times

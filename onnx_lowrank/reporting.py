@@ -8,7 +8,7 @@ from .latency import LayerTimer, Untimeable
 from .ranks import UnitDecomposers, Choice
 from .report import Fusions, LayerReport, Latency, Report, TracePoint
 from .search import Search
-from .svd import Factorization
+from .decompositions import Factorized
 
 
 def refusal(validation) -> str:
@@ -36,7 +36,7 @@ def clearly_slower(timing: Latency) -> str | None:
 
 
 def layer_reports(
-    candidates: list[UnitDecomposers], choices: list[Choice], factors: dict[str, Factorization],
+    candidates: list[UnitDecomposers], choices: list[Choice], factors: dict[str, Factorized],
     sensitivity: list[float] | None, timer: LayerTimer | None,
 ) -> list[LayerReport]:
     reports = []
@@ -79,7 +79,7 @@ def fusions(original, factorized, report: Report, search: Search | None, base_di
         return Fusions(error=f"onnxruntime could not optimize the models: {first_line}")
 
 
-def _layer_latency(timer: LayerTimer, unit, factorization: Factorization) -> dict[str, float] | None:
+def _layer_latency(timer: LayerTimer, unit, factorization: Factorized) -> dict[str, float] | None:
     """The chosen factorization against its dense layer, alone (cached when the gate timed it)."""
     try:
         dense_ms, factorized_ms = timer.times(unit, factorization)
