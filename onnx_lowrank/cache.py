@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from .calibration import Samples
-from .errors import InputError
+from .errors import InputError, known
 from .statistics import Counts, Moments
 
 FORMAT = "onnx-lowrank-cache-1"
@@ -65,7 +65,7 @@ class Cache:
             if not os.access(self.folder, os.W_OK):
                 raise InputError(f"cannot use cache folder {self.folder}: it is not writable")
 
-    def statistics(self, key: str) -> list[Moments | Counts] | None:
+    def statistics(self, key: str | None) -> list[Moments | Counts] | None:
         path = self._path("statistics", key, ".npz")
         if path is None or not path.is_file():
             return None
@@ -77,14 +77,15 @@ class Cache:
         except (OSError, ValueError, KeyError):
             return None
 
-    def save_statistics(self, key: str, statistics: Sequence[Moments | Counts]) -> None:
+    def save_statistics(self, key: str | None, statistics: Sequence[Moments | Counts]) -> None:
         path = self._path("statistics", key, ".npz")
         if path is None:
             return
         arrays: dict[str, np.ndarray] = {"format": np.array(FORMAT), "units": np.array(len(statistics))}
         for i, entry in enumerate(statistics):
             arrays.update(_pack(entry, f"{i}."))
-        self._write(path, lambda stream: np.savez(stream, **arrays))
+        self._write(path, lambda stream: np.savez(stream, **arrays))  # type: ignore[arg-type]  # numpy's stub
+        # takes the keywords for its allow_pickle flag
 
     def floats(self, kind: str, key: str) -> list[float] | None:
         path = self._path(kind, key, ".json")
@@ -107,7 +108,7 @@ class Cache:
         timings, shared by every model: they depend on shapes, not weights)."""
         return None if self.folder is None else self.folder / name
 
-    def _path(self, kind: str, key: str, suffix: str) -> Path | None:
+    def _path(self, kind: str, key: str | None, suffix: str) -> Path | None:
         return None if self.folder is None else self.folder / f"{kind}-{key}{suffix}"
 
     def _write(self, path: Path, write) -> None:
@@ -144,4 +145,5 @@ def _unpack(stored, prefix: str) -> Moments | Counts:
     if str(stored[prefix + "kind"]) == "counts":
         return Counts(stored[prefix + "count"].copy())
     fields = {name: stored[prefix + name].copy() if prefix + name in stored.files else None for name in _MOMENT_FIELDS}
-    return Moments(count=int(stored[prefix + "count"]), **fields)
+    return Moments(int(stored[prefix + "count"]), known(fields["total"], "the stored total"),
+                   known(fields["outer"], "the stored outer sum"), fields["origin"], fields["third"], fields["fourth"])

@@ -133,6 +133,7 @@ def _split_samples(arrays: dict[str, np.ndarray], where) -> Samples:
     if len(set(counts.values())) > 1:
         raise InputError(f"calibration arrays in {where} disagree on the number of samples: {counts}")
     count = next(iter(counts.values()))
+    assert count is not None  # no scalars (above)
     feeds = [{name: array[i : i + 1] for name, array in arrays.items()} for i in range(count)]
     return Samples(feeds, batched=True)
 

@@ -109,7 +109,7 @@ def _options(args: argparse.Namespace) -> dict:
     for option in dataclasses.fields(Options):
         flag = option.metadata.get("flag")
         value = None if flag is None else getattr(args, option.name)
-        if value is not None:
+        if flag is not None and value is not None:
             given[option.name] = value if flag.convert is None else flag.convert(value)
     return given
 

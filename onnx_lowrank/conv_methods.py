@@ -19,17 +19,23 @@ from __future__ import annotations
 import importlib.util
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .layers import Layer
 from .svd import Option
 
+if TYPE_CHECKING:
+    from .data_aware import OutputError
+    from .splice import Emitter
+
 FRACTIONS = (1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4)  # of the full ranks, for grids
 
 
-def rank_grid(largest: int) -> list[tuple[int]]:
+def rank_grid(largest: int) -> list[tuple[int, ...]]:
     """About 16 ranks from 1 to `largest`, denser at the small end (where the savings are)."""
     grid = {1, 2, 3, 4} | {max(1, round(largest * f)) for f in np.geomspace(0.05, 1.0, 12)}
     return [(rank,) for rank in sorted(r for r in grid if r <= largest)]
@@ -54,7 +60,7 @@ class ConvChain:
     bias_shift: np.ndarray | None = None
     params: int = field(init=False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         object.__setattr__(self, "params", int(sum(step.kernel.size for step in self.steps)))
 
     def reconstruct(self, layer: Layer) -> np.ndarray:
@@ -66,7 +72,12 @@ class ConvChain:
         steps = [replace(step, kernel=step.kernel.astype(np.float32)) for step in self.steps]
         return ConvChain(self.method, self.rank, steps, self.predicted_error, self.bias_shift)
 
-    def emit(self, layer: Layer, emit) -> None:
+    def same_op_weight(self) -> np.ndarray | None:
+        """None: a chain of Conv nodes of its own (see decompositions.Factorized)."""
+        return None
+
+    def emit(self, layer: Layer, emit: Emitter) -> None:
+        """The chain's Conv nodes, the last writing the layer's outputs with its (shifted) bias."""
         current = emit.inputs[0]
         for position, step in enumerate(self.steps):
             last = position == len(self.steps) - 1
@@ -83,7 +94,7 @@ class ConvDecomposer:
 
     method = ""
 
-    def __init__(self, layer: Layer, error):
+    def __init__(self, layer: Layer, error: OutputError) -> None:
         self.layer = layer
         self.error = error  # OutputError: relative error of an approximate kernel
         kernel = np.asarray(layer.weight.value, dtype=np.float64)
@@ -91,12 +102,12 @@ class ConvDecomposer:
         self.kernel = kernel * self.scale.reshape(-1, *[1] * (kernel.ndim - 1))
         self.groups = int(layer.node.attrs.get("group", 1))
         self.attrs = dict(layer.node.attrs)
-        self._cache: dict[tuple, ConvChain] = {}
+        self._cache: dict[tuple[int, ...], ConvChain] = {}
 
     def configs(self) -> list[tuple[int, ...]]:
         raise NotImplementedError
 
-    def steps(self, config: tuple[int, ...]) -> list[Step]:
+    def steps(self, config: tuple[int, ...]) -> list[Step] | None:
         """The chain on the scaled kernel D W (the last step's output channels are scaled by D)."""
         raise NotImplementedError
 
@@ -107,7 +118,7 @@ class ConvDecomposer:
         for config in self.configs():
             if self.params(config) >= dense:
                 continue
-            chain = self.factorize(config)
+            chain = self._chain(config)
             if chain is not None:
                 found.append(Option(self.method, config, chain.params, chain.predicted_error))
         return found
@@ -115,7 +126,15 @@ class ConvDecomposer:
     def params(self, config: tuple[int, ...]) -> int:
         raise NotImplementedError
 
-    def factorize(self, config: tuple[int, ...]) -> ConvChain | None:
+    def factorize(self, config: tuple[int, ...]) -> ConvChain:
+        """The chain of a configuration; ValueError for one the method rejects (e.g. a diverging CP)."""
+        chain = self._chain(config)
+        if chain is None:
+            raise ValueError(f"{self.method} has no factorization at {tuple(config)}")
+        return chain
+
+    def _chain(self, config: tuple[int, ...]) -> ConvChain | None:
+        """The chain of a configuration (computed once), or None when the method rejects it."""
         config = tuple(config)
         if config not in self._cache:
             steps = self.steps(config)
@@ -134,13 +153,13 @@ class ConvDecomposer:
 class Tucker2(ConvDecomposer):
     method = "tucker2"
 
-    def __init__(self, layer: Layer, error):
+    def __init__(self, layer: Layer, error: OutputError) -> None:
         super().__init__(layer, error)
         out_channels, in_channels = self.kernel.shape[:2]
         self._out_basis = np.linalg.svd(self.kernel.reshape(out_channels, -1), full_matrices=False)[0]
         self._in_basis = np.linalg.svd(np.swapaxes(self.kernel, 0, 1).reshape(in_channels, -1), full_matrices=False)[0]
 
-    def configs(self):
+    def configs(self) -> list[tuple[int, ...]]:
         out_channels, in_channels = self.kernel.shape[:2]
         positions = math.prod(self.kernel.shape[2:])
         grid = set()
@@ -150,12 +169,12 @@ class Tucker2(ConvDecomposer):
             grid.add((min(out_rank, in_rank * positions), min(in_rank, out_rank * positions)))
         return sorted(grid)
 
-    def params(self, config):
+    def params(self, config: tuple[int, ...]) -> int:
         out_rank, in_rank = config
         out_channels, in_channels = self.kernel.shape[:2]
         return in_channels * in_rank + out_rank * in_rank * math.prod(self.kernel.shape[2:]) + out_channels * out_rank
 
-    def steps(self, config):
+    def steps(self, config: tuple[int, ...]) -> list[Step] | None:
         out_rank, in_rank = config
         out_basis, in_basis = self._out_basis[:, :out_rank], self._in_basis[:, :in_rank]
         # one HOOI sweep: each basis refitted with the other fixed
@@ -176,7 +195,7 @@ class Tucker2(ConvDecomposer):
 class SpatialSeparable(ConvDecomposer):
     method = "spatial"
 
-    def __init__(self, layer: Layer, error):
+    def __init__(self, layer: Layer, error: OutputError) -> None:
         super().__init__(layer, error)
         out_channels, per_group, height, width = self.kernel.shape
         self.depthwise = self.groups > 1
@@ -185,18 +204,18 @@ class SpatialSeparable(ConvDecomposer):
         else:  # rows (cin, i), columns (cout, j)
             matrices = self.kernel.transpose(1, 2, 0, 3).reshape(1, per_group * height, out_channels * width)
         self._u, self._s, self._vt = np.linalg.svd(matrices, full_matrices=False)
-        self._first, self._second = _split_axes(self.attrs, height, width)
+        self._first, self._second = _split_pair(self.attrs, height, width)
 
-    def configs(self):
+    def configs(self) -> list[tuple[int, ...]]:
         return rank_grid(self._s.shape[1])
 
-    def params(self, config):
+    def params(self, config: tuple[int, ...]) -> int:
         out_channels, per_group, height, width = self.kernel.shape
         if self.depthwise:
             return out_channels * config[0] * (height + width)
         return config[0] * (per_group * height + out_channels * width)
 
-    def steps(self, config):
+    def steps(self, config: tuple[int, ...]) -> list[Step] | None:
         (rank,) = config
         out_channels, per_group, height, width = self.kernel.shape
         root = np.sqrt(self._s[:, :rank])
@@ -217,20 +236,20 @@ class SpatialSeparable(ConvDecomposer):
 class DepthwiseSeparable(ConvDecomposer):
     method = "depthwise"
 
-    def __init__(self, layer: Layer, error):
+    def __init__(self, layer: Layer, error: OutputError) -> None:
         super().__init__(layer, error)
         out_channels, in_channels = self.kernel.shape[:2]
         per_channel = np.swapaxes(self.kernel.reshape(out_channels, in_channels, -1), 0, 1)  # (Cin, Cout, K)
         self._u, self._s, self._vt = np.linalg.svd(per_channel, full_matrices=False)
 
-    def configs(self):
+    def configs(self) -> list[tuple[int, ...]]:
         return rank_grid(self._s.shape[1])
 
-    def params(self, config):
+    def params(self, config: tuple[int, ...]) -> int:
         out_channels, in_channels = self.kernel.shape[:2]
         return in_channels * config[0] * (math.prod(self.kernel.shape[2:]) + out_channels)
 
-    def steps(self, config):
+    def steps(self, config: tuple[int, ...]) -> list[Step] | None:
         (multiplier,) = config
         out_channels, in_channels = self.kernel.shape[:2]
         spatial = self.kernel.shape[2:]
@@ -247,7 +266,7 @@ class DepthwiseSeparable(ConvDecomposer):
 class BlockLowRank(ConvDecomposer):
     method = "block"
 
-    def __init__(self, layer: Layer, error, blocks: int):
+    def __init__(self, layer: Layer, error: OutputError, blocks: int) -> None:
         super().__init__(layer, error)
         self.method = f"block{blocks}"
         self.blocks = blocks
@@ -255,14 +274,14 @@ class BlockLowRank(ConvDecomposer):
         rows = self.kernel.reshape(blocks, out_channels // blocks, -1)
         self._u, self._s, self._vt = np.linalg.svd(rows, full_matrices=False)
 
-    def configs(self):
+    def configs(self) -> list[tuple[int, ...]]:
         return rank_grid(self._s.shape[1])
 
-    def params(self, config):
+    def params(self, config: tuple[int, ...]) -> int:
         out_channels, in_channels = self.kernel.shape[:2]
         return config[0] * (self.blocks * in_channels * math.prod(self.kernel.shape[2:]) + out_channels)
 
-    def steps(self, config):
+    def steps(self, config: tuple[int, ...]) -> list[Step] | None:
         (rank,) = config
         out_channels, in_channels = self.kernel.shape[:2]
         spatial = self.kernel.shape[2:]
@@ -279,21 +298,21 @@ class CanonicalPolyadic(ConvDecomposer):
     method = "cp"
     DIVERGENCE = 10.0
 
-    def __init__(self, layer: Layer, error):
+    def __init__(self, layer: Layer, error: OutputError) -> None:
         super().__init__(layer, error)
         out_channels, in_channels, height, width = self.kernel.shape
-        self._first, self._second = _split_axes(self.attrs, height, width)
+        self._first, self._second = _split_pair(self.attrs, height, width)
         self.rejected: list[str] = []
 
-    def configs(self):
+    def configs(self) -> list[tuple[int, ...]]:
         out_channels, in_channels = self.kernel.shape[:2]
         largest = min(out_channels, in_channels)  # more components than channels rarely converge
         return sorted({(max(1, math.ceil(f * largest)),) for f in (1 / 8, 1 / 4, 1 / 2, 3 / 4, 1.0)})
 
-    def params(self, config):
+    def params(self, config: tuple[int, ...]) -> int:
         return config[0] * sum(self.kernel.shape)
 
-    def steps(self, config):
+    def steps(self, config: tuple[int, ...]) -> list[Step] | None:
         import tensorly
         from tensorly.decomposition import parafac
 
@@ -325,16 +344,17 @@ class CanonicalPolyadic(ConvDecomposer):
         ]
 
 
-def conv_decomposers(layer: Layer, error, methods: set[str]) -> tuple[list, list[str]]:
+def conv_decomposers(layer: Layer, error: OutputError, methods: set[str]) -> tuple[list[ConvDecomposer], list[str]]:
     """The decomposers that apply to a Conv layer among `methods`, and why the others do not."""
     kernel = layer.weight.value
     groups = int(layer.node.attrs.get("group", 1))
     spatial = kernel.ndim - 2
     positions = math.prod(kernel.shape[2:])
     depthwise = groups > 1 and kernel.shape[1] == 1
-    found, reasons = [], []
+    found: list[ConvDecomposer] = []
+    reasons: list[str] = []
 
-    def offer(name, applies, why, make):
+    def offer(name: str, applies: bool, why: str, make: Callable[[], ConvDecomposer]) -> None:
         if name not in methods:
             return
         if applies:
@@ -365,6 +385,14 @@ def conv_decomposers(layer: Layer, error, methods: set[str]) -> tuple[list, list
 
 def _pointwise(spatial: int) -> dict:
     return {"kernel_shape": [1] * spatial}
+
+
+def _split_pair(attrs: dict, height: int, width: int) -> tuple[dict, dict]:
+    """_split_axes of a conv that conv_decomposers found separable."""
+    vertical, horizontal = _split_axes(attrs, height, width)
+    if vertical is None or horizontal is None:
+        raise ValueError("the conv's padding depends on its input size: it does not split into kh x 1 and 1 x kw")
+    return vertical, horizontal
 
 
 def _split_axes(attrs: dict, height: int, width: int) -> tuple[dict | None, dict | None]:

@@ -22,7 +22,7 @@ import numpy as np
 from .calibration import Samples
 from .layers import Layer, Unit
 from .statistics import Counts, Moments, collect
-from .svd import Factorization, RankedOptions, Spectrum
+from .svd import Factorization, Option, RankedOptions, Spectrum
 
 RELATIVE_FLOOR = 1e-12
 
@@ -43,7 +43,7 @@ class DataAwareSVD(RankedOptions):
         scaled = self._scale[:, :, None] * weight
         if side == "output":
             # moments of y = W x + b: the mean of W x is the mean of y less the layer's own bias
-            own_bias = layer.bias.value.reshape(groups, out_dim) if centred else np.zeros((groups, out_dim))
+            own_bias = layer.bias.value.reshape(groups, out_dim) if layer.bias is not None else np.zeros((groups, out_dim))
             self._mean = moments.mean - own_bias
             covariance = _shrunk(moments, weight @ np.swapaxes(weight, 1, 2))  # prior: white inputs
             covariance = covariance * self._scale[:, :, None] * self._scale[:, None, :]
@@ -70,7 +70,7 @@ class DataAwareSVD(RankedOptions):
     def _shape(self) -> tuple[int, int, int]:
         return self._matrix_shape
 
-    def factorize(self, rank: int | tuple[int]) -> Factorization:
+    def factorize(self, rank: int | tuple[int, ...]) -> Factorization:
         rank = rank[0] if isinstance(rank, tuple) else rank
         if not 1 <= rank <= self._vectors.shape[2]:
             raise ValueError(f"rank {rank} outside 1..{self._vectors.shape[2]}")
@@ -230,10 +230,10 @@ class FrequencyWeightedSVD(RankedOptions):
     def _shape(self) -> tuple[int, int, int]:
         return self._matrix_shape
 
-    def options(self):
+    def options(self) -> list[Option]:
         return [option for option in super().options() if self._allowed[option.config[0]]]
 
-    def factorize(self, rank: int | tuple[int]) -> Factorization:
+    def factorize(self, rank: int | tuple[int, ...]) -> Factorization:
         rank = rank[0] if isinstance(rank, tuple) else rank
         if not 1 <= rank <= self._basis.shape[2]:
             raise ValueError(f"rank {rank} outside 1..{self._basis.shape[2]}")
@@ -260,15 +260,27 @@ def unit_statistics(
     statistics = iter(collect(model, layers, samples, fit, provider, batch_size, progress=progress))
     merged = []
     for unit in units:
-        together = None
-        for _ in unit.layers:
-            one = next(statistics)
-            together = one if together is None else together.merged(one)
+        together = next(statistics)
+        for _ in unit.layers[1:]:
+            together = _merged(together, next(statistics))
         merged.append(together)
     return merged
+
+
+def _merged(first: Moments | Counts, other: Moments | Counts) -> Moments | Counts:
+    """The statistics of two layers of one unit (which observe the same kind: moments or counts)."""
+    if isinstance(first, Moments) and isinstance(other, Moments):
+        return first.merged(other)
+    if isinstance(first, Counts) and isinstance(other, Counts):
+        return first.merged(other)
+    raise TypeError("the layers of one unit observe different kinds of statistics")
 
 
 def data_aware_svd(unit: Unit, statistics: Moments | Counts, side: str) -> DataAwareSVD | FrequencyWeightedSVD:
     """The unit's data-aware SVD; `side` is what its layer observes (input, output or indices)."""
     layer = unit.layers[0]
-    return FrequencyWeightedSVD(layer, statistics) if side == "indices" else DataAwareSVD(layer, statistics, side)
+    if side == "indices" and isinstance(statistics, Counts):
+        return FrequencyWeightedSVD(layer, statistics)
+    if side != "indices" and isinstance(statistics, Moments):
+        return DataAwareSVD(layer, statistics, side)
+    raise TypeError(f"{type(statistics).__name__} are no statistics of a layer observing its {side}")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from .report import Report
+
+T = TypeVar("T")
 
 
 class InputError(ValueError):
@@ -21,3 +23,11 @@ class BoundNotMet(RuntimeError):
     def __init__(self, message: str, report: Report):
         super().__init__(message)
         self.report = report
+
+
+def known(value: T | None, what: str) -> T:
+    """`value`, which the caller knows to be set (e.g. by an earlier stage of the run); a RuntimeError, our
+    own bug, when it is not."""
+    if value is None:
+        raise RuntimeError(f"{what} is not set where it is read (a bug)")
+    return value

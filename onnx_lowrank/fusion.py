@@ -22,6 +22,7 @@ import onnxruntime as ort
 
 from .errors import InputError
 from .model_io import all_graphs, save_model, serialized_or_none, subgraphs
+from .report import FusionChange, Fusions
 from .runtime import EXECUTION_PROVIDERS, resolve_provider
 from .splice import META_PREFIX, inferred_shapes
 
@@ -83,7 +84,7 @@ def fusion_check(
     provider: str = "cpu",
     level: str = "all",
     base_dir: str = "",
-) -> dict:
+) -> Fusions:
     """Compare the fused nodes ONNX Runtime makes of the original and of the compressed model (`base_dir`:
     where their external data lies, when they were read without it).
 
@@ -95,33 +96,13 @@ def fusion_check(
     an Add) and its Gemm / LayerNormalization nodes; NCHWc reorders and plain NCHWc ops are layout, not
     fusions. A node is counted by its kind: the op type, plus +ACTIVATION for a fused activation and
     +Sum for a fused residual Add (e.g. com.microsoft:FusedConv+Relu, com.microsoft.nchwc:Conv+Relu).
-
-    Attribution. ONNX Runtime does not record which source nodes a fused node replaced, so each fused
-    node is traced back by names to the graph it was made from (the original, or the compressed model)
-    and attributed to the factorized layers it touches:
-    - its name, less what ONNX Runtime adds ("fused " before, "_token_N" or "_nchwc" after, trailing
-      /-separated parts as in NAME/MatMulAddFusion), when that names a source node (or, as NCHWc nodes
-      are named after their output, a source tensor, which is then followed back as below);
-    - its input and output tensors that belong to one layer only: every node reading or writing the
-      tensor is that layer (original) or part of that layer's chain (compressed; chain nodes carry the
-      onnx_lowrank.source metadata). Weights, biases and a chain's inner tensors belong to their layer;
-      the tensors a layer shares with its neighbours (its input and output) belong to none;
-    - the source nodes it absorbed behind its outputs: from the producer of each output, back through
-      nodes with one computed input whose result only they consume, stopping at the first node with a
-      weight (at most WALK_DEPTH nodes: an activation, a bias Add or BatchNormalization, the layer).
-    A fused node touching no factorized layer belongs to the unfactorized part.
-    This is a heuristic. Every change of a count shows in `lost` / `gained`; what can be wrong is the
-    part it is put in. A factorized layer's fused node whose name, tensors and outputs ONNX Runtime all
-    renamed (folded initializers, NCHWc reorders) counts as unfactorized: a false mismatch, never a
-    hidden one. The other way round, a neighbour's fusion taken for a factorized layer's would hide a
-    loss among the unfactorized layers; the walk back stops at the first weight so that it does not
-    reach past the layer a fusion was made around.
+    Each fused node is attributed to the factorized layers it touches (a heuristic: see `_Source`).
 
     The original is compared after ONNX shape inference, as the rewrite sees it: the compressed model
     carries the inferred shapes, and shapes alone enable some fusions (SkipLayerNormalization needs
     them), which would otherwise look like changes made by the factorization.
 
-    Returns a JSON-able dict: provider and level; `original` and `compressed`, the fused kinds of the
+    Returns the report's Fusions: provider and level; `original` and `compressed`, the fused kinds of the
     whole graphs; `unfactorized`, the same for the nodes attributed to no factorized layer;
     `unfactorized_match`, whether these are equal; `lost` and `gained`, one entry per kind whose count
     went down (up), with `layer` None for the unfactorized part, else the factorized layer(s) it is
@@ -137,23 +118,24 @@ def fusion_check(
         sides[side] = Counter((_kind(node), graph.owners_of(node)) for node in fused)
     totals = {side: _by_kind(found) for side, found in sides.items()}
     unfactorized = {side: _by_kind(found, unfactorized_only=True) for side, found in sides.items()}
+    lost, gained = _changes(sides["original"], sides["compressed"])
+    return Fusions(
+        provider=provider, level=level, original=totals["original"], compressed=totals["compressed"],
+        unfactorized=unfactorized, unfactorized_match=unfactorized["original"] == unfactorized["compressed"],
+        lost=lost, gained=gained,
+    )
+
+
+def _changes(before: Counter, after: Counter) -> tuple[list[FusionChange], list[FusionChange]]:
+    """The (kind, owners) whose count went down, and those whose count went up, by owners then kind."""
     lost, gained = [], []
-    for kind, owners in sorted(set(sides["original"]) | set(sides["compressed"]), key=lambda k: (k[1], k[0])):
-        before, after = sides["original"][kind, owners], sides["compressed"][kind, owners]
-        if before == after:
+    for kind, owners in sorted(set(before) | set(after), key=lambda k: (k[1], k[0])):
+        original, compressed = before[kind, owners], after[kind, owners]
+        if original == compressed:
             continue
-        entry = {"kind": kind, "layer": " + ".join(owners) or None, "original": before, "compressed": after}
-        (lost if after < before else gained).append(entry)
-    return {
-        "provider": provider,
-        "level": level,
-        "original": totals["original"],
-        "compressed": totals["compressed"],
-        "unfactorized": unfactorized,
-        "unfactorized_match": unfactorized["original"] == unfactorized["compressed"],
-        "lost": lost,
-        "gained": gained,
-    }
+        change = FusionChange(kind=kind, layer=" + ".join(owners) or None, original=original, compressed=compressed)
+        (lost if compressed < original else gained).append(change)
+    return lost, gained
 
 
 def _with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -239,7 +221,29 @@ class _Node:
 
 @dataclass
 class _Source:
-    """The graph ONNX Runtime optimized, indexed to trace its fused nodes back to factorized layers."""
+    """The graph ONNX Runtime optimized, indexed to trace its fused nodes back to factorized layers.
+
+    Attribution. ONNX Runtime does not record which source nodes a fused node replaced, so each fused
+    node is traced back by names to the graph it was made from (the original, or the compressed model)
+    and attributed to the factorized layers it touches:
+    - its name, less what ONNX Runtime adds ("fused " before, "_token_N" or "_nchwc" after, trailing
+      /-separated parts as in NAME/MatMulAddFusion), when that names a source node (or, as NCHWc nodes
+      are named after their output, a source tensor, which is then followed back as below);
+    - its input and output tensors that belong to one layer only: every node reading or writing the
+      tensor is that layer (original) or part of that layer's chain (compressed; chain nodes carry the
+      onnx_lowrank.source metadata). Weights, biases and a chain's inner tensors belong to their layer;
+      the tensors a layer shares with its neighbours (its input and output) belong to none;
+    - the source nodes it absorbed behind its outputs: from the producer of each output, back through
+      nodes with one computed input whose result only they consume, stopping at the first node with a
+      weight (at most WALK_DEPTH nodes: an activation, a bias Add or BatchNormalization, the layer).
+    A fused node touching no factorized layer belongs to the unfactorized part.
+    This is a heuristic. Every change of a count shows in `lost` / `gained`; what can be wrong is the
+    part it is put in. A factorized layer's fused node whose name, tensors and outputs ONNX Runtime all
+    renamed (folded initializers, NCHWc reorders) counts as unfactorized: a false mismatch, never a
+    hidden one. The other way round, a neighbour's fusion taken for a factorized layer's would hide a
+    loss among the unfactorized layers; the walk back stops at the first weight so that it does not
+    reach past the layer a fusion was made around.
+    """
 
     graph: onnx.GraphProto
     factorized: set[str]
@@ -311,7 +315,7 @@ class _Source:
             self.weights.add(tensor)
 
     def owners_of(self, fused: onnx.NodeProto) -> tuple[str, ...]:
-        """The factorized layers a node of the optimized graph touches (see fusion_check)."""
+        """The factorized layers a node of the optimized graph touches (see the class's attribution)."""
         found: set[str] = set()
         anchors = [tensor for tensor in fused.output if tensor]
         for variant in _name_variants(fused.name):

@@ -21,7 +21,7 @@ from typing import Any
 from .errors import InputError
 from .installation import install_hint
 from .summary import human_bytes, validation_text
-from .report import Report, Validation
+from .report import Chosen, FallbackSearch, FallbackStep, Latency, Quantization, Report, Timing, TracePoint, Validation
 
 MAX_SPECTRA = 24  # small multiples: the largest layers (by parameters) that have a spectrum
 MAX_RANK_BARS = 60  # bars in the rank chart: the largest layers
@@ -42,15 +42,17 @@ def render_html(report: Report | Mapping[str, Any], *, title: str | None = None)
         from matplotlib.figure import Figure
     except ImportError as error:
         raise InputError(f"--html needs matplotlib: {install_hint('html')}") from error
-    data = report.to_dict() if isinstance(report, Report) else dict(report)
+    if not isinstance(report, Report):
+        report = Report.from_dict(report)
+    data = report.to_dict()
     plots = _Plots(Figure, rc_context)
     heading = title or "Compression report"
     sections = [
-        ("summary", "Summary", _summary(data)),
+        ("summary", "Summary", _summary(data, report.latency)),
         ("layers", "Layers", _layers(data, plots)),
-        ("search", "Rank search", _search(data, plots)),
-        ("latency", "Latency", _latency(data, plots)),
-        ("quantization", "Quantization", _quantization(data)),
+        ("search", "Rank search", _search(data, report.trace, report.chosen, plots)),
+        ("latency", "Latency", _latency(report.latency, plots)),
+        ("quantization", "Quantization", _quantization(report.quantization, data.get("bytes_before"))),
         ("run", "Run", _run(data)),
     ]
     nav = " ".join(f'<a href="#{key}">{_e(name)}</a>' for key, name, _ in sections)
@@ -226,14 +228,32 @@ def _lede(data: Mapping) -> str:
     return " · ".join(parts)
 
 
-def _summary(data: Mapping) -> str:
+def _summary(data: Mapping, latency: Latency | None) -> str:
+    ops_b, ops_a = data.get("ops_before") or {}, data.get("ops_after") or {}
+    nodes_b, nodes_a = sum(ops_b.values()), sum(ops_a.values())
+    out = [f'<div class="cards">{"".join(_cards(data, latency))}</div>', "<h3>Before and after</h3>"]
+    params_b, params_a = data.get("params_before"), data.get("params_after")
+    bytes_b, bytes_a = data.get("bytes_before"), data.get("bytes_after")
+    rows = [
+        ["Parameters", _int(params_b), _int(params_a), _percent(params_a, params_b)],
+        ["Bytes", _bytes(bytes_b), _bytes(bytes_a), _percent(bytes_a, bytes_b)],
+        ["Nodes", f"{nodes_b:,}", f"{nodes_a:,}", _percent(nodes_a, nodes_b)],
+    ]
+    out.append(_table([("", False), ("before", True), ("after", True), ("after / before", True)], rows))
+    out.append("<h3>Nodes by op type</h3>")
+    out.append(_op_counts(ops_b, ops_a))
+    out.append("<h3>Validation</h3>")
+    out.append(_validation(data.get("validation")))
+    return "\n".join(out)
+
+
+def _cards(data: Mapping, latency: Latency | None) -> list[str]:
+    """The summary's cards: parameters, size, nodes, validation, speedup (when measured), time."""
     params_b, params_a = data.get("params_before"), data.get("params_after")
     bytes_b, bytes_a = data.get("bytes_before"), data.get("bytes_after")
     ops_b, ops_a = data.get("ops_before") or {}, data.get("ops_after") or {}
     nodes_b, nodes_a = sum(ops_b.values()), sum(ops_a.values())
     validation = data.get("validation")
-    latency = data.get("latency")
-
     cards = [
         _card("Parameters", f"{_percent(params_a, params_b)}", f"{_int(params_b)} → {_int(params_a)}"),
         _card("Size", _smaller(bytes_b, bytes_a), f"{_bytes(bytes_b)} → {_bytes(bytes_a)}"),
@@ -247,50 +267,44 @@ def _summary(data: Mapping) -> str:
             + (f" ≤ {_num(bound)}" if bound is not None else "")))
     else:
         cards.append(_card("Validation", _badge(None), "not validated: no calibration data"))
-    if latency and _finite(latency.get("speedup")):
-        cards.append(_card("Speedup", f"×{latency['speedup']:.2f}",
-                           f"median, {_e(latency.get('provider', ''))} batch {_e(latency.get('batch', '?'))}"))
+    if latency is not None and _finite(latency.speedup):
+        cards.append(_card("Speedup", f"×{latency.speedup:.2f}",
+                           f"median, {_e(latency.provider)} batch {_e(latency.batch)}"))
     cards.append(_card("Time", _seconds(data.get("seconds")),
                        f"mode {_e(data.get('mode') or '—')}, objective {_e(data.get('objective') or '—')}"))
-    out = [f'<div class="cards">{"".join(cards)}</div>', "<h3>Before and after</h3>"]
+    return cards
+
+
+def _op_counts(ops_b: Mapping, ops_a: Mapping) -> str:
+    """Nodes per op type, before and after."""
+    if not (ops_b or ops_a):
+        return _note("No node counts in this report.")
+    op_rows = []
+    for op in sorted(set(ops_b) | set(ops_a)):
+        b, a = ops_b.get(op, 0), ops_a.get(op, 0)
+        change = f"{a - b:+,}" if a != b else "="
+        op_rows.append([f"<code>{_e(op)}</code>", f"{b:,}", f"{a:,}", change])
+    return _table([("op", False), ("before", True), ("after", True), ("change", True)], op_rows, cls="narrow")
+
+
+def _validation(validation: Mapping | None) -> str:
+    """The validation's table, with what it promises for new inputs."""
+    if not validation:
+        return _note("Not validated: no calibration data was given, so the compressed model's error "
+                     "was not measured.")
+    bound = validation.get("tolerance")
     rows = [
-        ["Parameters", _int(params_b), _int(params_a), _percent(params_a, params_b)],
-        ["Bytes", _bytes(bytes_b), _bytes(bytes_a), _percent(bytes_a, bytes_b)],
-        ["Nodes", f"{nodes_b:,}", f"{nodes_a:,}", _percent(nodes_a, nodes_b)],
+        ["Metric", f"<code>{_e(validation.get('metric', '—'))}</code>"],
+        ["Error on held-out samples", _num(validation.get("value"), 6)],
+        ["Tolerance", _num(bound, 6) if bound is not None else "none asked for"],
+        ["Result", _badge(validation.get("passed"))],
+        ["Execution provider", _e(validation.get("provider", "—"))],
+        ["Samples", _int(validation.get("samples"))],
     ]
-    out.append(_table([("", False), ("before", True), ("after", True), ("after / before", True)], rows))
-
-    out.append("<h3>Nodes by op type</h3>")
-    if ops_b or ops_a:
-        op_rows = []
-        for op in sorted(set(ops_b) | set(ops_a)):
-            b, a = ops_b.get(op, 0), ops_a.get(op, 0)
-            change = f"{a - b:+,}" if a != b else "="
-            op_rows.append([f"<code>{_e(op)}</code>", f"{b:,}", f"{a:,}", change])
-        out.append(_table([("op", False), ("before", True), ("after", True), ("change", True)], op_rows,
-                          cls="narrow"))
-    else:
-        out.append(_note("No node counts in this report."))
-
-    out.append("<h3>Validation</h3>")
-    if validation:
-        bound = validation.get("tolerance")
-        rows = [
-            ["Metric", f"<code>{_e(validation.get('metric', '—'))}</code>"],
-            ["Error on held-out samples", _num(validation.get("value"), 6)],
-            ["Tolerance", _num(bound, 6) if bound is not None else "none asked for"],
-            ["Result", _badge(validation.get("passed"))],
-            ["Execution provider", _e(validation.get("provider", "—"))],
-            ["Samples", _int(validation.get("samples"))],
-        ]
-        fields = {f.name for f in dataclasses.fields(Validation)}
-        promise = validation_text(Validation(**{k: v for k, v in validation.items() if k in fields}))
-        rows.append(["For new inputs", "<br>".join(_e(line) for line in promise.splitlines()[1:]) or "—"])
-        out.append(_table([("", False), ("", False)], rows, cls="kv"))
-    else:
-        out.append(_note("Not validated: no calibration data was given, so the compressed model's error "
-                         "was not measured."))
-    return "\n".join(out)
+    fields = {f.name for f in dataclasses.fields(Validation)}
+    promise = validation_text(Validation(**{k: v for k, v in validation.items() if k in fields}))
+    rows.append(["For new inputs", "<br>".join(_e(line) for line in promise.splitlines()[1:]) or "—"])
+    return _table([("", False), ("", False)], rows, cls="kv")
 
 
 def _full_rank(layer: Mapping) -> int | None:
@@ -319,54 +333,7 @@ def _layers(data: Mapping, plots: _Plots) -> str:
     if not layers:
         out.append(_note("Nothing was factorized."))
     else:
-        timed = any(layer.get("latency") for layer in layers)
-        head = [("node", False), ("op", False), ("weight shape", False), ("method", False), ("rank", True),
-                ("params before → after", True), ("predicted error", True),
-                ("sensitivity", True)]
-        if timed:
-            head += [("latency dense → factorized", True)]
-        rows = []
-        for layer in layers:
-            nodes = [str(n) for n in layer.get("nodes") or []]
-            node = f'<span class="name">{_e(layer.get("node", ""))}</span>'
-            others = [n for n in nodes if n != layer.get("node")]
-            if others:
-                node += f'<div class="sub" title="{_e(", ".join(others))}">+{len(others)} sharing the weight</div>'
-            weight = layer.get("weight")
-            if weight and weight != layer.get("node"):
-                node += f'<div class="sub">weight <span class="name">{_e(weight)}</span></div>'
-            b, a = layer.get("params_before"), layer.get("params_after")
-            cells = [
-                node, f"<code>{_e(layer.get('op', ''))}</code>", _shape(layer.get("shape", [])),
-                _e(layer.get("method", "")), _e(_rank_text(layer.get("rank"))),
-                f'{_int(b)} → {_int(a)}<div class="sub">{_percent(a, b)} kept</div>',
-                _num(layer.get("predicted_error")), _num(layer.get("sensitivity")),
-            ]
-            if timed:
-                lat = layer.get("latency") or {}
-                dense, fact = lat.get("dense_ms"), lat.get("factorized_ms")
-                if _finite(dense) and _finite(fact):
-                    speed = f'<div class="sub">×{dense / fact:.2f}</div>' if fact > 0 else ""
-                    cells.append(f"{dense:,.3f} → {fact:,.3f} ms{speed}")
-                else:
-                    cells.append("—")
-            rows.append(cells)
-        total_b = sum(layer.get("params_before") or 0 for layer in layers)
-        total_a = sum(layer.get("params_after") or 0 for layer in layers)
-        foot = ["Total", "", "", "", "",
-                f'{total_b:,} → {total_a:,}<div class="sub">{_percent(total_a, total_b)} kept</div>', "", ""]
-        if timed:
-            foot.append("")
-        out.append(f"<h3>Factorized ({len(layers):,})</h3>")
-        out.append(_table(head, rows, cls="layers", foot=foot))
-        notes = ["<em>predicted error</em>: the relative energy dropped at this rank (of the weight, or of "
-                 "its output on the calibration data)",
-                 "<em>sensitivity</em>: the final output's squared relative error per unit of predicted error"]
-        if timed:
-            notes.append("<em>latency</em>: the layer alone, dense and factorized, micro-benchmarked")
-        out.append(f'<p class="caption">{"; ".join(notes)}.</p>')
-        out.append(plots.ranks(layers))
-        out.append(plots.spectra(layers))
+        out.append(_factorized(layers, plots))
     out.append(f"<h3>Skipped ({len(skipped):,})</h3>")
     if skipped:
         rows = [[f'<span class="name">{_e(s.get("node", ""))}</span>', f"<code>{_e(s.get('op', ''))}</code>",
@@ -377,8 +344,63 @@ def _layers(data: Mapping, plots: _Plots) -> str:
     return "\n".join(out)
 
 
-def _search(data: Mapping, plots: _Plots) -> str:
-    trace = [p for p in data.get("trace") or [] if _finite(p.get("params")) and _finite(p.get("error"))]
+def _factorized(layers: Sequence[Mapping], plots: _Plots) -> str:
+    """The factorized layers' table, its caption, and the rank and spectrum plots."""
+    timed = any(layer.get("latency") for layer in layers)
+    head = [("node", False), ("op", False), ("weight shape", False), ("method", False), ("rank", True),
+            ("params before → after", True), ("predicted error", True),
+            ("sensitivity", True)]
+    if timed:
+        head += [("latency dense → factorized", True)]
+    rows = [_layer_row(layer, timed) for layer in layers]
+    total_b = sum(layer.get("params_before") or 0 for layer in layers)
+    total_a = sum(layer.get("params_after") or 0 for layer in layers)
+    foot = ["Total", "", "", "", "",
+            f'{total_b:,} → {total_a:,}<div class="sub">{_percent(total_a, total_b)} kept</div>', "", ""]
+    if timed:
+        foot.append("")
+    out = [f"<h3>Factorized ({len(layers):,})</h3>", _table(head, rows, cls="layers", foot=foot)]
+    notes = ["<em>predicted error</em>: the relative energy dropped at this rank (of the weight, or of "
+             "its output on the calibration data)",
+             "<em>sensitivity</em>: the final output's squared relative error per unit of predicted error"]
+    if timed:
+        notes.append("<em>latency</em>: the layer alone, dense and factorized, micro-benchmarked")
+    out.append(f'<p class="caption">{"; ".join(notes)}.</p>')
+    out.append(plots.ranks(layers))
+    out.append(plots.spectra(layers))
+    return "\n".join(out)
+
+
+def _layer_row(layer: Mapping, timed: bool) -> list[str]:
+    """One factorized layer's cells (with its latency when any layer was timed)."""
+    nodes = [str(n) for n in layer.get("nodes") or []]
+    node = f'<span class="name">{_e(layer.get("node", ""))}</span>'
+    others = [n for n in nodes if n != layer.get("node")]
+    if others:
+        node += f'<div class="sub" title="{_e(", ".join(others))}">+{len(others)} sharing the weight</div>'
+    weight = layer.get("weight")
+    if weight and weight != layer.get("node"):
+        node += f'<div class="sub">weight <span class="name">{_e(weight)}</span></div>'
+    b, a = layer.get("params_before"), layer.get("params_after")
+    cells = [
+        node, f"<code>{_e(layer.get('op', ''))}</code>", _shape(layer.get("shape", [])),
+        _e(layer.get("method", "")), _e(_rank_text(layer.get("rank"))),
+        f'{_int(b)} → {_int(a)}<div class="sub">{_percent(a, b)} kept</div>',
+        _num(layer.get("predicted_error")), _num(layer.get("sensitivity")),
+    ]
+    if timed:
+        lat = layer.get("latency") or {}
+        dense, fact = lat.get("dense_ms"), lat.get("factorized_ms")
+        if _finite(dense) and _finite(fact):
+            speed = f'<div class="sub">×{dense / fact:.2f}</div>' if fact > 0 else ""
+            cells.append(f"{dense:,.3f} → {fact:,.3f} ms{speed}")
+        else:
+            cells.append("—")
+    return cells
+
+
+def _search(data: Mapping, trace: Sequence[TracePoint], chosen: Chosen | None, plots: _Plots) -> str:
+    trace = [p for p in trace if _finite(p.params) and _finite(p.error)]
     if not trace:
         mode = f" ({_e(data['mode'])} mode)" if data.get("mode") else ""
         if data.get("validation") is None:
@@ -386,34 +408,32 @@ def _search(data: Mapping, plots: _Plots) -> str:
                          f"validated errors{mode}.")
         return _note(f"No rank search: the ranks were given{mode}; the result was validated once "
                      f"(see Validation).")
-    chosen = data.get("chosen")
     full = data.get("factorizable_params")
     out = [plots.trace(trace, chosen, full, data.get("validation"))]
     rows = []
-    for point in sorted(trace, key=lambda p: (p["params"], -(p.get("samples") or 0))):
-        rows.append([_int(point["params"]), _percent(point["params"], full) if full else "—",
-                     _num(point["error"], 6), _int(point.get("samples"))])
+    for point in sorted(trace, key=lambda p: (p.params, -(p.samples or 0))):
+        rows.append([_int(point.params), _percent(point.params, full) if full else "—",
+                     _num(point.error, 6), _int(point.samples)])
     summary = f"{len(trace)} validated candidate{'s' if len(trace) != 1 else ''}"
-    if chosen and _finite(chosen.get("params")):
-        summary += (f"; chosen: {_int(chosen['params'])} parameters"
-                    + (f" ({_percent(chosen['params'], full)} of the factorizable ones)" if full else "")
-                    + f", error {_num(chosen.get('error'), 6)}")
+    if chosen is not None and _finite(chosen.params):
+        summary += (f"; chosen: {_int(chosen.params)} parameters"
+                    + (f" ({_percent(chosen.params, full)} of the factorizable ones)" if full else "")
+                    + f", error {_num(chosen.error, 6)}")
     out.append(f"<details><summary>{summary}</summary>"
                + _table([("params of the units", True), ("of factorizable", True), ("error", True),
                          ("samples", True)], rows) + "</details>")
     return "\n".join(out)
 
 
-def _latency(data: Mapping, plots: _Plots) -> str:
-    latency = data.get("latency")
-    if not latency:
+def _latency(latency: Latency | None, plots: _Plots) -> str:
+    if latency is None:
         return _note("Not measured: the run did not benchmark the models end to end.")
-    original, compressed = latency.get("original") or {}, latency.get("compressed") or {}
-    setup = ", ".join(f"{key} {_e(latency[key])}" for key in ("provider", "batch", "threads", "runs")
-                      if latency.get(key) is not None)
-    rows = [[name, _ms(stats.get("median_ms")), _ms(stats.get("p10_ms")), _ms(stats.get("p90_ms"))]
+    original, compressed = latency.original, latency.compressed
+    setup = ", ".join(f"{key} {_e(getattr(latency, key))}" for key in ("provider", "batch", "threads", "runs")
+                      if getattr(latency, key) is not None)
+    rows = [[name, _ms(_stat(stats, "median_ms")), _ms(_stat(stats, "p10_ms")), _ms(_stat(stats, "p90_ms"))]
             for name, stats in (("original", original), ("compressed", compressed))]
-    speedup = latency.get("speedup")
+    speedup = latency.speedup
     out = [plots.latency(original, compressed, speedup, setup),
            _table([("model", False), ("median", True), ("p10", True), ("p90", True)], rows, cls="narrow")]
     if _finite(speedup):
@@ -422,22 +442,26 @@ def _latency(data: Mapping, plots: _Plots) -> str:
     return "\n".join(out)
 
 
-def _quantization(data: Mapping) -> str:
-    quant = data.get("quantization")
-    if not quant:
+def _stat(timing: Timing | None, name: str) -> float | None:
+    """One statistic of a timing (None when the model was not timed)."""
+    return None if timing is None else getattr(timing, name)
+
+
+def _quantization(quant: Quantization | None, original: Any) -> str:
+    if quant is None:
         return _note("Not quantized.")
-    scheme = quant.get("scheme", "?")
-    original, fact, both = data.get("bytes_before"), quant.get("bytes_factorized"), quant.get("bytes_quantized")
+    scheme = quant.scheme
+    fact, both = quant.bytes_factorized, quant.bytes_quantized
     rows = [
         ["original", _bytes(original), "—", "—", "—"],
         ["factorized", _bytes(fact), _times(original, fact), _times(original, fact),
-         _num(quant.get("error_factorized"), 6)],
+         _num(quant.error_factorized, 6)],
         [f"factorized + quantized (<code>{_e(scheme)}</code>)", _bytes(both), _times(fact, both),
-         _times(original, both), _num(quant.get("error_quantized"), 6)],
+         _times(original, both), _num(quant.error_quantized, 6)],
     ]
     out = [_table([("stage", False), ("bytes", True), ("step", True), ("total", True), ("error", True)], rows,
                   cls="narrow")]
-    nodes = quant.get("nodes")
+    nodes = quant.nodes
     extra = []
     if isinstance(nodes, (int, float)) and not isinstance(nodes, bool):
         extra.append(f"{_int(nodes)} nodes quantized")
@@ -445,37 +469,36 @@ def _quantization(data: Mapping) -> str:
         extra.append(f"{len(nodes):,} nodes quantized")
     known = {"scheme", "bytes_factorized", "bytes_quantized", "error_factorized", "error_quantized", "nodes",
              "fallback_nodes", "fallback"}
-    extra += [f"{_e(key)}: {_num(value) if isinstance(value, (int, float)) else _e(value)}"
-              for key, value in quant.items() if key not in known]
+    others = [(f.name, getattr(quant, f.name)) for f in dataclasses.fields(quant) if f.name not in known]
+    extra += [f"{_e(key)}: {_num(value) if isinstance(value, (int, float)) else _e(value)}" for key, value in others]
     caption = ("<em>step</em>: how much smaller than the stage before; <em>total</em>: than the original; "
                "<em>error</em>: validated, in the metric's units")
     out.append(f'<p class="caption">{caption}{"; " + "; ".join(extra) if extra else ""}.</p>')
     if isinstance(nodes, Sequence) and not isinstance(nodes, str) and nodes:
         names = ", ".join(f'<span class="name">{_e(n)}</span>' for n in nodes)
         out.append(f"<details><summary>Quantized nodes</summary><p>{names}</p></details>")
-    out.append(_fallback(quant.get("fallback_nodes"), quant.get("fallback")))
+    out.append(_fallback(quant.fallback_nodes, quant.fallback))
     return "\n".join(out)
 
 
-def _fallback(nodes, fallback) -> str:
+def _fallback(nodes: Sequence[FallbackStep] | None, fallback: FallbackSearch | None) -> str:
     """The int8 fallback: the nodes taken out of dynamic int8 (weight-only or float) in the order chosen,
     each with what it was measured to save."""
-    if not isinstance(fallback, Mapping):
+    if fallback is None:
         return ""
-    rows = [[f'<span class="name">{_e(n.get("node"))}</span>', _e(n.get("op")), _e(n.get("scheme")),
-             _num(n.get("error_reduction"), 4), _bytes(n.get("extra_bytes")), _num(n.get("error_after"), 4)]
-            for n in (nodes or []) if isinstance(n, Mapping)]
-    summary = (f"int8 of every node: error {_num(fallback.get('error_int8_all'), 4)}; its share of the tolerance "
-               f"{_num(fallback.get('share'), 4)}; with the nodes below taken out "
-               f"{_num(fallback.get('error_int8_fallback'), 4)} "
-               f"({_int(fallback.get('nodes_measured'))} nodes measured, {_int(fallback.get('checks'))} checks, "
-               f"{_seconds(fallback.get('seconds'))})")
+    rows = [[f'<span class="name">{_e(n.node)}</span>', _e(n.op), _e(n.scheme),
+             _num(n.error_reduction, 4), _bytes(n.extra_bytes), _num(n.error_after, 4)]
+            for n in (nodes or [])]
+    summary = (f"int8 of every node: error {_num(fallback.error_int8_all, 4)}; its share of the tolerance "
+               f"{_num(fallback.share, 4)}; with the nodes below taken out "
+               f"{_num(fallback.error_int8_fallback, 4)} "
+               f"({_int(fallback.nodes_measured)} nodes measured, {_int(fallback.checks)} checks, "
+               f"{_seconds(fallback.seconds)})")
     if not rows:
         return f'<p class="caption">{summary}; no node taken out.</p>'
     table = _table([("node", False), ("op", False), ("now", False), ("error saved", True), ("bytes added", True),
                     ("error after", True)], rows, cls="narrow")
     return f'<h3>int8 fallback</h3>\n{table}\n<p class="caption">{summary}.</p>'
-
 
 
 def _run(data: Mapping) -> str:
@@ -632,16 +655,16 @@ class _Plots:
             caption.append(f"Showing the {len(shown)} largest of {len(entries)} layers (by parameters).")
         return "<h3>Chosen ranks</h3>" + self._embed(figure, "chosen rank per layer", " ".join(caption))
 
-    def trace(self, trace: Sequence[Mapping], chosen: Mapping | None, full: Any, validation: Mapping | None) -> str:
+    def trace(self, trace: Sequence[TracePoint], chosen: Chosen | None, full: Any, validation: Mapping | None) -> str:
         relative = _finite(full) and full > 0
         scale = (lambda p: p / full) if relative else (lambda p: p)
-        sample_counts = sorted({int(p.get("samples") or 0) for p in trace})
+        sample_counts = sorted({int(p.samples or 0) for p in trace})
         markers = ["o", "s", "^", "v", "D"]
         with self.rc_context(self.rc):
             figure = self._figure(9.0, 4.2)
             ax = figure.subplots()
             for i, count in enumerate(sample_counts):
-                points = sorted((scale(p["params"]), p["error"]) for p in trace if int(p.get("samples") or 0) == count)
+                points = sorted((scale(p.params), p.error) for p in trace if int(p.samples or 0) == count)
                 last = i == len(sample_counts) - 1
                 label = f"{count} samples" if count else "candidates"
                 if len(sample_counts) > 1:
@@ -653,11 +676,11 @@ class _Plots:
             tolerance = (validation or {}).get("tolerance")
             if _finite(tolerance):
                 ax.axhline(tolerance, color=RED, linestyle="--", linewidth=1, label=f"tolerance {tolerance:g}")
-            if chosen and _finite(chosen.get("params")) and _finite(chosen.get("error")):
-                x, y = scale(chosen["params"]), chosen["error"]
+            if chosen is not None and _finite(chosen.params) and _finite(chosen.error):
+                x, y = scale(chosen.params), chosen.error
                 ax.scatter([x], [y], marker="*", s=260, color=ORANGE, edgecolor="#7c2d12", zorder=4,
                            label="chosen")
-                where = f"{x:.1%}" if relative else f"{int(chosen['params']):,}"
+                where = f"{x:.1%}" if relative else f"{int(chosen.params):,}"
                 ax.annotate(f"chosen: {where}, error {y:.4g}", (x, y), xytext=(10, 12),
                             textcoords="offset points", fontsize=8, color="#7c2d12")
             if relative:
@@ -668,15 +691,15 @@ class _Plots:
             else:
                 ax.set_xlabel("parameters of the factorizable layers")
             ax.set_ylabel(f"validated error ({metric})" if metric else "validated error")
-            low, high = min(p["error"] for p in trace), max(p["error"] for p in trace)
+            low, high = min(p.error for p in trace), max(p.error for p in trace)
             if _finite(tolerance):
                 low, high = min(low, tolerance), max(high, tolerance)
             pad = (high - low) * 0.06 or max(abs(high) * 0.1, 0.01)
             bottom = -0.3 * pad if low >= 0 else low - pad  # errors are mostly >= 0: no empty negative half
             ax.set_ylim(bottom, high + pad)
-            xs = [scale(p["params"]) for p in trace]
-            if chosen and _finite(chosen.get("params")):
-                xs.append(scale(chosen["params"]))
+            xs = [scale(p.params) for p in trace]
+            if chosen is not None and _finite(chosen.params):
+                xs.append(scale(chosen.params))
             left, right = min(xs), max(xs)
             least = 0.1 * (1.0 if relative else max(abs(right), 1.0))  # a tight cluster still shows its place
             if right - left < least:
@@ -689,18 +712,18 @@ class _Plots:
                    "left; the search keeps the smallest candidate within the tolerance.")
         return self._embed(figure, "error versus size traced by the rank search", caption)
 
-    def latency(self, original: Mapping, compressed: Mapping, speedup: Any, setup: str) -> str:
+    def latency(self, original: Timing | None, compressed: Timing | None, speedup: Any, setup: str) -> str:
         bars = [(name, stats) for name, stats in (("original", original), ("compressed", compressed))
-                if _finite(stats.get("median_ms"))]
+                if stats is not None and _finite(stats.median_ms)]
         if not bars:
             return ""
         with self.rc_context(self.rc):
             figure = self._figure(6.0, 2.2)
             ax = figure.subplots()
             ys = list(range(len(bars)))
-            medians = [stats["median_ms"] for _, stats in bars]
-            low = [max(0.0, m - s["p10_ms"]) if _finite(s.get("p10_ms")) else 0.0 for m, (_, s) in zip(medians, bars)]
-            high = [max(0.0, s["p90_ms"] - m) if _finite(s.get("p90_ms")) else 0.0 for m, (_, s) in zip(medians, bars)]
+            medians = [stats.median_ms for _, stats in bars]
+            low = [max(0.0, m - s.p10_ms) if _finite(s.p10_ms) else 0.0 for m, (_, s) in zip(medians, bars)]
+            high = [max(0.0, s.p90_ms - m) if _finite(s.p90_ms) else 0.0 for m, (_, s) in zip(medians, bars)]
             ax.barh(ys, medians, xerr=[low, high], color=[GREY, BLUE][: len(bars)] if len(bars) == 2 else BLUE,
                     height=0.55, capsize=4, error_kw={"elinewidth": 1, "ecolor": "#111827"})
             for y, m, h in zip(ys, medians, high):

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 
 from .adapters import ADAPTERS
+from .errors import known
 from .model_io import load_model
 from .options import Options
 from .pipeline import FRONT, Run, run_stages
@@ -64,7 +65,7 @@ def inspect(
         run = Run(settings, loaded, calibration, None, Progress(False), Path(work), mode=Describe())
         run_stages(run, FRONT)  # large models park their decompositions in `work`: rows are made here
         rows = [_row(unit, candidate) for unit, candidate in zip(run.units, run.decomposers)]
-    return rows + [LayerInfo(node=s.node, op=s.op, reason=s.reason) for s in run.plan.skipped]
+    return rows + [LayerInfo(node=s.node, op=s.op, reason=s.reason) for s in known(run.plan, "the plan").skipped]
 
 
 def _row(unit, candidate) -> LayerInfo:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import onnx
 
 from .calibration import Samples, Split
+from .errors import known
 from .model_io import model_stats
 from .options import Options
 from .quantize import FALLBACK_SHARE, Fallback, chain_names, fallback, quantize_int8
+from .report import FallbackSearch, FallbackStep, Quantization
 from .search import Search
 
 
@@ -31,7 +33,8 @@ class Int8Share:
         self.metric = settings.metric
         self.range = settings.int8_range  # "auto": by this CPU (quantize.int8_range_for)
         # Conv needs calibration for its activations' scales; without data it stays float
-        self.feeds = None if samples is None else [feed for _, feed in samples.batches(parts.fit, settings.batch_size)]
+        self.feeds = None if samples is None else [
+            feed for _, feed in samples.batches(known(parts, "the calibration split").fit, settings.batch_size)]
         self.search = search
         self.original = original
         self.alone_error: float | None = None
@@ -49,9 +52,10 @@ class Int8Share:
         return quantized.model
 
     def error(self, model: onnx.ModelProto) -> float:
-        indices = self.search.indices
-        labels = None if self.search.labels is None else self.search.labels[indices]
-        return self.search.evaluator.judge(model, indices, self.metric, labels).value
+        search = known(self.search, "the search")  # int8 errors are measured with calibration data
+        indices = search.indices
+        labels = None if search.labels is None else search.labels[indices]
+        return search.evaluator.judge(model, indices, self.metric, labels).value
 
     def select(self, model: onnx.ModelProto) -> float:
         """A node's cost, on fit samples (the held-out ones check): the metric, or for top1 and accuracy,
@@ -59,8 +63,8 @@ class Int8Share:
         if self.metric in ("top1", "accuracy"):
             probing = onnx.ModelProto()
             probing.CopyFrom(model)  # probe_error adds outputs; the fallback builds on this model
-            return self.search.evaluator.probe_error(probing, self.select_indices)
-        return self.search.evaluator.error(model, self.select_indices, self.metric)
+            return known(self.search, "the search").evaluator.probe_error(probing, self.select_indices)
+        return known(self.search, "the search").evaluator.error(model, self.select_indices, self.metric)
 
     def factor_share(self, tolerance: float) -> float | None:
         """What the tolerance leaves the factorization once the original's own int8 error is spent, after
@@ -81,19 +85,18 @@ class Int8Share:
             return None
         return share / 2
 
-    def summary(self, factorized, quantized, factor_error: float | None, error: float | None) -> dict:
-        summary = {
-            "scheme": "int8",
-            "bytes_factorized": model_stats(factorized).bytes,
-            "bytes_quantized": model_stats(quantized).bytes,
-            "error_factorized": factor_error,  # the factorization alone (validated, before quantizing)
-            "error_quantized": error,  # factorization and quantization together: what was validated
-            "error_quantized_alone": self.alone_error,  # the original quantized (with the fallback), no factorization
-            "nodes": self.info,
-            "range": self.info["range"],  # full or reduced (7-bit weights)
-            "range_reason": self.info["range_reason"],  # auto: which CPU feature decided; or requested
-        }
-        if self.fallback is not None:  # compact mode: the nodes taken out, each with its measured cost
-            summary["fallback_nodes"] = [node.to_dict() for node in self.fallback.nodes]
-            summary["fallback"] = self.fallback.to_dict()
-        return summary
+    def summary(self, factorized, quantized, factor_error: float | None, error: float | None) -> Quantization:
+        fallback = self.fallback  # compact mode: the nodes taken out, each with its measured cost
+        return Quantization(
+            scheme="int8",
+            bytes_factorized=model_stats(factorized).bytes,
+            bytes_quantized=model_stats(quantized).bytes,
+            error_factorized=factor_error,  # the factorization alone (validated, before quantizing)
+            error_quantized=error,  # factorization and quantization together: what was validated
+            error_quantized_alone=self.alone_error,  # the original quantized (with the fallback), no factorization
+            nodes=self.info,
+            range=self.info["range"],  # full or reduced (7-bit weights)
+            range_reason=self.info["range_reason"],  # auto: which CPU feature decided; or requested
+            fallback_nodes=None if fallback is None else [FallbackStep(**node.to_dict()) for node in fallback.nodes],
+            fallback=None if fallback is None else FallbackSearch(**fallback.to_dict()),
+        )

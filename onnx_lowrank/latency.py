@@ -26,7 +26,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,11 +37,13 @@ from onnx import helper
 from .cache import write_cache_file
 from .layers import Layer, Unit, find_layers
 from .model_io import is_large
+from .report import Latency, Timing
 from .runtime import EXECUTION_PROVIDERS, open_session, session_with_outputs
 from .ranks import UnitDecomposers, pareto_front
 from .rewrite import build
 from .splice import import_graph
-from .svd import Factorization, Option
+from .decompositions import Factorized
+from .svd import Option
 from .weights import CHAIN_OPS, ConstantIndex, stored_constant
 
 
@@ -61,25 +63,6 @@ CACHE_FORMAT = "onnx-lowrank-latency-1"
 
 
 # --------------------------------------------------------------------------------------------- timing
-
-
-@dataclass(frozen=True)
-class Timing:
-    """Wall time of one inference: median and 10th / 90th percentiles over `runs` timed runs."""
-
-    median_ms: float
-    p10_ms: float
-    p90_ms: float
-    runs: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def of(cls, seconds: Sequence[float]) -> Timing:
-        ms = np.asarray(seconds, dtype=np.float64) * 1e3
-        p10, median, p90 = np.percentile(ms, [10, 50, 90])
-        return cls(float(median), float(p10), float(p90), int(ms.size))
 
 
 def timing_session(model: onnx.ModelProto, provider: str, threads: int = 0) -> ort.InferenceSession:
@@ -184,21 +167,17 @@ def end_to_end(
     threads: int = 0,
     min_runs: int = MIN_RUNS,
     min_seconds: float = MIN_SECONDS,
-) -> dict:
+) -> Latency:
     """The report's end-to-end latency: the original and the compressed model (the quantized one when
     given, else the factorized one; both when quantized) timed side by side on one feed.
 
-    {"provider" (the one that ran), "batch" (the feed's first axis), "threads" (None: onnxruntime's
-    default), "runs", "original" / "compressed" [/ "factorized"]: Timing.to_dict(), "speedup" (median
-    original / median compressed)}. Should onnxruntime fail to run a model with every optimization on,
-    the entry says so in "error" instead of failing the run that produced a validated model.
+    `provider` is the one that ran, `batch` the feed's first axis, `threads` None for onnxruntime's
+    default; `original` / `compressed` [/ `factorized`] their Timings, `speedup` median original / median
+    compressed. Should onnxruntime fail to run a model with every optimization on, `error` says so
+    instead of failing the run that produced a validated model.
     """
     first = next(iter(feed.values()), None)
-    result: dict = {
-        "provider": provider,
-        "batch": int(np.shape(first)[0]) if first is not None and np.ndim(first) else None,
-        "threads": threads or None,
-    }
+    batch = int(np.shape(first)[0]) if first is not None and np.ndim(first) else None
     models = {"original": original, "compressed": quantized if quantized is not None else factorized}
     if quantized is not None:
         models["factorized"] = factorized
@@ -207,12 +186,14 @@ def end_to_end(
         timings = _rounds(runners, WARMUP, min_runs, min_seconds, advance, MAX_SECONDS)
     except _ORT_ERRORS as error:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        return {**result, "error": f"onnxruntime could not time the models with every optimization on: {first_line}"}
-    result["provider"] = "cuda" if all(runner.cuda for runner in runners) else "cpu"
-    result["runs"] = timings[0].runs
-    result.update({name: timing.to_dict() for name, timing in zip(models, timings)})
-    result["speedup"] = timings[0].median_ms / timings[1].median_ms
-    return result
+        return Latency(provider, batch, threads or None,
+                       error=f"onnxruntime could not time the models with every optimization on: {first_line}")
+    timed = dict(zip(models, timings))
+    return Latency(
+        provider="cuda" if all(runner.cuda for runner in runners) else "cpu", batch=batch, threads=threads or None,
+        runs=timings[0].runs, original=timed["original"], compressed=timed["compressed"],
+        factorized=timed.get("factorized"), speedup=timings[0].median_ms / timings[1].median_ms,
+    )
 
 
 # --------------------------------------------------------------------------------- activation shapes
@@ -343,7 +324,7 @@ class LayerTimer:
 
     # ---- models
 
-    def models(self, unit: Unit, factorization: Factorization) -> LayerModels:
+    def models(self, unit: Unit, factorization: Factorized) -> LayerModels:
         """The unit's first layer as a model of its own, dense and factorized (Untimeable when it cannot
         be cut out)."""
         dense, input_name, output_name, extracted = self._dense_model(unit)
@@ -423,7 +404,7 @@ class LayerTimer:
 
     # ---- timing
 
-    def key(self, unit: Unit, factorization: Factorization) -> str:
+    def key(self, unit: Unit, factorization: Factorized) -> str:
         """What a layer's time depends on: op, attributes, weight and data shapes and types, the bias
         fused or not, the method and its ranks, provider and threads (not the weights' values)."""
         return self._key(unit, factorization.method, factorization.rank, factorization.bias_shift is not None)
@@ -452,7 +433,7 @@ class LayerTimer:
         }
         return json.dumps(parts, sort_keys=True)
 
-    def times(self, unit: Unit, factorization: Factorization) -> tuple[float, float]:
+    def times(self, unit: Unit, factorization: Factorized) -> tuple[float, float]:
         """(dense_ms, factorized_ms): median latencies of the unit's first layer, measured side by side."""
         key = self.key(unit, factorization)
         if key not in self.timings:
@@ -524,6 +505,7 @@ def _by_hand(index: ConstantIndex, opsets, ir_version: int, layer: Layer, activa
     name (so the layer is found under the same unit key)."""
     nodes = [layer.node]
     if output_name != layer.node.outputs[0].name:
+        assert layer.bias is not None  # the output is that of the layer's bias Add
         nodes.append(layer.bias.node)
     made = {activation.name, ""} | {t.name for node in nodes for t in node.outputs}
     stored: list[onnx.TensorProto] = []
@@ -650,10 +632,10 @@ def _option_times(candidates: UnitDecomposers, timer) -> Callable[[Option], tupl
         factorization = candidates.factorize(option)
         if option.method not in learned:
             rank, config = factorization.rank, tuple(option.config)
-            whole = rank == config if isinstance(rank, tuple) else None
-            if whole is None and len(config) == 1 and rank == config[0]:
-                whole = False
-            learned[option.method] = None if whole is None else (whole, factorization.bias_shift is not None)
+            reads: bool | None = rank == config if isinstance(rank, tuple) else None  # the rank is the config tuple
+            if reads is None and len(config) == 1 and rank == config[0]:
+                reads = False
+            learned[option.method] = None if reads is None else (reads, factorization.bias_shift is not None)
         return timer.times(unit, factorization)
 
     return times

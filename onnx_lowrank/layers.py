@@ -12,7 +12,7 @@ import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import numpy as np
 import onnx
@@ -20,6 +20,9 @@ import onnx_graphsurgeon as gs
 
 from .svd import Factorization
 from .weights import ConstantIndex, Weight, resolve, weight_users
+
+if TYPE_CHECKING:
+    from .splice import Emitter
 
 
 @dataclass
@@ -61,12 +64,18 @@ class Layer:
         if self.held is not None:
             self.shape = self.held.shape
         else:  # applied to a stride-0 array of the weight's shape: the shape without reading the weight
-            self.shape = self.view(np.broadcast_to(np.empty(()), self.weight.shape)).shape
+            self.shape = self.viewed(np.broadcast_to(np.empty(()), self.weight.shape)).shape
 
     @property
     def matrices(self) -> np.ndarray:
         """Read from the weight on each use (see weights.Weight.value), unless held."""
-        return self.held if self.held is not None else self.view(self.weight.value)
+        return self.held if self.held is not None else self.viewed(self.weight.value)
+
+    def viewed(self, value: np.ndarray) -> np.ndarray:
+        """A value of the weight's shape seen as the matrices (only a layer attached to its graph can)."""
+        if self.view is None:
+            raise RuntimeError(f"layer {self.node.name!r} is detached: it holds its matrices, and no view")
+        return self.view(value)
 
 
 def batchnorm_scale(node: gs.Node, index: ConstantIndex, channels: int) -> np.ndarray | None:
@@ -161,8 +170,15 @@ def detached(unit: Unit) -> Unit:
     node = NodeView(layer.node.name, layer.node.op, dict(layer.node.attrs))
     value = layer.weight.value
     weight = replace(layer.weight, stored=None, source=None, held=value)
-    matrices = layer.view(value)
+    matrices = layer.viewed(value)
     return Unit(unit.key, [replace(layer, node=node, weight=weight, view=None, held=matrices, bias=bias)])
+
+
+@dataclass(frozen=True)
+class Skip:
+    """An adapter's answer for a node of its op type that it cannot factorize: why (the report lists it)."""
+
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -175,13 +191,13 @@ class Skipped:
 
 
 class Adapter(Protocol):
-    """One op type: `check` a node (a Layer, or the reason it is skipped) and `rewrite` it as a chain."""
+    """One op type: `check` a node (a Layer, or why it is skipped) and `rewrite` it as a chain."""
 
     op_type: ClassVar[str]
 
-    def check(self, node: gs.Node, index: ConstantIndex, opset: int) -> Layer | str | None:
-        """A Layer, the reason the node cannot be one, or None when it is no layer at all (e.g. a Gather
-        on shapes) and deserves no line in reports."""
+    def check(self, node: gs.Node, index: ConstantIndex, opset: int) -> Layer | Skip | None:
+        """A Layer, a Skip saying why the node cannot be one, or None when it is no layer at all (e.g. a
+        Gather on shapes) and deserves no line in reports."""
 
     def observed(self, layer: Layer) -> tuple[gs.Tensor, str]:
         """The tensor whose statistics describe the layer, and its side: "input" (vectors the weight
@@ -190,7 +206,7 @@ class Adapter(Protocol):
     def rows(self, layer: Layer, array: np.ndarray) -> np.ndarray:
         """That tensor's values as (G, positions, channels): one row per vector the weight meets."""
 
-    def rewrite(self, layer: Layer, factors: Factorization, emit) -> None:
+    def rewrite(self, layer: Layer, factors: Factorization, emit: Emitter) -> None:
         """Emit nodes computing second @ first @ x per group (`first` (G, r, in), `second` (G, out, r)),
         moving `factors.bias_shift` (when set) into the layer's bias site."""
 
@@ -215,8 +231,8 @@ def find_layers(graph: gs.Graph, model: onnx.ModelProto, adapters: dict[str, Ada
         found = adapter.check(node, index, opset)
         if found is None:
             continue
-        if isinstance(found, str):
-            skipped.append(Skipped(node.name, node.op, found))
+        if isinstance(found, Skip):
+            skipped.append(Skipped(node.name, node.op, found.reason))
             continue
         layers.append(found)
     users = collections.Counter(layer.weight.name for layer in layers)

@@ -10,13 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .conv_methods import conv_decomposers
+from .conv_methods import ConvDecomposer, conv_decomposers
 from .data_aware import OutputError, data_aware_svd
+from .decompositions import SpectralDecomposer
 from .layers import Unit, detached
 from .parking import Shelf
 from .parallel import Workers, blas_threads
 from .ranks import UnitDecomposers
-from .statistics import Moments
+from .statistics import Counts, Moments
 from .svd import PARTIAL_MIN_SIDE, TruncatedSVD
 
 CONV_METHODS = ("tucker2", "cp", "spatial", "depthwise", "block")
@@ -60,13 +61,14 @@ def decomposers_for(
     return found
 
 
-def _candidates(unit: Unit, method: str, stats, side: str, eager: bool) -> UnitDecomposers:
+def _candidates(unit: Unit, method: str, stats: Moments | Counts | None, side: str, eager: bool) -> UnitDecomposers:
     with blas_threads(unit.params):
         return _decomposers(unit, method, stats, side, eager)
 
 
-def _decomposers(unit: Unit, method: str, stats, side: str, eager: bool) -> UnitDecomposers:
+def _decomposers(unit: Unit, method: str, stats: Moments | Counts | None, side: str, eager: bool) -> UnitDecomposers:
     layer = unit.layers[0]
+    primary: SpectralDecomposer
     if stats is not None:
         primary = data_aware_svd(unit, stats, side)
     elif eager and min(unit.shape) >= PARTIAL_MIN_SIDE:  # the search picks among shrinking ranks only
@@ -74,11 +76,13 @@ def _decomposers(unit: Unit, method: str, stats, side: str, eager: bool) -> Unit
     else:
         primary = TruncatedSVD(unit.matrices)
     exact = stats is None or (isinstance(stats, Moments) and side == "input")
-    others, notes = [], []
+    others: list[ConvDecomposer] = []
+    notes: list[str] = []
     if method != "svd":
         wanted = set(CONV_METHODS) if method == "auto" else {method}
         if unit.op == "Conv" and exact:
-            others, notes = conv_decomposers(layer, OutputError(layer, stats), wanted)
+            moments = stats if isinstance(stats, Moments) else None  # exact: input moments, or no statistics
+            others, notes = conv_decomposers(layer, OutputError(layer, moments), wanted)
         elif method != "auto":
             why = "applies to Conv only" if unit.op != "Conv" else "needs input-patch statistics (patch too large)"
             notes = [f"{method}: {why}"]

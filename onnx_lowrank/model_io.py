@@ -84,9 +84,12 @@ def load_model(model_or_path: onnx.ModelProto | str | os.PathLike, lazy: bool = 
     consistent = _check(str(path) if from_file else model)
     _check_opset(model)
     _check_tensors(model)
+    base_dir = ""
     if left_out:
+        assert path is not None  # external data is left out only of a model read from a file
         _check_external_ranges(model, path)
-    return LoadedModel(model, path, external, consistent, str(path.parent) if left_out else "")
+        base_dir = str(path.parent)
+    return LoadedModel(model, path, external, consistent, base_dir)
 
 
 def _check(target: onnx.ModelProto | str) -> bool:
@@ -134,7 +137,7 @@ def _check_opset(model: onnx.ModelProto) -> None:
             raise InputError(f"unsupported opset {entry.version} (onnx-lowrank handles 1 to {newest})")
 
 
-_TYPED_FIELD = {
+_TYPED_FIELD: dict[int, str] = {
     onnx.TensorProto.FLOAT: "float_data",
     onnx.TensorProto.DOUBLE: "double_data",
     onnx.TensorProto.FLOAT16: "int32_data",

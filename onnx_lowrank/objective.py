@@ -22,6 +22,7 @@ import onnx
 
 from .latency import LayerTimer, Untimeable, not_slower, time_side_by_side, timed_activations
 from .ranks import UnitDecomposers, rank_multiple
+from .svd import Option
 
 OBJECTIVES = ("balanced", "size", "latency")
 DEFAULT_OBJECTIVE = "balanced"
@@ -63,6 +64,7 @@ def restrict(
         slack = EMBEDDING_SLACK * run_ms
     for candidate in candidates:
         if candidate.options():
+            allowed: Callable[[Option], bool]
             try:
                 allowed = not_slower(candidate, timer, MARGIN[objective], slack if candidate.unit.op == "Gather" else 0.0)
             except Untimeable as why:
@@ -76,5 +78,5 @@ def restrict(
     return timer, []
 
 
-def _nothing(option) -> bool:
+def _nothing(option: Option) -> bool:
     return False

@@ -8,9 +8,10 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .adapters import ADAPTERS
 from .errors import InputError
@@ -32,7 +33,7 @@ class Flag:
     metavar: str | None = None
     choices: Sequence[str] | None = None
     type: Callable[[str], object] | None = None  # argparse's conversion of the text
-    convert: Callable[[object], object] | None = None  # then, for a value given, what the field holds
+    convert: Callable[[Any], object] | None = None  # then, for a value given, what the field holds
     exclusive: str | None = None  # flags with the same group name exclude each other
 
 
@@ -152,7 +153,7 @@ def _check_fraction(name: str, value: float | None) -> None:
         raise InputError(f"{name} must be in (0, 1], got {value:g}")
 
 
-def _check_choice(what: str, given: Sequence[str], allowed: Sequence[str], wording: str = "; choose one of") -> None:
+def _check_choice(what: str, given: Sequence[str], allowed: Collection[str], wording: str = "; choose one of") -> None:
     """One line naming the first unknown value (or an empty list) and what is allowed."""
     unknown = [value for value in given if value not in allowed]
     if unknown or not given:

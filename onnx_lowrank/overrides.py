@@ -23,8 +23,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .decompositions import Factorized
 from .layers import BiasSite, Layer, Unit
-from .svd import Factorization
 from .weights import ConstantIndex, Weight, weight_users
 
 FED_DTYPES = (np.float16, np.float32, np.float64)  # what onnxruntime's Python binding takes as is
@@ -57,12 +57,13 @@ class Override:
     def placements(self) -> list[Placement]:
         return [self.weight, *(placement for _, placement in self.biases)]
 
-    def feed(self, factors: Factorization) -> dict[str, np.ndarray] | None:
+    def feed(self, factors: Factorized) -> dict[str, np.ndarray] | None:
         """The stored weight (and biases) of the dense equivalent of `factors`; None for a decomposition
         with its own chain (Tucker-2, CP, ...) or a bias shift this override has no place for."""
-        if hasattr(factors, "emit") or (factors.bias_shift is not None and not self.biases):
+        weight = factors.same_op_weight()
+        if weight is None or (factors.bias_shift is not None and not self.biases):
             return None
-        fed = {self.weight.name: self.weight.stored(factors.reconstruct())}
+        fed = {self.weight.name: self.weight.stored(weight)}
         if factors.bias_shift is not None:
             shift = np.asarray(factors.bias_shift, dtype=np.float64).reshape(-1)
             for site, placement in self.biases:
@@ -111,12 +112,17 @@ def with_overridable(model: onnx.ModelProto, overrides: Iterable[Override]) -> o
 def _override(unit: Unit, stored: ConstantIndex, graph_outputs: set[str]) -> Override | None:
     placements = [_placement(layer.weight, stored, layer.view) for layer in unit.layers]
     first = placements[0]
-    if any(p is None or p.name != first.name or not np.array_equal(p.positions, first.positions) for p in placements):
+    if first is None or any(p is None or p.name != first.name or not np.array_equal(p.positions, first.positions)
+                            for p in placements):
         return None
     channels = unit.groups * unit.shape[0]
-    biases = [(layer.bias, _bias_placement(layer, channels, stored, graph_outputs)) for layer in unit.layers]
-    if any(site is None or placement is None for site, placement in biases):
-        biases = []  # a bias shift is then probed by building
+    biases: list[tuple[BiasSite, Placement]] = []
+    for layer in unit.layers:
+        placement = _bias_placement(layer, channels, stored, graph_outputs)
+        if layer.bias is None or placement is None:
+            biases = []  # a bias shift is then probed by building
+            break
+        biases.append((layer.bias, placement))
     return Override(first, tuple(biases))
 
 

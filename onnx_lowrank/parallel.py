@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from threadpoolctl import threadpool_limits
 
@@ -53,7 +54,7 @@ class Workers:
     executor: Executor
     slots: int
 
-    def map(self, function: Callable, *iterables: Iterable, each: Callable[[object], None]) -> None:
+    def map(self, function: Callable, *iterables: Iterable, each: Callable[[Any], None]) -> None:
         """executor.map, handing each result to `each` in order, with at most `slots` tasks submitted at a
         time: each task carries a layer's weight and statistics, and submitting all at once would hold
         (or, to a cluster, send through its scheduler) every layer of the model at once."""

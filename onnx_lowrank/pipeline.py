@@ -15,16 +15,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from .adapters import ADAPTERS
 from .cache import Cache, key_of, model_fingerprint, samples_fingerprint
 from .calibration import Samples, Split, load_calibration
 from .data_aware import unit_statistics
-from .errors import BoundNotMet, InputError
+from .errors import BoundNotMet, InputError, known
 from .int8_share import Int8Share
 from .latency import LayerTimer, end_to_end
-from .layers import Plan, find_layers
+from .layers import Plan, Unit, find_layers
 from .metrics import check_metric
 from .methods import decomposers_for
 from .model_io import LoadedModel, ModelStats, model_stats
@@ -36,13 +37,14 @@ from .parking import PARK_MIN_PARAMS
 from .progress import Advance, Progress
 from .rank_modes import Allocation, RankMode, rank_mode_for
 from .ranks import UnitDecomposers
-from .report import Report, SkippedLayer, Validation
+from .report import Chosen, Report, SkippedLayer, Validation
 from .runtime import resolve_provider
 from .reporting import clearly_slower, fusions, layer_reports, refusal, traced
 from .rewrite import build, check_rewritten, factors_of
 from .search import Evaluator, Search, Trial, probe_count, sensitivities
 from .splice import import_graph
-from .svd import Factorization
+from .statistics import Counts, Moments
+from .decompositions import Factorized
 
 
 @dataclass
@@ -71,8 +73,8 @@ class Run:
     tolerance: float | None = None
     share: float | None = None  # the tolerance left to the factorization (int8 may take some)
     # statistics, factorize, latency gate
-    statistics: list | None = None
-    timing_feed: dict | None = None  # one calibration batch: what layers and the whole model are timed on
+    statistics: list[Moments | Counts] | None = None
+    timing_feed: dict[str, np.ndarray] | None = None  # one calibration batch: what layers and the whole model are timed on
     decomposers: list[UnitDecomposers] = field(default_factory=list)  # per unit, the same order
     timer: LayerTimer | None = None
     notes: list[str] = field(default_factory=list)
@@ -83,7 +85,7 @@ class Run:
     int8: Int8Share | None = None
     # search, validate
     allocation: Allocation | None = None
-    factors: dict[str, Factorization] = field(default_factory=dict)  # by unit key, until the report is made
+    factors: dict[str, Factorized] = field(default_factory=dict)  # by unit key, until the report is made
     rewritten: bool = False  # whether any unit was factorized
     factorized: onnx.ModelProto | None = None
     written: onnx.ModelProto | None = None  # what is written: the factorized model, quantized with int8
@@ -98,8 +100,26 @@ class Run:
         return self.loaded.model
 
     @property
-    def units(self) -> list:
-        return self.plan.units
+    def units(self) -> list[Unit]:
+        return known(self.plan, "the plan").units
+
+    # what the load stage always sets, for the stages after it
+    @property
+    def rank_mode(self) -> RankMode:
+        return known(self.mode, "the rank mode")
+
+    @property
+    def store(self) -> Cache:
+        return known(self.cache, "the cache")
+
+    @property
+    def fit(self) -> list[int]:
+        """The samples the statistics are taken on (stages that run only with calibration data)."""
+        return known(self.parts, "the calibration split").fit
+
+    @property
+    def chosen(self) -> Allocation:
+        return known(self.allocation, "the allocation")
 
 
 @dataclass(frozen=True)
@@ -144,11 +164,11 @@ def load(run: Run, advance: Advance) -> None:
     if run.mode is None:  # inspect describes the layers in a mode of its own
         run.mode = rank_mode_for(settings, has_data=run.calibration is not None)
     run.samples = _calibration(settings, original, run.calibration, run.labels)
-    run.tolerance = run.share = run.mode.tolerance(settings)
+    run.tolerance = run.share = run.rank_mode.tolerance(settings)
     run.cache = Cache(settings.cache)
     if run.samples is None:
         return
-    run.parts = run.mode.split(run.samples, settings)
+    run.parts = run.rank_mode.split(run.samples, settings)
     run.provider = resolve_provider(settings.provider)
     if run.cache.folder is not None:
         run.data_key = key_of(model_fingerprint(original), samples_fingerprint(run.samples, run.parts.fit),
@@ -157,22 +177,22 @@ def load(run: Run, advance: Advance) -> None:
 
 def statistics(run: Run, advance: Advance) -> None:
     """What each layer sees on the fit samples (or the cache's copy of it)."""
-    run.statistics = run.cache.statistics(run.data_key)
+    run.statistics = run.store.statistics(run.data_key)
     if run.statistics is None:
-        run.statistics = unit_statistics(run.original, run.units, run.samples, run.parts.fit, run.provider,
-                                         run.settings.batch_size, advance)
-        run.cache.save_statistics(run.data_key, run.statistics)
+        run.statistics = unit_statistics(run.original, run.units, known(run.samples, "the samples"), run.fit,
+                                         known(run.provider, "the provider"), run.settings.batch_size, advance)
+        run.store.save_statistics(run.data_key, run.statistics)
 
 
 def factorize(run: Run, advance: Advance) -> None:
     """Every unit's decompositions: the ranks on offer, each with its parameters and predicted error."""
     settings, units = run.settings, run.units
     if run.samples is not None:
-        run.timing_feed = next(run.samples.batches(run.parts.fit, settings.batch_size))[1]
+        run.timing_feed = next(run.samples.batches(run.fit, settings.batch_size))[1]
     factorizable = sum(unit.params for unit in units)
     pool_pays = run.statistics is None or (settings.method != "svd" and any(unit.op == "Conv" for unit in units))
     with executor_for(settings.jobs, settings.scheduler, factorizable, pool_pays) as workers:
-        run.decomposers = decomposers_for(units, settings.method, run.statistics, workers, eager=run.mode.eager,
+        run.decomposers = decomposers_for(units, settings.method, run.statistics, workers, eager=run.rank_mode.eager,
                                         advance=advance, parking=run.work if factorizable >= PARK_MIN_PARAMS else None)
 
 
@@ -180,128 +200,141 @@ def latency_gate(run: Run, advance: Advance) -> None:
     """The objective's restriction of the options: tile-multiple ranks, none slower than its dense layer."""
     run.timer, run.notes = restrict_to_objective(
         run.settings.objective, run.decomposers, run.provider or "cpu", run.original, run.adapters, run.timing_feed,
-        run.cache.file("latency.json"), advance,
+        run.store.file("latency.json"), advance,
     )
 
 
 def sensitivity(run: Run, advance: Advance) -> None:
     """The validator of candidates and, for the modes that weigh units by it, each unit's sensitivity."""
-    settings, units = run.settings, run.units
+    settings, units, mode = run.settings, run.units, run.rank_mode
+    samples, parts = known(run.samples, "the samples"), known(run.parts, "the calibration split")
     overrides = overrides_for(run.original, units, {o.name for o in run.original.graph.output}) \
-        if run.mode.probes else None
-    run.evaluator = Evaluator(run.original, run.samples, run.provider, settings.batch_size, overrides)
-    run.search = Search(run.original, run.adapters, run.decomposers, run.evaluator, run.parts.validation,
-                        settings.metric, run.samples.labels)
-    if not run.mode.probes:
+        if mode.probes else None
+    run.evaluator = Evaluator(run.original, samples, known(run.provider, "the provider"), settings.batch_size,
+                              overrides)
+    run.search = Search(run.original, run.adapters, run.decomposers, run.evaluator, parts.validation,
+                        settings.metric, samples.labels)
+    if not mode.probes:
         return
-    probe = run.parts.fit[:probe_count(units, run.statistics, len(run.parts.fit))]
+    probe = parts.fit[:probe_count(units, run.statistics, len(parts.fit))]
     probe_key = key_of(run.data_key, settings.method, settings.no_data, probe)
-    run.sensitivity = run.cache.floats("sensitivity", probe_key)
+    run.sensitivity = run.store.floats("sensitivity", probe_key)
     if run.sensitivity is None or len(run.sensitivity) != len(units):
         run.sensitivity = sensitivities(run.original, run.adapters, run.decomposers, run.evaluator, probe, advance)
-        run.cache.save_floats("sensitivity", probe_key, run.sensitivity)
+        run.store.save_floats("sensitivity", probe_key, run.sensitivity)
 
 
 def int8_fallback(run: Run, advance: Advance) -> None:
     """int8 of the original alone, made to fit its share of a shared tolerance (quantize.fallback)."""
     run.int8 = Int8Share(run.settings, run.samples, run.parts, run.search, run.original)
-    if run.mode.shares_tolerance:
-        run.share = run.int8.factor_share(run.tolerance)
+    if run.rank_mode.shares_tolerance:  # a mode with a tolerance
+        run.share = run.int8.factor_share(known(run.tolerance, "the tolerance"))
 
 
 def search(run: Run, advance: Advance) -> None:
     """The mode's allocation of ranks (validated candidates, with calibration data)."""
     if run.search is not None:
         run.search.advance = advance
-    run.allocation = run.mode.allocate(run)
+    run.allocation = run.rank_mode.allocate(run)
 
 
 def validate(run: Run, advance: Advance) -> None:
     """The rewritten (and quantized) model, validated; int8 and a factorization that together exceed a shared
     tolerance give the factorization half its share, and the search runs again."""
+    mode = run.rank_mode
     while True:
-        _rewrite(run)
+        written = _rewrite(run)
         if run.search is None:
             return
-        trial = run.allocation.trial
-        run.factor_error = trial.error if trial is not None else run.search.validated(run.allocation.choices).error
-        run.written_error = run.factor_error if run.int8 is None else run.int8.error(run.written)
-        if run.int8 is None or not run.mode.shares_tolerance or run.written_error <= run.tolerance or not run.factors:
+        trial = run.chosen.trial
+        run.factor_error = trial.error if trial is not None else run.search.validated(run.chosen.choices).error
+        run.written_error = run.factor_error if run.int8 is None else run.int8.error(written)
+        if run.int8 is None or not mode.shares_tolerance or not run.factors:
             break
-        run.share = run.int8.halved(run.share)  # the two errors did not add up as assumed
-        run.allocation = run.mode.allocate(run)
-    run.validation = run.search.validation(run.written, run.tolerance, run.settings.confidence)
-    run.closest = run.mode.closest(run)
+        tolerance = known(run.tolerance, "the tolerance")  # a mode that shares it has one
+        if run.written_error <= tolerance:
+            break
+        run.share = run.int8.halved(known(run.share, "the share"))  # the two errors did not add up as assumed
+        run.allocation = mode.allocate(run)
+    run.validation = run.search.validation(written, run.tolerance, run.settings.confidence)
+    run.closest = mode.closest(run)
 
 
-def _rewrite(run: Run) -> None:
-    run.factors = factors_of(run.decomposers, run.allocation.choices)
+def _rewrite(run: Run) -> onnx.ModelProto:
+    """The model to write (also left in the run, with the factorized one before quantizing)."""
+    run.factors = factors_of(run.decomposers, run.chosen.choices)
     if run.factors:
-        run.factorized = build(run.original, run.adapters, run.factors, run.loaded.base_dir)
+        factorized = build(run.original, run.adapters, run.factors, run.loaded.base_dir)
         if not run.loaded.base_dir:  # otherwise the checker cannot read it in memory: save_model checks it
-            check_rewritten(run.factorized, full=run.loaded.shapes_consistent)
+            check_rewritten(factorized, full=run.loaded.shapes_consistent)
     else:
-        run.factorized = onnx.ModelProto()
-        run.factorized.CopyFrom(run.original)
-    run.written = run.factorized if run.int8 is None else run.int8.quantize(run.factorized)
+        factorized = onnx.ModelProto()
+        factorized.CopyFrom(run.original)
+    run.factorized = factorized
+    run.written = factorized if run.int8 is None else run.int8.quantize(factorized)
+    return run.written
 
 
 def report(run: Run, advance: Advance) -> None:
     """The report of what was chosen and validated (the per-layer timings of the chosen factorizations
     included); the factors themselves are let go: the model holds its own copy of them."""
-    after, before, trial = model_stats(run.written), run.before, run.allocation.trial
-    choices = run.allocation.choices
-    run.report = Report(
+    written = known(run.written, "the written model")
+    after, before, trial = model_stats(written), known(run.before, "the original's size"), run.chosen.trial
+    choices = run.chosen.choices
+    report = run.report = Report(
         params_before=before.params, params_after=after.params, bytes_before=before.bytes, bytes_after=after.bytes,
         seconds=time.perf_counter() - run.start, ops_before=before.ops, ops_after=after.ops,
         layers=layer_reports(run.decomposers, choices, run.factors, run.sensitivity, run.timer),
-        skipped=[SkippedLayer(s.node, s.op, s.reason) for s in run.plan.skipped] + [
-            SkippedLayer(layer.node.name, layer.node.op, choice.reason)
+        skipped=[SkippedLayer(s.node, s.op, s.reason) for s in known(run.plan, "the plan").skipped] + [
+            SkippedLayer(layer.node.name, layer.node.op, known(choice.reason, "a dense unit's reason"))
             for unit, choice in zip(run.units, choices) if choice.option is None for layer in unit.layers],
-        validation=run.validation, mode=run.mode.name, phases=run.phases,
+        validation=run.validation, mode=run.rank_mode.name, phases=run.phases,
         trace=[traced(t) for t in run.search.trials] if run.search else [],
         factorizable_params=sum(unit.params for unit in run.units),
-        chosen=None if trial is None else {"params": trial.params, "error": trial.error},
+        chosen=None if trial is None else Chosen(params=trial.params, error=trial.error),
         objective=run.settings.objective, notes=run.notes,
     )
     run.rewritten, run.factors = bool(run.factors), {}
     if run.int8 is not None:
         validated = run.search is not None
-        run.report.quantization = run.int8.summary(run.factorized, run.written,
+        report.quantization = run.int8.summary(known(run.factorized, "the factorized model"), written,
                                                    run.factor_error if validated else None,
                                                    run.written_error if validated else None)
 
 
 def diagnose(run: Run, advance: Advance) -> None:
     """Refuse a result outside the bound: the mode says how close it came, or the validation why."""
-    run.mode.diagnose(run)
+    run.rank_mode.diagnose(run)
     if run.validation is not None and run.validation.passed is False:
-        raise BoundNotMet(refusal(run.validation), run.report)
+        raise BoundNotMet(refusal(run.validation), known(run.report, "the report"))
 
 
 def fusion_check(run: Run, advance: Advance) -> None:
     """ONNX Runtime's fusions in the original and the factorized model."""
-    run.report.fusions = fusions(run.original, run.factorized, run.report, run.search, run.loaded.base_dir)
+    report = known(run.report, "the report")
+    report.fusions = fusions(run.original, run.factorized, report, run.search, run.loaded.base_dir)
 
 
 def latency(run: Run, advance: Advance) -> None:
     """The original and the written model timed end to end, side by side."""
-    run.report.latency = end_to_end(run.original, run.factorized, run.written if run.int8 is not None else None,
-                                    run.timing_feed, run.provider, advance)
-    slower = clearly_slower(run.report.latency)
+    report = known(run.report, "the report")
+    report.latency = end_to_end(run.original, known(run.factorized, "the factorized model"),
+                                run.written if run.int8 is not None else None,
+                                known(run.timing_feed, "the timing feed"), known(run.provider, "the provider"), advance)
+    slower = clearly_slower(report.latency)
     if slower:
-        run.report.notes.append(slower)
+        report.notes.append(slower)
 
 
 STAGES = (
     Stage("load", load),
     Stage("statistics", statistics, lambda run: run.samples is not None and not run.settings.no_data,
-          ("statistics (samples)", lambda run: len(run.parts.fit))),
+          ("statistics (samples)", lambda run: len(run.fit))),
     Stage("factorize", factorize, bar=("factorizations (layers)", lambda run: len(run.units))),
-    Stage("latency gate", latency_gate, lambda run: run.mode.gated,
+    Stage("latency gate", latency_gate, lambda run: run.rank_mode.gated,
           ("latency gate (layers)", lambda run: len(run.units))),
     Stage("sensitivity", sensitivity, lambda run: run.samples is not None,
-          ("sensitivity probes (layers)", lambda run: len(run.units) if run.mode.probes else 0)),
+          ("sensitivity probes (layers)", lambda run: len(run.units) if run.rank_mode.probes else 0)),
     Stage("int8 fallback", int8_fallback, lambda run: run.settings.quantize is not None),
     Stage(lambda run: "search" if run.search is not None else "choose", search,
           bar=("validated candidates", lambda run: None)),
@@ -320,8 +353,9 @@ FRONT = STAGES[:3]  # load, statistics, factorize: what `inspect` describes
 def compress_run(run: Run) -> tuple[onnx.ModelProto, Report]:
     """The run through every stage: the model to write and its report."""
     run_stages(run, STAGES)
-    run.report.phases, run.report.seconds = run.phases, time.perf_counter() - run.start
-    return run.written, run.report
+    report = known(run.report, "the report")
+    report.phases, report.seconds = run.phases, time.perf_counter() - run.start
+    return known(run.written, "the written model"), report
 
 
 # ------------------------------------------------------------------------------------------------ helpers

@@ -43,10 +43,11 @@ class Progress:
         """A new bar (total None: a counter with no end known); returns what advances it."""
         if self._bars is None:
             return _ignore
-        task = self._bars.add_task(description, total=total)
+        bars = self._bars
+        task = bars.add_task(description, total=total)
 
         def advance(count: int = 1) -> None:
-            self._bars.advance(task, count)
+            bars.advance(task, count)
 
         return advance
 

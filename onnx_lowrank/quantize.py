@@ -185,17 +185,7 @@ def quantize_int8(
         except Exception as error:  # noqa: BLE001 - onnxruntime.quantization raises anything
             raise RuntimeError(f"onnxruntime's weight-only quantizer failed: {_one_line(error)}") from None
     dynamic = [c for c in candidates if c.op_type != "Conv" and not c.weight_only]
-    convs = [c for c in candidates if c.op_type == "Conv"]
-    first = None
-    if convs and feeds is not None:
-        feeds = iter([feeds] if isinstance(feeds, Mapping) else feeds)  # a dict is one feed
-        first = next(feeds, None)
-        if first is None:
-            raise InputError("the calibration feeds are empty; Conv quantization needs at least one")
-    elif convs:
-        left_float["Conv"] += len(convs)
-        notes.append(f"{len(convs)} Conv node(s) stay float: static quantization needs calibration feeds")
-        convs = []
+    convs, conv_feeds = _conv_feeds([c for c in candidates if c.op_type == "Conv"], feeds, left_float, notes)
 
     if not dynamic and not convs:
         if not candidates and not left_float:
@@ -206,24 +196,56 @@ def quantize_int8(
     with tempfile.TemporaryDirectory(prefix="onnx-lowrank-quantize-") as folder, _quiet_onnxruntime():
         path = Path(folder) / "input.onnx"
         _save(working, path)
-        del working
-        try:
-            if convs:
-                reader = _Reader(itertools.chain([first], feeds), model.graph)
-                path = _static_conv(path, Path(folder) / "conv.onnx", convs, reader, reduce_range)
-            if dynamic:
-                path = _dynamic(path, Path(folder) / "dynamic.onnx", dynamic, reduce_range)
-        except (InputError, MemoryError):
-            raise
-        except Exception as error:  # onnxruntime.quantization raises anything from ValueError to KeyError
-            raise RuntimeError(f"onnxruntime's int8 quantizer failed: {_one_line(error)}") from None
-        try:
-            onnx.checker.check_model(str(path))
-        except Exception as error:
-            raise RuntimeError(f"onnxruntime's int8 quantizer gave an invalid model: {_one_line(error)}") from None
-        result = onnx.load(str(path))  # loads the external data back into the proto
+        del working  # only the saved copy is needed from here on
+        result = _quantize_saved(path, Path(folder), model.graph, dynamic, convs, conv_feeds, reduce_range)
     _restore_metadata(result, model)
+    return _outcome(result, dynamic, convs, nbits, left_float, notes, chosen)
 
+
+def _conv_feeds(convs: list[_Candidate], feeds: Iterable[Mapping[str, np.ndarray]] | None, left_float: Counter,
+                notes: list[str]) -> tuple[list[_Candidate], Iterator | None]:
+    """The Convs to quantize statically and their calibration feeds. The first feed is read here, so that
+    empty feeds are the caller's error (InputError) before any quantizer runs; without feeds the Convs
+    stay float and are counted so (left_float, notes)."""
+    if convs and feeds is not None:
+        feeds = iter([feeds] if isinstance(feeds, Mapping) else feeds)  # a dict is one feed
+        first = next(feeds, None)
+        if first is None:
+            raise InputError("the calibration feeds are empty; Conv quantization needs at least one")
+        return convs, itertools.chain([first], feeds)
+    if convs:
+        left_float["Conv"] += len(convs)
+        notes.append(f"{len(convs)} Conv node(s) stay float: static quantization needs calibration feeds")
+    return [], None
+
+
+def _quantize_saved(path: Path, folder: Path, graph: onnx.GraphProto, dynamic: list[_Candidate],
+                    convs: list[_Candidate], conv_feeds: Iterator | None, reduce_range: bool) -> onnx.ModelProto:
+    """Run onnxruntime's quantizers on the model saved at `path` (static QDQ for the Convs, calibrated on
+    `conv_feeds` checked against the input model's `graph`, then dynamic), check and load the result.
+    Their failures become one-line RuntimeErrors, since onnxruntime raises anything from ValueError to
+    KeyError; the caller's errors (InputError, a bad feed) and MemoryError pass through."""
+    try:
+        if convs:
+            reader = _Reader(conv_feeds, graph)
+            path = _static_conv(path, folder / "conv.onnx", convs, reader, reduce_range)
+        if dynamic:
+            path = _dynamic(path, folder / "dynamic.onnx", dynamic, reduce_range)
+    except (InputError, MemoryError):
+        raise
+    except Exception as error:  # onnxruntime.quantization raises anything from ValueError to KeyError
+        raise RuntimeError(f"onnxruntime's int8 quantizer failed: {_one_line(error)}") from None
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as error:
+        raise RuntimeError(f"onnxruntime's int8 quantizer gave an invalid model: {_one_line(error)}") from None
+    return onnx.load(str(path))  # loads the external data back into the proto
+
+
+def _outcome(result: onnx.ModelProto, dynamic: list[_Candidate], convs: list[_Candidate], nbits: list[_Candidate],
+             left_float: Counter, notes: list[str], chosen: tuple[str, str]) -> QuantizedModel:
+    """The quantized model and its info, counted from the result itself: onnxruntime's quantizers may
+    leave a node they were asked to quantize, which then counts as float, with a note."""
     attempted = dynamic + convs + nbits  # (Convs without feeds were counted float above)
     quantized = _quantized(result, attempted)
     done = Counter(c.op_type for c in dynamic + convs if c.name in quantized)
@@ -233,7 +255,6 @@ def quantize_int8(
         notes.append(f"{count} {op_type} node(s) stay float: onnxruntime's quantizer left them")
     left_float.update(declined)
     return QuantizedModel(result, _info(done, left_float, notes, chosen, light))
-
 
 def _names(names: Collection[str]) -> set[str]:
     return {names} if isinstance(names, str) else set(names)
@@ -354,17 +375,49 @@ def fallback(
     error_all = check(full)
     if error_all <= share:
         return Fallback((), (), (), error_all, error_all, share, 0, 1, time.perf_counter() - started)
+
+    def requantize(taken: Sequence[onnx.NodeProto]) -> onnx.ModelProto:  # int8 anew, with `taken` taken out
+        return quantize_int8(model, feeds, int8_range=int8_range, **_taken_out(taken)).model
+
     select = select or check
     base_bytes = full.ByteSize()
     base = select(full)
-    costs: dict[str, tuple[float, int]] = {}
     nodes = {node.name: node for node in _excludable(model, full)}
+    costs = _costs(full, model, nodes, base, base_bytes, select, requantize)
+    kept, error, checks = _take_greedily(full, model, nodes, costs, requantize, check, share, error_all, base_bytes,
+                                         max_checks)
+    return Fallback(tuple(k.name for k in kept if k.scheme == "float"),
+                    tuple(k.name for k in kept if k.scheme == "weight-only"), tuple(kept), error_all, error,
+                    share, len(costs), checks, time.perf_counter() - started)
+
+
+def _costs(full: onnx.ModelProto, model: onnx.ModelProto, nodes: Mapping[str, onnx.NodeProto], base: float,
+           base_bytes: int, select: Callable[[onnx.ModelProto], float],
+           requantize: Callable[[Sequence[onnx.NodeProto]], onnx.ModelProto]) -> dict[str, tuple[float, int]]:
+    """Each node's cost, measured rather than guessed: the error it adds (`base`, select of int8 of every
+    node, less select of int8 with that node taken out) and the bytes taking it out adds (at least 1). The
+    variants are built from the one quantized model `full` (`_variant`), so that measuring every node does
+    not quantize the model once per node; only a node whose output cannot be reconnected is requantized."""
+    costs: dict[str, tuple[float, int]] = {}
     for node in nodes.values():
         variant = _variant(full, model, [node])
         if variant is None:  # no output of the original name to reconnect: quantize without it
-            variant = quantize_int8(model, feeds, int8_range=int8_range, **_taken_out([node])).model
+            variant = requantize([node])
         costs[node.name] = (base - select(variant), max(variant.ByteSize() - base_bytes, 1))
         del variant
+    return costs
+
+
+def _take_greedily(full: onnx.ModelProto, model: onnx.ModelProto, nodes: Mapping[str, onnx.NodeProto],
+                   costs: Mapping[str, tuple[float, int]],
+                   requantize: Callable[[Sequence[onnx.NodeProto]], onnx.ModelProto],
+                   check: Callable[[onnx.ModelProto], float], share: float, error_all: float, base_bytes: int,
+                   max_checks: int) -> tuple[list[FallbackNode], float, int]:
+    """The greedy of `fallback`: nodes with a positive cost, best error reduction per added byte first,
+    each step checked on the exact model quantize_int8 gives (a variant only where it is that model), a
+    step kept only if it lowers the checked error; stops within `share`, out of nodes or after
+    `max_checks` checks (the first was int8 of every node). Returns the nodes taken, the last checked
+    error and the number of checks."""
     order = sorted((name for name, cost in costs.items() if cost[0] > 0),
                    key=lambda name: costs[name][0] / costs[name][1], reverse=True)
     kept: list[FallbackNode] = []
@@ -375,7 +428,7 @@ def fallback(
         taken = [*(nodes[k.name] for k in kept), nodes[name]]
         trial = _variant(full, model, taken, exact=True)
         if trial is None:
-            trial = quantize_int8(model, feeds, int8_range=int8_range, **_taken_out(taken)).model
+            trial = requantize(taken)
         value, trial_size = check(trial), trial.ByteSize()
         del trial
         checks += 1
@@ -383,9 +436,7 @@ def fallback(
             node = nodes[name]
             kept.append(FallbackNode(name, node.op_type, _scheme(node), costs[name][0], trial_size - size, value))
             error, size = value, trial_size
-    return Fallback(tuple(k.name for k in kept if k.scheme == "float"),
-                    tuple(k.name for k in kept if k.scheme == "weight-only"), tuple(kept), error_all, error,
-                    share, len(costs), checks, time.perf_counter() - started)
+    return kept, error, checks
 
 
 def _scheme(node: onnx.NodeProto) -> str:

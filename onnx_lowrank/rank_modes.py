@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .calibration import DISCRETE_VALIDATION_FRACTION, VALIDATION_FRACTION, Samples, Split, split
-from .errors import BoundNotMet, InputError
+from .errors import BoundNotMet, InputError, known
 from .metrics import DEFAULT_TOLERANCE
 from .options import Options
 from .ranks import UnitDecomposers, Choice, by_budget, by_energy, explicit
@@ -65,7 +65,8 @@ class ExplicitRanks(RankMode):
 
     def allocate(self, run: Run) -> Allocation:
         settings = run.settings
-        return Allocation(explicit(run.decomposers, settings.ranks, run.known, settings.allow_larger))
+        ranks = known(settings.ranks, "--ranks")  # the option that picks this mode
+        return Allocation(explicit(run.decomposers, ranks, run.known, settings.allow_larger))
 
 
 class Energy(RankMode):
@@ -73,7 +74,7 @@ class Energy(RankMode):
     gated = True
 
     def allocate(self, run: Run) -> Allocation:
-        choices = by_energy(run.decomposers, run.settings.energy, run.settings.allow_larger)
+        choices = by_energy(run.decomposers, known(run.settings.energy, "--energy"), run.settings.allow_larger)
         return Allocation([_allowed(candidate, choice) for candidate, choice in zip(run.decomposers, choices)])
 
 
@@ -82,14 +83,15 @@ class Budget(RankMode):
     eager = gated = True
 
     def allocate(self, run: Run) -> Allocation:
-        return Allocation(by_budget(run.decomposers, run.settings.target_params))
+        return Allocation(by_budget(run.decomposers, known(run.settings.target_params, "--target-params")))
 
 
 class ValidatedBudget(Budget):
     probes = True
 
     def allocate(self, run: Run) -> Allocation:
-        trial = run.search.at_budget(run.sensitivity, run.settings.target_params)
+        search, sensitivity = known(run.search, "the search"), known(run.sensitivity, "the sensitivities")
+        trial = search.at_budget(sensitivity, known(run.settings.target_params, "--target-params"))
         return Allocation(trial.choices, trial)
 
 
@@ -101,25 +103,27 @@ class Compact(RankMode):
         return DEFAULT_TOLERANCE[settings.metric] if settings.tolerance is None else settings.tolerance
 
     def allocate(self, run: Run) -> Allocation:
-        trial = None if run.share is None else run.search.compact(run.sensitivity, run.share)
+        search, sensitivity = known(run.search, "the search"), known(run.sensitivity, "the sensitivities")
+        trial = None if run.share is None else search.compact(sensitivity, run.share)
         if trial is not None:
             return Allocation(trial.choices, trial)
         return Allocation([Choice(None, "within the tolerance only dense")] * len(run.decomposers))
 
     def closest(self, run: Run) -> Trial | None:
-        return run.search.closest() if self._found_nothing(run) else None
+        return known(run.search, "the search").closest() if self._found_nothing(run) else None
 
     def _found_nothing(self, run: Run) -> bool:
-        return run.allocation.trial is None and bool(run.units)
+        return run.chosen.trial is None and bool(run.units)
 
     def diagnose(self, run: Run) -> None:
-        int8 = run.int8
-        if not self._found_nothing(run) or (int8 is not None and run.written_error <= run.tolerance):
+        int8, tolerance = run.int8, known(run.tolerance, "the tolerance")  # compact mode always has one
+        if not self._found_nothing(run) or (
+                int8 is not None and known(run.written_error, "the written model's error") <= tolerance):
             return
-        closest, tolerance = run.closest, run.tolerance
-        run.report.validation = None if closest is None else dataclasses.replace(
-            run.search.validation(build(run.original, run.adapters, run.search.factors(closest.choices)),
-                                  tolerance, run.settings.confidence), passed=False)
+        closest, search, report = run.closest, known(run.search, "the search"), known(run.report, "the report")
+        report.validation = None if closest is None else dataclasses.replace(
+            search.validation(build(run.original, run.adapters, search.factors(closest.choices)),
+                              tolerance, run.settings.confidence), passed=False)
         if int8 is not None and int8.alone_error is not None and int8.alone_error > tolerance:
             kept = len(int8.floats) + len(int8.weight_only)
             detail = f" (int8 quantization alone reaches {int8.alone_error:.4g}" + (
@@ -130,7 +134,7 @@ class Compact(RankMode):
             threatened = "" if closest.threat is None else \
                 f", with {closest.threat.threatened} calibration decision(s) threatened"
             detail = f" (the closest that removes parameters reached {closest.error:.4g} on the held-out part{threatened})"
-        raise BoundNotMet(f"no factorization keeps {run.settings.metric} within {tolerance:g}{detail}", run.report)
+        raise BoundNotMet(f"no factorization keeps {run.settings.metric} within {tolerance:g}{detail}", report)
 
 
 class Describe(RankMode):

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .decompositions import Decomposer, Factorized, SpectralDecomposer
 from .errors import InputError
 from .layers import Unit
 from .parallel import blas_threads
-from .parking import Parked, Shelf
+from .parking import Parked, ParkedSpectral, Shelf
 from .svd import Option
 
 FULL = "full"
@@ -45,12 +46,13 @@ class UnitDecomposers:
     where a single rank is asked for (explicit ranks, energy threshold); it offers options itself unless
     another method is forced. `notes` say why methods asked for do not apply."""
 
-    def __init__(self, unit: Unit, primary, others: Sequence = (), include_primary: bool = True, notes=()):
+    def __init__(self, unit: Unit, primary: SpectralDecomposer, others: Sequence[Decomposer] = (),
+                 include_primary: bool = True, notes: Sequence[str] = ()):
         self.unit = unit
         self.primary = primary
         self.notes = list(notes)
-        offered = ([primary] if include_primary else []) + list(others)
-        self._by_method = {d.method: d for d in [primary, *others]}
+        offered: list[Decomposer] = ([primary] if include_primary else []) + list(others)
+        self._by_method: dict[str, Decomposer] = {d.method: d for d in [primary, *others]}
         self._offered = offered
         self._allowed: list[Callable[[Option], bool]] = []
         self.emptied_by: str | None = None  # why a restriction left no option, if one did
@@ -74,7 +76,7 @@ class UnitDecomposers:
         if not self.options() and self.emptied_by is None:
             self.emptied_by = note
 
-    def factorize(self, option: Option):
+    def factorize(self, option: Option) -> Factorized:
         """The factors of an option; in float32 when the weight is stored so (all they are written as)."""
         with blas_threads(self.unit.params):
             factorization = self._by_method[option.method].factorize(option.config)
@@ -82,11 +84,14 @@ class UnitDecomposers:
 
     def park(self, folder: Path, position: int, shelf: Shelf | None = None) -> None:
         """Move the decomposers to files in `folder` (see parking.py); they answer as before."""
-        parked = {method: Parked(d, folder / f"{position}.{method}.pickle", shelf)
-                  for method, d in self._by_method.items()}
+        primary = ParkedSpectral(self.primary, folder / f"{position}.{self.primary.method}.pickle", shelf)
+        parked: dict[str, Decomposer] = {
+            method: primary if d is self.primary else Parked(d, folder / f"{position}.{method}.pickle", shelf)
+            for method, d in self._by_method.items()
+        }
         self._offered = [parked[d.method] for d in self._offered]
         self._by_method = parked
-        self.primary = parked[self.primary.method]
+        self.primary = primary
 
     @property
     def offers_others(self) -> bool:
@@ -105,7 +110,7 @@ class UnitDecomposers:
         """The shrinking option whose predicted error is nearest `target` (and above 0): what a
         sensitivity probe factorizes. The SVD's where it has one, so that sensitivities, and with them
         the SVD-only allocation that `--method auto` also validates, are those of `--method svd`."""
-        def useful(options):
+        def useful(options: list[Option]) -> list[Option]:
             return [o for o in options if o.params < self.unit.params and o.error > 1e-15]
 
         pool = useful(self.primary.options()) or useful(self.options())

@@ -1,10 +1,43 @@
-"""The typed report of a run, and its JSON form (the keys MISSION.md promises)."""
+"""The typed report of a run, and its JSON form (the keys MISSION.md promises).
+
+Every section is a dataclass whose fields are named as its JSON keys. A field with OMITTED metadata is a
+key the JSON only has when it is known: while the field is None, the dict form (`as_dict`) leaves it out.
+"""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+_OMIT = "omitted when None"
+OMITTED = {_OMIT: True}  # field metadata: the dict form leaves the key out while the value is None
+
+
+def as_dict(value: Any) -> Any:
+    """The JSON-ready form of a report or any part of it: dataclasses.asdict, except that the OMITTED
+    fields that are None are left out."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: as_dict(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if not (f.metadata.get(_OMIT) and getattr(value, f.name) is None)}
+    if isinstance(value, (list, tuple)):
+        return type(value)(as_dict(item) for item in value)
+    if isinstance(value, dict):
+        return type(value)((as_dict(k), as_dict(v)) for k, v in value.items())
+    return copy.deepcopy(value)
+
+
+def _built(cls, data: Mapping | None):
+    """A section's dataclass from its dict form (None stays None): its `from_dict` when it has parts of
+    its own to build, else its fields as they are."""
+    if data is None:
+        return None
+    return cls.from_dict(data) if hasattr(cls, "from_dict") else cls(**data)
 
 
 @dataclass
@@ -64,6 +97,156 @@ class Validation:
     # predicted fraction of new inputs whose decision may change (what the search held within the tolerance)
 
 
+@dataclass(frozen=True)
+class TracePoint:
+    """A validated candidate of the search (the report's trace)."""
+
+    params: int  # of the units
+    error: float
+    samples: int  # held-out samples it was validated on
+    # top1 / accuracy: the calibration decisions whose margin it threatens
+    threatened: int | None = field(default=None, metadata=OMITTED)
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """The search's chosen point."""
+
+    params: int  # of the units
+    error: float
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Wall time of one inference: median and 10th / 90th percentiles over `runs` timed runs."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    runs: int
+
+    def to_dict(self) -> dict:
+        return as_dict(self)
+
+    @classmethod
+    def of(cls, seconds: Sequence[float]) -> Timing:
+        ms = np.asarray(seconds, dtype=np.float64) * 1e3
+        p10, median, p90 = np.percentile(ms, [10, 50, 90])
+        return cls(float(median), float(p10), float(p90), int(ms.size))
+
+
+@dataclass
+class Latency:
+    """End to end, the original against the compressed model, side by side (latency.end_to_end). Should
+    onnxruntime fail to run a model with every optimization on, `error` says so and only `provider`,
+    `batch` and `threads` are given besides."""
+
+    provider: str  # the one that ran: cpu or cuda
+    batch: int | None  # the feed's first axis
+    threads: int | None  # None: onnxruntime's default
+    runs: int | None = field(default=None, metadata=OMITTED)
+    original: Timing | None = field(default=None, metadata=OMITTED)
+    compressed: Timing | None = field(default=None, metadata=OMITTED)  # the written model (quantized, with int8)
+    factorized: Timing | None = field(default=None, metadata=OMITTED)  # with int8: the factorized one as well
+    speedup: float | None = field(default=None, metadata=OMITTED)  # median original / median compressed
+    error: str | None = field(default=None, metadata=OMITTED)
+
+    def to_dict(self) -> dict:
+        return as_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> Latency:
+        timings = {name: _built(Timing, data.get(name)) for name in ("original", "compressed", "factorized")}
+        return cls(**{**data, **timings})
+
+
+@dataclass(frozen=True)
+class FusionChange:
+    """A kind of fused node whose count changed, and the factorized layer(s) it is attributed to."""
+
+    kind: str
+    layer: str | None  # None: the unfactorized part
+    original: int
+    compressed: int
+
+
+@dataclass
+class Fusions:
+    """ONNX Runtime's fused nodes, original against factorized (fusion.fusion_check); when onnxruntime could
+    not optimize the models, only `error`."""
+
+    provider: str | None = field(default=None, metadata=OMITTED)
+    level: str | None = field(default=None, metadata=OMITTED)
+    original: dict[str, int] | None = field(default=None, metadata=OMITTED)  # fused kinds of the whole graphs
+    compressed: dict[str, int] | None = field(default=None, metadata=OMITTED)
+    # {"original", "compressed"}: the same for the nodes attributed to no factorized layer
+    unfactorized: dict[str, dict[str, int]] | None = field(default=None, metadata=OMITTED)
+    unfactorized_match: bool | None = field(default=None, metadata=OMITTED)
+    lost: list[FusionChange] | None = field(default=None, metadata=OMITTED)
+    gained: list[FusionChange] | None = field(default=None, metadata=OMITTED)
+    error: str | None = field(default=None, metadata=OMITTED)
+
+    def to_dict(self) -> dict:
+        return as_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> Fusions:
+        changes = {side: [FusionChange(**entry) for entry in data[side]]
+                   for side in ("lost", "gained") if data.get(side) is not None}
+        return cls(**{**data, **changes})
+
+
+@dataclass(frozen=True)
+class FallbackStep:
+    """A node the int8 fallback took out of dynamic quantization (quantize.FallbackNode), and why."""
+
+    node: str
+    op: str
+    scheme: str  # "weight-only" (MatMul, Gemm) or "float" (Gather, Conv)
+    error_reduction: float
+    extra_bytes: int
+    error_after: float
+
+
+@dataclass(frozen=True)
+class FallbackSearch:
+    """What the int8 fallback measured (quantize.Fallback)."""
+
+    share: float
+    error_int8_all: float
+    error_int8_fallback: float
+    nodes_measured: int
+    checks: int
+    seconds: float
+
+
+@dataclass
+class Quantization:
+    """--quantize: what factorization and quantization each gave (int8_share.Int8Share.summary)."""
+
+    scheme: str
+    bytes_factorized: int
+    bytes_quantized: int
+    error_factorized: float | None  # the factorization alone (validated, before quantizing)
+    error_quantized: float | None  # factorization and quantization together: what was validated
+    error_quantized_alone: float | None  # the original quantized (with the fallback), no factorization
+    nodes: dict  # what the quantizer did: quantize.QuantizedModel.info
+    range: str | None  # full or reduced (7-bit weights)
+    range_reason: str | None  # auto: which CPU feature decided; or requested
+    # compact mode: the nodes taken out of dynamic int8, in order, and what was measured
+    fallback_nodes: list[FallbackStep] | None = field(default=None, metadata=OMITTED)
+    fallback: FallbackSearch | None = field(default=None, metadata=OMITTED)
+
+    def to_dict(self) -> dict:
+        return as_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> Quantization:
+        steps = data.get("fallback_nodes")
+        return cls(**{**data, "fallback_nodes": None if steps is None else [FallbackStep(**step) for step in steps],
+                      "fallback": _built(FallbackSearch, data.get("fallback"))})
+
+
 @dataclass
 class Report:
     params_before: int
@@ -78,19 +261,33 @@ class Report:
     validation: Validation | None = None
     mode: str = ""  # ranks | energy | size | compact
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase
-    trace: list[dict] = field(default_factory=list)  # every validated candidate: params (of the units), error
+    trace: list[TracePoint] = field(default_factory=list)  # every validated candidate
     factorizable_params: int = 0  # parameters of the factorizable units before (the trace's full size)
-    chosen: dict | None = None  # the search's chosen point: {"params" (of the units), "error"}
+    chosen: Chosen | None = None  # the search's chosen point
     objective: str = "size"  # size | latency | balanced: what the ranks were chosen for
-    latency: dict | None = None  # end to end, original vs compressed, side by side: {"provider", "batch",
-    # "threads", "runs", "original": {"median_ms", "p10_ms", "p90_ms"}, "compressed": {...}, "speedup"}
-    fusions: dict | None = None  # ONNX Runtime's fused nodes, original vs factorized (fusion.fusion_check)
+    latency: Latency | None = None  # end to end, original vs compressed, side by side
+    fusions: Fusions | None = None  # ONNX Runtime's fused nodes, original vs factorized
     notes: list[str] = field(default_factory=list)  # what the user should know about how it was done
-    quantization: dict | None = None  # --quantize: {"scheme", "bytes_factorized", "bytes_quantized",
-    # "error_factorized", "error_quantized", "nodes"}: what factorization and quantization each gave
+    quantization: Quantization | None = None  # --quantize: what factorization and quantization each gave
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return as_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> Report:
+        """The report of its dict form (`to_dict`, or its JSON read back)."""
+        validation = data.get("validation")
+        return cls(**{
+            **data,
+            "layers": [LayerReport(**layer) for layer in data.get("layers", [])],
+            "skipped": [SkippedLayer(**entry) for entry in data.get("skipped", [])],
+            "validation": None if validation is None else Validation(**validation),
+            "trace": [TracePoint(**point) for point in data.get("trace", [])],
+            "chosen": _built(Chosen, data.get("chosen")),
+            "latency": _built(Latency, data.get("latency")),
+            "fusions": _built(Fusions, data.get("fusions")),
+            "quantization": _built(Quantization, data.get("quantization")),
+        })
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

@@ -6,9 +6,9 @@ from __future__ import annotations
 from .fusion import fusion_check
 from .latency import LayerTimer, Untimeable
 from .ranks import UnitDecomposers, Choice
-from .report import LayerReport, Report
+from .report import Fusions, LayerReport, Latency, Report, TracePoint
 from .search import Search
-from .svd import Factorization
+from .decompositions import Factorized
 
 
 def refusal(validation) -> str:
@@ -20,25 +20,23 @@ def refusal(validation) -> str:
     return f"{seen}, above the tolerance {validation.tolerance:g}"
 
 
-def traced(trial) -> dict:
+def traced(trial) -> TracePoint:
     """A validated candidate in the report's trace; top1 / accuracy add the calibration decisions it threatens."""
-    traced = {"params": trial.params, "error": trial.error, "samples": trial.samples}
-    if trial.threat is not None:
-        traced["threatened"] = trial.threat.threatened
-    return traced
+    return TracePoint(params=trial.params, error=trial.error, samples=trial.samples,
+                      threatened=None if trial.threat is None else trial.threat.threatened)
 
 
-def clearly_slower(timing: dict) -> str | None:
+def clearly_slower(timing: Latency) -> str | None:
     """A note when the compressed model ran slower end to end beyond the timings' spread (each layer's
     gate cannot see effects between layers, such as a layout change)."""
-    if "speedup" not in timing or timing["compressed"]["p10_ms"] <= timing["original"]["p90_ms"]:
+    if timing.speedup is None or timing.compressed.p10_ms <= timing.original.p90_ms:
         return None
-    return (f"end to end the compressed model ran slower than the original ({timing['speedup']:.2f}x, "
-            f"{timing['provider']}, batch {timing['batch']}); try --objective latency")
+    return (f"end to end the compressed model ran slower than the original ({timing.speedup:.2f}x, "
+            f"{timing.provider}, batch {timing.batch}); try --objective latency")
 
 
 def layer_reports(
-    candidates: list[UnitDecomposers], choices: list[Choice], factors: dict[str, Factorization],
+    candidates: list[UnitDecomposers], choices: list[Choice], factors: dict[str, Factorized],
     sensitivity: list[float] | None, timer: LayerTimer | None,
 ) -> list[LayerReport]:
     reports = []
@@ -69,7 +67,7 @@ def layer_reports(
     return reports
 
 
-def fusions(original, factorized, report: Report, search: Search | None, base_dir: str) -> dict:
+def fusions(original, factorized, report: Report, search: Search | None, base_dir: str) -> Fusions:
     """ONNX Runtime's fusions in the original and the factorized model; a model ONNX Runtime cannot
     optimize was still validated as written, so that is a note, not a failure."""
     provider = search.evaluator.provider_used if search is not None else "cpu"
@@ -78,10 +76,10 @@ def fusions(original, factorized, report: Report, search: Search | None, base_di
                             base_dir=base_dir)
     except Exception as error:  # noqa: BLE001 - onnxruntime's own exception types
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        return {"error": f"onnxruntime could not optimize the models: {first_line}"}
+        return Fusions(error=f"onnxruntime could not optimize the models: {first_line}")
 
 
-def _layer_latency(timer: LayerTimer, unit, factorization: Factorization) -> dict[str, float] | None:
+def _layer_latency(timer: LayerTimer, unit, factorization: Factorized) -> dict[str, float] | None:
     """The chosen factorization against its dense layer, alone (cached when the gate timed it)."""
     try:
         dense_ms, factorized_ms = timer.times(unit, factorization)

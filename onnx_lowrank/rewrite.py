@@ -9,16 +9,16 @@ import onnx
 from .layers import find_layers
 from .ranks import UnitDecomposers, Choice
 from .splice import Splice, export, import_graph
-from .svd import Factorization
+from .decompositions import Factorized
 
 
-def factors_of(candidates: Sequence[UnitDecomposers], choices: Sequence[Choice]) -> dict[str, Factorization]:
+def factors_of(candidates: Sequence[UnitDecomposers], choices: Sequence[Choice]) -> dict[str, Factorized]:
     """The factorization of every unit that is not kept dense, by unit key."""
     return {c.unit.key: c.factorize(ch.option) for c, ch in zip(candidates, choices) if ch.option is not None}
 
 
 def build(
-    original: onnx.ModelProto, adapters: dict, factors: dict[str, Factorization], base_dir: str = ""
+    original: onnx.ModelProto, adapters: dict, factors: dict[str, Factorized], base_dir: str = ""
 ) -> onnx.ModelProto:
     """The original with the units named by key replaced by their factor chains (`base_dir`: where the
     original's external data lies, when it was loaded without it; the result then refers to it too)."""

@@ -23,12 +23,12 @@ from .generalization import DISCRETE, Decisions, Threat, beyond_maximum, bootstr
 from .metrics import Outputs, lost_decisions, score
 from .overrides import Override, with_overridable
 from .ranks import UnitDecomposers, Choice, by_budget, frontier
-from .errors import InputError
+from .errors import InputError, known
 from .rewrite import build, factors_of
 from .runtime import Session, session_with_outputs, with_outputs
 from .report import Validation
 from .statistics import Moments
-from .svd import Factorization
+from .decompositions import Factorized
 
 PROBE_ERROR = 0.01  # predicted relative error at which each unit's sensitivity is probed
 PROBE_SAMPLES = 16  # fit samples a probe runs on, at most ...
@@ -253,7 +253,7 @@ class Search:
         self.steered: list[int] = []  # held-out samples that steered the choice (compact mode's bisection)
         self.advance = advance  # called once per validated trial (a progress bar)
 
-    def factors(self, choices: Sequence[Choice]) -> dict[str, Factorization]:
+    def factors(self, choices: Sequence[Choice]) -> dict[str, Factorized]:
         return factors_of(self.candidates, choices)
 
     def params(self, choices: Sequence[Choice]) -> int:
@@ -337,7 +337,8 @@ class Search:
                   "samples": len(indices), "confidence": confidence}
         if self.metric in DISCRETE:
             judged = self.evaluator.judge(model, indices, self.metric, labels)
-            (lost, total), found = judged.lost, judged.threat
+            lost, total = known(judged.lost, "the decisions lost")  # judged on a discrete metric
+            found = known(judged.threat, "the threat")
             return Validation(value=judged.error, passed=None if tolerance is None else judged.value <= tolerance,
                               unseen_bound=clopper_pearson(lost, total, confidence), decisions=total, lost=lost,
                               threatened=found.threatened, calibration_decisions=found.decisions,

@@ -14,9 +14,10 @@ from onnx_graphsurgeon.importers.onnx_importer import get_onnx_tensor_dtype, get
 from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
+from .errors import known
 from .layers import BiasSite, Layer
 from .model_io import is_repeated
-from .svd import Factorization
+from .decompositions import Factorized
 from .weights import Weight
 
 META_PREFIX = "onnx_lowrank."
@@ -156,30 +157,29 @@ class Splice:
         self._names.add(candidate)
         return candidate
 
-    def replace(self, layer: Layer, factors: Factorization) -> None:
-        """Disconnect the layer's node and let its adapter emit the chain in its place."""
+    def replace(self, layer: Layer, factors: Factorized) -> None:
+        """Disconnect the layer's node and let the factors emit their chain in its place (a two-factor
+        product through the layer's adapter, other decompositions their own nodes)."""
         node = layer.node
         emit = Emitter(self, layer, factors, inputs=list(node.inputs), outputs=list(node.outputs))
         node.inputs.clear()
         node.outputs.clear()
-        if hasattr(factors, "emit"):  # a decomposition with its own chain (Tucker-2, CP, ...)
-            factors.emit(layer, emit)
-        else:
-            layer.adapter.rewrite(layer, factors, emit)
+        factors.emit(layer, emit)
 
 
 class Emitter:
     """What an adapter uses to build one layer's chain: its original inputs/outputs and node/weight makers."""
 
-    def __init__(self, splice: Splice, layer: Layer, factors: Factorization, inputs: list, outputs: list):
+    def __init__(self, splice: Splice, layer: Layer, factors: Factorized, inputs: list, outputs: list):
         self._splice = splice
         self._layer = layer
         self._factors = factors
         self.inputs = inputs
         self.outputs = outputs
 
-    def bias(self, site: BiasSite, shift: np.ndarray) -> gs.Tensor:
+    def bias(self, site: BiasSite | None, shift: np.ndarray) -> gs.Tensor:
         """The layer's bias moved by `shift` (G, out), stored like the bias it replaces."""
+        site = known(site, "the bias site of a layer whose factors shift its bias")
         return self.weight("bias", site.shifted(shift.reshape(-1)), like=site.weight)
 
     def weight(self, role: str, value: np.ndarray, like: Weight | None = None) -> gs.Tensor:

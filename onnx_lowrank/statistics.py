@@ -88,6 +88,8 @@ class Moments:
     def _fourth_about(self, delta: np.ndarray, terms: tuple | None = None) -> np.ndarray:
         """The sum of |a + delta|^4 alone (what the shrinkage needs), without the d x d sums; `terms`:
         _shift_terms(delta), when the caller has them."""
+        if self.third is None or self.fourth is None:
+            raise ValueError("these moments keep no third and fourth sums")
         squared, along, trace, o_delta = self._shift_terms(delta) if terms is None else terms
         return (self.fourth + 4 * np.einsum("gd,gd->g", delta, o_delta) + self.count * squared**2
                 + 4 * np.einsum("gd,gd->g", delta, self.third) + 2 * squared * trace + 4 * squared * along)
@@ -169,7 +171,7 @@ def collect(
     Layers that observe the same tensor the same way (e.g. the Q, K and V projections of one input)
     share one accumulation. `progress` is called with the number of samples each batch covered.
     """
-    jobs: dict[tuple, tuple[Layer, Moments]] = {}
+    jobs: dict[tuple, tuple[Layer, Moments | Counts]] = {}
     keys = []
     for layer in layers:
         tensor, _ = layer.adapter.observed(layer)

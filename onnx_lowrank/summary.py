@@ -440,16 +440,16 @@ def not_validated_text(report: Report) -> str:
 def _quantization_lines(report: Report) -> list[str]:
     q = report.quantization
     label = "int8"
-    if q.get("range"):
-        label += f" ({q['range']} range: {q['range_reason']})" if q.get("range_reason") else f" ({q['range']} range)"
-    lines = [f"{label}: {human_bytes(q['bytes_factorized'])} factorized → {human_bytes(q['bytes_quantized'])} "
+    if q.range:
+        label += f" ({q.range} range: {q.range_reason})" if q.range_reason else f" ({q.range} range)"
+    lines = [f"{label}: {human_bytes(q.bytes_factorized)} factorized → {human_bytes(q.bytes_quantized)} "
              f"with int8"]
-    if q.get("error_quantized") is not None and q.get("error_factorized") is not None:
+    if q.error_quantized is not None and q.error_factorized is not None:
         metric = report.validation.metric if report.validation else "error"
-        lines[0] += f"; {metric} {_g(q['error_factorized'])} factorized → {_g(q['error_quantized'])} with int8"
-    taken = q.get("fallback_nodes") or []
+        lines[0] += f"; {metric} {_g(q.error_factorized)} factorized → {_g(q.error_quantized)} with int8"
+    taken = q.fallback_nodes or []
     if taken:
-        names = ", ".join(f"{node['node']} ({node['scheme']})" for node in taken)
+        names = ", ".join(f"{node.node} ({node.scheme})" for node in taken)
         lines.append(f"int8: taken out of dynamic quantization (they cost the most error): {names}")
     return lines
 
@@ -475,11 +475,11 @@ def print_compress(report: Report, console: Console, written: bool, output=None)
     if report.latency is not None:
         timing = report.latency
         console.print(Text(
-            f"latency ({timing['provider']}, batch {timing['batch']}, median of {timing['runs']} runs): "
-            f"{timing['original']['median_ms']:.3g} ms → {timing['compressed']['median_ms']:.3g} ms "
-            f"({timing['speedup']:.2f}x)"))
-    if report.fusions is not None and not report.fusions.get("unfactorized_match", True):
-        lost = ", ".join(entry["kind"] for entry in report.fusions["lost"] if entry["layer"] is None)
+            f"latency ({timing.provider}, batch {timing.batch}, median of {timing.runs} runs): "
+            f"{timing.original.median_ms:.3g} ms → {timing.compressed.median_ms:.3g} ms "
+            f"({timing.speedup:.2f}x)"))
+    if report.fusions is not None and report.fusions.unfactorized_match is False:
+        lost = ", ".join(entry.kind for entry in report.fusions.lost if entry.layer is None)
         console.print(Text(f"warning: ONNX Runtime fuses fewer nodes outside the factorized layers: {lost}"))
     for note in report.notes:
         console.print(Text(f"note: {note}"))

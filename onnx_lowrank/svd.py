@@ -8,9 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.linalg
+
+if TYPE_CHECKING:
+    from .layers import Layer
+    from .splice import Emitter
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,14 @@ class Factorization:
         """The factors in float32, what a float32 model stores them as anyway: half the memory."""
         return replace(self, first=self.first.astype(np.float32), second=self.second.astype(np.float32))
 
+    def same_op_weight(self) -> np.ndarray:
+        """The layer's own op computes second @ first @ x with this weight (see decompositions.Factorized)."""
+        return self.reconstruct()
+
+    def emit(self, layer: Layer, emit: Emitter) -> None:
+        """The plain two-factor chain, written by the layer's adapter (its op, twice)."""
+        layer.adapter.rewrite(layer, self, emit)
+
 
 def spectrum_of(matrices: np.ndarray) -> Spectrum:
     """Singular values only: what `inspect` and rank choice need before any factor is built."""
@@ -148,7 +161,7 @@ class TruncatedSVD(RankedOptions):
     def _shape(self) -> tuple[int, int, int]:
         return self._matrix_shape
 
-    def factorize(self, rank: int | tuple[int]) -> Factorization:
+    def factorize(self, rank: int | tuple[int, ...]) -> Factorization:
         """Factors at this rank, the singular values split evenly (keeps fp16/bf16 factors in range)."""
         rank = rank[0] if isinstance(rank, tuple) else rank
         if not 1 <= rank <= self._singular_values.shape[1]:

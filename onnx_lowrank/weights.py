@@ -40,6 +40,7 @@ class Weight:
         """float64, after the chain's transposes and casts: a fresh array on each use unless held."""
         if self.held is not None:
             return self.held
+        assert self.source is not None, self.name  # a weight not held is read from its proto
         value = numpy_helper.to_array(self.source, self.base_dir).astype(np.float64)
         for kind, argument in self.steps:
             if kind == "transpose":

@@ -749,7 +749,7 @@ def test_auto_on_digits_is_valid_and_within_budget(digits_runs, target):
     units = digits_units()
     chosen = {layer.node: layer.params_after for layer in report.layers}
     assert sum(chosen.get(name, params) for name, params in units.items()) <= target * sum(units.values())
-    assert report.validation.value in [trial["error"] for trial in report.trace]
+    assert report.validation.value in [trial.error for trial in report.trace]
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -36,6 +36,7 @@ from conftest import inspected, shared_run
 from onnx_lowrank.generalization import clopper_pearson
 from onnx_lowrank.calibration import Samples, load_calibration, split
 from onnx_lowrank.metrics import DEFAULT_TOLERANCE
+from onnx_lowrank.report import as_dict
 from onnx_lowrank.search import Evaluator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,22 +146,22 @@ def check_report_shape(report: onnx_lowrank.Report, mode: str, phases: set[str])
         assert isinstance(seconds, float) and seconds >= 0, (name, seconds)
     assert report.trace, "the trace is empty"
     for trial in report.trace:
-        assert set(trial) >= {"params", "error", "samples"}, trial
-        assert isinstance(trial["params"], int) and trial["params"] > 0, trial
-        assert isinstance(trial["error"], float) and math.isfinite(trial["error"]) and trial["error"] >= 0, trial
-        assert isinstance(trial["samples"], int) and trial["samples"] >= 1, trial
-        assert trial["samples"] <= report.validation.samples * 2 + 1, trial
+        assert set(as_dict(trial)) >= {"params", "error", "samples"}, trial
+        assert isinstance(trial.params, int) and trial.params > 0, trial
+        assert isinstance(trial.error, float) and math.isfinite(trial.error) and trial.error >= 0, trial
+        assert isinstance(trial.samples, int) and trial.samples >= 1, trial
+        assert trial.samples <= report.validation.samples * 2 + 1, trial
     assert report.layers, "nothing was factorized"
     for layer in report.layers:
         assert isinstance(layer.sensitivity, float), layer
         assert math.isfinite(layer.sensitivity) and layer.sensitivity >= 0, layer
     # the reported validation is one of the traced candidates, on the whole held-out part
     assert any(
-        t["error"] == report.validation.value and t["samples"] == report.validation.samples for t in report.trace
+        t.error == report.validation.value and t.samples == report.validation.samples for t in report.trace
     ), (report.validation, report.trace)
     # and the JSON form carries the same
     data = json.loads(report.to_json())
-    assert data["mode"] == mode and data["trace"] == report.trace
+    assert data["mode"] == mode and data["trace"] == [as_dict(t) for t in report.trace]
     assert data["validation"]["value"] == report.validation.value
     assert all("sensitivity" in layer for layer in data["layers"])
 
@@ -255,7 +256,7 @@ def test_size_mode_digits_budget_and_validation():
     assert after <= 0.5 * before, (after, before)
     assert report.params_before - report.params_after == before - after  # nothing added elsewhere
     for trial in report.trace:
-        assert trial["params"] <= 0.5 * before, trial
+        assert trial.params <= 0.5 * before, trial
     assert report.mode == "size"
     validation = report.validation
     assert validation is not None and validation.metric == "rel-l2"
@@ -328,8 +329,8 @@ def test_bound_not_met_trace_holds_the_reported_candidate(impossible):
     (on the whole held-out part), must be in it."""
     report = impossible["error"].report
     total = sum(factorizable(DIGITS).values())
-    full = [t for t in report.trace if t["params"] < total and t["samples"] == report.validation.samples]
-    assert any(t["error"] == report.validation.value for t in full), (report.validation, report.trace)
+    full = [t for t in report.trace if t.params < total and t.samples == report.validation.samples]
+    assert any(t.error == report.validation.value for t in full), (report.validation, report.trace)
 
 
 def test_compact_impossible_tolerance_cli(tmp_path: Path):

@@ -16,6 +16,7 @@ from onnx import helper, numpy_helper
 import onnx_lowrank
 from conftest import make_model
 from onnx_lowrank.fusion import fusion_check, optimized_ops
+from onnx_lowrank.report import FusionChange
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 MINILM = MODELS / "minilm_l2.onnx"
@@ -76,29 +77,29 @@ def test_optimized_ops_counts_fused_nodes():
 def test_minilm_keeps_its_fusions(case, level, request):
     original, compressed, factorized = request.getfixturevalue(case)
     result = fusion_check(original, compressed, factorized, level=level)
-    json.dumps(result)  # the report carries it
-    fused = result["original"]
+    json.dumps(result.to_dict())  # the report carries it
+    fused = result.original
     # what ORT fuses in this BERT export: Q.K^T with its scale, Add+Gelu, and the FFN's residual Add+LayerNorm
     assert fused["com.microsoft:FusedMatMul"] == 2 and fused["com.microsoft:BiasGelu"] == 2
     assert fused["com.microsoft:SkipLayerNormalization"] == 2
-    assert result["unfactorized_match"], result
+    assert result.unfactorized_match, result
     # the chains keep their neighbours' fusions too: nothing is lost anywhere
-    assert result["compressed"] == result["original"] and not result["lost"] and not result["gained"]
+    assert result.compressed == result.original and not result.lost and not result.gained
 
 
 @pytest.mark.parametrize("case", ["digits_partial", "digits_full"])
 def test_digits_keeps_conv_and_gemm_activation_fusions(case, request):
     original, compressed, factorized = request.getfixturevalue(case)
     result = fusion_check(original, compressed, factorized, level="extended")
-    assert result["original"]["com.microsoft:FusedConv+Relu"] == 3
-    assert result["original"]["com.microsoft:FusedGemm+Relu"] == 1
-    assert result["unfactorized_match"], result
+    assert result.original["com.microsoft:FusedConv+Relu"] == 3
+    assert result.original["com.microsoft:FusedGemm+Relu"] == 1
+    assert result.unfactorized_match, result
     # a factorized layer's activation fuses with the chain's last node: only the chains' heads are added
-    assert not result["lost"]
-    assert result["compressed"]["com.microsoft:FusedConv+Relu"] == 3
-    assert result["compressed"]["com.microsoft:FusedGemm+Relu"] == 1
+    assert not result.lost
+    assert result.compressed["com.microsoft:FusedConv+Relu"] == 3
+    assert result.compressed["com.microsoft:FusedGemm+Relu"] == 1
     if case == "digits_partial":
-        assert result["unfactorized"]["original"] == {"Gemm": 1, "com.microsoft:FusedConv+Relu": 2}
+        assert result.unfactorized["original"] == {"Gemm": 1, "com.microsoft:FusedConv+Relu": 2}
 
 
 @pytest.mark.parametrize("case", ["digits_partial", "digits_full"])
@@ -107,8 +108,8 @@ def test_digits_unfactorized_layers_match_with_all_optimizations(case, request):
     conv keeps it depends on its rank, the unfactorized ones must keep theirs."""
     original, compressed, factorized = request.getfixturevalue(case)
     result = fusion_check(original, compressed, factorized, level="all")
-    assert result["unfactorized_match"], result
-    assert all(entry["layer"] is not None for entry in result["lost"] + result["gained"])
+    assert result.unfactorized_match, result
+    assert all(entry.layer is not None for entry in result.lost + result.gained)
 
 
 def _insert_reshape(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
@@ -136,19 +137,19 @@ def test_broken_fusion_of_an_unfactorized_layer_is_caught(digits_partial):
     broken = _insert_reshape(compressed, "/0/Conv_output_0")  # between the first Conv and its Relu
     for level in ("extended", "all"):
         result = fusion_check(original, broken, factorized, level=level)
-        assert not result["unfactorized_match"]
-        lost = [entry for entry in result["lost"] if entry["layer"] is None]
-        assert len(lost) == 1 and lost[0]["kind"].endswith("Conv+Relu"), result
-        assert lost[0]["original"] - lost[0]["compressed"] == 1
+        assert not result.unfactorized_match
+        lost = [entry for entry in result.lost if entry.layer is None]
+        assert len(lost) == 1 and lost[0].kind.endswith("Conv+Relu"), result
+        assert lost[0].original - lost[0].compressed == 1
 
 
 def test_broken_fusion_of_a_factorized_layer_is_attributed_to_it(digits_partial):
     original, compressed, factorized = digits_partial
     broken = _insert_reshape(compressed, "/5/Conv_output_0")  # between the chain's last Conv and the Relu
     result = fusion_check(original, broken, factorized, level="extended")
-    assert result["unfactorized_match"], result
-    assert result["lost"] == [
-        {"kind": "com.microsoft:FusedConv+Relu", "layer": "/5/Conv", "original": 1, "compressed": 0}
+    assert result.unfactorized_match, result
+    assert result.lost == [
+        FusionChange(kind="com.microsoft:FusedConv+Relu", layer="/5/Conv", original=1, compressed=0)
     ]
 
 
@@ -157,8 +158,8 @@ def test_broken_bias_gelu_in_a_transformer_is_caught(minilm_partial):
     bias_add = f"{LAYER0}/intermediate/dense/Add_output_0"  # block 0's FFN is not factorized
     assert f"{LAYER0}/intermediate/dense/MatMul" not in factorized
     result = fusion_check(original, _insert_reshape(compressed, bias_add), factorized, level="extended")
-    assert not result["unfactorized_match"]
-    assert {"kind": "com.microsoft:BiasGelu", "layer": None, "original": 2, "compressed": 1} in result["lost"]
+    assert not result.unfactorized_match
+    assert FusionChange(kind="com.microsoft:BiasGelu", layer=None, original=2, compressed=1) in result.lost
 
 
 def test_an_identity_is_no_break():
@@ -171,7 +172,7 @@ def test_an_identity_is_no_break():
     graph.node[position].output[0] = "conv0.pre"
     graph.node.insert(position + 1, helper.make_node("Identity", ["conv0.pre"], ["/0/Conv_output_0"]))
     result = fusion_check(original, patched, set(), level="extended")
-    assert result["unfactorized_match"] and not result["lost"] and not result["gained"]
+    assert result.unfactorized_match and not result.lost and not result.gained
 
 
 def test_unnamed_nodes_are_attributed_by_the_names_the_rewrite_gives_them():
@@ -192,6 +193,6 @@ def test_unnamed_nodes_are_attributed_by_the_names_the_rewrite_gives_them():
     factorized = {node for layer in report.layers for node in layer.nodes}
     assert factorized == {"MatMul_0"}
     result = fusion_check(original, compressed, factorized, level="extended")
-    assert result["original"] == {"com.microsoft:FusedGemm+Relu": 2}
-    assert result["unfactorized"]["original"] == {"com.microsoft:FusedGemm+Relu": 1}
-    assert result["unfactorized_match"] and not result["lost"] and not result["gained"], result
+    assert result.original == {"com.microsoft:FusedGemm+Relu": 2}
+    assert result.unfactorized["original"] == {"com.microsoft:FusedGemm+Relu": 1}
+    assert result.unfactorized_match and not result.lost and not result.gained, result

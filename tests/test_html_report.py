@@ -38,7 +38,18 @@ import onnx_lowrank
 from onnx_lowrank.errors import InputError
 from onnx_lowrank import html_report
 from onnx_lowrank.html_report import render_html
-from onnx_lowrank.report import Report, SkippedLayer, Validation
+from onnx_lowrank.report import (
+    Chosen,
+    FallbackSearch,
+    FallbackStep,
+    Latency,
+    Quantization,
+    Report,
+    SkippedLayer,
+    Timing,
+    TracePoint,
+    Validation,
+)
 
 matplotlib_image = pytest.importorskip("matplotlib.image", reason="the HTML report needs matplotlib")
 
@@ -98,37 +109,37 @@ def filled(report: Report) -> Report:
     node_weight = {node.name: node.input[1] for node in onnx.load(DIGITS).graph.node if len(node.input) > 1}
     skipped_params = sum(weights[node_weight[s.node]].size for s in report.skipped if s.node in node_weight)
     factorizable = report.factorizable_params or sum(layer.params_before for layer in report.layers) + skipped_params
-    trace = report.trace + [{"params": report.trace[0]["params"] // 2, "error": float("inf"), "samples": 135}]
-    final = max(report.trace, key=lambda p: (p["samples"], -p["params"]))
+    trace = report.trace + [TracePoint(params=report.trace[0].params // 2, error=float("inf"), samples=135)]
+    final = max(report.trace, key=lambda p: (p.samples, -p.params))
     return dataclasses.replace(
         report,
         layers=layers,
         skipped=[*report.skipped, SkippedLayer(node=EVIL, op="MatMul", reason="too small: " + EVIL)],
         trace=trace,
         factorizable_params=factorizable,
-        chosen=report.chosen or {"params": final["params"], "error": final["error"]},
-        latency=report.latency or {
-            "provider": "cpu", "batch": 1, "threads": 1, "runs": 50, "speedup": 1.31,
-            "original": {"median_ms": 0.42, "p10_ms": 0.40, "p90_ms": 0.49},
-            "compressed": {"median_ms": 0.32, "p10_ms": 0.30, "p90_ms": 0.38},
-        },
-        quantization=report.quantization or {
-            "scheme": "int8-per-channel", "bytes_factorized": report.bytes_after,
-            "bytes_quantized": report.bytes_after // 4 + 2000, "error_factorized": 0.0,
-            "error_quantized": 0.0037, "nodes": 5,
-            "fallback_nodes": [{"node": EVIL, "op": "Gemm", "scheme": "weight-only", "error_reduction": 0.0123,
-                                "extra_bytes": 1280, "error_after": 0.0021}],
-            "fallback": {"share": 0.006, "error_int8_all": 0.0144, "error_int8_fallback": 0.0021,
-                         "nodes_measured": 4, "checks": 2, "seconds": 1.5},
-        },
+        chosen=report.chosen or Chosen(params=final.params, error=final.error),
+        latency=report.latency or Latency(
+            provider="cpu", batch=1, threads=1, runs=50, speedup=1.31,
+            original=Timing(median_ms=0.42, p10_ms=0.40, p90_ms=0.49, runs=50),
+            compressed=Timing(median_ms=0.32, p10_ms=0.30, p90_ms=0.38, runs=50),
+        ),
+        quantization=report.quantization or Quantization(
+            scheme="int8-per-channel", bytes_factorized=report.bytes_after,
+            bytes_quantized=report.bytes_after // 4 + 2000, error_factorized=0.0,
+            error_quantized=0.0037, error_quantized_alone=None, nodes=5, range=None, range_reason=None,
+            fallback_nodes=[FallbackStep(node=EVIL, op="Gemm", scheme="weight-only", error_reduction=0.0123,
+                                         extra_bytes=1280, error_after=0.0021)],
+            fallback=FallbackSearch(share=0.006, error_int8_all=0.0144, error_int8_fallback=0.0021,
+                                    nodes_measured=4, checks=2, seconds=1.5),
+        ),
     )
 
 
 def expected_images(report: Report) -> int:
     """Plots the report's data calls for: ranks, spectra, search trace, latency."""
-    trace = [p for p in report.trace if np.isfinite(p["params"]) and np.isfinite(p["error"])]
+    trace = [p for p in report.trace if np.isfinite(p.params) and np.isfinite(p.error)]
     return (bool(report.layers) + any(layer.spectrum for layer in report.layers) + bool(trace)
-            + bool(report.latency and report.latency.get("original")))
+            + bool(report.latency and report.latency.original))
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -194,9 +205,9 @@ def test_full_report_has_every_section(calibrated):
     # the numbers the reader looks for
     latency, quantization, first = report.latency, report.quantization, report.layers[0].latency
     for text in (f"{report.params_before:,}", f"{report.params_after:,}", "accuracy", "passed", "cpu",
-                 f"{report.validation.samples:,}", f"×{latency['speedup']:.2f}",
-                 f"{latency['original']['median_ms']:,.3f} ms", f"{latency['compressed']['p90_ms']:,.3f} ms",
-                 f"<code>{quantization['scheme']}</code>", "tucker2", "24, 16", "first stage", "n/a", "∞",
+                 f"{report.validation.samples:,}", f"×{latency.speedup:.2f}",
+                 f"{latency.original.median_ms:,.3f} ms", f"{latency.compressed.p90_ms:,.3f} ms",
+                 f"<code>{quantization.scheme}</code>", "tucker2", "24, 16", "first stage", "n/a", "∞",
                  f"{first['dense_ms']:,.3f} → {first['factorized_ms']:,.3f} ms", "0.0123", "1.25 KiB", "weight-only",
                  "int8 of every node: error 0.0144"):
         assert text in page, text

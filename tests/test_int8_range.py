@@ -136,6 +136,6 @@ def test_report_says_which_range_and_why(int8_range):
     _, report = onnx_lowrank.compress(DIGITS, target_params=0.5, method="svd", jobs=1, quantize="int8",
                                       int8_range=int8_range)
     chosen, reason = int8_range_for(int8_range)
-    assert report.quantization["range"] == chosen and report.quantization["range_reason"] == reason
+    assert report.quantization.range == chosen and report.quantization.range_reason == reason
     assert reason.startswith("auto: " if int8_range == "auto" else "requested; ")
-    assert report.quantization["nodes"]["range"] == chosen
+    assert report.quantization.nodes["range"] == chosen

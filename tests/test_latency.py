@@ -305,18 +305,18 @@ def test_end_to_end_reports_original_against_compressed():
     rounds = []
     found = end_to_end(digits.model, factorized, None, digits.feed, "cpu", rounds.append, threads=1,
                        min_runs=6, min_seconds=0.02)
-    assert set(found) == {"provider", "batch", "threads", "runs", "original", "compressed", "speedup"}
-    assert (found["provider"], found["batch"], found["threads"]) == ("cpu", BATCH, 1)
-    assert found["runs"] == len(rounds) >= 6
-    for name in ("original", "compressed"):
-        assert_sane(Timing(**found[name]), 6)
-    assert found["speedup"] == pytest.approx(found["original"]["median_ms"] / found["compressed"]["median_ms"])
-    json.dumps(found)
+    assert set(found.to_dict()) == {"provider", "batch", "threads", "runs", "original", "compressed", "speedup"}
+    assert (found.provider, found.batch, found.threads) == ("cpu", BATCH, 1)
+    assert found.runs == len(rounds) >= 6
+    for timing in (found.original, found.compressed):
+        assert_sane(timing, 6)
+    assert found.speedup == pytest.approx(found.original.median_ms / found.compressed.median_ms)
+    json.dumps(found.to_dict())
 
     other = build(digits.model, ADAPTERS, {unit.key: random_factors(unit, 4)})  # stands in for a quantized model
     found = end_to_end(digits.model, factorized, other, digits.feed, "cpu", min_runs=3, min_seconds=0)
-    assert {"original", "compressed", "factorized"} <= set(found) and found["threads"] is None
-    assert found["speedup"] == pytest.approx(found["original"]["median_ms"] / found["compressed"]["median_ms"])
+    assert {"original", "compressed", "factorized"} <= set(found.to_dict()) and found.threads is None
+    assert found.speedup == pytest.approx(found.original.median_ms / found.compressed.median_ms)
 
 
 def test_end_to_end_says_when_onnxruntime_fails(monkeypatch):
@@ -327,7 +327,7 @@ def test_end_to_end_says_when_onnxruntime_fails(monkeypatch):
 
     monkeypatch.setattr(latency, "timing_session", fail)
     found = end_to_end(digits.model, digits.model, None, digits.feed, "cpu")
-    assert "optimizer crashed" in found["error"] and "original" not in found and "speedup" not in found
+    assert "optimizer crashed" in found.error and "original" not in found.to_dict() and "speedup" not in found.to_dict()
 
 
 def test_models_over_2gb_are_timed_from_a_file_and_cut_by_hand(monkeypatch):

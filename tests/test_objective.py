@@ -89,11 +89,12 @@ def test_balanced_times_every_kept_factorization_and_the_whole_model(int8_compac
     for layer in report.layers:
         assert layer.latency["dense_ms"] > 0 and layer.latency["factorized_ms"] > 0
     timing = report.latency
-    assert timing["provider"] == "cpu" and timing["batch"] == 32
+    assert timing.provider == "cpu" and timing.batch == 32
     for name in ("original", "compressed", "factorized"):  # factorized: quantized runs report both
-        assert 0 < timing[name]["p10_ms"] <= timing[name]["median_ms"] <= timing[name]["p90_ms"]
-    assert timing["speedup"] == pytest.approx(timing["original"]["median_ms"] / timing["compressed"]["median_ms"])
-    assert report.fusions["unfactorized_match"], report.fusions
+        stats = getattr(timing, name)
+        assert 0 < stats.p10_ms <= stats.median_ms <= stats.p90_ms
+    assert timing.speedup == pytest.approx(timing.original.median_ms / timing.compressed.median_ms)
+    assert report.fusions.unfactorized_match, report.fusions
     assert "latency gate" in report.phases and "latency" in report.phases
 
 
@@ -102,14 +103,14 @@ def test_int8_is_validated_against_the_same_bound(int8_compact):
     onnx.checker.check_model(model, full_check=True)
     quantization = report.quantization
     assert report.validation.passed and report.validation.value <= 0.02
-    assert quantization["error_quantized"] == report.validation.value
-    assert quantization["error_quantized_alone"] is not None and quantization["error_factorized"] is not None
-    assert quantization["bytes_quantized"] < 0.4 * quantization["bytes_factorized"]
-    assert quantization["nodes"]["nodes"]["MatMul"] > 0
+    assert quantization.error_quantized == report.validation.value
+    assert quantization.error_quantized_alone is not None and quantization.error_factorized is not None
+    assert quantization.bytes_quantized < 0.4 * quantization.bytes_factorized
+    assert quantization.nodes["nodes"]["MatMul"] > 0
     # int8 alone (0.006) is within its share of the tolerance (0.6 x 0.02): nothing measured, nothing kept float
-    assert quantization["fallback_nodes"] == [] and quantization["fallback"]["nodes_measured"] == 0
-    assert quantization["nodes"]["float"] == {}
-    assert report.bytes_after == quantization["bytes_quantized"] < 0.3 * report.bytes_before
+    assert quantization.fallback_nodes == [] and quantization.fallback.nodes_measured == 0
+    assert quantization.nodes["float"] == {}
+    assert report.bytes_after == quantization.bytes_quantized < 0.3 * report.bytes_before
     ops = {node.op_type for node in model.graph.node}
     assert ops & {"MatMulInteger", "DynamicQuantizeLinear"}
 
@@ -122,23 +123,23 @@ def test_int8_over_its_share_quantizes_the_costliest_nodes_weight_only():
     model, report = onnx_lowrank.compress(MINILM, calibration=calibration, metric="cosine", tolerance=0.008,
                                           quantize="int8", objective="size", ops=("MatMul",), batch_size=48, jobs=1)
     quantization = report.quantization
-    kept, found = quantization["fallback_nodes"], quantization["fallback"]
+    kept, found = quantization.fallback_nodes, quantization.fallback
     assert kept, quantization
-    assert found["error_int8_all"] > found["share"] == pytest.approx(0.6 * 0.008)
-    assert quantization["error_quantized_alone"] == found["error_int8_fallback"] <= found["share"]
-    assert all(node["error_reduction"] > 0 and node["extra_bytes"] > 0 for node in kept)
-    assert all(node["scheme"] == "weight-only" for node in kept)  # MatMuls only here
+    assert found.error_int8_all > found.share == pytest.approx(0.6 * 0.008)
+    assert quantization.error_quantized_alone == found.error_int8_fallback <= found.share
+    assert all(node.error_reduction > 0 and node.extra_bytes > 0 for node in kept)
+    assert all(node.scheme == "weight-only" for node in kept)  # MatMuls only here
     assert report.validation.passed and report.validation.value <= 0.008
-    assert quantization["error_quantized"] == report.validation.value
+    assert quantization.error_quantized == report.validation.value
     assert "int8 fallback" in report.phases
     for entry in kept:  # the node, or each node of the low-rank chain that replaced it, is a MatMulNBits
-        nodes = [node for node in model.graph.node if node.name.startswith(entry["node"])]
-        assert nodes and all(node.op_type == "MatMulNBits" for node in nodes), entry["node"]
+        nodes = [node for node in model.graph.node if node.name.startswith(entry.node)]
+        assert nodes and all(node.op_type == "MatMulNBits" for node in nodes), entry.node
     console = Console(record=True, width=400)
     print_compress(report, console, written=True)
     printed = console.export_text()
-    assert "int8: taken out of dynamic quantization" in printed and all(entry["node"] in printed for entry in kept)
-    assert sum(quantization["nodes"]["weight_only"].values()) >= len(kept)
+    assert "int8: taken out of dynamic quantization" in printed and all(entry.node in printed for entry in kept)
+    assert sum(quantization.nodes["weight_only"].values()) >= len(kept)
     assert {"MatMulInteger", "DynamicQuantizeLinear"} <= {node.op_type for node in model.graph.node}
 
 
@@ -206,6 +207,6 @@ def test_progress_bars_in_a_terminal_and_none_when_quiet(tmp_path):
 def test_balanced_on_cuda_tiles_ranks_for_tensor_cores_and_times_there():
     _, report = onnx_lowrank.compress(MINILM, calibration=SENTENCES, metric="cosine", tolerance=0.02,
                                       provider="cuda", batch_size=32)
-    assert report.validation.provider == "cuda" and report.latency["provider"] == "cuda"
+    assert report.validation.provider == "cuda" and report.latency.provider == "cuda"
     assert all(rank % RANK_MULTIPLE["cuda"] == 0 for rank in _ranks(report))
     assert all(layer.latency["factorized_ms"] > 0 for layer in report.layers)

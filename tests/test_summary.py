@@ -3,6 +3,7 @@ the validation (or of its absence). Three real runs, shared; the edge cases on r
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 from pathlib import Path
@@ -12,7 +13,7 @@ from rich.console import Console
 
 import onnx_lowrank
 from conftest import inspected, shared_run
-from onnx_lowrank.report import LayerReport, Report, SkippedLayer, Validation
+from onnx_lowrank.report import LayerReport, Quantization, Report, SkippedLayer, Validation
 from onnx_lowrank.summary import (
     not_validated_text,
     print_compress,
@@ -304,8 +305,9 @@ def test_bound_not_met_says_above_and_not_not_validated():
 def test_not_validated_only_when_something_unchecked_was_written():
     assert "NOT VALIDATED" not in render(print_compress, report(), written=True)  # nothing changed
     assert "NOT VALIDATED" not in render(print_compress, report([layer("/a/MatMul")]), written=False)
-    quantized = report(quantization={"bytes_factorized": 4096, "bytes_quantized": 1024, "error_factorized": None,
-                                     "error_quantized": None})
+    quantized = report(quantization=Quantization(scheme="int8", bytes_factorized=4096, bytes_quantized=1024,
+                                                 error_factorized=None, error_quantized=None,
+                                                 error_quantized_alone=None, nodes={}, range=None, range_reason=None))
     text = render(print_compress, quantized, written=True)
     assert "only the int8 quantization changed the model" in text
     assert "The int8 quantization's error was not measured either." in not_validated_text(quantized)
@@ -313,13 +315,14 @@ def test_not_validated_only_when_something_unchecked_was_written():
 
 
 def test_int8_lines_name_the_range():
-    q = {"scheme": "int8", "bytes_factorized": 2_227_156, "bytes_quantized": 600_000, "error_factorized": 0.004,
-         "error_quantized": 0.006, "range": "reduced", "range_reason": "auto: this CPU has no VNNI"}
+    q = Quantization(scheme="int8", bytes_factorized=2_227_156, bytes_quantized=600_000, error_factorized=0.004,
+                     error_quantized=0.006, error_quantized_alone=None, nodes={}, range="reduced",
+                     range_reason="auto: this CPU has no VNNI")
     check = Validation("cosine", 0.006, 0.01, True, "cpu", 100)
     text = render(print_compress, report([layer("/a/MatMul")], validation=check, quantization=q), written=True)
     assert ("int8 (reduced range: auto: this CPU has no VNNI): 2.12 MiB factorized → 585.94 KiB with int8; "
             "cosine 0.004 factorized → 0.006 with int8") in " ".join(text.split())
-    del q["range"], q["range_reason"]
+    q = dataclasses.replace(q, range=None, range_reason=None)
     text = render(print_compress, report([layer("/a/MatMul")], validation=check, quantization=q), written=True)
     assert "int8: 2.12 MiB factorized → 585.94 KiB with int8" in text
 

@@ -28,103 +28,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import platform
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tools"))
+import bench_latency
+import onnx
+import onnxruntime as ort
+from bench_common import CASES, RESULTS, Case, data_for, machine, render_all  # puts this repository on sys.path
 
-import onnx  # noqa: E402
-import onnxruntime as ort  # noqa: E402
-
-import onnx_lowrank  # noqa: E402
-from onnx_lowrank.calibration import load_calibration  # noqa: E402
-from onnx_lowrank.errors import BoundNotMet  # noqa: E402
-from onnx_lowrank.search import Evaluator  # noqa: E402
-
-RESULTS = REPO / "benchmarks"
-MODELS = REPO / "models"
-
-
-@dataclass(frozen=True)
-class Case:
-    """A model, its calibration and evaluation data, and the bounds to try."""
-
-    name: str
-    metric: str
-    tolerances: tuple[float, ...]
-    batch_size: int = 16
-
-
-CASES = {
-    "digits": Case("digits", "accuracy", (0.0,)),
-    "digits-rel": Case("digits", "rel-l2", (0.02, 0.05, 0.1)),
-    "ppocr_cls": Case("ppocr_cls", "accuracy", (0.0,)),
-    "ppocr_cls_lines": Case("ppocr_cls_lines", "accuracy", (0.0,)),
-    "ppocr_rec": Case("ppocr_rec", "top1", (0.03, 0.05)),
-    "ppocr_det": Case("ppocr_det", "rel-l2", (0.02, 0.05), batch_size=4),
-    "minilm": Case("minilm", "cosine", (0.002, 0.005, 0.01, 0.015), batch_size=32),
-    "minilm_l2": Case("minilm_l2", "cosine", (0.002, 0.01), batch_size=32),
-}
-
-
-def data_for(name: str) -> dict[str, Path]:
-    """Model and data paths: the small models ship in models/, the others are built in cache/."""
-    if name == "digits":
-        return {
-            "model": MODELS / "digits_cnn.onnx",
-            "calib": MODELS / "digits_calib.npz",
-            "calib_labels": MODELS / "digits_calib_labels.npy",
-            "eval": MODELS / "digits_eval.npz",
-            "eval_labels": MODELS / "digits_eval_labels.npy",
-        }
-    if name in ("minilm_l2", "minilm_l2_shuffled"):
-        return _minilm_l2_split(shuffled=name == "minilm_l2_shuffled")
-    if name == "ppocr_cls_lines":  # the small labelled set CI uses (the GPU machine has no cache/)
-        return {"model": MODELS / "ppocr_cls.onnx", "calib": MODELS / "ppocr_cls_lines.npz",
-                "calib_labels": MODELS / "ppocr_cls_lines_labels.npy", "eval": MODELS / "ppocr_cls_lines_eval.npz",
-                "eval_labels": MODELS / "ppocr_cls_lines_eval_labels.npy"}
-    import real_models  # needs torch, transformers and the model packages
-
-    return real_models.materialize(name)
-
-
-def _minilm_l2_split(shuffled: bool = False) -> dict[str, Path]:
-    """The shipped 600 sentences: the first 200 calibrate, the last 200 evaluate. They are in the order of
-    the standard-library modules they come from, so the two differ in kind (the evaluation's are harder);
-    `shuffled`: 200 and 200 other ones drawn at random (seed 0), from one distribution."""
-    import numpy as np
-
-    folder = REPO / "cache"
-    folder.mkdir(exist_ok=True)
-    sentences = np.load(MODELS / "minilm_sentences.npz")
-    count = len(next(iter(sentences.values())))
-    order = np.random.default_rng(0).permutation(count) if shuffled else np.arange(count)
-    stem = "minilm_l2_shuffled" if shuffled else "minilm_l2"
-    paths = {"model": MODELS / "minilm_l2.onnx", "calib": folder / f"{stem}_calib.npz",
-             "eval": folder / f"{stem}_eval.npz"}
-    np.savez(paths["calib"], **{k: v[order[:200]] for k, v in sentences.items()})
-    np.savez(paths["eval"], **{k: v[order[-200:]] for k, v in sentences.items()})
-    return paths
-
-
-def machine(provider: str) -> str:
-    cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    if provider == "cuda":
-        try:
-            import subprocess
-
-            gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=30).stdout.strip()
-        except OSError:
-            gpu = "unknown GPU"
-        return f"{gpu} (CUDA EP), {cpu}"
-    return cpu
+import onnx_lowrank
+from onnx_lowrank.calibration import load_calibration
+from onnx_lowrank.errors import BoundNotMet
+from onnx_lowrank.search import Evaluator
 
 
 def eval_error(original: onnx.ModelProto, model: onnx.ModelProto, paths, case: Case, provider: str) -> float:
@@ -225,50 +140,6 @@ def generalization(case: Case, provider: str) -> list[dict]:
     return rows
 
 
-def render_generalization(run: dict) -> list[str]:
-    lines = ["| model | metric | tolerance | accepted by | kept | held-out | threatened (ties) | promised, 95% | "
-             "eval | time |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for row in run["rows"]:
-        check = row["validation"] or {}
-        discrete = row["metric"] in ("top1", "accuracy")
-        accepted = {"count": "held-out count only", "margins": "margins" if discrete else "error"}.get(
-            row["criterion"], f"none ({row['criterion']} of the factorizable)")
-        tolerance = "-" if row["tolerance"] is None else f"{row['tolerance']:g}"
-        head = f"| {row['model']} | {row['metric']} | {tolerance} | {accepted} |"
-        if not row["met"]:
-            lines.append(f"{head} not met | | | | | {row['seconds']:.0f} s |")
-            continue
-        if discrete:
-            held = f"{check['lost']} of {check['decisions']} lost"
-            threatened = "-" if row["criterion"] == "count" else \
-                f"{check['threatened']} of {check['calibration_decisions']} ({check['ties']})"
-            promised = f"<= {check['unseen_bound']:.2%} lose"
-            ties = f" ({row['eval_ties_lost']} a near-tie)" if row.get("eval_ties_lost") else ""
-            unseen = f"{round(row['eval'] * row['eval_samples'])} of {row['eval_samples']} lost{ties}"
-        else:
-            held, threatened = f"{check['value']:.4g}", "-"
-            promised, unseen = f"<= {check['unseen_bound']:.4g}", f"{row['eval']:.4g}"
-        lines.append(f"{head} {row['params_after'] / row['params_before']:.1%} | {held} | {threatened} | "
-                     f"{promised} | {unseen} | {row['seconds']:.0f} s |")
-    return lines + [""] + _criterion_cost(run["rows"])
-
-
-def _criterion_cost(rows: list[dict]) -> list[str]:
-    """One line per model judged both ways: what judging margins costs in parameters, and what it bought."""
-    lines = []
-    for model in dict.fromkeys(row["model"] for row in rows):
-        pair = {row["criterion"]: row for row in rows
-                if row["model"] == model and row["met"] and row["metric"] in ("top1", "accuracy")}
-        if "margins" not in pair or "count" not in pair:
-            continue
-        kept = {name: row["params_after"] / row["params_before"] for name, row in pair.items()}
-        lost = {name: round(row["eval"] * row["eval_samples"]) for name, row in pair.items()}
-        lines.append(f"- {model}: judged by margins, lossless removes {1 - kept['margins']:.1%} of the parameters "
-                     f"where the held-out count alone removed {1 - kept['count']:.1%} (it costs "
-                     f"{kept['margins'] - kept['count']:.1%} of the model); new inputs lost: {lost['margins']} "
-                     f"against {lost['count']} of {pair['margins']['eval_samples']}.")
-    return lines
-
 
 METHOD_CASES = {  # model, metric, budgets (fractions of the factorizable parameters) for the methods suite
     "digits": ("digits", "rel-l2", (0.5, 0.3)),
@@ -313,104 +184,6 @@ def methods(name: str, provider: str) -> list[dict]:
     return rows
 
 
-def render_methods(run: dict) -> list[str]:
-    lines = ["| model | metric | budget | method | kept | held-out | eval | layers by method | time |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for row in run["rows"]:
-        if "unreachable" in row:
-            lines.append(f"| {row['model']} | {row['metric']} | {row['budget']:g} | {row['method']} | - | - | - | "
-                         f"cannot reach the budget | {row['seconds']:.0f} s |")
-            continue
-        used = ", ".join(f"{method} {count}" for method, count in sorted(row["layers"].items()))
-        lines.append(f"| {row['model']} | {row['metric']} | {row['budget']:g} | {row['method']} | "
-                     f"{row['params_after'] / row['params_before']:.1%} | {row['held_out']:.4g} | {row['eval']:.4g} | "
-                     f"{used} | {row['seconds']:.0f} s |")
-    return lines
-
-
-def render(results: list[dict]) -> str:
-    lines = [
-        "# Benchmarks",
-        "",
-        "Written by `python tools/bench.py`; every figure in a row comes from one run on the machine named",
-        "above its table. Errors are on an evaluation set the tool never saw (the tool validates on a",
-        "held-out part of the calibration data). Metrics as in the README: rel-l2, cosine (1 - mean cosine),",
-        "top1 (fraction of argmax decisions changed), accuracy (fraction of samples the original gets right",
-        "and the compressed model loses; 0 = lossless). *kept* = parameters after / before (whole model);",
-        "*factorizable kept*: of the Gemm/MatMul/Conv weights that can be factorized. The weight-only column",
-        "is `--no-data` at the same factorizable budget (same allocation, validation and search).",
-        "",
-    ]
-    for run in results:
-        lines += [f"## {run['suite']} on {run['machine']} ({run['provider']}, onnxruntime {run['onnxruntime']})",
-                  "", f"Run {run['date']}." + (f" Note: {run['note']}." if run.get("note") else ""), ""]
-        if run["suite"] == "scale":
-            lines += [
-                f"`tools/bench_scale.py`: {run['model']}, a synthetic transformer with random weights in an",
-                "external-data file, compressed end to end with `--target-params 0.5` (weight-only) in a child",
-                "process; peak memory is that process's maximum resident set (wait4; its pool workers count as",
-                "the largest of them, Dask workers not at all). *run*: the time each row was measured; rows",
-                "of one run ran one after the other.",
-                "",
-                *([f"Memory bound (issue 6): 3 x the largest layer's working set "
-                   f"({run['layer_working_set_gib']:.2f} GiB: its weight read and decomposed alone, measured) "
-                   f"+ one copy of the model ({run['rows'][0]['input_bytes'] / 2**30:.2f} GiB) = "
-                   f"{run['memory_bound_gib']:.2f} GiB.", ""] if "memory_bound_gib" in run else []),
-                "| way | run | params before | params after | input data | output | time | peak memory | factorize phase |",
-                "|---|---|---|---|---|---|---|---|---|",
-                *[f"| {r['way']} | {r.get('run', '-')} | {r['params_before']:,} | {r['params_after']:,} | {r['input_bytes'] / 2**30:.2f} GiB | "
-                  f"{r['output_bytes'] / 2**30:.2f} GiB | {r['seconds']:.0f} s | "
-                  f"{r['peak_rss_gib']:.1f} GiB | "
-                  f"{r['phases'].get('factorize', float('nan')):.0f} s |" for r in run["rows"]],
-                "",
-            ]
-            continue
-        if run["suite"] == "latency":
-            import bench_latency
-
-            lines += bench_latency.render_latency(run)
-            continue
-        if run["suite"] == "generalization":
-            lines += [
-                "Compact mode, objective size; *held-out*: the validation on the held-out calibration part;",
-                "*threatened*: calibration decisions (fit part included) whose margin twice the perturbation",
-                "the compressed model causes at that margin level reaches, near-ties of the original in",
-                "brackets; *promised*: the report's upper confidence bound for new inputs; *eval*: what the",
-                "never-seen evaluation set then showed. *held-out count only*: the acceptance before margins",
-                "were judged (no held-out decision lost), for comparison. minilm_l2: calibration and",
-                "evaluation are the first and last 200 of the shipped sentences, which follow the order of",
-                "the standard-library modules they come from (the evaluation's are harder, a shift the",
-                "bound does not cover); minilm_l2_shuffled: 200 and 200 others drawn at random.",
-                "*none (size F)*: size mode at F of the factorizable parameters with no tolerance, what",
-                "the margins would say of the larger cuts lossless mode refuses.", "",
-                *render_generalization(run), "",
-            ]
-            continue
-        if run["suite"] == "methods":
-            lines += [
-                "Size mode at a budget (a fraction of the factorizable parameters), once per decomposition",
-                "(`--method NAME`: layers it cannot shrink stay dense) and once with `--method auto`.", "",
-                *render_methods(run), "",
-            ]
-            continue
-        lines.append("| model | metric | tolerance | kept | factorizable kept | held-out | eval | eval, weight-only | time |")
-        lines.append("|---|---|---|---|---|---|---|---|---|")
-        for row in run["rows"]:
-            if not row["met"]:
-                closest = "-" if row["closest"] is None else f"{row['closest']:.4g}"
-                lines.append(f"| {row['model']} | {row['metric']} | {row['tolerance']:g} | not met (closest {closest}) "
-                             "| | | | | |")
-                continue
-            plain = row.get("weight_only_eval")
-            lines.append(
-                f"| {row['model']} | {row['metric']} | {row['tolerance']:g} | "
-                f"{row['params_after'] / row['params_before']:.1%} | {row['factorizable_kept']:.1%} | "
-                f"{row['held_out']:.4g} | {row['eval']:.4g} | {'-' if plain is None else f'{plain:.4g}'} | "
-                f"{row['seconds']:.0f} s |"
-            )
-        lines.append("")
-    return "\n".join(lines)
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -426,7 +199,7 @@ def main() -> None:
                         help="latency: seconds of timing rounds per case, at least")
     args = parser.parse_args()
     if args.suite == "render":
-        _render_all()
+        render_all()
         return
     if args.suite == "latency":
         _latency(args)
@@ -444,12 +217,10 @@ def main() -> None:
     run = {"suite": args.suite, "provider": args.provider, "machine": machine(args.provider),
            "onnxruntime": ort.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows}
     (args.out / f"{args.suite}_{args.provider}.json").write_text(json.dumps(run, indent=1))
-    _render_all()
+    render_all()
 
 
 def _latency(args) -> None:
-    import bench_latency
-
     names = args.models.split(",") if args.models else list(bench_latency.LATENCY_CASES)
     unknown = [name for name in names if name not in bench_latency.LATENCY_CASES]
     if unknown:
@@ -465,12 +236,7 @@ def _latency(args) -> None:
     if note:
         run["note"] = note
     path.write_text(json.dumps(run, indent=1))
-    _render_all()
-
-
-def _render_all() -> None:
-    results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
-    (REPO / "BENCHMARKS.md").write_text(render(results))
+    render_all()
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ Every figure of a row comes from one run. All the models of a case are timed in 
 `latency.time_side_by_side` call (interleaved rounds, every ONNX Runtime optimization on, `threads`
 intra-op threads) on one feed, the first `batch` samples of the evaluation set. Errors are measured on
 the evaluation set the tool never saw (as bench.eval_error). The timing provider is the validation
-provider.
+provider. The tables in BENCHMARKS.md come from bench_common.render_latency.
 """
 
 from __future__ import annotations
@@ -35,9 +35,19 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import bench_scale  # its child-process runner (seconds and the child's peak memory) and synthetic transformer
 import numpy as np
 import onnx
 import onnxruntime as ort
+from bench_common import (  # puts this repository on sys.path (bench_scale imported it first)
+    CASES,
+    HALF_TARGET_SPEEDUP,
+    INT8_TARGET_COSINE,
+    INT8_TARGET_FRACTION,
+    REPO,
+    SCALE_TARGET_SECONDS,
+    data_for,
+)
 
 import onnx_lowrank
 from onnx_lowrank.calibration import load_calibration
@@ -47,13 +57,6 @@ from onnx_lowrank.metrics import DEFAULT_TOLERANCE
 from onnx_lowrank.model_io import model_stats
 from onnx_lowrank.quantize import quantize_int8
 from onnx_lowrank.search import Evaluator
-
-from bench import CASES, REPO, data_for
-
-HALF_TARGET_SPEEDUP = 1.5  # minilm-half, CPU, batch 32
-INT8_TARGET_FRACTION = 0.22  # minilm-int8: of the original file ...
-INT8_TARGET_COSINE = 0.98  # ... at this eval mean cosine
-SCALE_TARGET_SECONDS = 240  # bert-base on 2 cores
 
 ort.set_default_logger_severity(3)  # no warnings about initializers a session optimizes away
 
@@ -173,7 +176,7 @@ def _compress(original: onnx.ModelProto, common: dict, **settings) -> tuple[onnx
     removed = sum(layer.params_before - layer.params_after for layer in report.layers)
     total = report.factorizable_params
     embedding = [layer for layer in report.layers if layer.op == "Gather"]
-    fusions = report.fusions or {}
+    fusions = report.fusions.to_dict() if report.fusions is not None else {}
     row = {
         "settings": shown, "met": True, "seconds": seconds, "phases": report.phases,
         "params": report.params_after, "file_bytes": model_stats(model).bytes,
@@ -185,9 +188,10 @@ def _compress(original: onnx.ModelProto, common: dict, **settings) -> tuple[onnx
         "fusions_match": fusions.get("unfactorized_match"),
         "fusions_lost": [entry["kind"] for entry in fusions.get("lost", []) if entry["layer"] is None],
         "fusions_error": fusions.get("error"),
-        "tool_latency": report.latency,  # the tool's own end-to-end check (its default threads, its feed)
+        # the tool's own end-to-end check (its default threads, its feed)
+        "tool_latency": None if report.latency is None else report.latency.to_dict(),
         "quantization": None if report.quantization is None else
-        {k: v for k, v in report.quantization.items() if k != "nodes"},
+        {k: v for k, v in report.quantization.to_dict().items() if k != "nodes"},
         "notes": report.notes,
     }
     return model, row
@@ -304,8 +308,6 @@ def scale(case: LatencyCase, timer: Timer, dims: tuple[int, int, int, int, int] 
           samples: int = BERT_SAMPLES) -> dict:
     """Item 4: a BERT-base-size random-weight model, compressed end to end by the command line in a child
     process at --target-params 0.5 (defaults otherwise: data-aware, objective balanced)."""
-    import bench_scale  # its child-process runner: seconds and the child's peak memory (wait4)
-
     layers, hidden, ffn, vocab, seq = dims
     folder = REPO / "cache" / "scale"
     stem = f"bert_{layers}x{hidden}x{ffn}_v{vocab}_s{seq}"
@@ -348,8 +350,6 @@ def _build_bert(path: Path, calib: Path, dims: tuple[int, int, int, int, int], s
         import build_models
         from transformers import BertConfig, BertModel
     except ImportError:
-        import bench_scale
-
         bench_scale.build(path, layers, hidden)
         np.savez(calib, x=rng.standard_normal((samples * seq, hidden), dtype=np.float32))
         builder = f"bench_scale synthetic transformer ({layers} blocks, width {hidden}, FFN {4 * hidden}; " \
@@ -371,210 +371,3 @@ def _build_bert(path: Path, calib: Path, dims: tuple[int, int, int, int, int], s
 
 
 _KINDS = {"objectives": objectives, "half": half, "int8": int8, "scale": scale}
-
-
-# ------------------------------------------------------------------------------------------- rendering
-
-
-def _bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.3g} {unit}"
-    return f"{n} B"
-
-
-def _ms(row: dict) -> tuple[str, str, str]:
-    timing = row.get("latency")
-    if timing is None:
-        return "-", "-", "-"
-    return (f"{timing['median_ms']:.3g} ms", f"{timing['p10_ms']:.3g}-{timing['p90_ms']:.3g}",
-            f"{row['speedup']:.2f}x")
-
-
-def _seconds(row: dict) -> str:
-    return "-" if row.get("seconds") is None else f"{row['seconds']:.0f} s"
-
-
-def _failed(row: dict) -> str:
-    if "unreachable" in row:
-        return "budget unreachable"
-    if "skipped" in row:
-        return f"not run ({row['skipped']})"
-    closest = row.get("closest")
-    return "bound not met" + ("" if closest is None else f" (closest {closest:.4g})")
-
-
-def _fusions(row: dict) -> str:
-    if row["row"] == "original" or not row.get("met"):
-        return "-"
-    if row.get("fusions_error"):
-        return "not checked"
-    match = row.get("fusions_match")
-    if match is None:
-        return "-"
-    return "yes" if match else "no: lost " + ", ".join(row.get("fusions_lost") or ["?"])
-
-
-def _heading(record: dict, run: dict) -> list[str]:
-    timing = record.get("timing", {})
-    tolerance = "" if record.get("tolerance") is None else f", tolerance {record['tolerance']:g}"
-    line = f"### {record['case']}: {record['model']} ({record['metric']}{tolerance}), run {record['date']}"
-    facts = []
-    if timing:
-        facts.append(f"timed on {timing.get('timing_provider', timing['provider'])}, batch {timing['batch']}, "
-                     f"{timing['threads'] or 'default'} threads, {timing.get('runs', '?')} interleaved runs "
-                     "of every model")
-    if record.get("eval_samples"):
-        facts.append(f"eval error on {record['eval_samples']} samples")
-    if timing.get("error"):
-        facts.append(timing["error"])
-    return [line, "", "; ".join(facts) + "." if facts else "", ""]
-
-
-def _render_objectives(record: dict, run: dict) -> list[str]:
-    lines = _heading(record, run) + [
-        "| row | params | file | factorizable kept | eval error | compression | median | p10-p90 | speedup "
-        "| fusions kept |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in record["rows"]:
-        if not row.get("met"):
-            lines.append(f"| {row['row']} | {_failed(row)} | | | | {_seconds(row)} | | | | |")
-            continue
-        kept = row.get("factorizable_kept")
-        median, spread, speedup = _ms(row)
-        lines.append(f"| {row['row']} | {row['params']:,} | {_bytes(row['file_bytes'])} | "
-                     f"{'-' if kept is None else f'{kept:.1%}'} | {row['eval']:.4g} | {_seconds(row)} | "
-                     f"{median} | {spread} | {speedup} | {_fusions(row)} |")
-    return lines + [""]
-
-
-def _render_half(record: dict, run: dict) -> list[str]:
-    target = record.get("target_speedup", HALF_TARGET_SPEEDUP)
-    lines = _heading(record, run) + [
-        f"Size mode, `target_params=0.5` of the factorizable parameters of the ops named (target: {target:g}x).", "",
-        "| row | kept (model) | factorizable kept | embedding kept | file | eval cosine | compression | median | "
-        f"p10-p90 | speedup | >= {target:g}x |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    before = record["rows"][0]["params"]
-    for row in record["rows"]:
-        if not row.get("met"):
-            lines.append(f"| {row['row']} | {_failed(row)} | | | | | {_seconds(row)} | | | | |")
-            continue
-        median, spread, speedup = _ms(row)
-        embedding = row.get("embedding_params") or [0, 0]
-        shown = "-" if row["row"] == "original" else (
-            f"{embedding[1] / embedding[0]:.1%}" if embedding[0] else "100% (not factorized)")
-        kept = row.get("factorizable_kept")
-        met = "-" if row["row"] == "original" or "speedup" not in row else ("yes" if row["speedup"] >= target else "no")
-        lines.append(f"| {row['row']} | {row['params'] / before:.1%} | {'-' if kept is None else f'{kept:.1%}'} | "
-                     f"{shown} | {_bytes(row['file_bytes'])} | {1 - row['eval']:.4f} | {_seconds(row)} | {median} | "
-                     f"{spread} | {speedup} | {met} |")
-    return lines + [""]
-
-
-def _render_int8(record: dict, run: dict) -> list[str]:
-    fraction = record.get("target_fraction", INT8_TARGET_FRACTION)
-    cosine = record.get("target_cosine", INT8_TARGET_COSINE)
-    lines = _heading(record, run) + [
-        f"Target: at most {fraction:.0%} of the original file at eval mean cosine >= {cosine:g}.", "",
-        "| row | file | of original | eval mean cosine | held-out error | compression | median | p10-p90 | speedup "
-        "| target met |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    original = record["rows"][0]["file_bytes"]
-    for row in record["rows"]:
-        if not row.get("met"):
-            lines.append(f"| {row['row']} | {_failed(row)} | | | | {_seconds(row)} | | | | |")
-            continue
-        share = row["file_bytes"] / original
-        median, spread, speedup = _ms(row)
-        held = row.get("held_out")
-        met = "-" if row["row"] == "original" else ("yes" if share <= fraction and 1 - row["eval"] >= cosine else "no")
-        lines.append(f"| {row['row']} | {_bytes(row['file_bytes'])} | {share:.1%} | {1 - row['eval']:.4f} | "
-                     f"{'-' if held is None else f'{held:.4g}'} | {_seconds(row)} | {median} | {spread} | "
-                     f"{speedup} | {met} |")
-    for row in record["rows"]:
-        quantization = row.get("quantization") or {}
-        kept, found = quantization.get("fallback_nodes"), quantization.get("fallback")
-        if kept and found:
-            nodes = ", ".join(f"`{node['node']}` {node['scheme']} (-{node['error_reduction']:.4g}, "
-                              f"+{_bytes(node['extra_bytes'])})" for node in kept)
-            lines += ["", f"{row['row']}: int8 alone {found['error_int8_all']:.4g} > share {found['share']:.4g}; taken "
-                          f"out of dynamic int8 (measured error reduction, bytes added): {nodes}; int8 alone then "
-                          f"{found['error_int8_fallback']:.4g} ({found['nodes_measured']} nodes measured, "
-                          f"{found['seconds']:.0f} s)."]
-    return lines + [""]
-
-
-def _render_scale(record: dict, run: dict) -> list[str]:
-    target = record.get("target_seconds", SCALE_TARGET_SECONDS)
-    lines = [f"### {record['case']}: compression time at scale, run {record['date']}", ""]
-    for row in record["rows"]:
-        dims = row["dims"]
-        phases = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in row["phases"].items() if seconds >= 0.5)
-        lines += [
-            f"{row['builder']}: {dims['layers']} layers, hidden {dims['hidden']}, FFN {dims['ffn']}, "
-            + (f"vocabulary {dims['vocab']}, " if dims.get("vocab") else "")
-            + f"sequence {dims['seq']}; `onnx-lowrank {' '.join(_short(a) for a in row['argv'])}` "
-            "in a child process (peak memory: its maximum resident set, wait4). Random weights have a flat "
-            f"spectrum: only the time means something. Target: {target / 60:g} minutes.", "",
-            "| params before | params after | file | time | peak memory | within target | phases |",
-            "|---|---|---|---|---|---|---|",
-            f"| {row['params_before']:,} | {row['params_after']:,} | {_bytes(row['file_bytes'])} | "
-            f"{row['seconds']:.0f} s | "
-            f"{row['peak_rss_gib']:.1f} GiB | {'yes' if row['seconds'] <= target else 'no'} | {phases} |", "",
-        ]
-    return lines
-
-
-def _short(argument: str) -> str:
-    """A path as its file name (the table names no folders of the machine it ran on)."""
-    return Path(argument).name if "/" in argument else argument
-
-
-def _render_growth(run: dict) -> list[str]:
-    """Compression time against model size: every case's data-aware, latency-gated compression."""
-    entries = []
-    for record in run["rows"]:
-        for row in record["rows"]:
-            if record["kind"] == "scale":
-                entries.append((record["model"], row["params_before"],
-                                f"target-params 0.5, {row.get('objective') or 'balanced'}", row["seconds"]))
-            elif row.get("met") and row.get("seconds") is not None and (
-                    row["row"] == "data-aware + latency gate" or row["row"] == "every op, balanced"):
-                params = record["rows"][0]["params"]
-                mode = "target-params 0.5, balanced" if record["kind"] == "half" \
-                    else f"compact {record['metric']} {record['tolerance']:g}, balanced"
-                entries.append((record["model"], params, mode, row["seconds"]))
-    if len(entries) < 2:
-        return []
-    lines = ["### Compression time by model size", "",
-             "Data-aware, objective balanced (the default), end to end (the tool's own latency and fusion checks "
-             "included), from the rows above.", "",
-             "| model | params | settings | time | per million params |", "|---|---|---|---|---|"]
-    for model, params, mode, seconds in sorted(entries, key=lambda e: e[1]):
-        lines.append(f"| {model} | {params:,} | {mode} | {seconds:.0f} s | {seconds / params * 1e6:.2f} s |")
-    return lines + [""]
-
-
-_RENDERERS = {"objectives": _render_objectives, "half": _render_half, "int8": _render_int8, "scale": _render_scale}
-
-
-def render_latency(run: dict) -> list[str]:
-    lines = [
-        "Per case, every model is timed in one `time_side_by_side` call (interleaved rounds, all ONNX Runtime",
-        "optimizations on) on one feed: the first samples of the evaluation set. *speedup*: original median /",
-        "row median. *compression*: wall time of `compress`, its own checks included. *file*: serialized",
-        "size. *factorizable kept*: of the factorizable parameters (for the weight-only row, the budget the",
-        "data-aware row reached). *fusions kept*: ONNX Runtime fuses the unfactorized part of the graph as in",
-        "the original (`report.fusions`). Rows: weight-only = `no_data`, objective size; data-aware =",
-        "objective size; + latency gate = objective balanced; + int8 = balanced with `quantize=\"int8\"`.",
-        "",
-    ]
-    for record in run["rows"]:
-        lines += _RENDERERS[record["kind"]](record, run)
-    return lines + _render_growth(run)

@@ -25,14 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
+from bench_common import REPO, RESULTS, machine, render_all
 from onnx import TensorProto, helper, numpy_helper
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-
-from bench import RESULTS, machine, _render_all  # noqa: E402
-
-import onnxruntime as ort  # noqa: E402
 
 
 def build(path: Path, blocks: int, width: int) -> None:
@@ -159,7 +154,7 @@ def main() -> None:
     record["layer_working_set_gib"] = layer
     record["memory_bound_gib"] = 3 * layer + data_bytes / 2**30
     (RESULTS / "scale_cpu.json").write_text(json.dumps(record, indent=1))
-    _render_all()
+    render_all()
 
 
 if __name__ == "__main__":

@@ -14,15 +14,18 @@ unless the bias is computed).
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..layers import BiasSite, Layer, batchnorm_scale
+from ..layers import BiasSite, Layer, Skip, batchnorm_scale
 from ..patches import conv_patches
 from ..svd import Factorization
 from ..weights import ConstantIndex, Weight, resolve
+
+if TYPE_CHECKING:
+    from ..splice import Emitter
 
 
 def _grouped_weight(node: gs.Node, index: ConstantIndex) -> tuple[Weight, int] | str:
@@ -92,7 +95,7 @@ class _ChannelStatistics:
         rows = np.moveaxis(array, 1, -1).reshape(-1, groups, channels)
         return rows.swapaxes(0, 1)
 
-    def _tail(self, layer: Layer, factors: Factorization, emit, op: str, w2: np.ndarray) -> gs.Variable:
+    def _tail(self, layer: Layer, factors: Factorization, emit: Emitter, op: str, w2: np.ndarray) -> gs.Variable:
         """The 1x1 node mapping g*r channels to the output, carrying the (shifted) bias."""
         bias = emit.inputs[2:]
         if factors.bias_shift is not None:
@@ -121,10 +124,10 @@ class ConvAdapter(_ChannelStatistics):
             return conv_patches(array, kernel, layer.node.attrs, layer.info["groups"])
         return super().rows(layer, array)
 
-    def check(self, node: gs.Node, index: ConstantIndex, opset: int) -> Layer | str:
+    def check(self, node: gs.Node, index: ConstantIndex, opset: int) -> Layer | Skip:
         found = _grouped_weight(node, index)
         if isinstance(found, str):
-            return found
+            return Skip(found)
         weight, groups = found
         out_channels = weight.shape[0]
         layer = Layer(node, self, weight, lambda value: value.reshape(groups, out_channels // groups, -1),
@@ -133,7 +136,7 @@ class ConvAdapter(_ChannelStatistics):
         layer.output_scale = batchnorm_scale(node, index, out_channels)
         return layer
 
-    def rewrite(self, layer: Layer, factors: Factorization, emit) -> None:
+    def rewrite(self, layer: Layer, factors: Factorization, emit: Emitter) -> None:
         kernel = layer.weight.shape
         groups, rank, spatial = layer.info["groups"], factors.rank, len(kernel) - 2
         w1 = factors.first.reshape(groups * rank, kernel[1], *kernel[2:])
@@ -145,10 +148,10 @@ class ConvAdapter(_ChannelStatistics):
 class ConvTransposeAdapter(_ChannelStatistics):
     op_type: ClassVar[str] = "ConvTranspose"
 
-    def check(self, node: gs.Node, index: ConstantIndex, opset: int) -> Layer | str:
+    def check(self, node: gs.Node, index: ConstantIndex, opset: int) -> Layer | Skip:
         found = _grouped_weight(node, index)
         if isinstance(found, str):
-            return found
+            return Skip(found)
         weight, groups = found
         in_channels, out_per_group = weight.shape[:2]
 
@@ -161,7 +164,7 @@ class ConvTransposeAdapter(_ChannelStatistics):
         layer.output_scale = batchnorm_scale(node, index, groups * out_per_group)
         return layer
 
-    def rewrite(self, layer: Layer, factors: Factorization, emit) -> None:
+    def rewrite(self, layer: Layer, factors: Factorization, emit: Emitter) -> None:
         kernel = layer.weight.shape
         groups, rank, spatial = layer.info["groups"], factors.rank, len(kernel) - 2
         in_per_group = kernel[0] // groups

@@ -7,29 +7,32 @@ statistics are the lookup counts of each row.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..layers import Layer
+from ..layers import Layer, Skip
 from ..svd import Factorization
 from ..weights import ConstantIndex, resolve, stored_constant
+
+if TYPE_CHECKING:
+    from ..splice import Emitter
 
 
 class GatherAdapter:
     op_type: ClassVar[str] = "Gather"
 
-    def check(self, node: gs.Node, index: ConstantIndex, opset: int) -> Layer | str | None:
+    def check(self, node: gs.Node, index: ConstantIndex, opset: int) -> Layer | Skip | None:
         table = resolve(node.inputs[0], index)
         if isinstance(table, str):
             return None  # a Gather on computed data (shapes, slices) is no layer: nothing to say about it
         if table.ndim != 2:
-            return f"table {table.name} has {table.ndim} dimensions, expected 2 (an embedding table)"
+            return Skip(f"table {table.name} has {table.ndim} dimensions, expected 2 (an embedding table)")
         if int(node.attrs.get("axis", 0)) not in (0, -2):
-            return "gathers along the table's columns (axis 1), not its rows"
+            return Skip("gathers along the table's columns (axis 1), not its rows")
         if stored_constant(node.inputs[1]) is not None:
-            return "the indices are constants too (fold constants first)"
+            return Skip("the indices are constants too (fold constants first)")
         return Layer(node, self, table, lambda value: value.T[None])
 
     def observed(self, layer: Layer) -> tuple[gs.Tensor, str]:
@@ -38,7 +41,7 @@ class GatherAdapter:
     def rows(self, layer: Layer, array: np.ndarray) -> np.ndarray:
         return array
 
-    def rewrite(self, layer: Layer, factors: Factorization, emit) -> None:
+    def rewrite(self, layer: Layer, factors: Factorization, emit: Emitter) -> None:
         lookup = factors.first[0].T  # (V, r)
         rebuild = factors.second[0].T  # (r, d)
         middle = emit.variable("mid")

@@ -9,38 +9,42 @@ vectors; the output mean goes into C (added when absent, unless beta is 0 or C i
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..layers import BiasSite, Layer, batchnorm_scale
+from ..layers import BiasSite, Layer, Skip, batchnorm_scale
 from ..svd import Factorization
-from ..weights import ConstantIndex, resolve
+from ..weights import ConstantIndex, Weight, resolve
+
+if TYPE_CHECKING:
+    from ..splice import Emitter
 
 
 class GemmAdapter:
     op_type: ClassVar[str] = "Gemm"
 
-    def check(self, node: gs.Node, index: ConstantIndex, opset: int) -> Layer | str:
+    def check(self, node: gs.Node, index: ConstantIndex, opset: int) -> Layer | Skip:
         if opset < 7:
-            return f"Gemm before opset 7 (opset {opset}) uses legacy broadcasting"
+            return Skip(f"Gemm before opset 7 (opset {opset}) uses legacy broadcasting")
         alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
         if alpha == 0 or not math.isfinite(alpha) or not math.isfinite(beta):
-            return f"alpha {alpha:g} and beta {beta:g}: the product does not count or is not finite"
+            return Skip(f"alpha {alpha:g} and beta {beta:g}: the product does not count or is not finite")
         if any(int(node.attrs.get(name, 0)) not in (0, 1) for name in ("transA", "transB")):
-            return "transA / transB must be 0 or 1"
+            return Skip("transA / transB must be 0 or 1")
         a_weight = resolve(node.inputs[0], index)
         b_weight = resolve(node.inputs[1], index)
-        a_const, b_const = not isinstance(a_weight, str), not isinstance(b_weight, str)
-        if a_const and b_const:
-            return "both A and B are constants (fold constants first)"
-        if not (a_const or b_const):
-            return "no constant weight (both A and B are computed)"
-        side = "B" if b_const else "A"
-        weight = b_weight if b_const else a_weight
+        if isinstance(a_weight, Weight) and isinstance(b_weight, Weight):
+            return Skip("both A and B are constants (fold constants first)")
+        if isinstance(b_weight, Weight):
+            side, weight = "B", b_weight
+        elif isinstance(a_weight, Weight):
+            side, weight = "A", a_weight
+        else:
+            return Skip("no constant weight (both A and B are computed)")
         if weight.ndim != 2:
-            return f"weight {weight.name} is not 2-D"
+            return Skip(f"weight {weight.name} is not 2-D")
         transposed = bool(node.attrs.get(f"trans{side}", 0))
         # A' (M x K) or B' (K x N), B' transposed to out x in: the stored weight transposed an odd number of times
         if transposed != (side == "B"):
@@ -63,7 +67,7 @@ class GemmAdapter:
             vectors = array if layer.node.attrs.get("transB", 0) else array.T
         return vectors[None]
 
-    def rewrite(self, layer: Layer, factors: Factorization, emit) -> None:
+    def rewrite(self, layer: Layer, factors: Factorization, emit: Emitter) -> None:
         attrs = layer.node.attrs
         first, second = factors.first, factors.second
         side, transposed = layer.info["side"], layer.info["transposed"]

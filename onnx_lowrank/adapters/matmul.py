@@ -9,38 +9,43 @@ Add that alone consumes the output (MatMul has no bias of its own).
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..layers import BiasSite, Layer
+from ..errors import known
+from ..layers import BiasSite, Layer, Skip
 from ..svd import Factorization
-from ..weights import ConstantIndex, resolve, weight_users
+from ..weights import ConstantIndex, Weight, resolve, weight_users
+
+if TYPE_CHECKING:
+    from ..splice import Emitter
 
 
 class MatMulAdapter:
     op_type: ClassVar[str] = "MatMul"
 
-    def check(self, node: gs.Node, index: ConstantIndex, opset: int) -> Layer | str:
+    def check(self, node: gs.Node, index: ConstantIndex, opset: int) -> Layer | Skip:
         left = resolve(node.inputs[0], index)
         right = resolve(node.inputs[1], index)
-        left_const, right_const = not isinstance(left, str), not isinstance(right, str)
-        if left_const and right_const:
-            return "both inputs are constants (fold constants first)"
-        if not (left_const or right_const):
-            return "no constant weight (both inputs are computed)"
-        side = "right" if right_const else "left"
-        weight = right if right_const else left
+        if isinstance(left, Weight) and isinstance(right, Weight):
+            return Skip("both inputs are constants (fold constants first)")
+        if isinstance(right, Weight):
+            side, weight = "right", right
+        elif isinstance(left, Weight):
+            side, weight = "left", left
+        else:
+            return Skip("no constant weight (both inputs are computed)")
         if weight.ndim < 2:
-            return f"weight {weight.name} is a vector (no rank to reduce)"
+            return Skip(f"weight {weight.name} is a vector (no rank to reduce)")
         batch = weight.shape[:-2]
         if batch:
             activation = node.inputs[0 if side == "right" else 1]
             if activation.shape is None:
-                return "batched weight with an activation of unknown rank (a 1-D one would change the result)"
+                return Skip("batched weight with an activation of unknown rank (a 1-D one would change the result)")
             if len(activation.shape) < 2:
-                return "batched weight with a 1-D activation"
+                return Skip("batched weight with a 1-D activation")
         if side == "right":  # x @ W maps rows: out x in = W^T
             view = lambda value: value.reshape(-1, *value.shape[-2:]).transpose(0, 2, 1)  # noqa: E731
         else:
@@ -65,7 +70,7 @@ class MatMulAdapter:
             return vectors.reshape(groups, -1, vectors.shape[-1])
         return vectors.reshape(1, -1, vectors.shape[-1])
 
-    def rewrite(self, layer: Layer, factors: Factorization, emit) -> None:
+    def rewrite(self, layer: Layer, factors: Factorization, emit: Emitter) -> None:
         first, second = factors.first, factors.second
         batch = layer.info["batch"]
         middle = emit.variable("mid")
@@ -82,7 +87,7 @@ class MatMulAdapter:
             emit.node("a", "MatMul", [emit.weight("a", w1), emit.inputs[1]], [middle])
             emit.node("b", "MatMul", [emit.weight("b", w2), middle], emit.outputs)
         if factors.bias_shift is not None:
-            site = layer.bias
+            site = known(layer.bias, "the bias site of a layer whose factors shift its bias")
             site.node.inputs[site.index] = emit.bias(site, factors.bias_shift)
 
 
