@@ -128,7 +128,8 @@ def fusion_check(
 
 def _changes(before: Counter, after: Counter) -> tuple[list[FusionChange], list[FusionChange]]:
     """The (kind, owners) whose count went down, and those whose count went up, by owners then kind."""
-    lost, gained = [], []
+    lost: list[FusionChange] = []
+    gained: list[FusionChange] = []
     for kind, owners in sorted(set(before) | set(after), key=lambda k: (k[1], k[0])):
         original, compressed = before[kind, owners], after[kind, owners]
         if original == compressed:
@@ -316,7 +317,7 @@ class _Source:
 
     def owners_of(self, fused: onnx.NodeProto) -> tuple[str, ...]:
         """The factorized layers a node of the optimized graph touches (see the class's attribution)."""
-        found: set[str] = set()
+        found: set[str | None] = set()  # None: a node or tensor no factorized layer owns
         anchors = [tensor for tensor in fused.output if tensor]
         for variant in _name_variants(fused.name):
             node = self.by_name.get(variant)
@@ -330,8 +331,7 @@ class _Source:
             found.add(self._tensor_owner(tensor))
         for tensor in anchors:
             found.update(self._absorbed(tensor))
-        found.discard(None)
-        return tuple(sorted(found))
+        return tuple(sorted(owner for owner in found if owner is not None))
 
     def _tensor_owner(self, tensor: str) -> str | None:
         if not tensor or tensor in self.boundary:

@@ -16,7 +16,7 @@ import io
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 from .errors import InputError
 from .installation import install_hint
@@ -93,7 +93,7 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _finite(value: Any) -> bool:
+def _finite(value: Any) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -629,11 +629,11 @@ class _Plots:
             ys = list(range(len(shown)))
             fractions = [rank / full for _, _, rank, full, _ in shown]
             ax.barh(ys, fractions, color=[color[str(e[1].get("method", ""))] for e in shown], height=0.7)
-            kept = [(y, e[4]) for y, e in zip(ys, shown) if e[4] is not None]
-            if kept:
-                ax.scatter([k for _, k in kept], [y for y, _ in kept], marker="D", s=14, color="#111827",
+            points = [(y, e[4]) for y, e in zip(ys, shown) if e[4] is not None]
+            if points:
+                ax.scatter([k for _, k in points], [y for y, _ in points], marker="D", s=14, color="#111827",
                            zorder=3, label="parameters kept")
-            top = max([1.0, *fractions, *[k for _, k in kept]])
+            top = max([1.0, *fractions, *[k for _, k in points]])
             for y, (_, _, rank, full, kept_fraction), fraction in zip(ys, shown, fractions):
                 right = max(fraction, kept_fraction or 0.0)
                 ax.text(right + top * 0.015, y, f"{rank}/{full}", va="center", fontsize=7, color="#374151")

@@ -81,6 +81,7 @@ from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -227,6 +228,7 @@ def _quantize_saved(path: Path, folder: Path, graph: onnx.GraphProto, dynamic: l
     KeyError; the caller's errors (InputError, a bad feed) and MemoryError pass through."""
     try:
         if convs:
+            assert conv_feeds is not None, "_conv_feeds keeps Convs to quantize only when it has their feeds"
             reader = _Reader(conv_feeds, graph)
             path = _static_conv(path, folder / "conv.onnx", convs, reader, reduce_range)
         if dynamic:
@@ -675,8 +677,9 @@ def _gemm_to_matmul(model: onnx.ModelProto, gemm: onnx.NodeProto, weights: dict,
     matmul_output = _unique(f"{output}_matmul", taken) if bias else output
     nodes.append(helper.make_node("MatMul", [gemm.input[0], weight_name], [matmul_output], name=gemm.name))
     if bias:
-        initializer = next((t for t in graph.initializer if t.name == bias), None)
-        if beta != 1.0:  # a constant C (_gemm_unsupported): scale it once
+        if beta != 1.0:  # a constant C (_unsupported): scale it once
+            initializer = next((t for t in graph.initializer if t.name == bias), None)
+            assert initializer is not None, "_unsupported keeps only Gemms whose C scaled by beta is a constant"
             scaled = numpy_helper.to_array(initializer)
             scaled = scaled * np.asarray(beta, scaled.dtype)
             name = _unique(f"{bias}_scaled", taken)
@@ -775,7 +778,7 @@ def _quantized(model: onnx.ModelProto, candidates: list[_Candidate]) -> set[str]
 
 def _info(done: Mapping[str, int], left_float: Mapping[str, int], notes: list[str], chosen: tuple[str, str],
           weight_only: Mapping[str, int] | None = None) -> dict:
-    info = {
+    info: dict[str, Any] = {
         "scheme": "int8",
         "nodes": dict(sorted(done.items())),
         "schemes": {op_type: SCHEMES[op_type] for op_type in sorted(done)},

@@ -29,7 +29,10 @@ def traced(trial) -> TracePoint:
 def clearly_slower(timing: Latency) -> str | None:
     """A note when the compressed model ran slower end to end beyond the timings' spread (each layer's
     gate cannot see effects between layers, such as a layout change)."""
-    if timing.speedup is None or timing.compressed.p10_ms <= timing.original.p90_ms:
+    original, compressed = timing.original, timing.compressed
+    if timing.speedup is None or original is None or compressed is None:
+        return None  # the timing failed (timing.error): nothing to compare
+    if compressed.p10_ms <= original.p90_ms:
         return None
     return (f"end to end the compressed model ran slower than the original ({timing.speedup:.2f}x, "
             f"{timing.provider}, batch {timing.batch}); try --objective latency")
@@ -102,7 +105,7 @@ def _alternatives(candidate: UnitDecomposers, chosen) -> dict[str, float | None]
     for option in candidate.options():
         if option.method == chosen.method:
             continue
-        best.setdefault(option.method, None)
-        if option.params <= chosen.params and (best[option.method] is None or option.error < best[option.method]):
+        least = best.setdefault(option.method, None)
+        if option.params <= chosen.params and (least is None or option.error < least):
             best[option.method] = option.error
     return best

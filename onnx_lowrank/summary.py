@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.text import Text
 
 from .inspection import LayerInfo
-from .report import LayerReport, Report, Validation
+from .report import Latency, LayerReport, Quantization, Report, Validation
 
 _GAP = " │ "  # between two columns
 _INDENT = "  "  # of a node's values under its own line
@@ -255,9 +255,10 @@ def _print_table(console: Console, table: _Table) -> None:
         shown = None
         if table.shorten_names:
             shortened = [shorten_name(row.name, room - cell_len(row.suffix), universe) for row in table.rows]
-            if all(name is not None for name in shortened) and min(
+            fitting = [name for name in shortened if name is not None]
+            if len(fitting) == len(shortened) and min(
                     (room - cell_len(row.suffix) for row in table.rows), default=room) >= _MIN_NAME:
-                shown = [name + row.suffix for name, row in zip(shortened, table.rows)]
+                shown = [name + row.suffix for name, row in zip(fitting, table.rows)]
     _title(console, table.title)
     right = [column.right for column in columns]
     if shown is not None:  # inline
@@ -398,8 +399,8 @@ def validation_text(check: Validation) -> str:
         if check.unseen_bound is not None and confidence is not None:
             verb = "of new inputs lose their decision" if check.metric == "accuracy" else "of new decisions change"
             clauses.append(f"{confidence} at most {_upper(check.unseen_bound, True)} {verb}")
+        unit = "samples" if check.metric == "accuracy" else "decisions"
         if check.threatened is not None:
-            unit = "samples" if check.metric == "accuracy" else "decisions"
             total = check.calibration_decisions
             if total is None and check.threatened and check.predicted_unseen:
                 total = round(check.threatened / check.predicted_unseen)
@@ -407,9 +408,9 @@ def validation_text(check: Validation) -> str:
             clauses.append(f"margins threatened: {check.threatened:,}{of} calibration {unit}")
         if check.ties:
             noun = unit[:-1] if check.ties == 1 else unit
-            lost = f", {check.ties_lost:,} of them lost" if check.ties_lost else ""
+            ties_lost = f", {check.ties_lost:,} of them lost" if check.ties_lost else ""
             clauses.append(f"near-ties: {check.ties:,} calibration {noun} (may flip either way; not held "
-                           f"against the tolerance{lost})")
+                           f"against the tolerance{ties_lost})")
     else:
         clauses.append(f"{check.metric} {_against(check.value, check.tolerance)} on {check.samples:,} held-out "
                        f"samples ({check.provider}), {bound}")
@@ -437,8 +438,7 @@ def not_validated_text(report: Report) -> str:
     return "\n".join(lines)
 
 
-def _quantization_lines(report: Report) -> list[str]:
-    q = report.quantization
+def _quantization_lines(q: Quantization, report: Report) -> list[str]:
     label = "int8"
     if q.range:
         label += f" ({q.range} range: {q.range_reason})" if q.range_reason else f" ({q.range} range)"
@@ -452,6 +452,16 @@ def _quantization_lines(report: Report) -> list[str]:
         names = ", ".join(f"{node.node} ({node.scheme})" for node in taken)
         lines.append(f"int8: taken out of dynamic quantization (they cost the most error): {names}")
     return lines
+
+
+def _latency_line(timing: Latency) -> str:
+    """End to end, the original against the compressed model; or why onnxruntime could not time them."""
+    setup = f"{timing.provider}, batch {timing.batch}"
+    original, compressed, speedup = timing.original, timing.compressed, timing.speedup
+    if original is None or compressed is None or speedup is None:  # the timing failed: only `error`
+        return f"latency ({setup}): {timing.error or 'not measured'}"
+    return (f"latency ({setup}, median of {timing.runs} runs): "
+            f"{original.median_ms:.3g} ms → {compressed.median_ms:.3g} ms ({speedup:.2f}x)")
 
 
 def print_compress(report: Report, console: Console, written: bool, output=None) -> None:
@@ -470,16 +480,13 @@ def print_compress(report: Report, console: Console, written: bool, output=None)
         _title(console, "Validation")
         console.print(Text(validation_text(report.validation)))
     if report.quantization is not None:
-        for line in _quantization_lines(report):
+        for line in _quantization_lines(report.quantization, report):
             console.print(Text(line))
     if report.latency is not None:
-        timing = report.latency
-        console.print(Text(
-            f"latency ({timing.provider}, batch {timing.batch}, median of {timing.runs} runs): "
-            f"{timing.original.median_ms:.3g} ms → {timing.compressed.median_ms:.3g} ms "
-            f"({timing.speedup:.2f}x)"))
+        console.print(Text(_latency_line(report.latency)))
     if report.fusions is not None and report.fusions.unfactorized_match is False:
-        lost = ", ".join(entry.kind for entry in report.fusions.lost if entry.layer is None)
+        # a completed fusion check (unfactorized_match set) lists its changes
+        lost = ", ".join(entry.kind for entry in report.fusions.lost or [] if entry.layer is None)
         console.print(Text(f"warning: ONNX Runtime fuses fewer nodes outside the factorized layers: {lost}"))
     for note in report.notes:
         console.print(Text(f"note: {note}"))
@@ -503,7 +510,7 @@ def print_inspect(rows: Sequence[LayerInfo], console: Console, data: bool = Fals
     of the weight's singular values, or of the outputs on data."""
     source = "output energy on the calibration data" if data else "singular-value energy of the weights"
     factorizable = [row for row in rows if row.reason is None]
-    grouped = any(row.groups and row.groups > 1 for row in factorizable)
+    grouped = any(row.groups is not None and row.groups > 1 for row in factorizable)
     columns = [_Column("weight shape", "weight\nshape")]
     if grouped:
         columns.append(_Column("groups", right=True))
@@ -518,6 +525,7 @@ def print_inspect(rows: Sequence[LayerInfo], console: Console, data: bool = Fals
     table_rows = []
     for row in factorizable:
         best = next(iter(row.at_half.items()), None)
+        assert row.shape is not None, "inspect gives every factorizable layer its shape"
         cells = ["x".join(map(str, row.shape))] + ([str(row.groups)] if grouped else []) + [
             f"{row.params:,}",
             str(row.break_even),
@@ -540,6 +548,6 @@ def print_inspect(rows: Sequence[LayerInfo], console: Console, data: bool = Fals
     _print_grouped(console, "Not factorizable", [(row.node, row.op, row.reason) for row in rows if row.reason])
     console.print()
     console.print(Text(
-        f"{len(factorizable)} factorizable layers ({sum(r.params for r in factorizable):,} parameters), "
+        f"{len(factorizable)} factorizable layers ({sum(r.params or 0 for r in factorizable):,} parameters), "
         f"{len(rows) - len(factorizable)} skipped."
     ))

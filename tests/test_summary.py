@@ -13,7 +13,7 @@ from rich.console import Console
 
 import onnx_lowrank
 from conftest import inspected, shared_run
-from onnx_lowrank.report import LayerReport, Quantization, Report, SkippedLayer, Validation
+from onnx_lowrank.report import Latency, LayerReport, Quantization, Report, SkippedLayer, Timing, Validation
 from onnx_lowrank.summary import (
     not_validated_text,
     print_compress,
@@ -325,6 +325,17 @@ def test_int8_lines_name_the_range():
     q = dataclasses.replace(q, range=None, range_reason=None)
     text = render(print_compress, report([layer("/a/MatMul")], validation=check, quantization=q), written=True)
     assert "int8: 2.12 MiB factorized → 585.94 KiB with int8" in text
+
+
+def test_latency_line_or_why_it_was_not_timed():
+    timed = Latency("cpu", 8, None, runs=50, original=Timing(2.0, 1.9, 2.2, 50), compressed=Timing(1.0, 0.9, 1.1, 50),
+                    speedup=2.0)
+    text = render(print_compress, report([layer("/a/MatMul")], latency=timed), written=True)
+    assert "latency (cpu, batch 8, median of 50 runs): 2 ms → 1 ms (2.00x)" in " ".join(text.split())
+    failed = Latency("cpu", 8, None, error="onnxruntime could not time the models with every optimization on: boom")
+    text = render(print_compress, report([layer("/a/MatMul")], latency=failed), written=True)
+    assert ("latency (cpu, batch 8): onnxruntime could not time the models with every optimization on: boom"
+            in " ".join(text.split()))
 
 
 # ------------------------------------------------------------------------------------------ the tables
