@@ -19,14 +19,15 @@ from rich.console import Console
 
 from .adapters import ADAPTERS
 from .api import compress_file
-from .options import Options
+from .errors import BoundNotMet, InputError
+from .html_report import render_html
 from .inspection import inspect
 from .installation import install_hint, version
-from .errors import BoundNotMet, InputError
-from .runtime import PROVIDERS
-from .html_report import render_html
+from .methods import METHODS
 from .model_io import check_output_path, write_text
+from .options import Options
 from .progress import terminal_progress
+from .runtime import PROVIDERS
 from .summary import print_compress, print_inspect
 
 PROG = "onnx-lowrank"
@@ -81,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     look.add_argument("--calib", type=Path, metavar="PATH",
                       help="calibration data: spectra of the layers' outputs on it instead of the weights'")
     look.add_argument("--provider", choices=PROVIDERS, default="cpu", help="execution provider for --calib")
+    look.add_argument("--method", choices=METHODS, default="auto",
+                      help="the decompositions whose error at half size is shown (auto: every one that applies; "
+                           "svd: the quickest)")
     return parser
 
 
@@ -150,7 +154,7 @@ def _write_reports(args: argparse.Namespace, report) -> None:
 
 
 def _inspect(args: argparse.Namespace, console: Console) -> int:
-    rows = inspect(args.input, ops=_ops(args.ops), calibration=args.calib, provider=args.provider)
+    rows = inspect(args.input, ops=_ops(args.ops), calibration=args.calib, provider=args.provider, method=args.method)
     print_inspect(rows, console, data=args.calib is not None)
     return 0
 

@@ -179,7 +179,8 @@ SHARED_RUNS = {
     "minilm full rank": (MINILM, dict(ranks={"*": "full"}, allow_larger=True)),
     "ppocr target 0.7": (PPOCR, dict(target_params=0.7)),
     "ppocr full rank": (PPOCR, dict(ranks={"*": "full"}, allow_larger=True)),
-    "digits compact 0.05": (DIGITS, dict(calibration=MODELS / "digits_calib.npz", tolerance=0.05, objective="size")),
+    "digits compact 0.05": (DIGITS, dict(calibration=MODELS / "digits_calib.npz", tolerance=0.05, objective="size",
+                                         method="svd")),
 }
 
 

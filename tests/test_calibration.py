@@ -647,7 +647,7 @@ def test_auto_provider_resolves():
 
 
 def test_cpu_provider_is_default_and_reported():
-    # compress(DIGITS, DIGITS_CALIB, tolerance=0.05, objective="size"), shared with tests/test_error_bound.py
+    # compress(DIGITS, DIGITS_CALIB, tolerance=0.05, objective="size", method="svd"), shared with tests/test_error_bound.py
     report = shared_run("digits compact 0.05").report
     assert report.validation.provider == "cpu"
 

@@ -363,7 +363,7 @@ def test_compact_impossible_tolerance_cli(tmp_path: Path):
 
 
 def test_report_of_compact_mode():
-    # compress(DIGITS, DIGITS_CALIB, tolerance=0.05, objective="size"), shared with tests/test_calibration.py
+    # compress(DIGITS, DIGITS_CALIB, tolerance=0.05, objective="size", method="svd"), shared with tests/test_calibration.py
     report = shared_run("digits compact 0.05").report
     check_report_shape(report, "compact", {"load", "statistics", "sensitivity", "search", "validate"})
     assert len(report.trace) >= 2  # a search, not a single guess
