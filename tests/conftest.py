@@ -4,6 +4,7 @@ session (`inspected`, `shared_run`)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -16,6 +17,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_lowrank
+from onnx_lowrank import latency, pipeline
 from onnx_lowrank.conv_methods import CanonicalPolyadic
 
 OPSET = 17
@@ -224,3 +226,25 @@ def cp_once_per_kernel():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(CanonicalPolyadic, "steps", memoised)
         yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def quick_end_to_end_timing():
+    """The end-to-end timing that closes every compress run with data, in fewer rounds (5 runs, 0.2 s instead of
+    10 runs, 1 s): these tests check what the report's timings are, not how precise (tests/test_latency.py checks
+    the rounds themselves; measured, the full rounds were a quarter of a MiniLM-L2 compact run)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "end_to_end", functools.partial(latency.end_to_end, min_runs=5, min_seconds=0.2))
+        yield
+
+
+# the modules with the longest runs (measured: the README's commands about 100 s, then the real-model bound
+# tests): handed out first, so that pytest-xdist's workers, which take a module at a time, finish together
+LONGEST_FIRST = ("test_readme.py", "test_error_bound.py", "test_objective.py", "test_conv_methods.py",
+                 "test_overrides.py", "test_parallel.py")
+
+
+def pytest_collection_modifyitems(items):
+    """The longest modules first (a stable sort: each module's tests keep their order)."""
+    rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
