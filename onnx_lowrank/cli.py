@@ -25,7 +25,7 @@ from .inspection import inspect
 from .installation import install_hint, version
 from .methods import METHODS
 from .model_io import check_output_path, write_text
-from .options import Options
+from .options import Options, parse_ops
 from .progress import terminal_progress
 from .runtime import PROVIDERS
 from .summary import print_compress, print_inspect
@@ -118,10 +118,6 @@ def _options(args: argparse.Namespace) -> dict:
     return given
 
 
-def _ops(text: str) -> tuple[str, ...]:
-    return tuple(op.strip() for op in text.split(",") if op.strip())
-
-
 def _compress(args: argparse.Namespace, console: Console) -> int:
     for flag, path in (("--report", args.report), ("--html", args.html)):
         if path is not None:
@@ -154,7 +150,7 @@ def _write_reports(args: argparse.Namespace, report) -> None:
 
 
 def _inspect(args: argparse.Namespace, console: Console) -> int:
-    rows = inspect(args.input, ops=_ops(args.ops), calibration=args.calib, provider=args.provider, method=args.method)
+    rows = inspect(args.input, ops=parse_ops(args.ops), calibration=args.calib, provider=args.provider, method=args.method)
     print_inspect(rows, console, data=args.calib is not None)
     return 0
 

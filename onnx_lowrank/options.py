@@ -44,7 +44,8 @@ def _option(default, flag: Flag | None = None, factory: Callable[[], object] | N
     return field(default=default, metadata=metadata)
 
 
-def _ops(text: object) -> tuple[str, ...]:
+def parse_ops(text: object) -> tuple[str, ...]:
+    """A comma-separated list of op types (--ops), blanks dropped."""
     return tuple(op.strip() for op in str(text).split(",") if op.strip())
 
 
@@ -73,7 +74,7 @@ class Options:
     method: str = _option("auto", Flag("decomposition (auto: the best available)", choices=METHODS))
     no_data: bool = _option(False, Flag("factorize from the weights alone (still validate on --calib)"))
     ops: Sequence[str] = _option(None, Flag(
-        f"comma-separated op types to consider (default {','.join(ADAPTERS)})", "LIST", convert=_ops),
+        f"comma-separated op types to consider (default {','.join(ADAPTERS)})", "LIST", convert=parse_ops),
         factory=lambda: tuple(ADAPTERS))
     provider: str = _option("cpu", Flag("execution provider for validation", choices=PROVIDERS))  # cpu|cuda|auto
     allow_larger: bool = _option(False, Flag("keep factorizations that do not shrink a layer"))

@@ -22,29 +22,29 @@ from .adapters import ADAPTERS
 from .cache import Cache, key_of, model_fingerprint, samples_fingerprint
 from .calibration import Samples, Split, load_calibration
 from .data_aware import unit_statistics
+from .decompositions import Factorized
 from .errors import BoundNotMet, InputError, known
 from .int8_share import Int8Share
 from .latency import LayerTimer, end_to_end
 from .layers import Plan, Unit, find_layers
-from .metrics import check_metric
 from .methods import decomposers_for
+from .metrics import check_metric
 from .model_io import LoadedModel, ModelStats, model_stats
 from .objective import restrict as restrict_to_objective
 from .options import Options
 from .overrides import overrides_for
 from .parallel import executor_for
 from .parking import PARK_MIN_PARAMS
-from .progress import Advance, Progress
+from .progress import Advance, Progress, ignore
 from .rank_modes import Allocation, RankMode, rank_mode_for
 from .ranks import UnitDecomposers
 from .report import Chosen, Report, SkippedLayer, Validation
-from .runtime import resolve_provider
 from .reporting import clearly_slower, fusions, layer_reports, refusal, traced
 from .rewrite import build, check_rewritten, factors_of
+from .runtime import resolve_provider
 from .search import Evaluator, Search, Trial, probe_count, sensitivities
 from .splice import import_graph
 from .statistics import Counts, Moments
-from .decompositions import Factorized
 
 
 @dataclass
@@ -138,16 +138,12 @@ def run_stages(run: Run, stages: Sequence[Stage]) -> None:
         if not stage.applies(run):
             continue
         name = stage.name if isinstance(stage.name, str) else stage.name(run)
-        advance = run.progress.phase(stage.bar[0], stage.bar[1](run)) if stage.bar else _ignore
+        advance = run.progress.phase(stage.bar[0], stage.bar[1](run)) if stage.bar else ignore
         begun = time.perf_counter()
         try:
             stage.work(run, advance)
         finally:
             run.phases[name] = run.phases.get(name, 0.0) + time.perf_counter() - begun
-
-
-def _ignore(count: int = 1) -> None:
-    return None
 
 
 # ------------------------------------------------------------------------------------------------ stages

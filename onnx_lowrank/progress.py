@@ -12,7 +12,8 @@ from collections.abc import Callable
 Advance = Callable[[int], None]
 
 
-def _ignore(count: int = 1) -> None:
+def ignore(count: int = 1) -> None:
+    """What advances no bar."""
     return None
 
 
@@ -42,7 +43,7 @@ class Progress:
     def phase(self, description: str, total: int | None = None) -> Advance:
         """A new bar (total None: a counter with no end known); returns what advances it."""
         if self._bars is None:
-            return _ignore
+            return ignore
         bars = self._bars
         task = bars.add_task(description, total=total)
 

@@ -18,17 +18,26 @@ import numpy as np
 import onnx
 
 from .calibration import Samples
-from .generalization import DISCRETE, Decisions, Threat, beyond_maximum, bootstrap, clopper_pearson, decisions, \
-    margins_for, threat
+from .decompositions import Factorized
+from .errors import InputError, known
+from .generalization import (
+    DISCRETE,
+    Decisions,
+    Threat,
+    beyond_maximum,
+    bootstrap,
+    clopper_pearson,
+    decisions,
+    margins_for,
+    threat,
+)
 from .metrics import Outputs, lost_decisions, score
 from .overrides import Override, with_overridable
-from .ranks import UnitDecomposers, Choice, by_budget, frontier
-from .errors import InputError, known
+from .ranks import Choice, UnitDecomposers, by_budget, frontier
+from .report import Validation
 from .rewrite import build, factors_of
 from .runtime import Session, session_with_outputs, with_outputs
-from .report import Validation
 from .statistics import Moments
-from .decompositions import Factorized
 
 PROBE_ERROR = 0.01  # predicted relative error at which each unit's sensitivity is probed
 PROBE_SAMPLES = 16  # fit samples a probe runs on, at most ...
@@ -239,7 +248,7 @@ def sensitivities(
 
 
 class Search:
-    """UnitDecomposers over the units: build, validate, remember every trial (the report's trace)."""
+    """Allocations of ranks over the units: build, validate, remember every trial (the report's trace)."""
 
     def __init__(self, original, adapters, candidates, evaluator: Evaluator, indices, metric, labels, advance=None):
         self.original = original
