@@ -22,6 +22,7 @@ from .objective import DEFAULT_OBJECTIVE, OBJECTIVES
 from .parallel import check_jobs
 from .quantize import INT8_RANGES, QUANTIZATIONS
 from .ranks import load_ranks_file, validate_ranks
+from .refit import REFITS
 from .runtime import PROVIDERS
 
 
@@ -99,6 +100,12 @@ class Options:
     int8_range: str = _option("auto", Flag(  # reduced range where the CPU lacks VNNI (quantize.py)
         "int8 value range: full needs a CPU with VNNI (or AMX, or ARM dot-product) to be exact; reduced (7 bits) "
         "is right on every CPU; auto picks by this CPU (default %(default)s)", choices=INT8_RANGES))
+    refit: str = _option("auto", Flag(  # refit.py
+        "solve factorized layers again, in graph order, for the inputs the compressed layers before them "
+        "produce (needs --calib; one ONNX Runtime pass per stage of layers): auto refits ranks fixed before "
+        "validation (--target-params, --ranks, --energy) and keeps the refit when it validates better; "
+        "sequential refits every candidate the search validates, so compact mode may go smaller, at that "
+        "cost (default %(default)s)", choices=REFITS))
     confidence: float = _option(0.95, Flag(  # of the bound promised for new inputs (generalization.py)
         "confidence of the bound reported for new inputs (default %(default)s)", "C", type=float))
     progress: bool = False  # progress bars on stderr (the command line turns them on in a terminal)
@@ -123,6 +130,7 @@ class Options:
         if self.quantize not in (None, *QUANTIZATIONS):
             raise InputError(f"unknown quantization {self.quantize!r}; choose {', '.join(QUANTIZATIONS)}")
         _check_choice("int8 range", [self.int8_range], INT8_RANGES)
+        _check_choice("refit", [self.refit], REFITS)
         if isinstance(self.confidence, bool) or not isinstance(self.confidence, (int, float)) \
                 or not 0.5 <= self.confidence < 1:
             raise InputError(f"confidence must be a number in [0.5, 1), got {self.confidence!r}")

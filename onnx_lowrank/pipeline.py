@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ from .parking import PARK_MIN_PARAMS
 from .progress import Advance, Progress, ignore
 from .rank_modes import Allocation, RankMode, rank_mode_for
 from .ranks import UnitDecomposers
+from .refit import Refit
 from .report import Chosen, Report, SkippedLayer, Validation
 from .reporting import clearly_slower, fusions, layer_reports, refusal, traced
 from .rewrite import build, check_rewritten, factors_of
@@ -87,6 +88,8 @@ class Run:
     allocation: Allocation | None = None
     factors: dict[str, Factorized] = field(default_factory=dict)  # by unit key, until the report is made
     rewritten: bool = False  # whether any unit was factorized
+    refit_on: bool = False  # whether the written factorizations are refit (refit.py), and how many were
+    refit_layers: int = 0
     factorized: onnx.ModelProto | None = None
     written: onnx.ModelProto | None = None  # what is written: the factorized model, quantized with int8
     factor_error: float | None = None  # the factorization's validated error, before quantizing
@@ -210,6 +213,10 @@ def sensitivity(run: Run, advance: Advance) -> None:
                               overrides)
     run.search = Search(run.original, run.adapters, run.decomposers, run.evaluator, parts.validation,
                         settings.metric, samples.labels)
+    if settings.refit != "none" and run.statistics is not None:
+        run.search.refit = Refit(run.original, run.adapters, units, run.statistics, samples, parts.fit,
+                                 known(run.provider, "the provider"), settings.batch_size, run.loaded.base_dir)
+        run.search.refit_candidates = settings.refit == "sequential"
     if not mode.probes:
         return
     probe = parts.fit[:probe_count(units, run.statistics, len(parts.fit))]
@@ -232,6 +239,26 @@ def search(run: Run, advance: Advance) -> None:
     if run.search is not None:
         run.search.advance = advance
     run.allocation = run.rank_mode.allocate(run)
+    _settle_refit(run)
+
+
+def _settle_refit(run: Run) -> None:
+    """--refit auto, in a mode that fixes the size before validating: the chosen ranks refit too, kept so
+    when that validates better (sequential: the search refit every candidate; compact mode's size is what
+    its search finds, so auto leaves it alone: a refit at the found size would cost passes for no size)."""
+    search = run.search
+    if search is None or search.refit is None:
+        return
+    run.refit_on = search.refit_candidates
+    if run.refit_on or not run.rank_mode.sized:
+        return
+    plain = run.chosen.trial or search.validated(run.chosen.choices, refit=False)
+    run.allocation = replace(run.chosen, trial=plain)
+    if search.refitted(plain.choices, refit=True)[1] == 0:
+        return
+    refit = search.validated(plain.choices, refit=True)
+    if refit.value < plain.value:
+        run.refit_on, run.allocation = True, replace(run.chosen, trial=refit)
 
 
 def validate(run: Run, advance: Advance) -> None:
@@ -252,13 +279,17 @@ def validate(run: Run, advance: Advance) -> None:
             break
         run.share = run.int8.halved(known(run.share, "the share"))  # the two errors did not add up as assumed
         run.allocation = mode.allocate(run)
+        _settle_refit(run)
     run.validation = run.search.validation(written, run.tolerance, run.settings.confidence)
     run.closest = mode.closest(run)
 
 
 def _rewrite(run: Run) -> onnx.ModelProto:
     """The model to write (also left in the run, with the factorized one before quantizing)."""
-    run.factors = factors_of(run.decomposers, run.chosen.choices)
+    if run.search is not None:
+        run.factors, run.refit_layers = run.search.refitted(run.chosen.choices, run.refit_on)
+    else:
+        run.factors = factors_of(run.decomposers, run.chosen.choices)
     if run.factors:
         factorized = build(run.original, run.adapters, run.factors, run.loaded.base_dir)
         if not run.loaded.base_dir:  # otherwise the checker cannot read it in memory: save_model checks it
@@ -289,6 +320,7 @@ def report(run: Run, advance: Advance) -> None:
         factorizable_params=sum(unit.params for unit in run.units),
         chosen=None if trial is None else Chosen(params=trial.params, error=trial.error),
         objective=run.settings.objective, notes=run.notes,
+        refit="sequential" if run.refit_layers else "none", refit_layers=run.refit_layers,
     )
     run.rewritten, run.factors = bool(run.factors), {}
     if run.int8 is not None:

@@ -41,6 +41,7 @@ class RankMode:
     gated = False  # the objective's latency gate restricts the options on offer
     probes = False  # it weighs units by their measured sensitivity
     shares_tolerance = False  # int8 and the factorization share one tolerance (quantize's fallback)
+    sized = True  # the size is fixed before validation: --refit auto refits the chosen ranks (refit.py)
 
     def tolerance(self, settings: Options) -> float | None:
         return settings.tolerance
@@ -98,6 +99,7 @@ class ValidatedBudget(Budget):
 class Compact(RankMode):
     name = "compact"
     eager = gated = probes = shares_tolerance = True
+    sized = False  # the size is what it searches: only --refit sequential refits its candidates
 
     def tolerance(self, settings: Options) -> float | None:
         return DEFAULT_TOLERANCE[settings.metric] if settings.tolerance is None else settings.tolerance

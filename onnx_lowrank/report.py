@@ -269,6 +269,8 @@ class Report:
     fusions: Fusions | None = None  # ONNX Runtime's fused nodes, original vs factorized
     notes: list[str] = field(default_factory=list)  # what the user should know about how it was done
     quantization: Quantization | None = None  # --quantize: what factorization and quantization each gave
+    refit: str = "none"  # sequential: the factorized layers were solved again in graph order (refit.py)
+    refit_layers: int = 0  # how many of them
 
     def to_dict(self) -> dict:
         return as_dict(self)

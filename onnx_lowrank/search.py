@@ -261,18 +261,36 @@ class Search:
         self.trials: list[Trial] = []
         self.steered: list[int] = []  # held-out samples that steered the choice (compact mode's bisection)
         self.advance = advance  # called once per validated trial (a progress bar)
+        self.refit: Callable[[dict[str, Factorized]], dict[str, Factorized]] | None = None  # refit.Refit
+        self.refit_candidates = False  # whether every candidate is refit (--refit sequential), or none
+        self._refitted: dict[tuple, tuple[dict[str, Factorized], int]] = {}  # the last allocations' refits
 
-    def factors(self, choices: Sequence[Choice]) -> dict[str, Factorized]:
-        return factors_of(self.candidates, choices)
+    def factors(self, choices: Sequence[Choice], refit: bool | None = None) -> dict[str, Factorized]:
+        """The allocation's factors, refit if told to (None: when the search refits its candidates)."""
+        return self.refitted(choices, refit)[0]
+
+    def refitted(self, choices: Sequence[Choice], refit: bool | None = None) -> tuple[dict[str, Factorized], int]:
+        """The allocation's factors and how many of them were refit (the last two allocations' are kept:
+        compact mode validates a candidate on half of the held-out samples, then on all)."""
+        if self.refit is None or not (self.refit_candidates if refit is None else refit):
+            return factors_of(self.candidates, choices), 0
+        key = tuple(choice.option for choice in choices)
+        if key not in self._refitted:
+            factors = factors_of(self.candidates, choices)
+            refitted = self.refit(factors)
+            last = list(self._refitted.items())[-1:]
+            self._refitted = {**dict(last), key: (refitted, sum(refitted[k] is not factors[k] for k in factors))}
+        return self._refitted[key]
 
     def params(self, choices: Sequence[Choice]) -> int:
         return sum(c.unit.params if ch.option is None else ch.option.params for c, ch in zip(self.candidates, choices))
 
-    def validated(self, choices: list[Choice], indices: Sequence[int] | None = None, metric: str | None = None) -> Trial:
+    def validated(self, choices: list[Choice], indices: Sequence[int] | None = None, metric: str | None = None,
+                  refit: bool | None = None) -> Trial:
         """Build and validate one allocation (on all held-out samples, in the search's metric, unless told)."""
         indices = self.indices if indices is None else list(indices)
         labels = None if self.labels is None else self.labels[indices]
-        model = build(self.original, self.adapters, self.factors(choices))
+        model = build(self.original, self.adapters, self.factors(choices, refit))
         judged = self.evaluator.judge(model, indices, metric or self.metric, labels)
         trial = Trial(choices, self.params(choices), judged.error, len(indices), judged.threat, judged.lost)
         self.trials.append(trial)

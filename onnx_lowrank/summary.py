@@ -479,6 +479,8 @@ def print_compress(report: Report, console: Console, written: bool, output=None)
     if report.validation is not None:
         _title(console, "Validation")
         console.print(Text(validation_text(report.validation)))
+    if report.refit == "sequential":
+        console.print(Text(f"refit: {report.refit_layers} layers solved again for their inputs in the compressed model"))
     if report.quantization is not None:
         for line in _quantization_lines(report.quantization, report):
             console.print(Text(line))

@@ -32,7 +32,7 @@ MODELS = Path(__file__).resolve().parents[1] / "models"
 
 TOP = ["params_before", "params_after", "bytes_before", "bytes_after", "seconds", "ops_before", "ops_after", "layers",
        "skipped", "validation", "mode", "phases", "trace", "factorizable_params", "chosen", "objective", "latency",
-       "fusions", "notes", "quantization"]
+       "fusions", "notes", "quantization", "refit", "refit_layers"]
 LATENCY = ["provider", "batch", "threads", "runs", "original", "compressed", "factorized", "speedup"]
 TIMING = ["median_ms", "p10_ms", "p90_ms", "runs"]
 FUSIONS = ["provider", "level", "original", "compressed", "unfactorized", "unfactorized_match", "lost", "gained"]

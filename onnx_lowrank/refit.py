@@ -1,0 +1,248 @@
+"""Sequential, error-compensating refit: each factorized layer solved again, in graph order, to reproduce
+the *original* layer's outputs from the inputs the already-compressed layers before it produce.
+
+The data-aware factors of a layer y = W x minimise E||W x - W' x|| on the original model's inputs x; in the
+compressed model the layer sees x~ instead, which carries the error of every factorized layer upstream.
+Refitting solves min over rank-r W' of E||D (W x - W' x~) - c|| (D: the following BatchNormalization's
+scale, c: an intercept where a bias site can take it) in closed form from streamed cross-moments of x and
+x~ (the unconstrained least-squares W* = D W E[x x~^T] E[x~ x~^T]^-1, then its best rank-r part in the
+norm of x~), as AA-SVD (arXiv 2604.02119) and AdaSVD (2502.01403) do with gradients.
+
+Cross-moments from a small fit part overfit, so they are shrunk towards today's data-aware solution (the
+moments with x~ = x, where W* = W): E[x~ x~^T] -> (1 - l) E[x~ x~^T] + l C and E[x x~^T] likewise, with l
+chosen by two-fold cross-validation on the fit samples (the error of each fold's solution on the other).
+
+Layers are refit a stage at a time: a stage holds the layers whose inputs no other unrefit factorized layer
+feeds (their depth in factorized layers), so the ONNX Runtime passes grow with the stages, not the layers.
+Layers at depth 0 see the original inputs and keep their factors. Refit are the two-factor products
+(`svd.Factorization`) of layers observed on their input side; other chains are kept and counted upstream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import onnx
+
+from .calibration import Samples
+from .data_aware import _safe_scale, _shrunk, _sqrt_psd, _top_eigen
+from .decompositions import Factorized
+from .layers import Layer, Unit
+from .parallel import blas_threads
+from .rewrite import build
+from .runtime import session_with_outputs
+from .statistics import Moments
+from .svd import Factorization
+
+REFITS = ("auto", "sequential", "none")
+SHRINKAGES = (0.0, 0.25, 0.5, 0.75, 1.0)  # the strengths cross-validation chooses among
+RIDGE = 1e-9  # relative to the trace: keeps E[x~ x~^T] invertible when x~ is rank-deficient
+
+
+@dataclass
+class CrossMoments:
+    """Sums over the rows a layer sees in both models, about a common origin (which the affine fit
+    does not depend on): x from the original, t (x~) from the compressed model."""
+
+    count: int
+    x: np.ndarray  # (G, n) sums
+    t: np.ndarray
+    tt: np.ndarray  # (G, n, n) sums of t t^T
+    xt: np.ndarray  # x t^T
+    origin: np.ndarray | None = None
+
+    @classmethod
+    def empty(cls, groups: int, dim: int) -> CrossMoments:
+        square = np.zeros((groups, dim, dim))
+        return cls(0, np.zeros((groups, dim)), np.zeros((groups, dim)), square, square.copy())
+
+    def add(self, x: np.ndarray, t: np.ndarray, centred: bool) -> None:
+        """Rows (G, P, n) of the same positions in both models."""
+        x, t = np.asarray(x, dtype=np.float64), np.asarray(t, dtype=np.float64)
+        if x.shape[1] == 0:
+            return
+        if self.origin is None:
+            self.origin = x.mean(axis=1) if centred else np.zeros(x.shape[::2])
+        x, t = x - self.origin[:, None, :], t - self.origin[:, None, :]
+        xT, tT = np.swapaxes(x, 1, 2), np.swapaxes(t, 1, 2)  # (E[x x^T] is not needed: the same for all fits)
+        self.count += x.shape[1]
+        self.x += x.sum(axis=1)
+        self.t += t.sum(axis=1)
+        self.tt += tT @ t
+        self.xt += xT @ t
+
+    def merged(self, other: CrossMoments) -> CrossMoments:
+        """Both folds' sums (taken about the same origin: the folds share the first's)."""
+        return CrossMoments(self.count + other.count, self.x + other.x, self.t + other.t, self.tt + other.tt,
+                            self.xt + other.xt, self.origin)
+
+    def expectations(self) -> tuple[np.ndarray, ...]:
+        """Means of x and t and the raw second moments E[t t^T], E[x t^T] (about the origin)."""
+        n = max(self.count, 1)
+        return self.x / n, self.t / n, self.tt / n, self.xt / n
+
+
+class Refit:
+    """Refits the factorizations of candidate allocations (see the module docstring): one per model."""
+
+    def __init__(self, original: onnx.ModelProto, adapters: dict, units: Sequence[Unit],
+                 statistics: Sequence[object], samples: Samples, fit: Sequence[int], provider: str,
+                 batch_size: int, base_dir: str = ""):
+        self.original, self.adapters, self.base_dir = original, adapters, base_dir
+        self.units = {unit.key: unit for unit in units}
+        self.moments = {unit.key: s for unit, s in zip(units, statistics) if isinstance(s, Moments)}
+        self.samples, self.provider, self.batch_size = samples, provider, batch_size
+        self.folds = [list(fit)[0::2], list(fit)[1::2]]
+        self.passes = 0  # ONNX Runtime passes made (each over the fit samples, both models)
+
+    def refittable(self, key: str, factors: Factorized) -> bool:
+        unit = self.units[key]
+        return (isinstance(factors, Factorization) and key in self.moments and len(self.folds[1]) > 0
+                and all(layer.adapter.observed(layer)[1] == "input" for layer in unit.layers))
+
+    def __call__(self, factors: dict[str, Factorized]) -> dict[str, Factorized]:
+        largest = max((self.units[key].params for key in factors), default=0)
+        with blas_threads(largest):  # one BLAS thread for small layers' many small products, as elsewhere
+            return self._refit(factors)
+
+    def _refit(self, factors: dict[str, Factorized]) -> dict[str, Factorized]:
+        current = dict(factors)
+        for stage in stages(self.original, self.units, factors, self.refittable):
+            model = build(self.original, self.adapters, current, self.base_dir)
+            observed = self._observe(model, stage)
+            for key in stage:
+                current[key] = refit(self.units[key].layers[0], _known_factorization(current[key]),
+                                     self.moments[key], observed[key])
+        return current
+
+    def _observe(self, model: onnx.ModelProto, keys: Sequence[str]) -> dict[str, list[CrossMoments]]:
+        """Per unit of the stage, per fold, the cross-moments of its layers' inputs in both models."""
+        layers = {key: self.units[key].layers for key in keys}
+        names = list(dict.fromkeys(layer.adapter.observed(layer)[0].name for ls in layers.values() for layer in ls))
+        inputs = {i.name for i in self.original.graph.input}
+        wanted = [n for n in names if n not in inputs]
+        original = session_with_outputs(self.original, wanted, self.provider, source="the input model")
+        compressed = session_with_outputs(model, wanted, self.provider)
+        sums = {key: [_empty(ls[0]), _empty(ls[0])] for key, ls in layers.items()}
+        for fold, indices in enumerate(self.folds):
+            if fold:  # one origin for both folds: their sums add up
+                for pair in sums.values():
+                    pair[1].origin = pair[0].origin
+            for _, feed in self.samples.batches(indices, self.batch_size):
+                before = {**feed, **dict(zip(wanted, original.run(feed, wanted)))}
+                after = {**feed, **dict(zip(wanted, compressed.run(feed, wanted)))}
+                for key, unit_layers in layers.items():
+                    for layer in unit_layers:
+                        name = layer.adapter.observed(layer)[0].name
+                        sums[key][fold].add(layer.adapter.rows(layer, before[name]),
+                                            layer.adapter.rows(layer, after[name]), layer.bias is not None)
+        self.passes += 1
+        return sums
+
+
+def _empty(layer: Layer) -> CrossMoments:
+    groups, _, in_dim = layer.shape
+    return CrossMoments.empty(groups, in_dim)
+
+
+def _known_factorization(factors: Factorized) -> Factorization:
+    if not isinstance(factors, Factorization):
+        raise RuntimeError("only two-factor products are refit")
+    return factors
+
+
+def stages(original: onnx.ModelProto, units: dict[str, Unit], factors: dict[str, Factorized],
+           refittable) -> list[list[str]]:
+    """The refittable factorized units grouped by depth (1, 2, ...): how many factorized layers lie on the
+    longest path to the tensor the unit observes. Depth 0 sees the original's inputs: nothing to refit."""
+    changed = {layer.node.outputs[0].name for key in factors for layer in units[key].layers}
+    depth: dict[str, int] = {}
+    for node in original.graph.node:  # topologically sorted, as ONNX requires
+        level = max((depth.get(name, 0) for name in node.input if name), default=0)
+        out = level + 1 if any(name in changed for name in node.output) else level
+        depth.update((name, out) for name in node.output)
+    levels: dict[int, list[str]] = {}
+    for key, factor in factors.items():
+        level = max(depth.get(layer.adapter.observed(layer)[0].name, 0) for layer in units[key].layers)
+        if level > 0 and refittable(key, factor):
+            levels.setdefault(level, []).append(key)
+    return [levels[level] for level in sorted(levels)]
+
+
+def refit(layer: Layer, factors: Factorization, moments: Moments, folds: Sequence[CrossMoments]) -> Factorization:
+    """The layer's rank-r factors solved against its inputs in the compressed model (module docstring)."""
+    problem = _Problem(layer, moments)
+    return problem.factors(factors, folds[0].merged(folds[1]), strength_for(problem, factors.rank, folds))
+
+
+def strength_for(problem: _Problem, rank: int, folds: Sequence[CrossMoments]) -> float:
+    """The shrinkage two-fold cross-validation prefers: each fold's solution scored on the other (ties: the
+    stronger shrinkage)."""
+    first, second = folds
+    scores = [problem.excess(second, *problem.solve(rank, first, strength))
+              + problem.excess(first, *problem.solve(rank, second, strength)) for strength in SHRINKAGES]
+    return SHRINKAGES[min(range(len(SHRINKAGES)), key=lambda i: (scores[i], -i))]
+
+
+class _Problem:
+    """One layer's least-squares problem in the scaled output space D W x (D: its error weights)."""
+
+    def __init__(self, layer: Layer, moments: Moments):
+        weight = np.asarray(layer.matrices, dtype=np.float64)
+        groups, out_dim, in_dim = weight.shape
+        self.centred = layer.bias is not None
+        self.scale = _safe_scale(layer.output_scale, groups, out_dim)
+        self.weight = self.scale[:, :, None] * weight  # D W
+        covariance = _shrunk(moments, np.broadcast_to(np.eye(in_dim), (groups, in_dim, in_dim)))
+        self.mean = moments.mean
+        self.prior = covariance if self.centred else covariance + self.mean[:, :, None] * self.mean[:, None, :]
+
+    def _moments(self, sums: CrossMoments, strength: float) -> tuple[np.ndarray, ...]:
+        """Means of x and t, E[t t^T] and E[x t^T] (centred where the bias takes the mean), shrunk."""
+        mean_x, mean_t, tt, xt = sums.expectations()
+        if self.centred:
+            tt = tt - mean_t[:, :, None] * mean_t[:, None, :]
+            xt = xt - mean_x[:, :, None] * mean_t[:, None, :]
+        return mean_x, mean_t, (1 - strength) * tt + strength * self.prior, (1 - strength) * xt + strength * self.prior
+
+    def solve(self, rank: int, sums: CrossMoments, strength: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The rank-r scaled weight W' = P P^T W*, its basis P and the intercept c (zeros: no bias site)."""
+        mean_x, mean_t, tt, xt = self._moments(sums, strength)
+        unconstrained = np.swapaxes(np.linalg.solve(_ridged(tt), np.swapaxes(self.weight @ xt, 1, 2)), 1, 2)
+        if unconstrained.shape[1] <= unconstrained.shape[2]:
+            product = unconstrained @ tt @ np.swapaxes(unconstrained, 1, 2)
+            _, basis = _top_eigen((product + np.swapaxes(product, 1, 2)) / 2, rank)
+        else:
+            basis = np.linalg.svd(unconstrained @ _sqrt_psd(tt), full_matrices=False)[0][:, :, :rank]
+        projected = basis @ (np.swapaxes(basis, 1, 2) @ unconstrained)
+        intercept = np.einsum("gmn,gn->gm", self.weight, mean_x) - np.einsum("gmn,gn->gm", projected, mean_t)
+        return projected, basis, intercept if self.centred else np.zeros_like(intercept)
+
+    def excess(self, sums: CrossMoments, projected: np.ndarray, basis: np.ndarray, intercept: np.ndarray) -> float:
+        """E||D W x - W' t - c||^2 on other rows (their sums about the same origin as the fitted fold's), less
+        E||D W x||^2, the same for every fit."""
+        mean_x, mean_t, tt, xt = sums.expectations()
+        w, p = self.weight, projected
+        value = (-2 * np.sum(p * (w @ xt)) + np.sum((p @ tt) * p)
+                 - 2 * np.sum(intercept * (np.einsum("gmn,gn->gm", w, mean_x) - np.einsum("gmn,gn->gm", p, mean_t)))
+                 + np.sum(intercept**2))
+        return float(value)
+
+    def factors(self, factors: Factorization, sums: CrossMoments, strength: float) -> Factorization:
+        projected, basis, _ = self.solve(factors.rank, sums, strength)
+        first = np.swapaxes(basis, 1, 2) @ projected
+        second = basis / self.scale[:, :, None]
+        shift = None
+        if self.centred:  # E[W x - W'' t] with the true means (the sums are about their origin)
+            mean_x, mean_t = (m + (sums.origin if sums.origin is not None else 0) for m in sums.expectations()[:2])
+            shift = (np.einsum("gmn,gn->gm", self.weight, mean_x) - np.einsum("gmn,gn->gm", projected, mean_t))
+            shift = shift / self.scale
+        return replace(factors, first=first, second=second, bias_shift=shift)
+
+
+def _ridged(matrices: np.ndarray) -> np.ndarray:
+    trace = np.trace(matrices, axis1=1, axis2=2) / matrices.shape[1]
+    ridge = RIDGE * np.maximum(trace, np.finfo(float).tiny)
+    return matrices + ridge[:, None, None] * np.eye(matrices.shape[1])
