@@ -2,7 +2,7 @@
 
 Not a test: figures depend on the machine. Every figure in a row is measured in the same run.
 
-    python tools/bench.py error-bound|generalization|methods|latency [--models minilm,ppocr_cls,...] [--provider cpu|cuda]
+    python tools/bench.py error-bound|generalization|methods|refit|latency [--models minilm,ppocr_cls,...] [--provider cpu|cuda]
 
 error-bound: for each model, compact mode at several tolerances (data-aware factors, sensitivity-weighted
 allocation, validation in ONNX Runtime), and the weight-only path (--no-data) at the same parameter
@@ -16,6 +16,8 @@ decisions whose margin is threatened) against what the evaluation set shows, for
 acceptance criterion (margins, and the held-out count alone as before).
 
 methods: for the convnets, size mode at a budget with each decomposition alone and with auto.
+
+refit: size mode at budgets with --refit none and sequential (refit.py), the same parameters, eval errors.
 
 latency (tools/bench_latency.py): size, error, compression time and end-to-end latency of the original,
 weight-only, data-aware, latency-gated and int8 models, all of a case timed side by side; MiniLM at half
@@ -184,10 +186,40 @@ def methods(name: str, provider: str) -> list[dict]:
     return rows
 
 
+REFIT_CASES = {  # model, metric, budgets (fractions of the factorizable parameters) for the refit suite
+    "digits": ("digits", "rel-l2", (0.5, 0.3, 0.2)),
+    "ppocr_cls_lines": ("ppocr_cls_lines", "rel-l2", (0.7, 0.5)),
+    "minilm_l2": ("minilm_l2", "cosine", (0.8, 0.6)),
+}
+
+
+def refit(name: str, provider: str) -> list[dict]:
+    """Size mode at each budget with --refit none and sequential (data-aware SVDs); errors on the evaluation
+    set, both at the same parameter count."""
+    model_name, metric, budgets = REFIT_CASES[name]
+    case = CASES.get(model_name, Case(model_name, metric, ()))
+    case = Case(model_name, metric, (), case.batch_size)
+    paths = data_for(model_name)
+    original = onnx.load(paths["model"])
+    rows = []
+    for budget in budgets:
+        for mode in ("none", "sequential"):
+            started = time.perf_counter()
+            model, report = onnx_lowrank.compress(
+                original, calibration=paths["calib"], target_params=budget, method="svd", metric=metric,
+                provider=provider, batch_size=case.batch_size, objective="size", refit=mode)
+            row = {"model": model_name, "metric": metric, "budget": budget, "refit": mode,
+                   "refit_layers": report.refit_layers, "params_before": report.params_before,
+                   "params_after": report.params_after, "held_out": report.validation.value,
+                   "eval": eval_error(original, model, paths, case, provider), "seconds": time.perf_counter() - started}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("suite", choices=["error-bound", "generalization", "methods", "latency", "render"],
+    parser.add_argument("suite", choices=["error-bound", "generalization", "methods", "refit", "latency", "render"],
                         help="render: only rewrite BENCHMARKS.md")
     parser.add_argument("--models", help="comma-separated cases (default: all of the suite's)")
     parser.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
@@ -207,7 +239,8 @@ def main() -> None:
     suites = {"error-bound": (CASES, lambda name: error_bound(CASES[name], args.provider)),
               "generalization": (GENERALIZATION_CASES,
                                  lambda name: generalization(GENERALIZATION_CASES[name], args.provider)),
-              "methods": (METHOD_CASES, lambda name: methods(name, args.provider))}
+              "methods": (METHOD_CASES, lambda name: methods(name, args.provider)),
+              "refit": (REFIT_CASES, lambda name: refit(name, args.provider))}
     cases, run_case = suites[args.suite]
     names = args.models.split(",") if args.models else list(cases)
     rows = []

@@ -171,6 +171,18 @@ def render(results: list[dict]) -> str:
                 *render_generalization(run), "",
             ]
             continue
+        if run["suite"] == "refit":
+            lines += [
+                "Size mode at a budget (a fraction of the factorizable parameters), data-aware SVDs, with",
+                "`--refit none` and `--refit sequential` (every candidate refit: the factorized layers solved",
+                "again in graph order for the inputs the compressed model gives them); same parameters.", "",
+                "| model | metric | budget | refit | layers refit | kept | held-out | eval | time |",
+                "|---|---|---|---|---|---|---|---|---|",
+                *[f"| {r['model']} | {r['metric']} | {r['budget']:g} | {r['refit']} | {r['refit_layers']} | "
+                  f"{r['params_after'] / r['params_before']:.1%} | {r['held_out']:.4g} | {r['eval']:.4g} | "
+                  f"{r['seconds']:.0f} s |" for r in run["rows"]], "",
+            ]
+            continue
         if run["suite"] == "methods":
             lines += [
                 "Size mode at a budget (a fraction of the factorizable parameters), once per decomposition",
