@@ -35,17 +35,17 @@ import onnxruntime as ort
 from onnx import helper
 
 from .cache import write_cache_file
-from .layers import Layer, Unit, find_layers
-from .model_io import is_large
-from .report import Latency, Timing
-from .runtime import EXECUTION_PROVIDERS, open_session, session_with_outputs
-from .ranks import UnitDecomposers, pareto_front
-from .rewrite import build
-from .splice import import_graph
 from .decompositions import Factorized
+from .layers import Layer, Unit, fetch_request, find_layers
+from .model_io import is_large
+from .ranks import UnitDecomposers, pareto_front
+from .report import Latency, Timing
+from .rewrite import build
+from .runtime import EXECUTION_PROVIDERS, open_session, session_with_outputs
+from .splice import import_graph
+from .subgraphs import Request, exposed, unstacked
 from .svd import Option
 from .weights import CHAIN_OPS, ConstantIndex, stored_constant
-
 
 WARMUP = 3  # untimed runs of every model before the rounds, ...
 WARM_AFTER_SECONDS = 0.5  # ... fewer for a model one of whose warm-up runs took this long (BERT-base: 3 s a run)
@@ -247,21 +247,30 @@ def timed_activations(
     """`activations`, and with `timed` the milliseconds of a second (warm) run of the same session: the
     model's time give or take the copies of the extra outputs, enough for a rough allowance and cheaper
     than a session of its own (None when every data input is a graph input and nothing ran)."""
-    names = {unit.key: data_input(unit.layers[0]) for unit in units}
+    requests = {unit.key: _data_request(unit.layers[0]) for unit in units}
     graph_inputs = {i.name for i in model.graph.input}
-    computed = list(dict.fromkeys(name for name in names.values() if name not in graph_inputs))
-    values = {name: np.asarray(feed[name]) for name in names.values() if name in graph_inputs}
+    computed = list(dict.fromkeys(r for r in requests.values() if r.steps or r.name not in graph_inputs))
+    values = {r: np.asarray(feed[r.name]) for r in requests.values() if r not in computed}
     run_ms = None
     if computed:
-        session = session_with_outputs(model, computed, provider, source="the input model")
-        values.update(zip(computed, session.run(dict(feed), computed)))
+        exposing, outputs = exposed(model, computed)
+        session = session_with_outputs(exposing, outputs, provider, source="the input model")
+        values.update(zip(computed, session.run(dict(feed), outputs)))
         if timed:
             started = time.perf_counter()
-            session.run(dict(feed), computed)
+            session.run(dict(feed), outputs)
             run_ms = (time.perf_counter() - started) * 1e3
-    found = {key: Activation(name, tuple(int(n) for n in values[name].shape), values[name].dtype.name)
-             for key, name in names.items()}
+    found = {}
+    for key, request in requests.items():
+        value = next(unstacked(values[request], request.depth), None)  # a body's first iteration
+        if value is not None:  # (none: a branch this feed does not take, which cannot be timed on it)
+            found[key] = Activation(request.name, tuple(int(n) for n in value.shape), value.dtype.name)
     return found, run_ms
+
+
+def _data_request(layer: Layer) -> Request:
+    name = data_input(layer)
+    return fetch_request(layer, next(tensor for tensor in layer.node.inputs if tensor.name == name))
 
 
 def activation_shapes(
