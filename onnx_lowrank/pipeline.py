@@ -156,7 +156,8 @@ def load(run: Run, advance: Advance) -> None:
     run.adapters = {op: ADAPTERS[op] for op in settings.ops}
     imported = import_graph(original)
     run.plan = find_layers(imported.graph, original, run.adapters, run.loaded.base_dir)
-    run.known = {n.name for n in imported.graph.nodes} | set(imported.graph.tensors())
+    for graph in [imported.graph, *imported.graph.subgraphs(recursive=True)]:  # bodies' layers can be named too
+        run.known |= {n.name for n in graph.nodes} | set(graph.tensors())
     if run.mode is None:  # inspect describes the layers in a mode of its own
         run.mode = rank_mode_for(settings, has_data=run.calibration is not None)
     run.samples = _calibration(settings, original, run.calibration, run.labels)
