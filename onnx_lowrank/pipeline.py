@@ -209,9 +209,10 @@ def factorize(run: Run, advance: Advance) -> None:
 
 def latency_gate(run: Run, advance: Advance) -> None:
     """The objective's restriction of the options: tile-multiple ranks, none slower than its dense layer."""
+    others = (feed for _, feed in run.samples.batches(run.fit, run.settings.batch_size)) if run.samples else ()
     run.timer, run.notes = restrict_to_objective(
         run.settings.objective, run.decomposers, run.provider or "cpu", run.original, run.adapters, run.timing_feed,
-        run.store.file("latency.json"), advance,
+        run.store.file("latency.json"), advance, others,
     )
 
 

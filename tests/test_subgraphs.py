@@ -18,6 +18,7 @@ from test_overrides import assert_fed_as_built
 import onnx_lowrank
 from onnx_lowrank.adapters import ADAPTERS
 from onnx_lowrank.calibration import Samples
+from onnx_lowrank.latency import timed_activations
 from onnx_lowrank.layers import find_layers
 from onnx_lowrank.splice import import_graph
 from onnx_lowrank.statistics import Moments, collect
@@ -266,3 +267,15 @@ def test_sensitivity_probes_feed_body_weights_as_the_built_model_computes(build,
     biased = 1 if build is if_model else 0  # a shift needs a bias site: the Gemm's (MatMuls feed Tanh)
     for feed in inputs:
         assert assert_fed_as_built(model, shift, feed) == biased + (0 if shift else 1)
+
+
+def test_layers_of_a_branch_the_timing_feed_skips_are_timed_on_a_feed_that_takes_it():
+    model = if_model()
+    units = find_layers(import_graph(model).graph, model, ADAPTERS).units
+    first, *others = feeds(3, 11, lambda i: i == 0)  # the first takes the then-branch, the others the else
+    alone, _ = timed_activations(model, units, first, "cpu", timed=False)
+    found, _ = timed_activations(model, units, first, "cpu", timed=False, others=others)
+    names = {unit.key: unit.name for unit in units}
+    assert {names[key] for key in alone} == {"then_gemm"}
+    assert {names[key]: activation.shape for key, activation in found.items()} == {
+        "then_gemm": (4, DIM), "else_matmul": (4, DIM)}
