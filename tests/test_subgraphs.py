@@ -104,6 +104,21 @@ def nested_model() -> onnx.ModelProto:
     return finished(nodes, [tensor("x", ["N", DIM]), tensor("c", [], TensorProto.BOOL)], [tensor("out", ["N", DIM])], {})
 
 
+def loop_in_loop_model() -> onnx.ModelProto:
+    """The Loop of `loop_model` (3 trips) as the body of an outer Loop of 2 trips: 6 MatMuls a sample."""
+    inner = loop_model().graph
+    body = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "", "outer_state"], ["outer_next", "inner_scanned"], name="inner_loop",
+                          body=inner.node[0].attribute[0].g),
+         helper.make_node("Identity", ["outer_cond"], ["outer_cond_out"], name="outer_cond_id")],
+        "outer_body", [tensor("j", [], TensorProto.INT64), tensor("outer_cond", [], TensorProto.BOOL),
+                       tensor("outer_state", ["N", DIM])],
+        [tensor("outer_cond_out", [], TensorProto.BOOL), tensor("outer_next", ["N", DIM])])
+    nodes = [helper.make_node("Loop", ["outer_trips", "", "x"], ["y"], name="outer_loop", body=body)]
+    return finished(nodes, [tensor("x", ["N", DIM])], [tensor("y", ["N", DIM])],
+                    {"trips": np.array(3, np.int64), "outer_trips": np.array(2, np.int64)})
+
+
 def feeds(count: int, seed: int, condition=None, rows: int = 4) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     found = []
@@ -132,6 +147,7 @@ def checked(model: onnx.ModelProto) -> None:
     (lambda: loop_model(False), feeds(2, 7)),
     (lambda: loop_model(True), feeds(2, 8)),
     (nested_model, [feeds(1, 9, lambda i: True)[0], feeds(1, 10, lambda i: False)[0]]),
+    (loop_in_loop_model, feeds(1, 12)),
 ])
 def test_full_rank_chains_inside_bodies_reproduce_every_branch(build, inputs):
     original = build()
@@ -226,6 +242,15 @@ def test_statistics_of_a_loop_body_stack_every_iteration():
     rows = np.concatenate(states)
     assert isinstance(moments, Moments) and moments.count == rows.shape[0]
     np.testing.assert_allclose(moments.mean[0], rows.mean(axis=0), atol=1e-5)
+
+
+def test_statistics_of_a_loop_in_a_loop_count_every_inner_iteration():
+    model = loop_in_loop_model()
+    plan = find_layers(import_graph(model).graph, model, ADAPTERS)
+    (layer,) = plan.units[0].layers
+    assert layer.scope is not None and [step.name for step in layer.scope.steps] == ["outer_loop", "inner_loop"]
+    (moments,) = collect(model, [layer], Samples(feeds(2, 4), batched=False), [0, 1], "cpu")
+    assert isinstance(moments, Moments) and moments.count == 2 * 2 * 3 * 4  # samples x trips x trips x rows
 
 
 # --------------------------------------------------------------------------------- what stays as it was
