@@ -25,7 +25,7 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,17 +35,17 @@ import onnxruntime as ort
 from onnx import helper
 
 from .cache import write_cache_file
-from .layers import Layer, Unit, find_layers
-from .model_io import is_large
-from .report import Latency, Timing
-from .runtime import EXECUTION_PROVIDERS, open_session, session_with_outputs
-from .ranks import UnitDecomposers, pareto_front
-from .rewrite import build
-from .splice import import_graph
 from .decompositions import Factorized
+from .layers import Layer, Unit, fetch_request, find_layers
+from .model_io import is_large
+from .ranks import UnitDecomposers, pareto_front
+from .report import Latency, Timing
+from .rewrite import build
+from .runtime import EXECUTION_PROVIDERS, open_session, session_with_outputs
+from .splice import import_graph
+from .subgraphs import Request, exposed, unstacked
 from .svd import Option
 from .weights import CHAIN_OPS, ConstantIndex, stored_constant
-
 
 WARMUP = 3  # untimed runs of every model before the rounds, ...
 WARM_AFTER_SECONDS = 0.5  # ... fewer for a model one of whose warm-up runs took this long (BERT-base: 3 s a run)
@@ -242,26 +242,49 @@ def activations(
 
 
 def timed_activations(
-    model: onnx.ModelProto, units: Sequence[Unit], feed: Mapping[str, np.ndarray], provider: str, timed: bool = True
+    model: onnx.ModelProto, units: Sequence[Unit], feed: Mapping[str, np.ndarray], provider: str, timed: bool = True,
+    others: Iterable[Mapping[str, np.ndarray]] = (),
 ) -> tuple[dict[str, Activation], float | None]:
     """`activations`, and with `timed` the milliseconds of a second (warm) run of the same session: the
     model's time give or take the copies of the extra outputs, enough for a rough allowance and cheaper
-    than a session of its own (None when every data input is a graph input and nothing ran)."""
-    names = {unit.key: data_input(unit.layers[0]) for unit in units}
+    than a session of its own (None when every data input is a graph input and nothing ran). A layer in
+    an If branch or Loop body that `feed` does not run gets its activation from the first of `others`
+    that runs it (none: no activation, and the layer cannot be timed)."""
+    requests = {unit.key: _data_request(unit.layers[0]) for unit in units}
     graph_inputs = {i.name for i in model.graph.input}
-    computed = list(dict.fromkeys(name for name in names.values() if name not in graph_inputs))
-    values = {name: np.asarray(feed[name]) for name in names.values() if name in graph_inputs}
+    computed = list(dict.fromkeys(r for r in requests.values() if r.steps or r.name not in graph_inputs))
+    values = {r: np.asarray(feed[r.name]) for r in requests.values() if r not in computed}
+    if not computed:
+        return _first_slices(requests, values), None
     run_ms = None
-    if computed:
-        session = session_with_outputs(model, computed, provider, source="the input model")
-        values.update(zip(computed, session.run(dict(feed), computed)))
-        if timed:
-            started = time.perf_counter()
-            session.run(dict(feed), computed)
-            run_ms = (time.perf_counter() - started) * 1e3
-    found = {key: Activation(name, tuple(int(n) for n in values[name].shape), values[name].dtype.name)
-             for key, name in names.items()}
+    exposing, outputs = exposed(model, computed)
+    session = session_with_outputs(exposing, outputs, provider, source="the input model")
+    values.update(zip(computed, session.run(dict(feed), outputs)))
+    if timed:
+        started = time.perf_counter()
+        session.run(dict(feed), outputs)
+        run_ms = (time.perf_counter() - started) * 1e3
+    found = _first_slices(requests, values)
+    for other in others:
+        if len(found) == len(requests):
+            break
+        found = {**_first_slices(requests, dict(zip(computed, session.run(dict(other), outputs)))), **found}
     return found, run_ms
+
+
+def _first_slices(requests: Mapping[str, Request], values: Mapping[Request, np.ndarray]) -> dict[str, Activation]:
+    """Per unit key, its data input's first iteration in its body (none where the feed skips the body)."""
+    found = {}
+    for key, request in requests.items():
+        value = next(unstacked(values[request], request.depth), None) if request in values else None
+        if value is not None:
+            found[key] = Activation(request.name, tuple(int(n) for n in value.shape), value.dtype.name)
+    return found
+
+
+def _data_request(layer: Layer) -> Request:
+    name = data_input(layer)
+    return fetch_request(layer, next(tensor for tensor in layer.node.inputs if tensor.name == name))
 
 
 def activation_shapes(

@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import helper
 
+from .subgraphs import Request, Scope, bodies, unobservable
 from .svd import Factorization
 from .weights import ConstantIndex, Weight, resolve, weight_users
 
@@ -58,6 +60,7 @@ class Layer:
     output_scale: np.ndarray | None = None  # per output channel: how much a following BatchNormalization
     # amplifies each channel's error (data-aware factors weigh output errors by it)
     held: np.ndarray | None = None  # the matrices of a detached layer
+    scope: Scope | None = None  # the If / Loop / Scan body the node lives in (None: the main graph)
     shape: tuple[int, int, int] = field(init=False)  # of the matrices: (G, out, in)
 
     def __post_init__(self) -> None:
@@ -171,7 +174,7 @@ def detached(unit: Unit) -> Unit:
     value = layer.weight.value
     weight = replace(layer.weight, stored=None, source=None, held=value)
     matrices = layer.viewed(value)
-    return Unit(unit.key, [replace(layer, node=node, weight=weight, view=None, held=matrices, bias=bias)])
+    return Unit(unit.key, [replace(layer, node=node, weight=weight, view=None, held=matrices, bias=bias, scope=None)])
 
 
 @dataclass(frozen=True)
@@ -211,6 +214,19 @@ class Adapter(Protocol):
         moving `factors.bias_shift` (when set) into the layer's bias site."""
 
 
+def fetch_request(layer: Layer, tensor: gs.Tensor) -> Request:
+    """How to fetch a tensor the layer reads or makes: from its body, when it lives in one (the element
+    type is what an If's placeholder needs: inferred, else the weight's, else int64 indices)."""
+    elem_type: int = onnx.TensorProto.INT64 if layer.node.op == "Gather" and tensor is layer.node.inputs[1] \
+        else layer.weight.node_type
+    if tensor.dtype is not None:
+        try:
+            elem_type = int(helper.np_dtype_to_tensor_dtype(np.dtype(tensor.dtype)))
+        except (TypeError, KeyError):  # no numpy type (bfloat16)
+            pass
+    return Request(tensor.name, layer.scope.steps if layer.scope is not None else (), elem_type)
+
+
 @dataclass
 class Plan:
     units: list[Unit]
@@ -218,32 +234,39 @@ class Plan:
 
 
 def find_layers(graph: gs.Graph, model: onnx.ModelProto, adapters: dict[str, Adapter], base_dir: str = "") -> Plan:
-    """Check every node of a handled op type; group the factorizable ones into units by shared weight.
-    `base_dir`: where the model's external data lies, when it was loaded without it."""
+    """Check every node of a handled op type, in the main graph and in If / Loop / Scan bodies (`graph`
+    freshly imported: body steps are node positions); group the factorizable ones into units by shared
+    weight. `base_dir`: where the model's external data lies, when it was loaded without it."""
     index = ConstantIndex(model, base_dir)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     skipped: list[Skipped] = []
     layers: list[Layer] = []
-    for node in graph.nodes:
-        adapter = adapters.get(node.op)
-        if adapter is None or node.domain not in ("", "ai.onnx", None):
-            continue
-        found = adapter.check(node, index, opset)
-        if found is None:
-            continue
-        if isinstance(found, Skip):
-            skipped.append(Skipped(node.name, node.op, found.reason))
-            continue
-        layers.append(found)
+    for body, steps in bodies(graph):
+        scope = Scope(steps, body) if steps else None
+        problem = unobservable(steps)
+        for node in body.nodes:
+            adapter = adapters.get(node.op)
+            if adapter is None or node.domain not in ("", "ai.onnx", None):
+                continue
+            found = adapter.check(node, index, opset)
+            if found is None:
+                continue
+            if isinstance(found, Skip):
+                skipped.append(Skipped(node.name, node.op, found.reason))
+                continue
+            if scope is not None and problem is not None:
+                skipped.append(Skipped(node.name, node.op, f"{scope.where}: {problem}"))
+                continue
+            found.scope = scope
+            layers.append(found)
     users = collections.Counter(layer.weight.name for layer in layers)
     units: dict[str, Unit] = {}
     for layer in layers:
         key = _unit_key(layer, shared=users[layer.weight.name] > 1)
         units.setdefault(key, Unit(key, [])).layers.append(layer)
-    skipped.extend(_in_subgraphs(graph, adapters))
     kept: list[Unit] = []
     for unit in units.values():
-        reason = _sharing_problem(unit, index.graph_outputs)
+        reason = _sharing_problem(unit, index.graph_outputs) or _scopes_problem(unit)
         if reason:
             skipped.extend(Skipped(layer.node.name, layer.node.op, reason) for layer in unit.layers)
         else:
@@ -251,19 +274,13 @@ def find_layers(graph: gs.Graph, model: onnx.ModelProto, adapters: dict[str, Ada
     return Plan(kept, skipped)
 
 
-def _in_subgraphs(graph: gs.Graph, adapters: dict[str, Adapter], where: str = "") -> list[Skipped]:
-    """Layers inside If / Loop / Scan bodies are left as they are (their activations cannot be observed
-    from outside the body), each with the reason; their weights count as used there."""
-    found = []
-    for node in graph.nodes:
-        for attribute, body in node.attrs.items():
-            bodies = body if isinstance(body, list) else [body]
-            for inner in (b for b in bodies if isinstance(b, gs.Graph)):
-                place = f"the {attribute} of {node.op} node {node.name!r}" + where
-                found += [Skipped(n.name, n.op, f"inside {place}: layers in subgraphs are not factorized")
-                          for n in inner.nodes if n.op in adapters]
-                found += _in_subgraphs(inner, adapters, f" in {place}")
-    return found
+def _scopes_problem(unit: Unit) -> str | None:
+    """A weight whose layers live in different graphs (the main graph, bodies) runs under different
+    conditions in each: one factorization would change a branch the data may never take."""
+    places = {(layer.scope.where if layer.scope else "in the main graph") for layer in unit.layers}
+    if len(places) > 1:
+        return f"weight {unit.weight.name} is shared by layers {' and '.join(sorted(places))}: not factorized"
+    return None
 
 
 def _unit_key(layer: Layer, shared: bool) -> str:

@@ -352,7 +352,7 @@ class ModelStats:
 
 def model_stats(model: onnx.ModelProto) -> ModelStats:
     """Parameters (elements of floating-point and 8-bit integer constants: quantized weights, with their
-    zero points), serialized bytes and node counts by op type."""
+    zero points), serialized bytes and node counts by op type, bodies of If / Loop / Scan included."""
     params = 0
     for tensor in _constant_tensors(model.graph):
         if tensor.data_type in FLOAT_TYPES or tensor.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
@@ -360,17 +360,19 @@ def model_stats(model: onnx.ModelProto) -> ModelStats:
             for dim in tensor.dims:
                 count *= dim
             params += count
-    ops = collections.Counter(node.op_type for node in model.graph.node)
+    ops = collections.Counter(node.op_type for graph in all_graphs(model.graph) for node in graph.node)
     return ModelStats(params=params, bytes=_serialized_bytes(model), ops=dict(sorted(ops.items())))
 
 
 def _constant_tensors(graph: onnx.GraphProto):
-    yield from graph.initializer
-    for node in graph.node:
-        if node.op_type == "Constant":
-            for attribute in node.attribute:
-                if attribute.name == "value":
-                    yield attribute.t
+    """Initializers and Constant nodes' values, in the graph and its If / Loop / Scan bodies."""
+    for inner in all_graphs(graph):
+        yield from inner.initializer
+        for node in inner.node:
+            if node.op_type == "Constant":
+                for attribute in node.attribute:
+                    if attribute.name == "value":
+                        yield attribute.t
 
 
 def _serialized_bytes(model: onnx.ModelProto) -> int:
@@ -395,6 +397,11 @@ def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
 def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     """The graph and every subgraph nested in it."""
     yield graph
+    yield from inner_graphs(graph)
+
+
+def inner_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """Every subgraph nested in the graph, not the graph itself."""
     for node in graph.node:
         for body in subgraphs(node):
             yield from all_graphs(body)

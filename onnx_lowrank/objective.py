@@ -15,7 +15,7 @@ The search then picks among what is left, so the error bound and the size budget
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -42,9 +42,11 @@ def restrict(
     feed: Mapping[str, np.ndarray] | None,
     cache_file=None,
     advance: Callable[[int], None] | None = None,
+    others: Iterable[Mapping[str, np.ndarray]] = (),
 ) -> tuple[LayerTimer | None, list[str]]:
     """Restrict every unit's options to what the objective allows; returns the timer that measured
-    them (None when nothing was timed) and notes for the report."""
+    them (None when nothing was timed) and notes for the report. Layers timed at their activation on
+    `feed`, or on the first of `others` that runs them (an If branch `feed` does not take)."""
     if objective == "size":
         return None, []
     multiple = RANK_MULTIPLE[provider]
@@ -55,7 +57,8 @@ def restrict(
         return None, [f"--objective {objective} without calibration data: ranks are multiples of {multiple}, "
                       "but nothing was timed (there is no activation shape to time layers at)"]
     embeddings = objective == "balanced" and any(c.unit.op == "Gather" and c.options() for c in candidates)
-    shapes, run_ms = timed_activations(model, [c.unit for c in candidates], feed, provider, timed=embeddings)
+    shapes, run_ms = timed_activations(model, [c.unit for c in candidates], feed, provider, timed=embeddings,
+                                       others=others)
     timer = LayerTimer(model, adapters, shapes, provider, cache=cache_file)
     slack = 0.0
     if embeddings:  # a 1% allowance needs no precise figure: one warm run of the whole model

@@ -10,7 +10,9 @@ A unit qualifies when its weight is stored (an initializer or a Constant node's)
 adapter's view only moves elements (reshapes, transposes): then the view applied to the stored positions
 says where each matrix element goes back to. Its bias shift, if any, must go to an initializer that only
 its bias node uses, or to a bias the node lacks (added as zeros in the probing copy, where Constant nodes
-of fed tensors also become initializers). Other units are probed by building their model.
+of fed tensors also become initializers). A unit inside an If / Loop / Scan body qualifies alike: its fed
+tensors move to the main graph, and the body reads them from the outer scope. Other units are probed by
+building their model.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from onnx import helper, numpy_helper
 
 from .decompositions import Factorized
 from .layers import BiasSite, Layer, Unit
+from .model_io import all_graphs, inner_graphs
 from .weights import ConstantIndex, Weight, weight_users
 
 FED_DTYPES = (np.float16, np.float32, np.float64)  # what onnxruntime's Python binding takes as is
@@ -84,14 +87,21 @@ def overrides_for(model: onnx.ModelProto, units: Sequence[Unit], graph_outputs: 
 
 def with_overridable(model: onnx.ModelProto, overrides: Iterable[Override]) -> onnx.ModelProto:
     """The model (changed in place) taking the overrides' tensors as optional graph inputs: Constant nodes
-    of them become initializers, and a bias a node lacks is added as zeros."""
+    of them become initializers, a bias a node lacks is added as zeros, and those stored in If / Loop / Scan
+    bodies move to the main graph, whose inputs every body reads from the outer scope."""
     placements = {p.name: p for override in overrides for p in override.placements}
-    by_output = {node.output[0]: node for node in model.graph.node if node.output}
-    for node in [n for n in model.graph.node if n.op_type == "Constant" and n.output[0] in placements]:
-        tensor = model.graph.initializer.add()
-        tensor.CopyFrom(next(a.t for a in node.attribute if a.name == "value"))
-        tensor.name = node.output[0]
-        model.graph.node.remove(node)
+    by_output = {node.output[0]: node for graph in all_graphs(model.graph) for node in graph.node if node.output}
+    for graph in all_graphs(model.graph):
+        for node in [n for n in graph.node if n.op_type == "Constant" and n.output[0] in placements]:
+            tensor = model.graph.initializer.add()
+            tensor.CopyFrom(next(a.t for a in node.attribute if a.name == "value"))
+            tensor.name = node.output[0]
+            graph.node.remove(node)
+    for body in inner_graphs(model.graph):
+        for position in reversed(range(len(body.initializer))):
+            if body.initializer[position].name in placements:
+                model.graph.initializer.add().CopyFrom(body.initializer[position])
+                del body.initializer[position]
     for placement in placements.values():
         if placement.attach is not None:
             output, position = placement.attach

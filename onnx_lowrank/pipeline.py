@@ -26,7 +26,7 @@ from .decompositions import Factorized
 from .errors import BoundNotMet, InputError, known
 from .int8_share import Int8Share
 from .latency import LayerTimer, end_to_end
-from .layers import Plan, Unit, find_layers
+from .layers import Plan, Skipped, Unit, find_layers
 from .methods import decomposers_for
 from .metrics import check_metric
 from .model_io import LoadedModel, ModelStats, model_stats
@@ -159,7 +159,8 @@ def load(run: Run, advance: Advance) -> None:
     run.adapters = {op: ADAPTERS[op] for op in settings.ops}
     imported = import_graph(original)
     run.plan = find_layers(imported.graph, original, run.adapters, run.loaded.base_dir)
-    run.known = {n.name for n in imported.graph.nodes} | set(imported.graph.tensors())
+    for graph in [imported.graph, *imported.graph.subgraphs(recursive=True)]:  # bodies' layers can be named too
+        run.known |= {n.name for n in graph.nodes} | set(graph.tensors())
     if run.mode is None:  # inspect describes the layers in a mode of its own
         run.mode = rank_mode_for(settings, has_data=run.calibration is not None)
     run.samples = _calibration(settings, original, run.calibration, run.labels)
@@ -175,12 +176,26 @@ def load(run: Run, advance: Advance) -> None:
 
 
 def statistics(run: Run, advance: Advance) -> None:
-    """What each layer sees on the fit samples (or the cache's copy of it)."""
-    run.statistics = run.store.statistics(run.data_key)
-    if run.statistics is None:
-        run.statistics = unit_statistics(run.original, run.units, known(run.samples, "the samples"), run.fit,
-                                         known(run.provider, "the provider"), run.settings.batch_size, advance)
-        run.store.save_statistics(run.data_key, run.statistics)
+    """What each layer sees on the fit samples (or the cache's copy of it); units in If / Loop / Scan bodies
+    that never ran on them are left dense. With --no-data only those bodies are observed, for that alone
+    (and nothing is cached)."""
+    no_data = run.settings.no_data
+    observed = [unit for unit in run.units if unit.layers[0].scope] if no_data else run.units
+    found = None if no_data else run.store.statistics(run.data_key)
+    if found is None:
+        found = unit_statistics(run.original, observed, known(run.samples, "the samples"), run.fit,
+                                known(run.provider, "the provider"), run.settings.batch_size, advance)
+        if not no_data:
+            run.store.save_statistics(run.data_key, found)
+    plan, gone = known(run.plan, "the plan"), set()
+    for unit, stats in zip(observed, found):
+        scope = unit.layers[0].scope
+        if scope is not None and not np.sum(stats.count):
+            gone.add(id(unit))
+            plan.skipped.extend(Skipped(layer.node.name, layer.node.op, scope.unseen) for layer in unit.layers)
+    plan.units = [unit for unit in plan.units if id(unit) not in gone]
+    if not no_data:
+        run.statistics = [stats for unit, stats in zip(observed, found) if id(unit) not in gone]
 
 
 def factorize(run: Run, advance: Advance) -> None:
@@ -197,9 +212,10 @@ def factorize(run: Run, advance: Advance) -> None:
 
 def latency_gate(run: Run, advance: Advance) -> None:
     """The objective's restriction of the options: tile-multiple ranks, none slower than its dense layer."""
+    others = (feed for _, feed in run.samples.batches(run.fit, run.settings.batch_size)) if run.samples else ()
     run.timer, run.notes = restrict_to_objective(
         run.settings.objective, run.decomposers, run.provider or "cpu", run.original, run.adapters, run.timing_feed,
-        run.store.file("latency.json"), advance,
+        run.store.file("latency.json"), advance, others,
     )
 
 
@@ -356,7 +372,8 @@ def latency(run: Run, advance: Advance) -> None:
 
 STAGES = (
     Stage("load", load),
-    Stage("statistics", statistics, lambda run: run.samples is not None and not run.settings.no_data,
+    Stage("statistics", statistics, lambda run: run.samples is not None and (
+        not run.settings.no_data or any(unit.layers[0].scope for unit in run.units)),
           ("statistics (samples)", lambda run: len(run.fit))),
     Stage("factorize", factorize, bar=("factorizations (layers)", lambda run: len(run.units))),
     Stage("latency gate", latency_gate, lambda run: run.rank_mode.gated,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from dataclasses import dataclass, field
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -14,10 +14,11 @@ from onnx_graphsurgeon.importers.onnx_importer import get_onnx_tensor_dtype, get
 from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
+from .decompositions import Factorized
 from .errors import known
 from .layers import BiasSite, Layer
-from .model_io import is_repeated
-from .decompositions import Factorized
+from .model_io import all_graphs, is_repeated
+from .subgraphs import Names, paired, single_copies
 from .weights import Weight
 
 META_PREFIX = "onnx_lowrank."
@@ -48,29 +49,31 @@ class Imported:
 def import_graph(model: onnx.ModelProto) -> Imported:
     """Import the model with the shapes ONNX shape inference finds (activation ranks become known); the
     caller's proto is never touched, and its weights are neither copied nor serialized: inference runs
-    on a copy without their payloads. Nodes left unnamed by the exporter get unique names."""
+    on a copy without their payloads. Nodes left unnamed by the exporter get unique names, in the main
+    graph and in If / Loop / Scan bodies."""
     with quiet_graphsurgeon():
         graph = gs.import_onnx(model)
     _detach_renamed(graph)
     _add_inferred_shapes(graph, model)
-    taken = {node.name for node in graph.nodes}
+    taken = {node.name for current in [graph, *graph.subgraphs(recursive=True)] for node in current.nodes}
     extras: dict[str, onnx.NodeProto] = {}
     empty_lists: dict[str, list[onnx.AttributeProto]] = {}
-    for position, (node, proto) in enumerate(zip(graph.nodes, model.graph.node)):
-        if not node.name:
-            name = f"{node.op}_{position}"
-            while name in taken:
-                name += "_"
-            node.name = name
-            taken.add(name)
-        if proto.doc_string or proto.metadata_props:
-            extras[node.name] = proto
-        empty = [name for name, value in node.attrs.items() if isinstance(value, (list, tuple)) and not value]
-        if empty:
-            empty_lists[node.name] = [onnx.AttributeProto(name=a.name, type=a.type) for a in proto.attribute
-                                      if a.name in empty]
-            for name in empty:
-                del node.attrs[name]
+    for body, source in paired(graph, model.graph):
+        for position, (node, proto) in enumerate(zip(body.nodes, source.node)):
+            if not node.name:
+                name = f"{node.op}_{position}"
+                while name in taken:
+                    name += "_"
+                node.name = name
+                taken.add(name)
+            if proto.doc_string or proto.metadata_props:
+                extras[node.name] = proto
+            empty = [name for name, value in node.attrs.items() if isinstance(value, (list, tuple)) and not value]
+            if empty:
+                empty_lists[node.name] = [onnx.AttributeProto(name=a.name, type=a.type) for a in proto.attribute
+                                          if a.name in empty]
+                for name in empty:
+                    del node.attrs[name]
     return Imported(graph, extras, empty_lists)
 
 
@@ -114,19 +117,20 @@ def inferred_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
 
 
 def _add_inferred_shapes(graph: gs.Graph, model: onnx.ModelProto) -> None:
-    """Shapes and element types of the main graph's activations, from `inferred_shapes`."""
+    """Shapes and element types of the activations, in the main graph and in bodies, from `inferred_shapes`."""
     inferred = inferred_shapes(model)
     if inferred is None:
         return
-    tensors = graph.tensors()
-    for info in [*inferred.graph.value_info, *inferred.graph.output]:
-        tensor = tensors.get(info.name)
-        if not isinstance(tensor, gs.Variable) or not info.type.HasField("tensor_type"):
-            continue
-        if tensor.dtype is None and info.type.tensor_type.elem_type:
-            tensor.dtype = get_onnx_tensor_dtype(info)
-        if tensor.shape is None and info.type.tensor_type.HasField("shape"):
-            tensor.shape = get_onnx_tensor_shape(info)
+    for body, proto in paired(graph, inferred.graph):
+        tensors = body.tensors()
+        for info in [*proto.value_info, *proto.output]:
+            tensor = tensors.get(info.name)
+            if not isinstance(tensor, gs.Variable) or not info.type.HasField("tensor_type"):
+                continue
+            if tensor.dtype is None and info.type.tensor_type.elem_type:
+                tensor.dtype = get_onnx_tensor_dtype(info)
+            if tensor.shape is None and info.type.tensor_type.HasField("shape"):
+                tensor.shape = get_onnx_tensor_shape(info)
 
 
 def _copy_except(source, target, skipped: str) -> None:
@@ -145,17 +149,15 @@ class Splice:
 
     def __init__(self, graph: gs.Graph):
         self.graph = graph
-        self._names = {node.name for node in graph.nodes} | set(graph.tensors())
+        taken: set[str] = set()
+        for current in [graph, *graph.subgraphs(recursive=True)]:
+            taken |= {node.name for node in current.nodes} | set(current.tensors())
+        self._names = Names(taken)
         self._constants: dict[tuple[str, str], gs.Tensor] = {}
         self.metadata: dict[str, dict[str, str]] = {}
 
     def unique(self, name: str) -> str:
-        candidate, suffix = name, 1
-        while candidate in self._names:
-            suffix += 1
-            candidate = f"{name}_{suffix}"
-        self._names.add(candidate)
-        return candidate
+        return self._names.fresh(name)
 
     def replace(self, layer: Layer, factors: Factorized) -> None:
         """Disconnect the layer's node and let the factors emit their chain in its place (a two-factor
@@ -208,7 +210,8 @@ class Emitter:
     def node(self, role: str, op: str, inputs: list, outputs: list, attrs: dict | None = None) -> gs.Node:
         name = self._splice.unique(f"{self._layer.node.name}.lowrank_{role}")
         node = gs.Node(op, name=name, attrs=attrs or {}, inputs=inputs, outputs=outputs)
-        self._splice.graph.nodes.append(node)
+        scope = self._layer.scope  # a layer in a body gets its chain there
+        (self._splice.graph if scope is None else scope.graph).nodes.append(node)
         self._splice.metadata[name] = {
             "source": self._layer.node.name,
             "method": self._factors.method,
@@ -238,6 +241,7 @@ def export(imported: Imported, original: onnx.ModelProto, metadata: dict[str, di
     model.graph.CopyFrom(exported.graph)
     del model.graph.metadata_props[:]
     model.graph.metadata_props.extend(original.graph.metadata_props)
+    single_copies(model.graph)
     if model.ir_version < 4:  # before IR 4 every initializer must also be a graph input
         listed = {value.name for value in model.graph.input}
         model.graph.input.extend(
@@ -245,7 +249,7 @@ def export(imported: Imported, original: onnx.ModelProto, metadata: dict[str, di
             for t in model.graph.initializer
             if t.name not in listed
         )
-    for node in model.graph.node:
+    for node in (node for graph in all_graphs(model.graph) for node in graph.node):
         node.attribute.extend(imported.empty_lists.get(node.name, []))
         kept = imported.node_extras.get(node.name)
         if kept is not None:

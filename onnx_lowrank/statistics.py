@@ -7,16 +7,17 @@ activations are folded into the sums and dropped, so memory holds the statistics
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
 from .calibration import Samples
-from .layers import Layer
 from .errors import InputError
+from .layers import Layer, fetch_request
 from .runtime import session_with_outputs
+from .subgraphs import Request, exposed, unstacked
 
 
 @dataclass
@@ -169,40 +170,55 @@ def collect(
     """Moments of every layer's observed tensor over the given samples (one entry per layer).
 
     Layers that observe the same tensor the same way (e.g. the Q, K and V projections of one input)
-    share one accumulation. `progress` is called with the number of samples each batch covered.
+    share one accumulation. A tensor inside an If / Loop / Scan body is fetched through extra outputs
+    (subgraphs.py): each iteration's slice counts, an untaken branch's placeholder does not, so a layer
+    whose body never ran keeps empty statistics. `progress` is called with the number of samples each
+    batch covered.
     """
     jobs: dict[tuple, tuple[Layer, Moments | Counts]] = {}
+    requests: dict[tuple, Request] = {}
     keys = []
     for layer in layers:
-        tensor, _ = layer.adapter.observed(layer)
-        key = (tensor.name, type(layer.adapter).__name__, repr(layer.info), repr(sorted(layer.node.attrs.items())))
+        tensor, side = layer.adapter.observed(layer)
+        request = fetch_request(layer, tensor)
+        key = (tensor.name, request.steps, type(layer.adapter).__name__, repr(layer.info),
+               repr(sorted(layer.node.attrs.items())))
         if key not in jobs:
             groups, out_dim, in_dim = layer.shape
-            side = layer.adapter.observed(layer)[1]
             if side == "indices":
                 jobs[key] = (layer, Counts.empty(in_dim))
             else:
                 jobs[key] = (layer, Moments.empty(groups, in_dim if side == "input" else out_dim))
+        requests.setdefault(key[:2], request)
         keys.append(key)
-    graph_inputs = {i.name for i in model.graph.input}
-    names = list(dict.fromkeys(key[0] for key in jobs))
-    for start in range(0, max(len(names), 1), max_outputs):
-        chunk = names[start : start + max_outputs]
-        session = session_with_outputs(model, [n for n in chunk if n not in graph_inputs], provider,
-                                       source="the input model")
-        for batch_indices, feed in samples.batches(indices, batch_size):
-            fetched = {n: feed[n] for n in chunk if n in graph_inputs}
-            wanted = [n for n in chunk if n not in graph_inputs]
-            if wanted:
-                computed = dict(zip(wanted, session.run(feed, wanted)))
-                for name, value in computed.items():  # the inputs were checked when the data were loaded
-                    if value.dtype.kind == "f" and not np.isfinite(value).all():
-                        raise InputError(f"the input model computes NaN or Inf in {name!r} on the calibration data")
-                fetched.update(computed)
+    wanted = list(requests.values())
+    for start in range(0, max(len(wanted), 1), max_outputs):
+        fetched = _fetched(model, wanted[start : start + max_outputs], samples, indices, provider, batch_size)
+        for batch_indices, values in fetched:
             for key, (layer, moments) in jobs.items():
-                if key[0] in fetched:
-                    moments.add(layer.adapter.rows(layer, fetched[key[0]]))
+                request = requests[key[:2]]
+                if request in values:
+                    for value in unstacked(values[request], request.depth):
+                        moments.add(layer.adapter.rows(layer, value))
             if progress is not None and start == 0:
                 progress(len(batch_indices))
     return [jobs[key][1] for key in keys]
 
+
+def _fetched(model: onnx.ModelProto, requests: list[Request], samples: Samples, indices: list[int], provider: str,
+             batch_size: int) -> Iterator[tuple[list[int], dict[Request, np.ndarray]]]:
+    """Per batch of samples, the requested tensors' values (graph inputs read from the feed itself)."""
+    graph_inputs = {i.name for i in model.graph.input}
+    fed = [request for request in requests if not request.steps and request.name in graph_inputs]
+    computed = [request for request in requests if request not in fed]
+    exposing, outputs = exposed(model, computed)
+    session = session_with_outputs(exposing, outputs, provider, source="the input model")  # runnable or InputError
+    for batch_indices, feed in samples.batches(indices, batch_size):
+        values = {request: feed[request.name] for request in fed}
+        if computed:
+            for request, value in zip(computed, session.run(feed, outputs)):
+                # the inputs were checked when the data were loaded
+                if value.dtype.kind == "f" and not np.isfinite(value).all():
+                    raise InputError(f"the input model computes NaN or Inf in {request.name!r} on the calibration data")
+                values[request] = value
+        yield batch_indices, values

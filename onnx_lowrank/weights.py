@@ -16,7 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 
-from .model_io import FLOAT_TYPES
+from .model_io import FLOAT_TYPES, all_graphs
 
 CHAIN_OPS = ("Identity", "Transpose", "Cast")
 
@@ -64,17 +64,21 @@ class Weight:
 
 class ConstantIndex:
     """Stored constants of a model by tensor name, read from the proto so every dtype (bfloat16 too) survives;
-    and the names of the graph outputs (a constant or activation that is one cannot be changed)."""
+    and the names of the graph outputs (a constant or activation that is one cannot be changed). Both
+    cover the bodies of If / Loop / Scan nodes too: names are unique across a model's graphs."""
 
     def __init__(self, model: onnx.ModelProto, base_dir: str = ""):
         self.base_dir = base_dir  # where the model's external data lies, if it has any
-        self.graph_outputs = {output.name for output in model.graph.output}
-        self._tensors: dict[str, onnx.TensorProto] = {t.name: t for t in model.graph.initializer}
-        for node in model.graph.node:
-            if node.op_type == "Constant" and node.output:
-                for attribute in node.attribute:
-                    if attribute.name == "value":
-                        self._tensors[node.output[0]] = attribute.t
+        self.graph_outputs: set[str] = set()
+        self._tensors: dict[str, onnx.TensorProto] = {}
+        for graph in all_graphs(model.graph):
+            self.graph_outputs.update(output.name for output in graph.output)
+            self._tensors.update((t.name, t) for t in graph.initializer)
+            for node in graph.node:
+                if node.op_type == "Constant" and node.output:
+                    for attribute in node.attribute:
+                        if attribute.name == "value":
+                            self._tensors[node.output[0]] = attribute.t
 
     def get(self, name: str) -> onnx.TensorProto | None:
         return self._tensors.get(name)
