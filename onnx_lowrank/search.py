@@ -90,7 +90,7 @@ class Evaluator:
     outputs for validation, the probe tensors (logits rather than probabilities) for sensitivity."""
 
     def __init__(self, original: onnx.ModelProto, samples: Samples, provider: str, batch_size: int,
-                 overrides: dict[str, Override] | None = None):
+                 overrides: dict[str, Override] | None = None, compared: Sequence[str] | None = None):
         self.samples = samples
         self.batch_size = batch_size
         self.provider = provider
@@ -100,7 +100,8 @@ class Evaluator:
         probing.CopyFrom(original)  # the extra outputs and inputs must not leak into the caller's model
         with_overridable(probing, self.overrides.values())
         self._original = Session(with_outputs(probing, self.probe_names), provider, source="the input model")
-        self.output_names = [o.name for o in original.graph.output]
+        # the graph outputs the metric reads (perplexity: the logits alone), every one by default
+        self.output_names = list(compared) if compared else [o.name for o in original.graph.output]
         self.provider_used = self._original.provider
         self._references: dict[tuple, Outputs] = {}
         self._decisions: dict[str, Decisions] = {}
@@ -356,14 +357,14 @@ class Search:
         names = self.evaluator.output_names
         candidate = self.evaluator.outputs(Session(model, self.evaluator.provider), indices, names)
         reference = self.evaluator.reference(indices, names)
-        error = score(self.metric, reference, candidate)
+        error = score(self.metric, reference, candidate, labels)
         # resampled: the held-out samples that did not steer the choice (the others favour it)
         steered = set(self.steered)
         kept = [position for position, index in enumerate(indices) if index not in steered]
         kept = kept if len(kept) >= len(indices) // 4 else list(range(len(indices)))
         bound = beyond_maximum(len(indices), confidence) if self.metric == "max-abs" else bootstrap(
             self.metric, [[r[k] for k in kept] for r in reference], [[c[k] for k in kept] for c in candidate],
-            confidence)
+            confidence, labels=None if labels is None else labels[kept])
         return Validation(value=error, passed=None if tolerance is None else error <= tolerance,
                           unseen_bound=bound, **common)
 
