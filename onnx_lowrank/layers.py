@@ -58,6 +58,7 @@ class Layer:
     output_scale: np.ndarray | None = None  # per output channel: how much a following BatchNormalization
     # amplifies each channel's error (data-aware factors weigh output errors by it)
     held: np.ndarray | None = None  # the matrices of a detached layer
+    transposed: bool = False  # uses its unit's matrices transposed: the LM head of a tied embedding table
     shape: tuple[int, int, int] = field(init=False)  # of the matrices: (G, out, in)
 
     def __post_init__(self) -> None:
@@ -103,6 +104,11 @@ class Unit:
     @property
     def matrices(self) -> np.ndarray:
         return self.layers[0].matrices
+
+    @property
+    def tied(self) -> bool:
+        """An embedding table that is also the LM head (its second layer sees it transposed)."""
+        return any(layer.transposed for layer in self.layers)
 
     @property
     def matrix_shape(self) -> tuple[int, int, int]:
@@ -240,6 +246,7 @@ def find_layers(graph: gs.Graph, model: onnx.ModelProto, adapters: dict[str, Ada
     for layer in layers:
         key = _unit_key(layer, shared=users[layer.weight.name] > 1)
         units.setdefault(key, Unit(key, [])).layers.append(layer)
+    _tie(units)
     skipped.extend(_in_subgraphs(graph, adapters))
     kept: list[Unit] = []
     for unit in units.values():
@@ -249,6 +256,27 @@ def find_layers(graph: gs.Graph, model: onnx.ModelProto, adapters: dict[str, Ada
         else:
             kept.append(unit)
     return Plan(kept, skipped)
+
+
+def _tie(units: dict[str, Unit]) -> None:
+    """An embedding table that a MatMul also multiplies by, transposed (logits = h @ table^T: tied input
+    and output embeddings), becomes one unit, factorized once for both uses: the Gather first, then the
+    head, which sees the unit's matrices transposed (and observes its own input's statistics)."""
+    for key, unit in list(units.items()):
+        if unit.op != "Gather" or len(unit.layers) != 1:
+            continue
+        others = [other for other in units.values() if other is not unit and other.weight.name == unit.weight.name]
+        if len(others) != 1 or len(others[0].layers) != 1:
+            continue
+        head = others[0].layers[0]
+        if head.node.op != "MatMul" or head.info.get("side") != "right" or head.info.get("batch") \
+                or head.shape != (1, unit.shape[1], unit.shape[0]):
+            continue
+        if not np.array_equal(head.matrices[0], unit.matrices[0].T):
+            continue
+        head.transposed = True
+        del units[others[0].key], units[key]
+        units[key + ":tied"] = Unit(key + ":tied", [unit.layers[0], head])
 
 
 def _in_subgraphs(graph: gs.Graph, adapters: dict[str, Adapter], where: str = "") -> list[Skipped]:

@@ -44,7 +44,7 @@ from .rewrite import build, check_rewritten, factors_of
 from .runtime import resolve_provider
 from .search import Evaluator, Search, Trial, probe_count, sensitivities
 from .splice import import_graph
-from .statistics import Counts, Moments
+from .statistics import Counts, Moments, Tied
 
 
 @dataclass
@@ -73,7 +73,7 @@ class Run:
     tolerance: float | None = None
     share: float | None = None  # the tolerance left to the factorization (int8 may take some)
     # statistics, factorize, latency gate
-    statistics: list[Moments | Counts] | None = None
+    statistics: list[Moments | Counts | Tied] | None = None
     timing_feed: dict[str, np.ndarray] | None = None  # one calibration batch: what layers and the whole model are timed on
     decomposers: list[UnitDecomposers] = field(default_factory=list)  # per unit, the same order
     timer: LayerTimer | None = None

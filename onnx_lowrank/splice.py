@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from dataclasses import dataclass, field
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -14,10 +14,11 @@ from onnx_graphsurgeon.importers.onnx_importer import get_onnx_tensor_dtype, get
 from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
+from .adapters.matmul import rewrite_tied_head
+from .decompositions import Factorized
 from .errors import known
 from .layers import BiasSite, Layer
 from .model_io import is_repeated
-from .decompositions import Factorized
 from .weights import Weight
 
 META_PREFIX = "onnx_lowrank."
@@ -164,7 +165,10 @@ class Splice:
         emit = Emitter(self, layer, factors, inputs=list(node.inputs), outputs=list(node.outputs))
         node.inputs.clear()
         node.outputs.clear()
-        factors.emit(layer, emit)
+        if layer.transposed:  # the head of a tied table: its factors are the lookup's, shared
+            rewrite_tied_head(layer, factors, emit)
+        else:
+            factors.emit(layer, emit)
 
 
 class Emitter:

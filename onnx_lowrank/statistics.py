@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 
 from .calibration import Samples
-from .layers import Layer
 from .errors import InputError
+from .layers import Layer
 from .runtime import session_with_outputs
 
 
@@ -149,6 +149,15 @@ class Counts:
 
     def merged(self, other: Counts) -> Counts:
         return Counts(self.count + other.count)
+
+
+@dataclass
+class Tied:
+    """The statistics of a tied embedding table: how often each row was looked up, and the moments of the
+    vectors its transposed use (the LM head) multiplies."""
+
+    counts: Counts
+    moments: Moments
 
 
 def _outer(vectors: np.ndarray) -> np.ndarray:
