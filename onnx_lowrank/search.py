@@ -94,14 +94,17 @@ class Evaluator:
         self.samples = samples
         self.batch_size = batch_size
         self.provider = provider
-        self.probe_names = probe_outputs(original)
         self.overrides = overrides or {}  # by unit key: how to probe the unit in the original's session
+        every = [o.name for o in original.graph.output]
+        # the graph outputs the metric reads (perplexity: the logits alone, not a KV cache), every one by
+        # default; sensitivity is probed on the same ones
+        self.output_names = list(compared) if compared else every
+        probes = dict(zip(every, probe_outputs(original)))
+        self.probe_names = [probes[name] for name in self.output_names]
         probing = onnx.ModelProto()
         probing.CopyFrom(original)  # the extra outputs and inputs must not leak into the caller's model
         with_overridable(probing, self.overrides.values())
         self._original = Session(with_outputs(probing, self.probe_names), provider, source="the input model")
-        # the graph outputs the metric reads (perplexity: the logits alone), every one by default
-        self.output_names = list(compared) if compared else [o.name for o in original.graph.output]
         self.provider_used = self._original.provider
         self._references: dict[tuple, Outputs] = {}
         self._decisions: dict[str, Decisions] = {}

@@ -23,9 +23,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_lowrank.calibration import Samples, next_token_targets
+from onnx_lowrank.calibration import Samples, load_calibration, next_token_targets
 from onnx_lowrank.generalization import bootstrap
-from onnx_lowrank.metrics import score, token_nll
+from onnx_lowrank.metrics import compared_outputs, score, token_nll
+from onnx_lowrank.search import Evaluator
 
 VOCABULARY, WIDTH, SEQ = 48, 24, 12
 
@@ -160,3 +161,16 @@ def test_perplexity_refuses_labels_and_data_without_input_ids(tmp_path):
     np.savez(tmp_path / "tokens.npz", tokens=data["input_ids"], attention_mask=data["attention_mask"])
     done = cli("compress", "renamed.onnx", "-o", "out.onnx", "--calib", "tokens.npz", "--metric", "perplexity", cwd=tmp_path)
     assert done.returncode == 2 and "input_ids" in done.stderr and not (tmp_path / "out.onnx").exists()
+
+
+def test_only_the_logits_are_compared_and_probed():
+    """A decoder's KV-cache outputs are no part of its perplexity: the evaluator compares and probes the
+    first output alone (the others would inflate the sensitivity of the key / value projections)."""
+    model = tiny_lm()
+    model.graph.output.append(helper.make_tensor_value_info("h1", TensorProto.FLOAT, ["batch", "seq", WIDTH]))
+    samples = load_calibration(token_data(tiny_lm(), 16), model)
+    names = [o.name for o in model.graph.output]
+    evaluator = Evaluator(model, samples, "cpu", 8, compared=compared_outputs("perplexity", names))
+    assert evaluator.output_names == ["logits"] and evaluator.probe_names == ["logits"]
+    evaluator = Evaluator(model, samples, "cpu", 8, compared=compared_outputs("rel-l2", names))
+    assert evaluator.output_names == ["logits", "h1"] and evaluator.probe_names == ["logits", "h1"]

@@ -24,6 +24,8 @@ Written (cache folder ``cache/`` or $ONNX_LOWRANK_CACHE; temporary names, then r
 
 Run ``python tools/build_smollm2.py``: it prints greedy generations, the torch perplexity on the
 evaluation sequences and the ONNX-vs-torch logit differences. Needs torch, transformers, gguf, accelerate.
+``python tools/build_smollm2.py --evaluate COMPRESSED.onnx`` (ONNX Runtime only) prints the perplexity of
+the original and the compressed model on the evaluation sequences and their prompt-processing latency.
 """
 
 from __future__ import annotations
@@ -276,7 +278,52 @@ def describe(path: Path) -> str:
     return line
 
 
+def perplexity(session, data: dict[str, np.ndarray], batch: int = 8) -> float:
+    """exp(mean next-token NLL) of the logits over the sequences (every position but the last)."""
+    from onnx_lowrank.calibration import Samples, next_token_targets
+    from onnx_lowrank.metrics import token_nll
+
+    count = len(data["input_ids"])
+    targets = next_token_targets(Samples([{k: v[i : i + 1] for k, v in data.items()} for i in range(count)], True))
+    found = []
+    for start in range(0, count, batch):
+        logits = session.run(["logits"], {k: v[start : start + batch] for k, v in data.items()})[0]
+        found.append(token_nll(list(logits[:, None]), targets[start : start + batch]))
+    total = np.concatenate(found)
+    return float(np.exp(total[:, 0].sum() / total[:, 1].sum()))
+
+
+def evaluate(compressed: Path, runs: int = 20) -> None:
+    """Perplexity of the original and `compressed` on the evaluation sequences (never seen by the
+    compression), and the median latency of prompt processing (one sequence of SEQ_LEN tokens, empty
+    past), the two sessions timed in alternation."""
+    import onnxruntime as ort
+
+    out = paths()
+    with np.load(out["eval"]) as stored:
+        data = {k: stored[k] for k in stored.files}
+    sessions = {name: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+                for name, path in (("original", out["model"]), ("compressed", compressed))}  # fmt: skip
+    found = {name: perplexity(session, data) for name, session in sessions.items()}
+    print(f"evaluation perplexity ({len(data['input_ids'])} x {SEQ_LEN} tokens): original {found['original']:.3f}, "
+          f"compressed {found['compressed']:.3f}, ratio {found['compressed'] / found['original']:.4f}")  # fmt: skip
+    prompt = {k: v[:1] for k, v in data.items()}
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for step in range(runs + 3):
+        for name, session in sessions.items():
+            started = time.perf_counter()
+            session.run(["logits"], prompt)
+            if step >= 3:
+                times[name].append(time.perf_counter() - started)
+    medians = {name: 1000 * float(np.median(t)) for name, t in times.items()}
+    print(f"prompt processing ({SEQ_LEN} tokens, batch 1, median of {runs}): original {medians['original']:.1f} ms, "
+          f"compressed {medians['compressed']:.1f} ms ({medians['original'] / medians['compressed']:.2f}x)")  # fmt: skip
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--evaluate":
+        evaluate(Path(sys.argv[2]))
+        return
     start = time.perf_counter()
     for path in materialize().values():
         print("  " + describe(path))
