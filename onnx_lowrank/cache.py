@@ -21,7 +21,7 @@ import onnx
 
 from .calibration import Samples
 from .errors import InputError, known
-from .statistics import Counts, Moments
+from .statistics import Counts, Moments, Tied
 
 FORMAT = "onnx-lowrank-cache-1"
 _MOMENT_FIELDS = ("total", "outer", "origin", "third", "fourth")
@@ -65,7 +65,7 @@ class Cache:
             if not os.access(self.folder, os.W_OK):
                 raise InputError(f"cannot use cache folder {self.folder}: it is not writable")
 
-    def statistics(self, key: str | None) -> list[Moments | Counts] | None:
+    def statistics(self, key: str | None) -> list[Moments | Counts | Tied] | None:
         path = self._path("statistics", key, ".npz")
         if path is None or not path.is_file():
             return None
@@ -77,7 +77,7 @@ class Cache:
         except (OSError, ValueError, KeyError):
             return None
 
-    def save_statistics(self, key: str | None, statistics: Sequence[Moments | Counts]) -> None:
+    def save_statistics(self, key: str | None, statistics: Sequence[Moments | Counts | Tied]) -> None:
         path = self._path("statistics", key, ".npz")
         if path is None:
             return
@@ -130,7 +130,10 @@ def write_cache_file(path: Path, write) -> None:
         Path(staged).unlink(missing_ok=True)
 
 
-def _pack(entry: Moments | Counts, prefix: str) -> dict[str, np.ndarray]:
+def _pack(entry: Moments | Counts | Tied, prefix: str) -> dict[str, np.ndarray]:
+    if isinstance(entry, Tied):
+        return {prefix + "kind": np.array("tied"), **_pack(entry.counts, prefix + "lookup."),
+                **_pack(entry.moments, prefix + "head.")}
     if isinstance(entry, Counts):
         return {prefix + "kind": np.array("counts"), prefix + "count": entry.count}
     arrays = {prefix + "kind": np.array("moments"), prefix + "count": np.array(entry.count)}
@@ -141,7 +144,12 @@ def _pack(entry: Moments | Counts, prefix: str) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _unpack(stored, prefix: str) -> Moments | Counts:
+def _unpack(stored, prefix: str) -> Moments | Counts | Tied:
+    if str(stored[prefix + "kind"]) == "tied":
+        counts, moments = _unpack(stored, prefix + "lookup."), _unpack(stored, prefix + "head.")
+        if not isinstance(counts, Counts) or not isinstance(moments, Moments):
+            raise ValueError("a stored tied entry holds other statistics")  # read as a cache miss
+        return Tied(counts, moments)
     if str(stored[prefix + "kind"]) == "counts":
         return Counts(stored[prefix + "count"].copy())
     fields = {name: stored[prefix + name].copy() if prefix + name in stored.files else None for name in _MOMENT_FIELDS}

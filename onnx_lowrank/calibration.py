@@ -110,6 +110,37 @@ def split(samples: Samples, seed: int, fraction: float = VALIDATION_FRACTION) ->
     return Split(fit=sorted(order[held_out:]), validation=sorted(order[:held_out]))
 
 
+TOKEN_INPUT = "input_ids"  # the graph input the perplexity metric reads the text from ...
+MASK_INPUT = "attention_mask"  # ... and the one marking valid positions (optional; its last columns)
+
+
+def next_token_targets(samples: Samples) -> np.ndarray:
+    """Per sample, the id each position of `input_ids` should predict: the next id, or -1 where there is
+    none or the attention mask marks that position or the next one as padding. The perplexity metric's
+    targets: a language model's calibration text is its own label."""
+    targets = []
+    for feed in samples.feeds:
+        if TOKEN_INPUT not in feed:
+            raise InputError(f"the perplexity metric reads the token ids from a model input named {TOKEN_INPUT!r}, "
+                             f"which the calibration data lacks (it has {', '.join(feed)})")
+        ids = np.asarray(feed[TOKEN_INPUT])
+        if ids.dtype.kind not in "iu" or ids.ndim < 1:
+            raise InputError(f"perplexity: input {TOKEN_INPUT!r} must hold integer token ids, not {ids.dtype}{list(ids.shape)}")
+        valid = np.ones(ids.shape, dtype=bool)
+        if MASK_INPUT in feed:
+            mask = np.asarray(feed[MASK_INPUT])
+            if mask.shape[:-1] != ids.shape[:-1] or mask.shape[-1] < ids.shape[-1]:
+                raise InputError(f"perplexity: {MASK_INPUT!r} of shape {list(mask.shape)} does not cover "
+                                 f"{TOKEN_INPUT!r} of shape {list(ids.shape)}")
+            valid = mask[..., mask.shape[-1] - ids.shape[-1]:] != 0  # a mask over past + new tokens
+        target = np.full(ids.shape, -1, dtype=np.int64)
+        target[..., :-1] = np.where(valid[..., :-1] & valid[..., 1:], ids[..., 1:], -1)
+        targets.append(target)
+    if len({target.shape for target in targets}) > 1:
+        raise InputError(f"perplexity: the calibration feeds' {TOKEN_INPUT!r} differ in shape; give them one shape")
+    return np.stack(targets)
+
+
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         loaded = np.load(path, allow_pickle=False)

@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-o", "--output", type=Path, required=True, help="where to write the new model")
     run.add_argument("--calib", type=Path, metavar="PATH",
                      help=".npz of stacked samples (one array per graph input, axis 0 = samples) or a folder of .npz feeds")
-    run.add_argument("--labels", type=Path, metavar="PATH", help=".npy of one label per calibration sample (accuracy)")
+    run.add_argument("--labels", type=Path, metavar="PATH", help=".npy of one label per calibration sample (accuracy; perplexity needs none)")
     _option_flags(run)
     run.add_argument("--html", type=Path, metavar="FILE.html",
                      help="write a standalone HTML report with plots (pip install 'onnx-lowrank[html]')")

@@ -16,12 +16,13 @@ in float64; eigenvalues are floored relative to the largest, so rank-deficient s
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 
 from .calibration import Samples
 from .layers import Layer, Unit
-from .statistics import Counts, Moments, collect
+from .statistics import Counts, Moments, Tied, collect
 from .svd import Factorization, Option, RankedOptions, Spectrum
 
 RELATIVE_FLOOR = 1e-12
@@ -211,7 +212,9 @@ class FrequencyWeightedSVD(RankedOptions):
     ROW_FLOOR = 0.5
 
     def __init__(self, layer: Layer, counts: Counts):
-        weight = np.asarray(layer.matrices, dtype=np.float64)  # (1, d, V)
+        self._fit(np.asarray(layer.matrices, dtype=np.float64), counts)  # (1, d, V)
+
+    def _fit(self, weight: np.ndarray, counts: Counts) -> None:
         self._matrix_shape = weight.shape
         frequency = counts.count / max(int(counts.count.sum()), 1)
         uniform = np.full(frequency.size, 1.0 / frequency.size)
@@ -242,6 +245,32 @@ class FrequencyWeightedSVD(RankedOptions):
         return Factorization(self.method, rank, first, basis, float(self.spectrum.dropped[rank]))
 
 
+class TiedSVD(FrequencyWeightedSVD):
+    """A tied embedding table (the lookup's W = table^T, d x V, and the LM head's W^T) factorized once for
+    both uses: W ~ A^-1 U_r U_r^T A W, from the SVD of A W B. B weighs the rows (tokens) as the lookup's
+    frequency weighting does; A weighs the d side, half evenly (a looked-up vector's error counts in every
+    direction) and half by the head's input second moment C (its logit errors are x^T (W - W') per token):
+    A^2 = I / (2 d) + C / (2 tr C). The row bound and the predicted error are those of the frequency
+    weighting, measured in A's metric. The Gather looks up in (W')^T's V x r factor and rebuilds with its
+    r x d factor; the head multiplies by the same two factors transposed."""
+
+    method = "svd-tied"
+
+    def __init__(self, layer: Layer, statistics: Tied):
+        weight = np.asarray(layer.matrices, dtype=np.float64)  # (1, d, V)
+        width = weight.shape[1]
+        moments = statistics.moments
+        second = _shrunk(moments, np.eye(width)[None]) + _outer(moments.mean)
+        trace = max(float(np.trace(second[0])), np.finfo(float).tiny)
+        metric = _sqrt_psd(np.eye(width)[None] / (2 * width) + second / (2 * trace))  # A, symmetric
+        self._unmetric = np.linalg.inv(metric)
+        self._fit(metric @ weight, statistics.counts)
+
+    def factorize(self, rank: int | tuple[int, ...]) -> Factorization:
+        found = super().factorize(rank)  # of A W: (U_r^T A W, U_r)
+        return replace(found, second=self._unmetric @ found.second)
+
+
 def _row_errors(table: np.ndarray, basis: np.ndarray) -> np.ndarray:
     """The relative error of every row of `table` (V, d) projected on the first r columns of `basis`
     (d, k), for r = 0..k: (V, k + 1)."""
@@ -254,15 +283,22 @@ def _row_errors(table: np.ndarray, basis: np.ndarray) -> np.ndarray:
 def unit_statistics(
     model, units: list[Unit], samples: Samples, fit: list[int], provider: str, batch_size: int,
     progress: Callable[[int], None] | None = None,
-) -> list[Moments | Counts]:
-    """Statistics over the fit samples of what each unit's layers observe, merged per unit (shared weights)."""
+) -> list[Moments | Counts | Tied]:
+    """Statistics over the fit samples of what each unit's layers observe, merged per unit (shared weights;
+    a tied embedding table keeps its lookups' counts and its head's moments side by side)."""
     layers = [layer for unit in units for layer in unit.layers]
     statistics = iter(collect(model, layers, samples, fit, provider, batch_size, progress=progress))
-    merged = []
+    merged: list[Moments | Counts | Tied] = []
     for unit in units:
-        together = next(statistics)
-        for _ in unit.layers[1:]:
-            together = _merged(together, next(statistics))
+        together: Moments | Counts | Tied = next(statistics)
+        for layer in unit.layers[1:]:
+            other = next(statistics)
+            if layer.transposed and isinstance(together, Counts) and isinstance(other, Moments):
+                together = Tied(together, other)
+            elif isinstance(together, (Moments, Counts)):
+                together = _merged(together, other)
+            else:
+                raise TypeError(f"unit {unit.name} has more than two uses of a tied table")
         merged.append(together)
     return merged
 
@@ -276,9 +312,11 @@ def _merged(first: Moments | Counts, other: Moments | Counts) -> Moments | Count
     raise TypeError("the layers of one unit observe different kinds of statistics")
 
 
-def data_aware_svd(unit: Unit, statistics: Moments | Counts, side: str) -> DataAwareSVD | FrequencyWeightedSVD:
+def data_aware_svd(unit: Unit, statistics: Moments | Counts | Tied, side: str) -> DataAwareSVD | FrequencyWeightedSVD:
     """The unit's data-aware SVD; `side` is what its layer observes (input, output or indices)."""
     layer = unit.layers[0]
+    if isinstance(statistics, Tied):
+        return TiedSVD(layer, statistics)
     if side == "indices" and isinstance(statistics, Counts):
         return FrequencyWeightedSVD(layer, statistics)
     if side != "indices" and isinstance(statistics, Moments):

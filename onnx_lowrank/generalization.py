@@ -18,7 +18,7 @@ small flips under a perturbation that happened to miss every held-out sample. So
 
 For every metric the report also gives an upper confidence bound (`confidence`, default 95%) on new inputs:
 Clopper-Pearson on the decisions lost (top1, accuracy); a percentile bootstrap over held-out samples
-(rel-l2, cosine); for max-abs, which no resampling can bound above what was seen, the fraction of new inputs
+(rel-l2, cosine, perplexity); for max-abs, which no resampling can bound above what was seen, the fraction of new inputs
 that may exceed the observed maximum (exact for continuous distributions: 1 - (1 - confidence) ** (1 / n)).
 """
 
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import betaincinv
 
-from .metrics import cosine_similarity
+from .metrics import cosine_similarity, perplexity_draws, token_nll
 
 DISCRETE = ("top1", "accuracy")
 SAFETY = 2.0  # a decision is threatened when twice the perturbation at its margin level reaches it
@@ -134,12 +134,16 @@ def beyond_maximum(total: int, confidence: float) -> float:
 
 
 def bootstrap(metric: str, reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]],
-              confidence: float, seed: int = 0) -> float:
-    """The `confidence` percentile of rel-l2 or cosine over held-out samples drawn with replacement (the
-    worst float output per draw, as the metric takes it)."""
+              confidence: float, seed: int = 0, labels: np.ndarray | None = None) -> float:
+    """The `confidence` percentile of rel-l2, cosine or perplexity over held-out samples drawn with
+    replacement (the worst float output per draw, as the metric takes it; perplexity: the first output,
+    against the next-token `labels`)."""
     outputs = [(r, c) for r, c in zip(reference, candidate) if r and np.issubdtype(r[0].dtype, np.floating)]
     count = len(outputs[0][0])
     weights = np.random.default_rng(seed).multinomial(count, np.full(count, 1.0 / count), size=BOOTSTRAP_ROUNDS)
+    if metric == "perplexity":
+        draws = perplexity_draws(token_nll(reference[0], labels), token_nll(candidate[0], labels), weights)
+        return float(np.quantile(draws, confidence))
     worst = np.full(BOOTSTRAP_ROUNDS, -np.inf)
     for ref, cand in outputs:
         pairs = [(r.astype(np.float64).reshape(-1), c.astype(np.float64).reshape(-1)) for r, c in zip(ref, cand)]

@@ -61,6 +61,7 @@ class Layer:
     # amplifies each channel's error (data-aware factors weigh output errors by it)
     held: np.ndarray | None = None  # the matrices of a detached layer
     scope: Scope | None = None  # the If / Loop / Scan body the node lives in (None: the main graph)
+    transposed: bool = False  # uses its unit's matrices transposed: the LM head of a tied embedding table
     shape: tuple[int, int, int] = field(init=False)  # of the matrices: (G, out, in)
 
     def __post_init__(self) -> None:
@@ -106,6 +107,11 @@ class Unit:
     @property
     def matrices(self) -> np.ndarray:
         return self.layers[0].matrices
+
+    @property
+    def tied(self) -> bool:
+        """An embedding table that is also the LM head (its second layer sees it transposed)."""
+        return any(layer.transposed for layer in self.layers)
 
     @property
     def matrix_shape(self) -> tuple[int, int, int]:
@@ -264,6 +270,7 @@ def find_layers(graph: gs.Graph, model: onnx.ModelProto, adapters: dict[str, Ada
     for layer in layers:
         key = _unit_key(layer, shared=users[layer.weight.name] > 1)
         units.setdefault(key, Unit(key, [])).layers.append(layer)
+    _tie(units)
     kept: list[Unit] = []
     for unit in units.values():
         reason = _sharing_problem(unit, index.graph_outputs) or _scopes_problem(unit)
@@ -281,6 +288,27 @@ def _scopes_problem(unit: Unit) -> str | None:
     if len(places) > 1:
         return f"weight {unit.weight.name} is shared by layers {' and '.join(sorted(places))}: not factorized"
     return None
+
+
+def _tie(units: dict[str, Unit]) -> None:
+    """An embedding table that a MatMul also multiplies by, transposed (logits = h @ table^T: tied input
+    and output embeddings), becomes one unit, factorized once for both uses: the Gather first, then the
+    head, which sees the unit's matrices transposed (and observes its own input's statistics)."""
+    for key, unit in list(units.items()):
+        if unit.op != "Gather" or len(unit.layers) != 1:
+            continue
+        others = [other for other in units.values() if other is not unit and other.weight.name == unit.weight.name]
+        if len(others) != 1 or len(others[0].layers) != 1:
+            continue
+        head = others[0].layers[0]
+        if head.node.op != "MatMul" or head.info.get("side") != "right" or head.info.get("batch") \
+                or head.shape != (1, unit.shape[1], unit.shape[0]):
+            continue
+        if not np.array_equal(head.matrices[0], unit.matrices[0].T):
+            continue
+        head.transposed = True
+        del units[others[0].key], units[key]
+        units[key + ":tied"] = Unit(key + ":tied", [unit.layers[0], head])
 
 
 def _unit_key(layer: Layer, shared: bool) -> str:

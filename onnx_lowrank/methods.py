@@ -14,10 +14,10 @@ from .conv_methods import ConvDecomposer, conv_decomposers
 from .data_aware import OutputError, data_aware_svd
 from .decompositions import SpectralDecomposer
 from .layers import Unit, detached
-from .parking import Shelf
 from .parallel import Workers, blas_threads
+from .parking import Shelf
 from .ranks import UnitDecomposers
-from .statistics import Counts, Moments
+from .statistics import Counts, Moments, Tied
 from .svd import PARTIAL_MIN_SIDE, TruncatedSVD
 
 CONV_METHODS = ("tucker2", "cp", "spatial", "depthwise", "block")
@@ -61,12 +61,12 @@ def decomposers_for(
     return found
 
 
-def _candidates(unit: Unit, method: str, stats: Moments | Counts | None, side: str, eager: bool) -> UnitDecomposers:
+def _candidates(unit: Unit, method: str, stats: Moments | Counts | Tied | None, side: str, eager: bool) -> UnitDecomposers:
     with blas_threads(unit.params):
         return _decomposers(unit, method, stats, side, eager)
 
 
-def _decomposers(unit: Unit, method: str, stats: Moments | Counts | None, side: str, eager: bool) -> UnitDecomposers:
+def _decomposers(unit: Unit, method: str, stats: Moments | Counts | Tied | None, side: str, eager: bool) -> UnitDecomposers:
     layer = unit.layers[0]
     primary: SpectralDecomposer
     if stats is not None:

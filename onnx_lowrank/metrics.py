@@ -12,6 +12,11 @@ used as is); a model with several outputs takes the worst one.
   so it bounds the accuracy drop from above; 0 is lossless in the paper's sense and more: no sample is
   lost, so the accuracy is at least the original's. (A drop that fixes may offset overfits the search
   to a few borderline samples; this definition held up on unseen data where that one did not.)
+- perplexity (language models): the candidate's perplexity over the original's, less 1: exp(mean
+  next-token NLL of the candidate - mean NLL of the original) - 1, so a tolerance of 0.05 allows 5% more
+  perplexity. Scored on the first output (logits, [..., positions, vocabulary]) against the input ids
+  shifted by one, at the positions the attention mask marks valid: the targets come from the calibration
+  feeds themselves (calibration.next_token_targets), no labels are given. Only the logits are compared.
 """
 
 from __future__ import annotations
@@ -22,9 +27,10 @@ import numpy as np
 
 from .errors import InputError
 
-METRICS = ("rel-l2", "cosine", "max-abs", "top1", "accuracy")
+METRICS = ("rel-l2", "cosine", "max-abs", "top1", "accuracy", "perplexity")
 DEFAULT_METRIC = "rel-l2"
-DEFAULT_TOLERANCE = {"rel-l2": 0.05, "cosine": 0.01, "max-abs": 0.1, "top1": 0.01, "accuracy": 0.0}
+DEFAULT_TOLERANCE = {"rel-l2": 0.05, "cosine": 0.01, "max-abs": 0.1, "top1": 0.01, "accuracy": 0.0,
+                     "perplexity": 0.05}
 
 Outputs = list[list[np.ndarray]]  # per graph output, per sample
 
@@ -34,6 +40,13 @@ def check_metric(metric: str, has_labels: bool) -> None:
         raise InputError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
     if metric == "accuracy" and not has_labels:
         raise InputError("the accuracy metric needs labels (--labels FILE.npy)")
+    if metric == "perplexity" and not has_labels:
+        raise InputError("the perplexity metric needs next-token targets (derived from the input ids)")
+
+
+def compared_outputs(metric: str, names: Sequence[str]) -> list[str]:
+    """The graph outputs a metric reads: perplexity only the first (the logits), the others every one."""
+    return list(names[:1]) if metric == "perplexity" else list(names)
 
 
 def score(metric: str, reference: Outputs, candidate: Outputs, labels: np.ndarray | None = None) -> float:
@@ -41,6 +54,8 @@ def score(metric: str, reference: Outputs, candidate: Outputs, labels: np.ndarra
     if metric in ("top1", "accuracy"):
         lost, total = lost_decisions(metric, reference, candidate, labels)
         return lost / max(total, 1)
+    if metric == "perplexity":
+        return perplexity_excess(token_nll(reference[0], labels), token_nll(candidate[0], labels))
     values = [_one(metric, ref, cand) for ref, cand in zip(reference, candidate) if _is_float(ref)]
     if not values:
         raise InputError("the model has no floating-point output to compare")
@@ -63,6 +78,41 @@ def lost_decisions(metric: str, reference: Outputs, candidate: Outputs, labels=N
     if not counts:
         raise InputError("the model has no floating-point output to compare")
     return max(counts, key=lambda count: count[0] / max(count[1], 1))
+
+
+def token_nll(logits: Sequence[np.ndarray], targets) -> np.ndarray:
+    """Per sample, (summed next-token negative log-likelihood, positions scored): `targets` holds per sample
+    the id each position should predict, -1 where none is scored (calibration.next_token_targets)."""
+    if targets is None:
+        raise InputError("the perplexity metric needs next-token targets (derived from the input ids)")
+    found = np.zeros((len(logits), 2))
+    for position, (sample, target) in enumerate(zip(logits, targets)):
+        if not np.issubdtype(sample.dtype, np.floating):
+            raise InputError(f"perplexity reads the first output as logits, but it holds {sample.dtype}")
+        target = np.asarray(target).reshape(-1)
+        flat = sample.reshape(-1, sample.shape[-1]) if sample.ndim else sample.reshape(1, 1)
+        if flat.shape[0] != target.size:
+            raise InputError(f"perplexity: the first output has {flat.shape[0]} positions for {target.size} input ids "
+                             "(it must be the logits of every input position)")
+        scored = target >= 0
+        if np.any(target[scored] >= flat.shape[1]):
+            raise InputError(f"perplexity: an input id is beyond the {flat.shape[1]} logits of the first output")
+        rows = flat[scored].astype(np.float64)
+        peak = rows.max(axis=1, keepdims=True)
+        log_total = np.log(np.sum(np.exp(rows - peak), axis=1)) + peak[:, 0]
+        found[position] = np.sum(log_total - rows[np.arange(len(rows)), target[scored]]), len(rows)
+    return found
+
+
+def perplexity_excess(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """exp(mean NLL of the candidate - mean NLL of the reference) - 1, from `token_nll`'s per-sample sums."""
+    return float(perplexity_draws(reference, candidate, np.ones((1, len(reference))))[0])
+
+
+def perplexity_draws(reference: np.ndarray, candidate: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The same for samples weighted per draw (draws, samples): the bootstrap's resamples."""
+    count = np.maximum(weights @ reference[:, 1], 1.0)
+    return np.expm1((weights @ candidate[:, 0] - weights @ reference[:, 0]) / count)
 
 
 def _predictions(samples: Sequence[np.ndarray], count: int) -> np.ndarray:

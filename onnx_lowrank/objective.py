@@ -66,7 +66,9 @@ def restrict(
             run_ms = time_side_by_side([model], feed, provider, warmup=1, min_runs=1, min_seconds=0)[0].median_ms
         slack = EMBEDDING_SLACK * run_ms
     for candidate in candidates:
-        if candidate.options():
+        # a tied embedding table is not timed: its head, most of its work, cannot be cut out alone, and
+        # every rank below break-even takes fewer multiply-adds there
+        if candidate.options() and not candidate.unit.tied:
             allowed: Callable[[Option], bool]
             try:
                 allowed = not_slower(candidate, timer, MARGIN[objective], slack if candidate.unit.op == "Gather" else 0.0)

@@ -120,7 +120,7 @@ def with_overridable(model: onnx.ModelProto, overrides: Iterable[Override]) -> o
 
 
 def _override(unit: Unit, stored: ConstantIndex, graph_outputs: set[str]) -> Override | None:
-    placements = [_placement(layer.weight, stored, layer.view) for layer in unit.layers]
+    placements = [_placement(layer.weight, stored, _unit_view(layer)) for layer in unit.layers]
     first = placements[0]
     if first is None or any(p is None or p.name != first.name or not np.array_equal(p.positions, first.positions)
                             for p in placements):
@@ -134,6 +134,14 @@ def _override(unit: Unit, stored: ConstantIndex, graph_outputs: set[str]) -> Ove
             break
         biases.append((layer.bias, placement))
     return Override(first, tuple(biases))
+
+
+def _unit_view(layer: Layer):
+    """The layer's view of its weight as its unit's matrices (a tied head sees them transposed)."""
+    view = layer.view
+    if view is None or not layer.transposed:
+        return view
+    return lambda value: np.swapaxes(view(value), 1, 2)
 
 
 def _bias_placement(layer: Layer, channels: int, stored: ConstantIndex, graph_outputs: set[str]) -> Placement | None:

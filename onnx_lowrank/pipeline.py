@@ -20,7 +20,7 @@ import onnx
 
 from .adapters import ADAPTERS
 from .cache import Cache, key_of, model_fingerprint, samples_fingerprint
-from .calibration import Samples, Split, load_calibration
+from .calibration import Samples, Split, load_calibration, next_token_targets
 from .data_aware import unit_statistics
 from .decompositions import Factorized
 from .errors import BoundNotMet, InputError, known
@@ -28,7 +28,7 @@ from .int8_share import Int8Share
 from .latency import LayerTimer, end_to_end
 from .layers import Plan, Skipped, Unit, find_layers
 from .methods import decomposers_for
-from .metrics import check_metric
+from .metrics import check_metric, compared_outputs
 from .model_io import LoadedModel, ModelStats, model_stats
 from .objective import restrict as restrict_to_objective
 from .options import Options
@@ -45,7 +45,7 @@ from .rewrite import build, check_rewritten, factors_of
 from .runtime import resolve_provider
 from .search import Evaluator, Search, Trial, probe_count, sensitivities
 from .splice import import_graph
-from .statistics import Counts, Moments
+from .statistics import Counts, Moments, Tied
 
 
 @dataclass
@@ -74,7 +74,7 @@ class Run:
     tolerance: float | None = None
     share: float | None = None  # the tolerance left to the factorization (int8 may take some)
     # statistics, factorize, latency gate
-    statistics: list[Moments | Counts] | None = None
+    statistics: list[Moments | Counts | Tied] | None = None
     timing_feed: dict[str, np.ndarray] | None = None  # one calibration batch: what layers and the whole model are timed on
     decomposers: list[UnitDecomposers] = field(default_factory=list)  # per unit, the same order
     timer: LayerTimer | None = None
@@ -225,8 +225,9 @@ def sensitivity(run: Run, advance: Advance) -> None:
     samples, parts = known(run.samples, "the samples"), known(run.parts, "the calibration split")
     overrides = overrides_for(run.original, units, {o.name for o in run.original.graph.output}) \
         if mode.probes else None
+    compared = compared_outputs(settings.metric, [o.name for o in run.original.graph.output])
     run.evaluator = Evaluator(run.original, samples, known(run.provider, "the provider"), settings.batch_size,
-                              overrides)
+                              overrides, compared)
     run.search = Search(run.original, run.adapters, run.decomposers, run.evaluator, parts.validation,
                         settings.metric, samples.labels)
     if settings.refit != "none" and run.statistics is not None:
@@ -414,5 +415,9 @@ def _calibration(settings: Options, model: onnx.ModelProto, calibration, labels)
             raise InputError("--labels needs calibration data (--calib)")
         return None
     samples = load_calibration(calibration, model, labels)
+    if settings.metric == "perplexity":
+        if labels is not None:
+            raise InputError("the perplexity metric takes its targets from the input ids: give no --labels")
+        samples.labels = next_token_targets(samples)
     check_metric(settings.metric, has_labels=samples.labels is not None)
     return samples

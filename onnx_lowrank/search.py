@@ -90,17 +90,21 @@ class Evaluator:
     outputs for validation, the probe tensors (logits rather than probabilities) for sensitivity."""
 
     def __init__(self, original: onnx.ModelProto, samples: Samples, provider: str, batch_size: int,
-                 overrides: dict[str, Override] | None = None):
+                 overrides: dict[str, Override] | None = None, compared: Sequence[str] | None = None):
         self.samples = samples
         self.batch_size = batch_size
         self.provider = provider
-        self.probe_names = probe_outputs(original)
         self.overrides = overrides or {}  # by unit key: how to probe the unit in the original's session
+        every = [o.name for o in original.graph.output]
+        # the graph outputs the metric reads (perplexity: the logits alone, not a KV cache), every one by
+        # default; sensitivity is probed on the same ones
+        self.output_names = list(compared) if compared else every
+        probes = dict(zip(every, probe_outputs(original)))
+        self.probe_names = [probes[name] for name in self.output_names]
         probing = onnx.ModelProto()
         probing.CopyFrom(original)  # the extra outputs and inputs must not leak into the caller's model
         with_overridable(probing, self.overrides.values())
         self._original = Session(with_outputs(probing, self.probe_names), provider, source="the input model")
-        self.output_names = [o.name for o in original.graph.output]
         self.provider_used = self._original.provider
         self._references: dict[tuple, Outputs] = {}
         self._decisions: dict[str, Decisions] = {}
@@ -374,14 +378,14 @@ class Search:
         names = self.evaluator.output_names
         candidate = self.evaluator.outputs(Session(model, self.evaluator.provider), indices, names)
         reference = self.evaluator.reference(indices, names)
-        error = score(self.metric, reference, candidate)
+        error = score(self.metric, reference, candidate, labels)
         # resampled: the held-out samples that did not steer the choice (the others favour it)
         steered = set(self.steered)
         kept = [position for position, index in enumerate(indices) if index not in steered]
         kept = kept if len(kept) >= len(indices) // 4 else list(range(len(indices)))
         bound = beyond_maximum(len(indices), confidence) if self.metric == "max-abs" else bootstrap(
             self.metric, [[r[k] for k in kept] for r in reference], [[c[k] for k in kept] for c in candidate],
-            confidence)
+            confidence, labels=None if labels is None else labels[kept])
         return Validation(value=error, passed=None if tolerance is None else error <= tolerance,
                           unseen_bound=bound, **common)
 

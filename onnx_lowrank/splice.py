@@ -14,6 +14,7 @@ from onnx_graphsurgeon.importers.onnx_importer import get_onnx_tensor_dtype, get
 from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
+from .adapters.matmul import rewrite_tied_head
 from .decompositions import Factorized
 from .errors import known
 from .layers import BiasSite, Layer
@@ -166,7 +167,10 @@ class Splice:
         emit = Emitter(self, layer, factors, inputs=list(node.inputs), outputs=list(node.outputs))
         node.inputs.clear()
         node.outputs.clear()
-        factors.emit(layer, emit)
+        if layer.transposed:  # the head of a tied table: its factors are the lookup's, shared
+            rewrite_tied_head(layer, factors, emit)
+        else:
+            factors.emit(layer, emit)
 
 
 class Emitter:

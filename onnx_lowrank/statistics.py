@@ -152,6 +152,15 @@ class Counts:
         return Counts(self.count + other.count)
 
 
+@dataclass
+class Tied:
+    """The statistics of a tied embedding table: how often each row was looked up, and the moments of the
+    vectors its transposed use (the LM head) multiplies."""
+
+    counts: Counts
+    moments: Moments
+
+
 def _outer(vectors: np.ndarray) -> np.ndarray:
     """v v^T per group."""
     return vectors[:, :, None] * vectors[:, None, :]

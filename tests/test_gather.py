@@ -4,7 +4,8 @@ its statistics (`Counts`: lookups per row) and its data-aware factors (`Frequenc
 * Full rank (ranks {"*": "full"}, allow_larger) reproduces onnxruntime's Gather for float32 / float16
   tables, int32 / int64 indices (negative ones too) of rank 0 to 3.
 * What is not a layer: a Gather along axis 1 (skipped, with the reason), a Gather on computed data (shape
-  arithmetic: not reported at all), a table also used by a MatMul (tied embeddings: skipped, with the reason).
+  arithmetic: not reported at all), a table also used by a MatMul other than as an LM head (skipped, with
+  the reason; tied embeddings are one unit: tests/test_tied.py).
 * `Counts` against np.bincount, standalone and through `collect` in onnxruntime.
 * `FrequencyWeightedSVD` against numpy: the predicted error is the expected relative error of lookups
   under its row weights (calibration frequency, 10% spread uniformly), it beats the plain SVD on lookups
@@ -149,9 +150,10 @@ def test_gathers_on_computed_data_are_not_reported():
     assert_close(run(model, feeds), run(new, feeds))
 
 
-def test_tied_embeddings_are_skipped_with_the_reason():
-    """The table is the input embedding and, transposed, the output projection (logits = h @ table^T):
-    factorizing it for one use would add parameters for the other, so both are left, each with a reason."""
+def test_tied_embeddings_are_one_unit_and_a_table_transposed_otherwise_is_skipped():
+    """The table is the input embedding and, transposed, the output projection (logits = h @ table^T): one
+    unit, factorized once for both uses (tests/test_tied.py). A MatMul that multiplies by the table
+    transposed on the other side (table^T @ x) is no LM head: both are left, each with a reason."""
     rng = np.random.default_rng(2)
     vocabulary, width = 30, 8
     table = rng.standard_normal((vocabulary, width)).astype(np.float32)
@@ -163,11 +165,17 @@ def test_tied_embeddings_are_skipped_with_the_reason():
     model = graph_model(nodes, {"ids": (TensorProto.INT64, [2, 3])},
                         {"y": (TensorProto.FLOAT, [2, 3, vocabulary])}, {"table": table})
     plan = plan_of(model)
+    assert [[layer.node.name for layer in unit.layers] for unit in plan.units] == [["emb", "lm_head"]]
+    assert plan.skipped == []
+    nodes[2] = helper.make_node("MatMul", ["table_t", "x"], ["y"], name="left")
+    model = graph_model(nodes, {"ids": (TensorProto.INT64, [2, 3]), "x": (TensorProto.FLOAT, [vocabulary, 2])},
+                        {"y": (TensorProto.FLOAT, [width, 2]), "h": (TensorProto.FLOAT, [2, 3, width])}, {"table": table})
+    plan = plan_of(model)
     assert plan.units == []
     reasons = {s.node: (s.op, s.reason) for s in plan.skipped}
-    assert set(reasons) == {"emb", "lm_head"}
-    assert reasons["emb"][0] == "Gather" and "lm_head" in reasons["emb"][1] and "table" in reasons["emb"][1]
-    assert reasons["lm_head"][0] == "MatMul" and "emb" in reasons["lm_head"][1]
+    assert set(reasons) == {"emb", "left"}
+    assert reasons["emb"][0] == "Gather" and "left" in reasons["emb"][1] and "table" in reasons["emb"][1]
+    assert reasons["left"][0] == "MatMul" and "emb" in reasons["left"][1]
 
 
 def test_table_shared_with_a_matmul_in_the_same_orientation_with_calibration():
