@@ -36,8 +36,9 @@ from .overrides import overrides_for
 from .parallel import executor_for
 from .parking import PARK_MIN_PARAMS
 from .progress import Advance, Progress, ignore
+from .prune import PRUNING_METHODS, Pair, couple, find_pairs
 from .rank_modes import Allocation, RankMode, rank_mode_for
-from .ranks import UnitDecomposers
+from .ranks import UnitDecomposers, coupled
 from .report import Chosen, Report, SkippedLayer, Validation
 from .reporting import clearly_slower, fusions, layer_reports, refusal, traced
 from .rewrite import build, check_rewritten, factors_of
@@ -64,6 +65,7 @@ class Run:
     before: ModelStats | None = None
     adapters: dict = field(default_factory=dict)
     plan: Plan | None = None
+    pairs: list[Pair] = field(default_factory=list)  # producer -> activation -> consumer, to prune together
     known: set[str] = field(default_factory=set)  # node and tensor names (explicit ranks name them)
     samples: Samples | None = None
     parts: Split | None = None
@@ -156,6 +158,8 @@ def load(run: Run, advance: Advance) -> None:
     run.adapters = {op: ADAPTERS[op] for op in settings.ops}
     imported = import_graph(original)
     run.plan = find_layers(imported.graph, original, run.adapters, run.loaded.base_dir)
+    if settings.method in PRUNING_METHODS and not settings.no_data:
+        run.pairs = find_pairs(run.plan.units, original)
     run.known = {n.name for n in imported.graph.nodes} | set(imported.graph.tensors())
     if run.mode is None:  # inspect describes the layers in a mode of its own
         run.mode = rank_mode_for(settings, has_data=run.calibration is not None)
@@ -188,8 +192,11 @@ def factorize(run: Run, advance: Advance) -> None:
     factorizable = sum(unit.params for unit in units)
     pool_pays = run.statistics is None or (settings.method != "svd" and any(unit.op == "Conv" for unit in units))
     with executor_for(settings.jobs, settings.scheduler, factorizable, pool_pays) as workers:
+        parking = run.work if factorizable >= PARK_MIN_PARAMS else None
         run.decomposers = decomposers_for(units, settings.method, run.statistics, workers, eager=run.rank_mode.eager,
-                                        advance=advance, parking=run.work if factorizable >= PARK_MIN_PARAMS else None)
+                                          advance=advance, parking=parking)
+    if run.pairs and run.statistics is not None:
+        couple(run.pairs, run.decomposers, run.statistics, parking)
 
 
 def latency_gate(run: Run, advance: Advance) -> None:
@@ -215,7 +222,7 @@ def sensitivity(run: Run, advance: Advance) -> None:
     probe = parts.fit[:probe_count(units, run.statistics, len(parts.fit))]
     probe_key = key_of(run.data_key, settings.method, settings.no_data, probe)
     run.sensitivity = run.store.floats("sensitivity", probe_key)
-    if run.sensitivity is None or len(run.sensitivity) != len(units):
+    if run.sensitivity is None or len(run.sensitivity) != len(units) + len(coupled(run.decomposers)):
         run.sensitivity = sensitivities(run.original, run.adapters, run.decomposers, run.evaluator, probe, advance)
         run.store.save_floats("sensitivity", probe_key, run.sensitivity)
 
@@ -330,7 +337,8 @@ STAGES = (
     Stage("latency gate", latency_gate, lambda run: run.rank_mode.gated,
           ("latency gate (layers)", lambda run: len(run.units))),
     Stage("sensitivity", sensitivity, lambda run: run.samples is not None,
-          ("sensitivity probes (layers)", lambda run: len(run.units) if run.rank_mode.probes else 0)),
+          ("sensitivity probes (layers)",
+           lambda run: len(run.units) + len(coupled(run.decomposers)) if run.rank_mode.probes else 0)),
     Stage("int8 fallback", int8_fallback, lambda run: run.settings.quantize is not None),
     Stage(lambda run: "search" if run.search is not None else "choose", search,
           bar=("validated candidates", lambda run: None)),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from dataclasses import dataclass, field
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -14,10 +14,10 @@ from onnx_graphsurgeon.importers.onnx_importer import get_onnx_tensor_dtype, get
 from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
+from .decompositions import Factorized
 from .errors import known
 from .layers import BiasSite, Layer
 from .model_io import is_repeated
-from .decompositions import Factorized
 from .weights import Weight
 
 META_PREFIX = "onnx_lowrank."
@@ -200,6 +200,10 @@ class Emitter:
             tensor = cast
         self._splice._constants[key] = tensor
         return tensor
+
+    def constant(self, role: str, value: np.ndarray) -> gs.Constant:
+        """A constant of the chain stored as given (its element type is the one it replaces)."""
+        return gs.Constant(self._splice.unique(f"{self._layer.node.name}.lowrank_{role}"), np.ascontiguousarray(value))
 
     def variable(self, role: str) -> gs.Variable:
         """An intermediate tensor of the chain, in the element type the layer computes in."""
