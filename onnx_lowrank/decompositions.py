@@ -6,6 +6,8 @@ is `Factorized`, which writes its own chain in place of the layer's node.
   `svd.Factorization`, a two-factor product that the layer's adapter writes as the node's own op.
 - The Conv decomposers (`conv_methods.ConvDecomposer` and its subclasses) return a `conv_methods.ConvChain`,
   a chain of Conv nodes of its own.
+- `prune.ChannelPruning` (a pair's consumer) returns a `prune.PrunedInputs`, `prune.KeptRows` (its producers,
+  offering nothing alone) a `prune.KeptOutputs`: each the layer's own node with a smaller weight.
 - `parking.Parked` (`ParkedSpectral` for a unit's SVD) stands for a decomposer written to disk.
 
 mypy checks that every one of them keeps its contract (the assignments at the end of this module, and
@@ -101,10 +103,12 @@ if TYPE_CHECKING:  # every decomposition keeps its contract (mypy checks these a
     )
     from .data_aware import DataAwareSVD, FrequencyWeightedSVD
     from .parking import Parked, ParkedSpectral
+    from .prune import ChannelPruning, KeptOutputs, KeptRows, PrunedInputs
     from .svd import Factorization, TruncatedSVD
 
     _spectral: list[type[SpectralDecomposer]] = [TruncatedSVD, DataAwareSVD, FrequencyWeightedSVD, ParkedSpectral]
     _decomposers: list[type[Decomposer]] = [
         ConvDecomposer, Tucker2, CanonicalPolyadic, SpatialSeparable, DepthwiseSeparable, BlockLowRank, Parked,
+        ChannelPruning, KeptRows,
     ]
-    _factorized: list[type[Factorized]] = [Factorization, ConvChain]
+    _factorized: list[type[Factorized]] = [Factorization, ConvChain, PrunedInputs, KeptOutputs]

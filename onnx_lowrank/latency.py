@@ -38,6 +38,7 @@ from .cache import write_cache_file
 from .decompositions import Factorized
 from .layers import Layer, Unit, fetch_request, find_layers
 from .model_io import is_large
+from .prune import PRUNE
 from .ranks import UnitDecomposers, pareto_front
 from .report import Latency, Timing
 from .rewrite import build
@@ -46,6 +47,10 @@ from .splice import import_graph
 from .subgraphs import Request, exposed, unstacked
 from .svd import Option
 from .weights import CHAIN_OPS, ConstantIndex, stored_constant
+
+UNTIMED = (PRUNE,)  # the same ops on smaller matrices, no node added: never slower (and a pruned layer
+# cannot be timed alone: its input is narrower than the activation it would be fed)
+
 
 WARMUP = 3  # untimed runs of every model before the rounds, ...
 WARM_AFTER_SECONDS = 0.5  # ... fewer for a model one of whose warm-up runs took this long (BERT-base: 3 s a run)
@@ -629,7 +634,8 @@ def not_slower(candidates: UnitDecomposers, timer, margin: float = 1.0, slack_ms
     limit = LatencyLimit(unit.key, margin)
     by_method: dict[str, list[Option]] = {}
     for option in pareto_front(candidates.options(), unit.params):  # what an allocation can pick
-        by_method.setdefault(option.method, []).append(option)
+        if option.method not in UNTIMED:
+            by_method.setdefault(option.method, []).append(option)
     for method, options in by_method.items():
         ordered = sorted(options, key=lambda o: (o.params, o.config))
         limit.boundaries[method] = _boundary(method, ordered, _option_times(candidates, timer), margin, slack_ms)

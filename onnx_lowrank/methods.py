@@ -16,12 +16,13 @@ from .decompositions import SpectralDecomposer
 from .layers import Unit, detached
 from .parallel import Workers, blas_threads
 from .parking import Shelf
+from .prune import PRUNE
 from .ranks import UnitDecomposers
 from .statistics import Counts, Moments, Tied
 from .svd import PARTIAL_MIN_SIDE, TruncatedSVD
 
 CONV_METHODS = ("tucker2", "cp", "spatial", "depthwise", "block")
-METHODS = ("auto", "svd", *CONV_METHODS)
+METHODS = ("auto", "svd", PRUNE, *CONV_METHODS)  # pruning is offered on the pairs found at load (prune.couple)
 
 
 def decomposers_for(
@@ -78,7 +79,9 @@ def _decomposers(unit: Unit, method: str, stats: Moments | Counts | Tied | None,
     exact = stats is None or (isinstance(stats, Moments) and side == "input")
     others: list[ConvDecomposer] = []
     notes: list[str] = []
-    if method != "svd":
+    if method == PRUNE:
+        notes = [f"{PRUNE}: applies to the consumer of a producer -> activation -> consumer pair, and its producers"]
+    elif method != "svd":
         wanted = set(CONV_METHODS) if method == "auto" else {method}
         if unit.op == "Conv" and exact:
             moments = stats if isinstance(stats, Moments) else None  # exact: input moments, or no statistics

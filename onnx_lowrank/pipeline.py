@@ -36,8 +36,9 @@ from .overrides import overrides_for
 from .parallel import executor_for
 from .parking import PARK_MIN_PARAMS
 from .progress import Advance, Progress, ignore
+from .prune import PRUNING_METHODS, Pair, couple, find_pairs
 from .rank_modes import Allocation, RankMode, rank_mode_for
-from .ranks import UnitDecomposers
+from .ranks import UnitDecomposers, coupled
 from .refit import Refit
 from .report import Chosen, Report, SkippedLayer, Validation
 from .reporting import clearly_slower, fusions, layer_reports, refusal, traced
@@ -65,6 +66,7 @@ class Run:
     before: ModelStats | None = None
     adapters: dict = field(default_factory=dict)
     plan: Plan | None = None
+    pairs: list[Pair] = field(default_factory=list)  # producer -> activation -> consumer, to prune together
     known: set[str] = field(default_factory=set)  # node and tensor names (explicit ranks name them)
     samples: Samples | None = None
     parts: Split | None = None
@@ -161,6 +163,8 @@ def load(run: Run, advance: Advance) -> None:
     run.plan = find_layers(imported.graph, original, run.adapters, run.loaded.base_dir)
     for graph in [imported.graph, *imported.graph.subgraphs(recursive=True)]:  # bodies' layers can be named too
         run.known |= {n.name for n in graph.nodes} | set(graph.tensors())
+    if settings.method in PRUNING_METHODS and not settings.no_data:
+        run.pairs = find_pairs(run.plan.units, original)
     if run.mode is None:  # inspect describes the layers in a mode of its own
         run.mode = rank_mode_for(settings, has_data=run.calibration is not None)
     run.samples = _calibration(settings, original, run.calibration, run.labels)
@@ -190,7 +194,7 @@ def statistics(run: Run, advance: Advance) -> None:
     plan, gone = known(run.plan, "the plan"), set()
     for unit, stats in zip(observed, found):
         scope = unit.layers[0].scope
-        if scope is not None and not np.sum(stats.count):
+        if scope is not None and not np.sum(stats.counts.count if isinstance(stats, Tied) else stats.count):
             gone.add(id(unit))
             plan.skipped.extend(Skipped(layer.node.name, layer.node.op, scope.unseen) for layer in unit.layers)
     plan.units = [unit for unit in plan.units if id(unit) not in gone]
@@ -206,8 +210,11 @@ def factorize(run: Run, advance: Advance) -> None:
     factorizable = sum(unit.params for unit in units)
     pool_pays = run.statistics is None or (settings.method != "svd" and any(unit.op == "Conv" for unit in units))
     with executor_for(settings.jobs, settings.scheduler, factorizable, pool_pays) as workers:
+        parking = run.work if factorizable >= PARK_MIN_PARAMS else None
         run.decomposers = decomposers_for(units, settings.method, run.statistics, workers, eager=run.rank_mode.eager,
-                                        advance=advance, parking=run.work if factorizable >= PARK_MIN_PARAMS else None)
+                                          advance=advance, parking=parking)
+    if run.pairs and run.statistics is not None:
+        couple(run.pairs, run.decomposers, run.statistics, parking)
 
 
 def latency_gate(run: Run, advance: Advance) -> None:
@@ -239,7 +246,7 @@ def sensitivity(run: Run, advance: Advance) -> None:
     probe = parts.fit[:probe_count(units, run.statistics, len(parts.fit))]
     probe_key = key_of(run.data_key, settings.method, settings.no_data, probe)
     run.sensitivity = run.store.floats("sensitivity", probe_key)
-    if run.sensitivity is None or len(run.sensitivity) != len(units):
+    if run.sensitivity is None or len(run.sensitivity) != len(units) + len(coupled(run.decomposers)):
         run.sensitivity = sensitivities(run.original, run.adapters, run.decomposers, run.evaluator, probe, advance)
         run.store.save_floats("sensitivity", probe_key, run.sensitivity)
 
@@ -380,7 +387,8 @@ STAGES = (
     Stage("latency gate", latency_gate, lambda run: run.rank_mode.gated,
           ("latency gate (layers)", lambda run: len(run.units))),
     Stage("sensitivity", sensitivity, lambda run: run.samples is not None,
-          ("sensitivity probes (layers)", lambda run: len(run.units) if run.rank_mode.probes else 0)),
+          ("sensitivity probes (layers)",
+           lambda run: len(run.units) + len(coupled(run.decomposers)) if run.rank_mode.probes else 0)),
     Stage("int8 fallback", int8_fallback, lambda run: run.settings.quantize is not None),
     Stage(lambda run: "search" if run.search is not None else "choose", search,
           bar=("validated candidates", lambda run: None)),

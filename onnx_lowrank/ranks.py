@@ -41,10 +41,25 @@ class Choice:
         return config[0] if len(config) == 1 else config
 
 
+@dataclass(frozen=True)
+class Coupling:
+    """A consumer whose options of `method` also cut its producers' output channels (prune.py): the
+    producers then take the matching option (their rows kept), so the allocation weighs the pair as one."""
+
+    method: str
+    producers: tuple[UnitDecomposers, ...]
+
+    def producer_option(self, producer: UnitDecomposers, option: Option) -> Option:
+        """What the producer keeps for a consumer's option: k of its rows (its error shows on the consumer)."""
+        groups, _, in_dim = producer.unit.matrix_shape
+        return Option(self.method, option.config, groups * option.config[0] * in_dim, 0.0)
+
+
 class UnitDecomposers:
     """Every way to factorize one unit: one decomposer per method. `primary` is the unit's SVD, used
     where a single rank is asked for (explicit ranks, energy threshold); it offers options itself unless
-    another method is forced. `notes` say why methods asked for do not apply."""
+    another method is forced. `notes` say why methods asked for do not apply. `coupling`: set on the
+    consumer of a pruned pair (its producers' units hold their side without offering it)."""
 
     def __init__(self, unit: Unit, primary: SpectralDecomposer, others: Sequence[Decomposer] = (),
                  include_primary: bool = True, notes: Sequence[str] = ()):
@@ -58,6 +73,21 @@ class UnitDecomposers:
         self.emptied_by: str | None = None  # why a restriction left no option, if one did
         self._every: list[Option] | None = None  # computed once: some methods' options cost seconds
         self._options: list[Option] | None = None
+        self.coupling: Coupling | None = None
+
+    def hold(self, decomposer: Decomposer) -> None:
+        """Factorize with `decomposer` when an allocation says so, without offering its options (a
+        producer's side of a pair: the consumer's options choose it)."""
+        self._by_method[decomposer.method] = decomposer
+
+    def couple(self, decomposer: Decomposer, coupling: Coupling) -> None:
+        """Offer `decomposer`, whose options also cut the producers of `coupling`."""
+        self.hold(decomposer)
+        self._offered.append(decomposer)
+        if self._every is not None:
+            self._every += decomposer.options()
+        self._options = None
+        self.coupling = coupling
 
     def options(self) -> list[Option]:
         """Every option offered, less those a restriction rules out."""
@@ -190,7 +220,7 @@ def by_budget(candidates: Sequence[UnitDecomposers], fraction: float, weights: S
     picks = [o.best(10**low) for o in options]
     _top_up(options, picks, budget - sum(o.params[i] for o, i in zip(options, picks)))
     _exchange(options, picks, budget)
-    return [o.choice(i) for o, i in zip(options, picks)]
+    return _scattered(options, picks, len(candidates))
 
 
 def frontier(
@@ -203,36 +233,91 @@ def frontier(
     for log_lambda in np.linspace(*LOG_LAMBDA, points):
         seen.setdefault(tuple(o.best(10**log_lambda) for o in options), None)
     seen.setdefault(tuple(len(o.params) - 1 for o in options), None)
-    return [[o.choice(i) for o, i in zip(options, picks)] for picks in seen]
+    return [_scattered(options, list(picks), len(candidates)) for picks in seen]
 
 
 LOG_LAMBDA = (-6.0, 24.0)  # errors are relative (<= 1 per unit), params counts below 1e12
 
 
-def _params(options: list[_WeightedFront], log_lambda: float) -> int:
+def _params(options: Sequence[_Front], log_lambda: float) -> int:
     return sum(int(o.params[o.best(10**log_lambda)]) for o in options)
 
 
-def _weighted_fronts(candidates: Sequence[UnitDecomposers], weights) -> list[_WeightedFront]:
-    weights = [1.0] * len(candidates) if weights is None else weights
-    return [_WeightedFront(candidate, weight) for candidate, weight in zip(candidates, weights)]
+def _scattered(fronts: Sequence[_Front], picks: Sequence[int], count: int) -> list[Choice]:
+    """Every unit's choice from the fronts' picks (a pair's front chooses for several units)."""
+    choices: list[Choice] = [Choice(None)] * count
+    for front, index in zip(fronts, picks):
+        for position, choice in zip(front.positions, front.choices(index)):
+            choices[position] = choice
+    return choices
 
 
-class _WeightedFront:
+def _weighted_fronts(candidates: Sequence[UnitDecomposers], weights) -> list[_Front]:
+    """One front per unit, but one per pruned pair for its units together. `weights`: per unit, then per
+    coupled consumer (in order) the weight of its pruning options (the consumer's own when not given)."""
+    weights = [1.0] * len(candidates) if weights is None else list(weights)
+    position = {id(candidate): index for index, candidate in enumerate(candidates)}
+    pairs: dict[int, tuple[UnitDecomposers, float]] = {}
+    for number, consumer in enumerate(coupled(candidates)):
+        extra = len(candidates) + number
+        pairs[position[id(consumer)]] = (consumer, weights[extra] if extra < len(weights) else
+                                         weights[position[id(consumer)]])
+    paired = {position[id(p)] for consumer, _ in pairs.values() for p in known_coupling(consumer).producers}
+    fronts: list[_Front] = []
+    for index, candidate in enumerate(candidates):
+        if index in pairs:
+            consumer, weight = pairs[index]
+            producers = known_coupling(consumer).producers
+            members = [_WeightedFront(p, weights[position[id(p)]], position[id(p)]) for p in producers]
+            members.append(_WeightedFront(consumer, weights[index], index, excluded=known_coupling(consumer).method))
+            fronts.append(_PairFront(consumer, members, weight))
+        elif index not in paired:
+            fronts.append(_WeightedFront(candidate, weights[index], index))
+    return fronts
+
+
+def coupled(candidates: Sequence[UnitDecomposers]) -> list[UnitDecomposers]:
+    """The consumers of pruned pairs whose producers are among `candidates`, in order."""
+    present = {id(candidate) for candidate in candidates}
+    return [c for c in candidates
+            if c.coupling is not None and all(id(p) in present for p in c.coupling.producers)]
+
+
+def known_coupling(candidate: UnitDecomposers) -> Coupling:
+    if candidate.coupling is None:
+        raise RuntimeError(f"unit {candidate.unit.key} is no pruned pair's consumer")
+    return candidate.coupling
+
+
+class _Front:
+    """A menu the allocation picks one entry of: sizes ascending, weighted errors descending, the last entry
+    everything dense; each entry is a choice for every unit at `positions`."""
+
+    params: np.ndarray
+    errors: np.ndarray
+    positions: list[int]
+
+    def best(self, multiplier: float) -> int:
+        return int(np.argmin(self.params + multiplier * self.errors))
+
+    def choices(self, index: int) -> list[Choice]:
+        raise NotImplementedError
+
+
+class _WeightedFront(_Front):
     """A unit's options that shrink it, on their Pareto front (fewer parameters, then less error) and
-    ordered by size, then dense (last entry); errors weighted by the unit's sensitivity (1 if unknown)."""
+    ordered by size, then dense (last entry); errors weighted by the unit's sensitivity (1 if unknown).
+    `excluded`: a method left out (a pair's pruning, which its pair's front offers)."""
 
-    def __init__(self, candidate: UnitDecomposers, weight: float):
+    def __init__(self, candidate: UnitDecomposers, weight: float, position: int = 0, excluded: str | None = None):
         dense = candidate.unit.params
-        front = pareto_front(candidate.options(), dense)
+        front = pareto_front([o for o in candidate.options() if o.method != excluded], dense)
         self.options = front
+        self.positions = [position]
         self.params = np.array([o.params for o in front] + [dense])
         self.errors = weight * np.array([o.error for o in front] + [0.0])
         notes = "; ".join(candidate.notes)
         self.empty_reason = candidate.emptied_by or "no decomposition shrinks it" + (f" ({notes})" if notes else "")
-
-    def best(self, multiplier: float) -> int:
-        return int(np.argmin(self.params + multiplier * self.errors))
 
     def choice(self, index: int) -> Choice:
         if not self.options:
@@ -241,8 +326,58 @@ class _WeightedFront:
             return Choice(None, "kept dense: its parameters buy more accuracy here than elsewhere")
         return Choice(self.options[index])
 
+    def choices(self, index: int) -> list[Choice]:
+        return [self.choice(index)]
 
-def _top_up(options: list[_WeightedFront], picks: list[int], left: float) -> None:
+
+class _PairFront(_Front):
+    """A pruned pair's units as one menu: each factorized as usual (every combination of their own
+    options), or the consumer's pruning options with the producers' rows cut alike; on the Pareto front
+    of the sums, then everything dense (last entry)."""
+
+    def __init__(self, consumer: UnitDecomposers, members: list[_WeightedFront], weight: float):
+        coupling = known_coupling(consumer)
+        self.positions = [position for member in members for position in member.positions]
+        params, errors = members[0].params, members[0].errors
+        picks = np.arange(len(params))[:, None]
+        for member in members[1:]:
+            params = (params[:, None] + member.params[None, :]).reshape(-1)
+            errors = (errors[:, None] + member.errors[None, :]).reshape(-1)
+            picks = np.concatenate([np.repeat(picks, len(member.params), axis=0),
+                                    np.tile(np.arange(len(member.params)), len(picks))[:, None]], axis=1)
+            kept = _pareto(params, errors, int(params[-1]))
+            params, errors, picks = params[kept], errors[kept], picks[kept]
+        pruning = [o for o in consumer.options() if o.method == coupling.method]
+        entries: list[list[Choice]] = [[m.choice(int(i)) for m, i in zip(members, row)] for row in picks]
+        for option in pruning:
+            cut = [Choice(coupling.producer_option(p, option)) for p in coupling.producers]
+            entries.append([*cut, Choice(option)])
+        params = np.concatenate([params, [sum(c.option.params for c in e if c.option) for e in entries[len(picks):]]])
+        errors = np.concatenate([errors, [weight * o.error for o in pruning]])
+        dense = int(sum(m.params[-1] for m in members))
+        kept = _pareto(params, errors, dense)
+        self.entries = [entries[i] for i in kept] + [[m.choice(len(m.params) - 1) for m in members]]
+        self.params = np.append(params[kept], dense)
+        self.errors = np.append(errors[kept], 0.0)
+
+    def choices(self, index: int) -> list[Choice]:
+        return self.entries[index]
+
+
+
+def _pareto(params: np.ndarray, errors: np.ndarray, dense: int) -> np.ndarray:
+    """Indices of the entries below `dense` parameters that no smaller one matches in error, by size; the
+    all-dense entry (the last one, when its sum is `dense`) is appended."""
+    order = np.lexsort((errors, params))
+    order = order[params[order] < dense]
+    best = np.minimum.accumulate(errors[order])
+    improves = np.concatenate([[True], errors[order][1:] < best[:-1]]) if order.size else np.zeros(0, dtype=bool)
+    found = order[improves]
+    dense_entries = np.flatnonzero(params == dense)
+    return np.append(found, dense_entries[-1:]) if dense_entries.size else found
+
+
+def _top_up(options: Sequence[_Front], picks: list[int], left: float) -> None:
     """Spend what bisection left of the budget on the steps with the best error drop per parameter."""
     while True:
         best, best_gain = None, 0.0
@@ -261,7 +396,7 @@ def _top_up(options: list[_WeightedFront], picks: list[int], left: float) -> Non
         left -= cost
 
 
-def _exchange(options: list[_WeightedFront], picks: list[int], budget: float) -> None:
+def _exchange(options: Sequence[_Front], picks: list[int], budget: float) -> None:
     """Local search past what lambda can reach (the budget is a knapsack): raise one unit a step, paying
     for it by lowering others where that loses least per parameter freed, while the total error drops."""
     improved = True

@@ -3,12 +3,12 @@ the one-line reasons a result is refused."""
 
 from __future__ import annotations
 
-from .fusion import fusion_check
-from .latency import LayerTimer, Untimeable
-from .ranks import UnitDecomposers, Choice
-from .report import Fusions, LayerReport, Latency, Report, TracePoint
-from .search import Search
 from .decompositions import Factorized
+from .fusion import fusion_check
+from .latency import UNTIMED, LayerTimer, Untimeable
+from .ranks import Choice, UnitDecomposers, coupled, known_coupling
+from .report import Fusions, Latency, LayerReport, Report, TracePoint
+from .search import Search
 
 
 def refusal(validation) -> str:
@@ -43,9 +43,12 @@ def layer_reports(
     sensitivity: list[float] | None, timer: LayerTimer | None,
 ) -> list[LayerReport]:
     reports = []
+    pruned = _pair_sensitivity_positions(candidates)
     for position, (candidate, choice) in enumerate(zip(candidates, choices)):
         if choice.option is None:
             continue
+        # a pruned pair's rows show its pruning's sensitivity
+        where = pruned.get(id(candidate), position) if choice.option.method in UNTIMED else position
         unit = candidate.unit
         factorization = factors[unit.key]
         config = choice.option.config
@@ -61,13 +64,22 @@ def layer_reports(
                 params_after=factorization.params,
                 predicted_error=factorization.predicted_error,
                 nodes=[layer.node.name for layer in unit.layers],
-                sensitivity=None if sensitivity is None else sensitivity[position],
+                sensitivity=None if sensitivity is None or where >= len(sensitivity) else sensitivity[where],
                 alternatives=_alternatives(candidate, choice.option),
                 spectrum=_spectrum(candidate),
                 latency=None if timer is None else _layer_latency(timer, unit, factorization),
             )
         )
     return reports
+
+
+def _pair_sensitivity_positions(candidates: list[UnitDecomposers]) -> dict[int, int]:
+    """Where each pruned pair's sensitivity is (after the units', search.sensitivities), for its units."""
+    found = {}
+    for number, consumer in enumerate(coupled(candidates)):
+        for member in (consumer, *known_coupling(consumer).producers):
+            found[id(member)] = len(candidates) + number
+    return found
 
 
 def fusions(original, factorized, report: Report, search: Search | None, base_dir: str) -> Fusions:
@@ -84,6 +96,8 @@ def fusions(original, factorized, report: Report, search: Search | None, base_di
 
 def _layer_latency(timer: LayerTimer, unit, factorization: Factorized) -> dict[str, float] | None:
     """The chosen factorization against its dense layer, alone (cached when the gate timed it)."""
+    if factorization.method in UNTIMED:
+        return None
     try:
         dense_ms, factorized_ms = timer.times(unit, factorization)
     except Untimeable:

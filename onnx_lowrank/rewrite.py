@@ -6,10 +6,11 @@ from collections.abc import Sequence
 
 import onnx
 
-from .layers import find_layers
-from .ranks import UnitDecomposers, Choice
-from .splice import Splice, export, import_graph
 from .decompositions import Factorized
+from .layers import find_layers
+from .prune import unmatched
+from .ranks import Choice, UnitDecomposers
+from .splice import Splice, export, import_graph
 
 
 def factors_of(candidates: Sequence[UnitDecomposers], choices: Sequence[Choice]) -> dict[str, Factorized]:
@@ -22,6 +23,9 @@ def build(
 ) -> onnx.ModelProto:
     """The original with the units named by key replaced by their factor chains (`base_dir`: where the
     original's external data lies, when it was loaded without it; the result then refers to it too)."""
+    problem = unmatched(factors)
+    if problem is not None:
+        raise RuntimeError(f"cannot write the allocation: {problem}")
     imported = import_graph(original)
     plan = find_layers(imported.graph, original, adapters, base_dir)
     splice = Splice(imported.graph)

@@ -33,7 +33,8 @@ from .generalization import (
 )
 from .metrics import Outputs, lost_decisions, score
 from .overrides import Override, with_overridable
-from .ranks import Choice, UnitDecomposers, by_budget, frontier
+from .prune import pruned_probe
+from .ranks import Choice, UnitDecomposers, by_budget, coupled, frontier
 from .report import Validation
 from .rewrite import build, factors_of
 from .runtime import Session, session_with_outputs, with_outputs
@@ -231,7 +232,8 @@ def sensitivities(
 ) -> list[float]:
     """Final-output (logit) squared relative error per unit of predicted error, one unit at a time (each
     probed with its option nearest PROBE_ERROR): fed to the original's session where the evaluator has
-    an override for the unit, else in a model built with the unit factorized."""
+    an override for the unit, else in a model built with the unit factorized. Then, per pruned pair (in
+    the order of `ranks.coupled`), its pruning's own, the pair built pruned."""
     found = []
     for candidate in candidates:
         option = candidate.probe_option(PROBE_ERROR)
@@ -246,6 +248,15 @@ def sensitivities(
             else:
                 error = evaluator.probe_error(build(original, adapters, {candidate.unit.key: factors}), probe)
             found.append(error / factors.predicted_error)
+        if advance is not None:
+            advance(1)
+    for consumer in coupled(candidates):
+        probed = pruned_probe(consumer, PROBE_ERROR)
+        if probed is None:
+            found.append(0.0)
+        else:
+            pair, predicted = probed
+            found.append(evaluator.probe_error(build(original, adapters, pair), probe) / predicted)
         if advance is not None:
             advance(1)
     return found

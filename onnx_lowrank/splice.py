@@ -207,6 +207,10 @@ class Emitter:
         self._splice._constants[key] = tensor
         return tensor
 
+    def constant(self, role: str, value: np.ndarray) -> gs.Constant:
+        """A constant of the chain stored as given (its element type is the one it replaces)."""
+        return gs.Constant(self._splice.unique(f"{self._layer.node.name}.lowrank_{role}"), np.ascontiguousarray(value))
+
     def variable(self, role: str) -> gs.Variable:
         """An intermediate tensor of the chain, in the element type the layer computes in."""
         return gs.Variable(self._splice.unique(f"{self._layer.node.name}.lowrank_{role}"), dtype=self._layer.weight.node_dtype)
