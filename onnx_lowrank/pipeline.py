@@ -158,7 +158,7 @@ def load(run: Run, advance: Advance) -> None:
     run.adapters = {op: ADAPTERS[op] for op in settings.ops}
     imported = import_graph(original)
     run.plan = find_layers(imported.graph, original, run.adapters, run.loaded.base_dir)
-    if settings.method in PRUNING_METHODS and not settings.no_data:
+    if settings.method in PRUNING_METHODS and not settings.no_data and run.calibration is not None:  # needs statistics
         run.pairs = find_pairs(run.plan.units, original)
     run.known = {n.name for n in imported.graph.nodes} | set(imported.graph.tensors())
     if run.mode is None:  # inspect describes the layers in a mode of its own
