@@ -163,7 +163,7 @@ def load(run: Run, advance: Advance) -> None:
     run.plan = find_layers(imported.graph, original, run.adapters, run.loaded.base_dir)
     for graph in [imported.graph, *imported.graph.subgraphs(recursive=True)]:  # bodies' layers can be named too
         run.known |= {n.name for n in graph.nodes} | set(graph.tensors())
-    if settings.method in PRUNING_METHODS and not settings.no_data:
+    if settings.method in PRUNING_METHODS and not settings.no_data and run.calibration is not None:  # needs statistics
         run.pairs = find_pairs(run.plan.units, original)
     if run.mode is None:  # inspect describes the layers in a mode of its own
         run.mode = rank_mode_for(settings, has_data=run.calibration is not None)

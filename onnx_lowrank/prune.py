@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 PRUNE = "prune"
 PRUNING_METHODS = ("auto", PRUNE)  # the --method values that offer it
+CONSTANT_LIMIT = 1 << 16  # values of a constant operand read at most (a per-channel one has h)
 RIDGE = 1e-9  # added to C's diagonal, relative to its mean diagonal: C[S,S] is then always invertible
 
 # ops computing each output element from the elements at the same position only (constants: scalars)
@@ -112,8 +113,8 @@ def _producer_ends(units: Sequence[Unit]) -> dict[str, Unit]:
 def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
     """The value of a tensor computed from constants alone through Identity / Cast / Reshape / Unsqueeze
     (paddle2onnx writes biases as Reshape(Constant)), or None for a computed one."""
-    if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
+    if isinstance(tensor, gs.Constant):  # a weight-sized one is no bias or scale: not read (it may be external)
+        return np.asarray(tensor.values) if np.prod(tensor.shape) <= CONSTANT_LIMIT else None
     if len(tensor.inputs) != 1:
         return None
     node = tensor.inputs[0]
