@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from .splice import Emitter
 
 PRUNE = "prune"
-PRUNING_METHODS = ("auto", PRUNE)  # the --method values that offer it
+PRUNING_METHODS = (PRUNE,)  # the --method values that offer it: not auto yet (see docs/decompositions.md)
 CONSTANT_LIMIT = 1 << 16  # values of a constant operand read at most (a per-channel one has h)
 RIDGE = 1e-9  # added to C's diagonal, relative to its mean diagonal: C[S,S] is then always invertible
 

@@ -1,6 +1,6 @@
 """Structured MLP compression (prune.py): which producer -> activation -> consumer pairs are found, that keeping
 every channel is exact, that the predicted error is the one onnxruntime measures on the calibration rows, and
-that the allocation offers it (and only with `--method auto` or `prune`)."""
+that the allocation offers it (and only with `--method prune`)."""
 
 from __future__ import annotations
 
@@ -165,7 +165,7 @@ def calibration(model: onnx.ModelProto, count: int = 24, seed: int = 5) -> dict[
     return {"x": (data + 0.3).astype(np.float32)}
 
 
-def coupled_candidates(model: onnx.ModelProto, data: dict[str, np.ndarray], method: str = "auto"):
+def coupled_candidates(model: onnx.ModelProto, data: dict[str, np.ndarray], method: str = "prune"):
     units, _ = pairs_of(model)
     pairs = find_pairs(units, model)
     samples = load_calibration(data, model)
@@ -294,7 +294,8 @@ def dead_half(width: int = 16, hidden: int = 32) -> onnx.ModelProto:
 def test_compact_mode_prunes_dead_channels_and_reports_both_layers():
     model = dead_half()
     data = {"x": _rng(1).standard_normal((64, 16)).astype(np.float32)}
-    new, report = onnx_lowrank.compress(model, calibration=data, metric="rel-l2", tolerance=1e-3, objective="size")
+    new, report = onnx_lowrank.compress(model, calibration=data, metric="rel-l2", tolerance=1e-3, objective="size",
+                                        method="prune")
     rows = {layer.node: layer for layer in report.layers}
     assert {rows["up"].method, rows["down"].method} == {"prune"}
     assert rows["up"].rank == rows["down"].rank <= 16
