@@ -181,8 +181,13 @@ def strength_for(problem: _Problem, rank: int, folds: Sequence[CrossMoments]) ->
     """The shrinkage two-fold cross-validation prefers: each fold's solution scored on the other (ties: the
     stronger shrinkage)."""
     first, second = folds
-    scores = [problem.excess(second, *problem.solve(rank, first, strength))
-              + problem.excess(first, *problem.solve(rank, second, strength)) for strength in SHRINKAGES]
+    scores = []
+    for strength in SHRINKAGES:
+        total = 0.0
+        for fitted, other in ((first, second), (second, first)):
+            projected, _, intercept = problem.solve(rank, fitted, strength)
+            total += problem.excess(other, projected, intercept)
+        scores.append(total)
     return SHRINKAGES[min(range(len(SHRINKAGES)), key=lambda i: (scores[i], -i))]
 
 
@@ -220,7 +225,7 @@ class _Problem:
         intercept = np.einsum("gmn,gn->gm", self.weight, mean_x) - np.einsum("gmn,gn->gm", projected, mean_t)
         return projected, basis, intercept if self.centred else np.zeros_like(intercept)
 
-    def excess(self, sums: CrossMoments, projected: np.ndarray, basis: np.ndarray, intercept: np.ndarray) -> float:
+    def excess(self, sums: CrossMoments, projected: np.ndarray, intercept: np.ndarray) -> float:
         """E||D W x - W' t - c||^2 on other rows (their sums about the same origin as the fitted fold's), less
         E||D W x||^2, the same for every fit."""
         mean_x, mean_t, tt, xt = sums.expectations()

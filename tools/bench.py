@@ -152,13 +152,17 @@ METHOD_CASES = {  # model, metric, budgets (fractions of the factorizable parame
 SINGLE_METHODS = ("svd", "tucker2", "cp", "spatial", "depthwise", "block")
 
 
+def _budget_case(model_name: str, metric: str) -> tuple[Case, dict, onnx.ModelProto]:
+    """A size-mode case of a model in a metric (its batch size from CASES), its data and the original."""
+    batch_size = CASES.get(model_name, Case(model_name, metric, ())).batch_size
+    paths = data_for(model_name)
+    return Case(model_name, metric, (), batch_size), paths, onnx.load(paths["model"])
+
+
 def methods(name: str, provider: str) -> list[dict]:
     """Size mode at each budget, once per single method and once with auto; errors on the evaluation set."""
     model_name, metric, budgets = METHOD_CASES[name]
-    case = CASES.get(model_name, Case(model_name, metric, ()))
-    case = Case(model_name, metric, (), case.batch_size)
-    paths = data_for(model_name)
-    original = onnx.load(paths["model"])
+    case, paths, original = _budget_case(model_name, metric)
     rows = []
     for budget in budgets:
         for method in (*SINGLE_METHODS, "auto"):
@@ -197,10 +201,7 @@ def refit(name: str, provider: str) -> list[dict]:
     """Size mode at each budget with --refit none and sequential (data-aware SVDs); errors on the evaluation
     set, both at the same parameter count."""
     model_name, metric, budgets = REFIT_CASES[name]
-    case = CASES.get(model_name, Case(model_name, metric, ()))
-    case = Case(model_name, metric, (), case.batch_size)
-    paths = data_for(model_name)
-    original = onnx.load(paths["model"])
+    case, paths, original = _budget_case(model_name, metric)
     rows = []
     for budget in budgets:
         for mode in ("none", "sequential"):
