@@ -25,9 +25,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
+import scipy.linalg
 
 from .calibration import Samples
-from .data_aware import _safe_scale, _shrunk, _sqrt_psd, _top_eigen
+from .data_aware import _safe_scale, _shrunk, _top_eigen
 from .decompositions import Factorized
 from .layers import Layer, Unit
 from .parallel import blas_threads
@@ -180,15 +181,28 @@ def refit(layer: Layer, factors: Factorization, moments: Moments, folds: Sequenc
 def strength_for(problem: _Problem, rank: int, folds: Sequence[CrossMoments]) -> float:
     """The shrinkage two-fold cross-validation prefers: each fold's solution scored on the other (ties: the
     stronger shrinkage)."""
-    first, second = folds
+    first, second = (problem.fold(sums) for sums in folds)
     scores = []
     for strength in SHRINKAGES:
         total = 0.0
         for fitted, other in ((first, second), (second, first)):
-            projected, _, intercept = problem.solve(rank, fitted, strength)
-            total += problem.excess(other, projected, intercept)
+            basis, reduced, intercept = problem.fit(rank, fitted, strength)
+            total += problem.excess(other, basis, reduced, intercept)
         scores.append(total)
     return SHRINKAGES[min(range(len(SHRINKAGES)), key=lambda i: (scores[i], -i))]
+
+
+@dataclass(frozen=True)
+class _Fold:
+    """A fold's expectations and the products every strength's fit and score reuse: raw (about the origin,
+    for scoring) and centred where the bias takes the mean (for fitting)."""
+
+    mean_x: np.ndarray
+    mean_t: np.ndarray
+    tt: np.ndarray  # raw E[t t^T]
+    wxt: np.ndarray  # raw D W E[x t^T]
+    fit_tt: np.ndarray
+    fit_wxt: np.ndarray
 
 
 class _Problem:
@@ -203,41 +217,54 @@ class _Problem:
         covariance = _shrunk(moments, np.broadcast_to(np.eye(in_dim), (groups, in_dim, in_dim)))
         self.mean = moments.mean
         self.prior = covariance if self.centred else covariance + self.mean[:, :, None] * self.mean[:, None, :]
+        self.weight_prior = self.weight @ self.prior
 
-    def _moments(self, sums: CrossMoments, strength: float) -> tuple[np.ndarray, ...]:
-        """Means of x and t, E[t t^T] and E[x t^T] (centred where the bias takes the mean), shrunk."""
+    def fold(self, sums: CrossMoments) -> _Fold:
         mean_x, mean_t, tt, xt = sums.expectations()
-        if self.centred:
-            tt = tt - mean_t[:, :, None] * mean_t[:, None, :]
-            xt = xt - mean_x[:, :, None] * mean_t[:, None, :]
-        return mean_x, mean_t, (1 - strength) * tt + strength * self.prior, (1 - strength) * xt + strength * self.prior
+        wxt = self.weight @ xt
+        if not self.centred:
+            return _Fold(mean_x, mean_t, tt, wxt, tt, wxt)
+        weighted_mean = np.einsum("gmn,gn->gm", self.weight, mean_x)
+        return _Fold(mean_x, mean_t, tt, wxt, tt - mean_t[:, :, None] * mean_t[:, None, :],
+                     wxt - weighted_mean[:, :, None] * mean_t[:, None, :])
+
+    def fit(self, rank: int, fold: _Fold, strength: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The rank-r scaled weight W' = P R (P: an orthonormal basis of its outputs, R = P^T W*, W* the
+        unconstrained least squares of the shrunk moments, P the top of W* E[t t^T] W*^T) and the
+        intercept c (zeros: no bias site)."""
+        tt = (1 - strength) * fold.fit_tt + strength * self.prior
+        rhs = (1 - strength) * fold.fit_wxt + strength * self.weight_prior
+        basis, reduced = [], []
+        for group in range(tt.shape[0]):  # Cholesky: E[t t^T] is PSD, ridged to be definite
+            factor = scipy.linalg.cho_factor(_ridged(tt[group : group + 1])[0], lower=True, check_finite=False)
+            unconstrained = scipy.linalg.cho_solve(factor, rhs[group].T, check_finite=False).T
+            top = _output_basis(unconstrained, rhs[group], np.tril(factor[0]), rank)
+            basis.append(top)
+            reduced.append(top.T @ unconstrained)
+        bases, reductions = np.stack(basis), np.stack(reduced)
+        intercept = np.einsum("gmn,gn->gm", self.weight, fold.mean_x) - np.einsum(
+            "gmr,gr->gm", bases, np.einsum("grn,gn->gr", reductions, fold.mean_t))
+        return bases, reductions, intercept if self.centred else np.zeros_like(intercept)
 
     def solve(self, rank: int, sums: CrossMoments, strength: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The rank-r scaled weight W' = P P^T W*, its basis P and the intercept c (zeros: no bias site)."""
-        mean_x, mean_t, tt, xt = self._moments(sums, strength)
-        unconstrained = np.swapaxes(np.linalg.solve(_ridged(tt), np.swapaxes(self.weight @ xt, 1, 2)), 1, 2)
-        if unconstrained.shape[1] <= unconstrained.shape[2]:
-            product = unconstrained @ tt @ np.swapaxes(unconstrained, 1, 2)
-            _, basis = _top_eigen((product + np.swapaxes(product, 1, 2)) / 2, rank)
-        else:
-            basis = np.linalg.svd(unconstrained @ _sqrt_psd(tt), full_matrices=False)[0][:, :, :rank]
-        projected = basis @ (np.swapaxes(basis, 1, 2) @ unconstrained)
-        intercept = np.einsum("gmn,gn->gm", self.weight, mean_x) - np.einsum("gmn,gn->gm", projected, mean_t)
-        return projected, basis, intercept if self.centred else np.zeros_like(intercept)
+        """The rank-r scaled weight W', its basis P and the intercept c (`fit` on all of `sums`)."""
+        basis, reduced, intercept = self.fit(rank, self.fold(sums), strength)
+        return basis @ reduced, basis, intercept
 
-    def excess(self, sums: CrossMoments, projected: np.ndarray, intercept: np.ndarray) -> float:
+    def excess(self, fold: _Fold, basis: np.ndarray, reduced: np.ndarray, intercept: np.ndarray) -> float:
         """E||D W x - W' t - c||^2 on other rows (their sums about the same origin as the fitted fold's), less
-        E||D W x||^2, the same for every fit."""
-        mean_x, mean_t, tt, xt = sums.expectations()
-        w, p = self.weight, projected
-        value = (-2 * np.sum(p * (w @ xt)) + np.sum((p @ tt) * p)
-                 - 2 * np.sum(intercept * (np.einsum("gmn,gn->gm", w, mean_x) - np.einsum("gmn,gn->gm", p, mean_t)))
-                 + np.sum(intercept**2))
+        E||D W x||^2, the same for every fit; W' = P R with P orthonormal, so every product is r x n."""
+        along = np.swapaxes(basis, 1, 2) @ fold.wxt  # P^T D W E[x t^T]
+        predicted = np.einsum("gmn,gn->gm", self.weight, fold.mean_x) - np.einsum(
+            "gmr,gr->gm", basis, np.einsum("grn,gn->gr", reduced, fold.mean_t))
+        value = (-2 * np.sum(reduced * along) + np.sum((reduced @ fold.tt) * reduced)
+                 - 2 * np.sum(intercept * predicted) + np.sum(intercept**2))
         return float(value)
 
     def factors(self, factors: Factorization, sums: CrossMoments, strength: float) -> Factorization:
-        projected, basis, _ = self.solve(factors.rank, sums, strength)
-        first = np.swapaxes(basis, 1, 2) @ projected
+        basis, reduced, _ = self.fit(factors.rank, self.fold(sums), strength)
+        projected = basis @ reduced
+        first = reduced
         second = basis / self.scale[:, :, None]
         shift = None
         if self.centred:  # E[W x - W'' t] with the true means (the sums are about their origin)
@@ -245,6 +272,19 @@ class _Problem:
             shift = (np.einsum("gmn,gn->gm", self.weight, mean_x) - np.einsum("gmn,gn->gm", projected, mean_t))
             shift = shift / self.scale
         return replace(factors, first=first, second=second, bias_shift=shift)
+
+
+def _output_basis(unconstrained: np.ndarray, rhs: np.ndarray, root: np.ndarray, rank: int) -> np.ndarray:
+    """An orthonormal basis of the top-`rank` eigenvectors of W* E[t t^T] W*^T (E[t t^T] = L L^T), from an
+    eigendecomposition of the smaller side: W* E[t t^T] W*^T = rhs W*^T (m x m) when m <= n, else the top
+    right vectors V of A = W* L (from A^T A, n x n), the span of A V."""
+    out_dim, in_dim = unconstrained.shape
+    if out_dim <= in_dim:
+        product = rhs @ unconstrained.T
+        return _top_eigen(((product + product.T) / 2)[None], rank)[1][0]
+    scaled = unconstrained @ root
+    _, right = _top_eigen((scaled.T @ scaled)[None], rank)
+    return np.linalg.qr(scaled @ right[0])[0]
 
 
 def _ridged(matrices: np.ndarray) -> np.ndarray:

@@ -5,6 +5,7 @@ session (`inspected`, `shared_run`)."""
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -15,9 +16,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from threadpoolctl import threadpool_limits
 
 import onnx_lowrank
-from onnx_lowrank import latency, pipeline
+from onnx_lowrank import latency, pipeline, runtime
 from onnx_lowrank.conv_methods import CanonicalPolyadic
 
 OPSET = 17
@@ -235,6 +237,24 @@ def quick_end_to_end_timing():
     the rounds themselves; measured, the full rounds were a quarter of a MiniLM-L2 compact run)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pipeline, "end_to_end", functools.partial(latency.end_to_end, min_runs=5, min_seconds=0.2))
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread_per_worker():
+    """With a pytest-xdist worker per core, each worker's ONNX Runtime sessions and BLAS calls use one thread:
+    every worker's thread pools spread over every core would oversubscribe the machine (onnxruntime's pool
+    threads spin while they wait). Sessions asked for a thread count (the latency tests) keep it."""
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) < 2:
+        yield
+        return
+    opened = runtime.open_session
+
+    def one_thread(model, provider, threads, level):
+        return opened(model, provider, threads or 1, level)
+
+    with threadpool_limits(1), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runtime, "open_session", one_thread)
         yield
 
 

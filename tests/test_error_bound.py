@@ -30,11 +30,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import inspected, shared_run
 
 import onnx_lowrank
-from conftest import inspected, shared_run
-from onnx_lowrank.generalization import clopper_pearson
 from onnx_lowrank.calibration import Samples, load_calibration, split
+from onnx_lowrank.generalization import clopper_pearson
 from onnx_lowrank.metrics import DEFAULT_TOLERANCE
 from onnx_lowrank.report import as_dict
 from onnx_lowrank.search import Evaluator
@@ -230,8 +230,9 @@ def test_lossless_digits():
 
 
 def test_lossless_ppocr_cls():
+    # --method svd: the same 10.0% removed as auto here, in two thirds of the time (the bound is the subject)
     model, report = onnx_lowrank.compress(PPOCR, PPOCR_CALIB, labels=PPOCR_LABELS, metric="accuracy",
-                                          objective="size")
+                                          objective="size", method="svd")
     validation = report.validation
     assert validation.tolerance == 0 and validation.passed is True
     assert validation.lost == validation.ties_lost and validation.threatened == 0
@@ -395,11 +396,12 @@ def minilm_compact():
 @pytest.fixture(scope="module")
 def minilm_size():
     """Size mode at 0.9 with cosine: data-aware SVD factors and weight-only ones (--method svd: what auto was
-    on MiniLM before channel pruning, which tests/test_prune.py covers)."""
+    on MiniLM before channel pruning, which tests/test_prune.py covers; no refit, which tests/test_refit.py
+    covers: it would triple the run)."""
     return {
         no_data: onnx_lowrank.compress(
             MINILM, sentences(MINILM_CALIB), metric="cosine", target_params=SIZE_TARGET, no_data=no_data,
-            batch_size=MINILM_BATCH, objective="size", method="svd",
+            batch_size=MINILM_BATCH, objective="size", method="svd", refit="none",
         )
         for no_data in (False, True)
     }
