@@ -30,6 +30,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import scipy.linalg
+import scipy.linalg.blas
+from threadpoolctl import threadpool_limits
 
 from .data_aware import _energy, _safe_scale, _shrunk
 from .errors import known
@@ -44,8 +46,9 @@ if TYPE_CHECKING:
     from .splice import Emitter
 
 PRUNE = "prune"
-PRUNING_METHODS = (PRUNE,)  # the --method values that offer it: not auto yet (see docs/decompositions.md)
+PRUNING_METHODS = ("auto", PRUNE)  # the --method values that offer it
 CONSTANT_LIMIT = 1 << 16  # values of a constant operand read at most (a per-channel one has h)
+REFITS_KEPT = 4  # a pair's last refits kept for the search's next builds
 RIDGE = 1e-9  # added to C's diagonal, relative to its mean diagonal: C[S,S] is then always invertible
 
 # ops computing each output element from the elements at the same position only (constants: scalars)
@@ -253,26 +256,41 @@ def find_pairs(units: Sequence[Unit], model: onnx.ModelProto) -> list[Pair]:
 def forward_selection(weighted: np.ndarray, moment: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The channels in the order greedy forward selection keeps them, and the error tr(B R_k B^T) left
     with the first k kept, k = 0..h. `weighted` (d', h) is B (rows scaled by the error weights D),
-    `moment` (h, h) positive definite. R_k = moment - L_k L_k^T, L the pivoted Cholesky factor."""
+    `moment` (h, h) positive definite. R_k = moment - L_k L_k^T, L the pivoted Cholesky factor.
+
+    Each step costs O((d' + k) h) and touches every array once: B R_k is updated in place (a BLAS
+    rank-1 update), its column norms and the error by the same step's algebra (keeping channel j removes
+    ||B R_k[:, j]||^2 / R_k[j, j], its gain, from the error). On one BLAS thread: waking a pool for each
+    of these matrix-vector steps made it four times slower on 2 cores."""
+    with threadpool_limits(1):
+        return _forward_selection(weighted, moment)
+
+
+def _forward_selection(weighted: np.ndarray, moment: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     h = moment.shape[0]
     floor = 1e-300
     residual = np.diag(moment).copy()  # diag(R_k)
-    factor = np.zeros((h, h))
-    product = weighted @ moment  # B R_k
+    factor = np.zeros((h, h))  # row k: the k-th column of L
+    product = np.asfortranarray(weighted @ moment)  # B R_k
+    norms = np.einsum("ij,ij->j", product, product)  # ||B R_k[:, j]||^2
     order = np.empty(h, dtype=np.intp)
     errors = np.zeros(h + 1)
+    errors[0] = max(float(np.sum(product * weighted)), 0.0)
     free = np.ones(h, dtype=bool)
     for step in range(h):
-        errors[step] = max(float(np.sum(product * weighted)), 0.0)
-        gains = np.where(free, np.sum(product**2, axis=0) / np.maximum(residual, floor), -1.0)
+        gains = np.where(free, norms / np.maximum(residual, floor), -1.0)
         j = int(np.argmax(gains))
         root = np.sqrt(max(residual[j], floor))
-        column = (moment[:, j] - factor[:, :step] @ factor[j, :step]) / root
-        factor[:, step] = column
-        product -= np.outer(product[:, j] / root, column)
+        column = (moment[:, j] - factor[:step].T @ factor[:step, j]) / root
+        factor[step] = column
+        along = product[:, j] / root  # B times the new column of L
+        norms += column * (column * float(along @ along) - 2 * (product.T @ along))
+        product = scipy.linalg.blas.dger(-1.0, along, column, a=product, overwrite_a=True)
         residual -= column**2
         free[j] = False
         order[step] = j
+        errors[step + 1] = max(errors[step] - float(gains[j]), 0.0)
+    errors[h] = 0.0  # every channel kept: exact
     return order, errors
 
 
@@ -302,13 +320,23 @@ class ChannelPruning:
         self.order, left = forward_selection(scale[0][:, None] * self._weight, self._moment)
         energy = _energy(scale[:, :, None] * weight, second_moment)
         self.errors = left / energy if energy > 0 else np.zeros_like(left)
+        self._refits: dict[int, PrunedInputs] = {}
 
     def options(self) -> list[Option]:
         out_dim, h = self._weight.shape
         return [Option(PRUNE, (k,), out_dim * k, float(self.errors[k])) for k in range(1, h)]
 
     def factorize(self, config: tuple[int, ...]) -> PrunedInputs:
+        """The pruned consumer keeping k channels; the last few k's are kept (a search builds the same
+        pair's k again and again as other units' ranks change, and each refit solves a k x k system)."""
         (k,) = config
+        if k not in self._refits:
+            if len(self._refits) >= REFITS_KEPT:
+                self._refits.pop(next(iter(self._refits)))
+            self._refits[k] = self._refit(k)
+        return self._refits[k]
+
+    def _refit(self, k: int) -> PrunedInputs:
         h = self._weight.shape[1]
         if not 1 <= k <= h:
             raise ValueError(f"{k} channels kept, outside 1..{h}")

@@ -61,7 +61,8 @@ def test_decompositions_parked_on_disk_give_the_same_model(monkeypatch):
     """Large models keep each layer's decompositions in files while ranks are chosen (parking.py); every
     method's decomposer (data-aware SVD, Tucker-2, CP, ...) answers the same from there."""
     for method in ("auto", "tucker2"):  # auto picks data-aware SVDs here; a conv method's chain too
-        options = {"calibration": CALIB, "target_params": 0.4, "method": method, "objective": "size", "jobs": 1}
+        options = {"calibration": CALIB, "target_params": 0.4, "method": method, "objective": "size", "jobs": 1,
+                   "refit": "none"}  # the refit reads the factors parked or not alike (test_refit.py: the refit)
         in_memory = onnx_lowrank.compress(DIGITS, **options)
         with monkeypatch.context() as patched:
             patched.setattr(pipeline, "PARK_MIN_PARAMS", 0)
