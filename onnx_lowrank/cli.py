@@ -25,7 +25,7 @@ from .inspection import inspect
 from .installation import install_hint, version
 from .methods import METHODS
 from .model_io import check_output_path, write_text
-from .options import Options, parse_ops
+from .options import Options, parse_list
 from .progress import terminal_progress
 from .runtime import PROVIDERS
 from .summary import print_compress, print_inspect
@@ -150,7 +150,7 @@ def _write_reports(args: argparse.Namespace, report) -> None:
 
 
 def _inspect(args: argparse.Namespace, console: Console) -> int:
-    rows = inspect(args.input, ops=parse_ops(args.ops), calibration=args.calib, provider=args.provider, method=args.method)
+    rows = inspect(args.input, ops=parse_list(args.ops), calibration=args.calib, provider=args.provider, method=args.method)
     print_inspect(rows, console, data=args.calib is not None)
     return 0
 

@@ -44,8 +44,15 @@ def check_metric(metric: str, has_labels: bool) -> None:
         raise InputError("the perplexity metric needs next-token targets (derived from the input ids)")
 
 
-def compared_outputs(metric: str, names: Sequence[str]) -> list[str]:
-    """The graph outputs a metric reads: perplexity only the first (the logits), the others every one."""
+def compared_outputs(metric: str, names: Sequence[str], chosen: Sequence[str] | None = None) -> list[str]:
+    """The graph outputs a metric reads: those `chosen` (--outputs), else for perplexity only the first (the
+    logits), for the others every one."""
+    if chosen:
+        unknown = [name for name in chosen if name not in names]
+        if unknown:
+            raise InputError(f"--outputs names {unknown[0]!r}, which is not an output of the model "
+                             f"(its outputs: {', '.join(names)})")
+        return list(dict.fromkeys(chosen))
     return list(names[:1]) if metric == "perplexity" else list(names)
 
 

@@ -45,8 +45,8 @@ def _option(default, flag: Flag | None = None, factory: Callable[[], object] | N
     return field(default=default, metadata=metadata)
 
 
-def parse_ops(text: object) -> tuple[str, ...]:
-    """A comma-separated list of op types (--ops), blanks dropped."""
+def parse_list(text: object) -> tuple[str, ...]:
+    """A comma-separated list (--ops, --outputs), blanks dropped."""
     return tuple(op.strip() for op in str(text).split(",") if op.strip())
 
 
@@ -75,8 +75,11 @@ class Options:
     method: str = _option("auto", Flag("decomposition (auto: the best available)", choices=METHODS))
     no_data: bool = _option(False, Flag("factorize from the weights alone (still validate on --calib)"))
     ops: Sequence[str] = _option(None, Flag(
-        f"comma-separated op types to consider (default {','.join(ADAPTERS)})", "LIST", convert=parse_ops),
+        f"comma-separated op types to consider (default {','.join(ADAPTERS)})", "LIST", convert=parse_list),
         factory=lambda: tuple(ADAPTERS))
+    outputs: Sequence[str] | None = _option(None, Flag(  # the graph outputs the metric compares (None: its default)
+        "comma-separated graph outputs the metric compares, e.g. the one a deployment reads (default: every "
+        "one; perplexity: the first, the logits)", "LIST", convert=parse_list))
     provider: str = _option("cpu", Flag("execution provider for validation", choices=PROVIDERS))  # cpu|cuda|auto
     allow_larger: bool = _option(False, Flag("keep factorizations that do not shrink a layer"))
     seed: int = _option(0, Flag("seed of the fit / validation split", type=int))

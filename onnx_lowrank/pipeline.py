@@ -232,7 +232,7 @@ def sensitivity(run: Run, advance: Advance) -> None:
     samples, parts = known(run.samples, "the samples"), known(run.parts, "the calibration split")
     overrides = overrides_for(run.original, units, {o.name for o in run.original.graph.output}) \
         if mode.probes else None
-    compared = compared_outputs(settings.metric, [o.name for o in run.original.graph.output])
+    compared = compared_outputs(settings.metric, [o.name for o in run.original.graph.output], settings.outputs)
     run.evaluator = Evaluator(run.original, samples, known(run.provider, "the provider"), settings.batch_size,
                               overrides, compared)
     run.search = Search(run.original, run.adapters, run.decomposers, run.evaluator, parts.validation,
@@ -421,6 +421,8 @@ def _calibration(settings: Options, model: onnx.ModelProto, calibration, labels)
             raise InputError("--tolerance needs calibration data (--calib)")
         if labels is not None:
             raise InputError("--labels needs calibration data (--calib)")
+        if settings.outputs:
+            raise InputError("--outputs needs calibration data (--calib): it names what validation compares")
         return None
     samples = load_calibration(calibration, model, labels)
     if settings.metric == "perplexity":
@@ -428,4 +430,5 @@ def _calibration(settings: Options, model: onnx.ModelProto, calibration, labels)
             raise InputError("the perplexity metric takes its targets from the input ids: give no --labels")
         samples.labels = next_token_targets(samples)
     check_metric(settings.metric, has_labels=samples.labels is not None)
+    compared_outputs(settings.metric, [o.name for o in model.graph.output], settings.outputs)  # known names
     return samples

@@ -95,6 +95,7 @@ class Validation:
     calibration_decisions: int | None = None  # top1 / accuracy: decisions on all calibration samples
     predicted_unseen: float | None = None  # threatened / decisions of all calibration samples: the
     # predicted fraction of new inputs whose decision may change (what the search held within the tolerance)
+    outputs: list[str] | None = None  # the graph outputs compared (--outputs, or the metric's default)
 
 
 @dataclass(frozen=True)

@@ -376,7 +376,7 @@ class Search:
         indices = self.indices
         labels = None if self.labels is None else self.labels[indices]
         common = {"metric": self.metric, "tolerance": tolerance, "provider": self.evaluator.provider_used,
-                  "samples": len(indices), "confidence": confidence}
+                  "samples": len(indices), "confidence": confidence, "outputs": list(self.evaluator.output_names)}
         if self.metric in DISCRETE:
             judged = self.evaluator.judge(model, indices, self.metric, labels)
             lost, total = known(judged.lost, "the decisions lost")  # judged on a discrete metric

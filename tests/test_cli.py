@@ -849,3 +849,25 @@ def test_flags_reach_options_converted(tmp_path: Path):
                             metric="cosine")
     defaults = command._parser().parse_args(["compress", "in.onnx", "-o", "out.onnx"])
     assert Options(**command._options(defaults)) == Options()
+
+
+@pytest.mark.parametrize("extra, words", [(["--outputs", "nothing"], ("--outputs", "'nothing'", "not an output")),
+                                          (["--outputs", ""], None)])
+def test_outputs_names_known_graph_outputs(tiny: Path, tiny_calib: Path, tmp_path: Path, monkeypatch, capsys,
+                                           extra, words):
+    """--outputs names graph outputs: an unknown one is bad input (exit 2, one line, before any pass); an empty
+    list is the default (every output)."""
+    out = tmp_path / "out.onnx"
+    code, _, err = _main(monkeypatch, capsys, "compress", tiny, "-o", out, "--energy", "0.99", "--calib", tiny_calib,
+                         "--objective", "size", *extra)
+    if words is None:
+        assert code == 0, err
+        return
+    assert code == 2 and len(err.splitlines()) == 1 and not out.exists(), err
+    assert all(word in err for word in words), err
+
+
+def test_outputs_without_calibration_is_bad_input(tiny: Path, tmp_path: Path, monkeypatch, capsys):
+    code, _, err = _main(monkeypatch, capsys, "compress", tiny, "-o", tmp_path / "o.onnx", "--energy", "0.9",
+                         "--outputs", "y")
+    assert code == 2 and "--outputs" in err and "--calib" in err, err

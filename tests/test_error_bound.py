@@ -454,6 +454,25 @@ def test_minilm_metric_is_the_worst_output(minilm_compact):
     assert each["sentence_embedding"] != pytest.approx(each["last_hidden_state"], rel=1e-3), each
 
 
+def test_minilm_outputs_chooses_what_is_compared():
+    """--outputs sentence_embedding: validation compares that output alone (the last hidden state, which
+    a sentence-embedding deployment does not read, no longer binds)."""
+    ranks = {"*": 96}
+    calib = drawn_sentences("calib")
+    common = dict(metric="cosine", ranks=ranks, batch_size=MINILM_BATCH, objective="size", method="svd", refit="none")
+    model, report = onnx_lowrank.compress(MINILM, calib, outputs=["sentence_embedding"], **common)
+    _, both = onnx_lowrank.compress(MINILM, calib, **common)
+    assert report.validation.outputs == ["sentence_embedding"]
+    assert both.validation.outputs == ["sentence_embedding", "last_hidden_state"]
+    indices = held_out(len(calib["input_ids"]))
+    part = {name: value[indices] for name, value in calib.items()}
+    reference, candidate = outputs(MINILM, part, batch=MINILM_BATCH), outputs(model, part, batch=MINILM_BATCH)
+    alone = cosine_error(reference[0], candidate[0])
+    assert report.validation.value == pytest.approx(alone, rel=1e-4, abs=1e-9)
+    assert both.validation.value == pytest.approx(max(alone, cosine_error(reference[1], candidate[1])), rel=1e-4)
+    assert report.validation.value < both.validation.value
+
+
 def test_minilm_size_mode_budget(minilm_size):
     before = sum(factorizable(MINILM).values())
     for no_data, (model, report) in minilm_size.items():

@@ -148,8 +148,9 @@ def test_sensitivities_of_real_models_fed_as_built(name, calibration):
     assert len(factors) > len(units) // 2
     assert all(overrides[unit.key].feed(f) is not None for unit, f in factors)
     assert any(f.bias_shift is not None for _, f in factors)
-    built = sensitivities(model, ADAPTERS, candidates, Evaluator(model, samples, "cpu", 16), fit)
-    fed = sensitivities(model, ADAPTERS, candidates, Evaluator(model, samples, "cpu", 16, overrides), fit)
+    probed = candidates[::2] if len(candidates) > 20 else candidates  # PP-OCR: 27 of its 54 units (a build each)
+    built = sensitivities(model, ADAPTERS, probed, Evaluator(model, samples, "cpu", 16), fit)
+    fed = sensitivities(model, ADAPTERS, probed, Evaluator(model, samples, "cpu", 16, overrides), fit)
     np.testing.assert_allclose(fed, built, rtol=1e-3)
 
 

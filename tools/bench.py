@@ -248,10 +248,25 @@ def main() -> None:
     for name in names:
         rows += run_case(name)
     args.out.mkdir(exist_ok=True)
+    path = args.out / f"{args.suite}_{args.provider}.json"
     run = {"suite": args.suite, "provider": args.provider, "machine": machine(args.provider),
            "onnxruntime": ort.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows}
-    (args.out / f"{args.suite}_{args.provider}.json").write_text(json.dumps(run, indent=1))
+    if args.models and path.exists():  # some cases re-run: the others' rows stay, said in the note
+        run.update(_merged(json.loads(path.read_text()), rows, names))
+    path.write_text(json.dumps(run, indent=1))
     render_all()
+
+
+def _merged(previous: dict, rows: list[dict], names: list[str]) -> dict:
+    """The previous run's rows of the models and metrics not re-run, then the new rows, and a note saying so."""
+    ran = {(row["model"], row["metric"]) for row in rows}
+    kept = [row for row in previous["rows"] if (row.get("model"), row.get("metric")) not in ran]
+    if not kept:
+        return {"rows": rows}
+    note = f"the {', '.join(names)} rows re-run {time.strftime('%Y-%m-%d')}; the others from the run of {previous['date']}"
+    if previous.get("note"):
+        note += f" ({previous['note']})"
+    return {"rows": kept + rows, "note": note}
 
 
 def _latency(args) -> None:
