@@ -241,17 +241,18 @@ def test_lossless_digits():
 
 
 def test_lossless_ppocr_cls():
-    # --method svd: the same 10.0% removed as auto here, in two thirds of the time (the bound is the subject)
     model, report = onnx_lowrank.compress(PPOCR, PPOCR_CALIB, labels=PPOCR_LABELS, metric="accuracy",
-                                          objective="size", method="svd")
+                                          objective="size")
     validation = report.validation
     assert validation.tolerance == 0 and validation.passed is True
     assert validation.lost == validation.ties_lost and validation.threatened == 0
     assert validation.samples == 120  # three quarters held out for a discrete metric
-    # judged by margins, lossless removes far less than the held-out count alone did (34.8%; measured
-    # 10.0%, BENCHMARKS.md "generalization"), and no new image is lost
+    # judged by margins, lossless removes less than the held-out count alone (32.0%, which lost an eval
+    # image); with the squeeze-excitation pairs pruned, 22.7% (BENCHMARKS.md "generalization"), and no new
+    # image is lost
     removed = 1 - report.params_after / report.params_before
-    assert removed >= 0.05, f"only {removed:.1%} of the parameters removed"
+    assert removed >= 0.2, f"only {removed:.1%} of the parameters removed"
+    assert any(layer.method == "prune" for layer in report.layers)
     feeds, labels = npz(PPOCR_EVAL), np.load(PPOCR_EVAL_LABELS)
     before = accuracy(outputs(PPOCR, feeds, batch=32)[0], labels)
     after = accuracy(outputs(model, feeds, batch=32)[0], labels)
