@@ -264,14 +264,13 @@ class _Problem:
     def factors(self, factors: Factorization, sums: CrossMoments, strength: float) -> Factorization:
         basis, reduced, _ = self.fit(factors.rank, self.fold(sums), strength)
         projected = basis @ reduced
-        first = reduced
         second = basis / self.scale[:, :, None]
         shift = None
         if self.centred:  # E[W x - W'' t] with the true means (the sums are about their origin)
             mean_x, mean_t = (m + (sums.origin if sums.origin is not None else 0) for m in sums.expectations()[:2])
             shift = (np.einsum("gmn,gn->gm", self.weight, mean_x) - np.einsum("gmn,gn->gm", projected, mean_t))
             shift = shift / self.scale
-        return replace(factors, first=first, second=second, bias_shift=shift)
+        return replace(factors, first=reduced, second=second, bias_shift=shift)
 
 
 def _output_basis(unconstrained: np.ndarray, rhs: np.ndarray, root: np.ndarray, rank: int) -> np.ndarray:
