@@ -4,7 +4,7 @@
   measures how much the final outputs move per unit of the unit's predicted error.
 - Compact mode: the allocations along the Lagrangian frontier (params + lambda * sensitivity * error) are
   ordered by size; a bisection over them, each step validated end to end, finds the smallest one whose
-  validated error is within the tolerance.
+  validated error is within the tolerance; then the frontiers of size mode's other weightings, below it.
 - Size mode: at the parameter budget, allocations with sensitivity weights s**a (a = 0, 0.5, 1) are
   validated and the least validated error wins.
 """
@@ -313,62 +313,82 @@ class Search:
             self.advance(1)
         return trial
 
-    def compact(self, weights: Sequence[float], tolerance: float) -> Trial | None:
-        """The smallest frontier allocation whose validated error is within the tolerance (None if only
-        the all-dense end passes).
+    def compact(self, sensitivity: Sequence[float], tolerance: float) -> Trial | None:
+        """The smallest allocation whose validated error is within the tolerance, over the frontiers of
+        every weighting size mode tries (None if only the all-dense end passes).
+
+        The frontier of sensitivity weights (exponent 1, all methods) is searched first; on each other
+        frontier only the allocations smaller than the best so far are (one validation when its largest such
+        allocation fails): the predictions can mislead, and on PP-OCR another weighting is smaller.
+        """
+        self.steered = self.indices[::2]
+        best: Trial | None = None
+        for view, exponent in self._weightings():
+            weights = [max(s, 1e-12) ** exponent for s in sensitivity]
+            found = self._smallest_passing(frontier(view, weights), tolerance, None if best is None else best.params)
+            if found is not None:
+                best = found
+        return best
+
+    def _weightings(self) -> list[tuple[list[UnitDecomposers], float]]:
+        """The candidate views and sensitivity exponents of the frontiers compact mode and size mode search,
+        sensitivity weights with every method first."""
+        views = [self.candidates]
+        if any(c.offers_others for c in self.candidates):
+            views.append([c.primary_only() for c in self.candidates])
+        exponents = sorted(SIZE_MODE_EXPONENTS, key=lambda exponent: exponent != 1.0)
+        return [(view, exponent) for view in views for exponent in exponents]
+
+    def _smallest_passing(self, candidates: list[list[Choice]], tolerance: float, below: int | None) -> Trial | None:
+        """The smallest of `candidates` (a frontier, in growing size) with fewer parameters than `below`
+        whose validated error is within the tolerance, or None.
 
         Bisection on half of the held-out samples selects; the whole held-out part confirms, and a
         second bisection above the selection runs if it does not: choosing the edge on the same samples
-        that certify it would favour candidates that pass by luck.
+        that certify it would favour candidates that pass by luck. The first candidate not smaller than
+        `below` (the dense end, when None) counts as passing without a validation.
         """
-        candidates = frontier(self.candidates, weights)
-        last = len(candidates) - 1  # everything dense: the original, which passes by definition
-        selecting = self.steered = self.indices[::2]
+        end = len(candidates) - 1 if below is None else sum(self.params(c) < below for c in candidates)
         tried: dict[tuple, Trial] = {}
-
-        checks = [(selecting, None), (self.indices, None)]
+        checks = [self.steered, self.indices]
 
         def passes(index: int, upto: int) -> bool:
             """Whether a candidate passes the first `upto` checks."""
-            for indices, metric in checks[:upto]:
-                key = (index, len(indices), metric)
+            if index == end:
+                return True
+            for indices in checks[:upto]:
+                key = (index, len(indices))
                 if key not in tried:
-                    tried[key] = self.validated(candidates[index], indices, metric)
+                    tried[key] = self.validated(candidates[index], indices)
                 if tried[key].value > tolerance:
                     return False
             return True
 
-        def smallest_passing(low: int, high: int, upto: int) -> int:
+        def first_passing(low: int, high: int, upto: int) -> int:
             """Bisect for the first passing index in (low, high], given low fails and high passes."""
             while high - low > 1:
                 middle = (low + high) // 2
                 low, high = (low, middle) if passes(middle, upto) else (middle, high)
             return high
 
-        chosen = 0 if passes(0, 1) else smallest_passing(0, last, 1)
-        for upto in range(2, len(checks) + 1):
-            if chosen < last and not passes(chosen, upto):
-                chosen = smallest_passing(chosen, last, upto)
-        if chosen == last:
-            return None
-        passes(chosen, 2)
-        return tried[(chosen, len(self.indices), None)]
+        if end == 0 or (below is not None and not passes(end - 1, 1)):
+            return None  # nothing smaller, or the largest smaller one fails already
+        chosen = 0 if passes(0, 1) else first_passing(0, end, 1)
+        if chosen < end and not passes(chosen, 2):
+            chosen = first_passing(chosen, end, 2)
+        return None if chosen == end else tried[(chosen, len(self.indices))]
 
     def at_budget(self, sensitivity: Sequence[float], fraction: float) -> Trial:
         """At the budget, the least validated error among allocations weighted by sensitivity**a; with
         several methods, also among those using the SVDs alone (predictions can mislead: the winners
         are validated)."""
-        views = [self.candidates]
-        if any(c.offers_others for c in self.candidates):
-            views.append([c.primary_only() for c in self.candidates])
         seen: dict[tuple, Trial] = {}
-        for view in views:
-            for exponent in SIZE_MODE_EXPONENTS:
-                weights = [max(s, 1e-12) ** exponent for s in sensitivity]
-                choices = by_budget(view, fraction, weights)
-                key = tuple(c.option for c in choices)
-                if key not in seen:
-                    seen[key] = self.validated(choices)
+        for view, exponent in self._weightings():
+            weights = [max(s, 1e-12) ** exponent for s in sensitivity]
+            choices = by_budget(view, fraction, weights)
+            key = tuple(c.option for c in choices)
+            if key not in seen:
+                seen[key] = self.validated(choices)
         return min(seen.values(), key=lambda trial: trial.value)
 
     def validation(self, model: onnx.ModelProto, tolerance: float | None, confidence: float) -> Validation:

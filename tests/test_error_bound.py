@@ -248,11 +248,10 @@ def test_lossless_ppocr_cls():
     assert validation.lost == validation.ties_lost and validation.threatened == 0
     assert validation.samples == 120  # three quarters held out for a discrete metric
     # judged by margins, lossless removes less than the held-out count alone (32.0%, which lost an eval
-    # image); with the squeeze-excitation pairs pruned, 22.7% (BENCHMARKS.md "generalization"), and no new
-    # image is lost
+    # image); the frontier of sensitivity weights with pruning on offer stops at 22.7%, the SVDs' frontier
+    # finds 26.6% below it, and no new image is lost
     removed = 1 - report.params_after / report.params_before
-    assert removed >= 0.2, f"only {removed:.1%} of the parameters removed"
-    assert any(layer.method == "prune" for layer in report.layers)
+    assert removed >= 0.25, f"only {removed:.1%} of the parameters removed"
     feeds, labels = npz(PPOCR_EVAL), np.load(PPOCR_EVAL_LABELS)
     before = accuracy(outputs(PPOCR, feeds, batch=32)[0], labels)
     after = accuracy(outputs(model, feeds, batch=32)[0], labels)
