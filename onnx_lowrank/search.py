@@ -346,7 +346,8 @@ class Search:
         Bisection on half of the held-out samples selects; the whole held-out part confirms, and a
         second bisection above the selection runs if it does not: choosing the edge on the same samples
         that certify it would favour candidates that pass by luck. The first candidate not smaller than
-        `below` (the dense end, when None) counts as passing without a validation.
+        `below` (the dense end, when None) counts as passing without a validation; below another frontier's
+        best the search steps down from there (galloping), else it bisects the whole frontier.
         """
         end = len(candidates) - 1 if below is None else sum(self.params(c) < below for c in candidates)
         tried: dict[tuple, Trial] = {}
@@ -371,9 +372,21 @@ class Search:
                 low, high = (low, middle) if passes(middle, upto) else (middle, high)
             return high
 
+        def galloping() -> int:
+            """The first passing index, stepping down 1, 2, 4, ... from the end, then bisecting the last step:
+            below the best so far, the edge is near the end."""
+            high, step = end, 1
+            while high > 0:
+                low = max(high - step, 0)
+                if not passes(low, 1):
+                    return first_passing(low, high, 1)
+                high, step = low, step * 2
+            return 0
+
         if end == 0 or (below is not None and not passes(end - 1, 1)):
             return None  # nothing smaller, or the largest smaller one fails already
-        chosen = 0 if passes(0, 1) else first_passing(0, end, 1)
+        # the smallest allocation (rank 1 nearly everywhere) is validated only when the bisection gets there
+        chosen = first_passing(-1, end, 1) if below is None else galloping()
         if chosen < end and not passes(chosen, 2):
             chosen = first_passing(chosen, end, 2)
         return None if chosen == end else tried[(chosen, len(self.indices))]

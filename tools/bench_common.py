@@ -183,6 +183,9 @@ def render(results: list[dict]) -> str:
                   f"{r['seconds']:.0f} s |" for r in run["rows"]], "",
             ]
             continue
+        if run["suite"] == "smollm2":
+            lines += render_smollm2(run)
+            continue
         if run["suite"] == "methods":
             lines += [
                 "Size mode at a budget (a fraction of the factorizable parameters), once per decomposition",
@@ -254,6 +257,52 @@ def _criterion_cost(rows: list[dict]) -> list[str]:
                      f"against {lost['count']} of {pair['margins']['eval_samples']}.")
     return lines
 
+
+
+def render_smollm2(run: dict) -> list[str]:
+    """`tools/bench_smollm2.py`: the compact run and the size-mode curve of SmolLM2-135M."""
+    def ratio(row: dict) -> str:
+        return "-" if row.get("eval_ratio") is None else f"{row['eval_ratio']:.4f}"
+
+    def speed(row: dict) -> str:
+        return "-" if row.get("speedup") is None else f"{row['speedup']:.2f}x"
+
+    def took(row: dict) -> str:
+        return f"{row['seconds'] / 60:.1f} min" + ("" if row.get("cold_cache") is not False else " (cached)")
+
+    def kept(row: dict) -> str:
+        return f"{row['params_after'] / row['params_before']:.1%}"
+
+    def methods(row: dict) -> str:
+        return ", ".join(f"{method} {count}" for method, count in sorted(row["methods"].items()))
+
+    compact = [r for r in run["rows"] if r["row"] == "compact"]
+    curve = [r for r in run["rows"] if r["row"] == "curve"]
+    lines = [
+        "`tools/bench_smollm2.py`: SmolLM2-135M-Instruct (`tools/build_smollm2.py`: ONNX with a KV cache,",
+        "calibration and evaluation 64 x 128 tokens of disjoint standard-library docstrings), compressed on",
+        "the command line in a child process. *eval ratio*: perplexity of the compressed model over the",
+        f"original's ({run['original_perplexity']:.3f}) on the evaluation sequences; *held-out*: the tool's",
+        "validated perplexity increase, *bound*: its 95% bound for new inputs; *speed*: prompt processing",
+        "(128 tokens, batch 1, 2 threads), original over compressed, timed side by side; time and peak",
+        "memory of the whole run (statistics, sensitivities, search, write); *(cached)*: the run found the",
+        "statistics or sensitivities of its method in the shared `--cache` folder, so its time leaves them out.", "",
+    ]
+    if compact:
+        lines += ["| mode | objective | refit | kept | held-out | bound | eval ratio | speed | time | peak memory | methods |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| compact, tolerance {r['tolerance']:g} | {r['objective']} | {r['refit']} ({r['refit_layers']}) | "
+                  f"{kept(r) if r['exit'] == 0 else 'not met'} | {r['held_out']:.4g} | {r['bound']:.4g} | {ratio(r)} | "
+                  f"{speed(r)} | {took(r)} | {r['peak_rss_gib']:.1f} GiB | {methods(r)} |"
+                  for r in compact]
+        lines.append("")
+    if curve:
+        lines += ["Size mode at a fraction of the factorizable parameters, objective size:", "",
+                  "| budget | way | kept | held-out | eval ratio | speed | time |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['budget']:g} | {r['way']} | {kept(r)} | {r['held_out']:.4g} | {ratio(r)} | {speed(r)} | "
+                  f"{took(r)} |" for r in curve]
+        lines.append("")
+    return lines
 
 
 def render_methods(run: dict) -> list[str]:
