@@ -58,8 +58,9 @@ def error_bound(case: Case, provider: str) -> list[dict]:
     factorizable = sum(row.params for row in onnx_lowrank.inspect(original) if row.reason is None)
     rows = []
     for tolerance in case.tolerances:
+        # objective size: the parameters a tolerance allows (what the latency suite's objectives cost is its own)
         common = dict(calibration=paths["calib"], labels=paths.get("calib_labels"), metric=case.metric,
-                      provider=provider, batch_size=case.batch_size)
+                      provider=provider, batch_size=case.batch_size, objective="size")
         started = time.perf_counter()
         try:
             model, report = onnx_lowrank.compress(original, tolerance=tolerance, **common)

@@ -196,6 +196,8 @@ def render(results: list[dict]) -> str:
                 *render_methods(run), "",
             ]
             continue
+        lines += ["Compact mode at each tolerance, objective size (what the objectives cost in parameters is in",
+                  "the latency tables), `--method auto`.", ""]
         lines.append("| model | metric | tolerance | kept | factorizable kept | held-out | eval | eval, weight-only | time |")
         lines.append("|---|---|---|---|---|---|---|---|---|")
         for row in run["rows"]:
