@@ -269,6 +269,8 @@ def _merged(previous: dict, run: dict, names: list[str]) -> dict:
     if not kept:
         return {"rows": rows}
     note = f"the {', '.join(names)} rows re-run {run['date']}; the others from the run of {previous['date']}"
+    if previous.get("note", "").startswith(note):  # the same cases re-run the same day: the note stands
+        return {"rows": kept + rows, "note": previous["note"]}
     if previous.get("note"):
         note += f" ({previous['note']})"
     return {"rows": kept + rows, "note": note}
