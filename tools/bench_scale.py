@@ -62,20 +62,22 @@ def build(path: Path, blocks: int, width: int) -> None:
     onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data")
 
 
-def run(argv: list[str]) -> dict:
-    """One compression in a child process: seconds and the child's own peak resident memory (wait4: the
-    largest of it and its reaped worker processes, not their sum; Dask workers are not its children)."""
+def run(argv: list[str], log: Path | None = None, accepted: tuple[int, ...] = (0,)) -> dict:
+    """One compression in a child process: exit code, seconds and the child's own peak resident memory
+    (wait4: the largest of it and its reaped worker processes, not their sum; Dask workers are not its
+    children). `log`: where its output goes (else its stderr is kept only to report a failure); an exit
+    code not `accepted` stops the benchmark."""
     started = time.perf_counter()
-    with tempfile.TemporaryFile() as errors:
+    with (open(log, "w+b") if log else tempfile.TemporaryFile()) as errors:
         child = subprocess.Popen([sys.executable, "-m", "onnx_lowrank", *argv], cwd=REPO,
-                                 stdout=subprocess.DEVNULL, stderr=errors)
+                                 stdout=errors if log else subprocess.DEVNULL, stderr=errors)
         _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
+        code = os.waitstatus_to_exitcode(status)
         seconds = time.perf_counter() - started
-        if child.returncode != 0:
+        if code not in accepted:
             errors.seek(0)
-            raise SystemExit(f"compress failed ({child.returncode}): {errors.read().decode().strip()}")
-    return {"seconds": seconds, "peak_rss_gib": usage.ru_maxrss / 2**20}
+            raise SystemExit(f"compress failed ({code}): {errors.read().decode().strip()[-2000:]}")
+    return {"exit": code, "seconds": seconds, "peak_rss_gib": usage.ru_maxrss / 2**20}
 
 
 LAYER_SCRIPT = """

@@ -26,15 +26,13 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import re
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import bench_common
+import bench_scale  # its child-process runner (seconds and the child's peak memory)
 import build_smollm2
 import numpy as np
 import onnx
@@ -50,19 +48,12 @@ DEFAULT_WAYS = "none,plain SVD"
 
 
 def compress(argv: list[str], folder: Path, name: str) -> dict:
-    """One `onnx-lowrank compress` in a child process: exit code, seconds, its own peak resident memory
-    (wait4), the report. Exit 1 (bound not met) is a result, not a failure."""
+    """One `onnx-lowrank compress` in a child process (bench_scale.run: exit code, seconds, peak memory) and
+    its report. Exit 1 (bound not met) is a result, not a failure."""
     output, report = folder / f"{name}.onnx", folder / f"{name}.json"
-    started = time.perf_counter()
-    with open(folder / f"{name}.log", "wb") as log:
-        child = subprocess.Popen([sys.executable, "-m", "onnx_lowrank", "compress", *argv, "-o", str(output),
-                                  "--report", str(report)], cwd=bench_common.REPO, stdout=log, stderr=log)
-        _, status, usage = os.wait4(child.pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    if code not in (0, 1):
-        raise SystemExit(f"{name}: compress exited {code}: {(folder / f'{name}.log').read_text()[-2000:]}")
-    return {"exit": code, "seconds": time.perf_counter() - started, "peak_rss_gib": usage.ru_maxrss / 2**20,
-            "model": output if code == 0 else None, "report": json.loads(report.read_text())}
+    measured = bench_scale.run(["compress", *argv, "-o", str(output), "--report", str(report)],
+                               log=folder / f"{name}.log", accepted=(0, 1))
+    return {**measured, "model": output if measured["exit"] == 0 else None, "report": json.loads(report.read_text())}
 
 
 def adopted(folder: Path) -> dict:
@@ -84,6 +75,7 @@ class Evaluation:
 
     def __init__(self, paths: dict[str, Path]):
         self.original = paths["model"]
+        self.original_model = onnx.load(str(self.original))  # timed beside every compressed one
         with np.load(paths["eval"]) as stored:
             self.data = {k: stored[k] for k in stored.files}
         self.perplexity = self._perplexity(self.original)
@@ -104,7 +96,7 @@ class Evaluation:
         if result["model"] is None:
             return row
         prompt = {k: v[:1] for k, v in self.data.items()}
-        models = [onnx.load(str(self.original)), onnx.load(str(result["model"]))]
+        models = [self.original_model, onnx.load(str(result["model"]))]
         timings = time_side_by_side(models, prompt, "cpu", threads=2, min_runs=20, min_seconds=10.0)
         return {**row, "eval_ratio": self._perplexity(result["model"]) / self.perplexity,
                 "latency_ms": [t.median_ms for t in timings], "speedup": timings[0].median_ms / timings[1].median_ms}
