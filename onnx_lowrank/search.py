@@ -328,22 +328,21 @@ class Search:
         """
         self.steered = self.indices[::2]
         best: Trial | None = None
-        weightings = self._weightings()
-        for view, exponent in weightings if len(self.indices) >= FRONTIERS_MIN_SAMPLES else weightings[:1]:
-            weights = [max(s, 1e-12) ** exponent for s in sensitivity]
+        weightings = self._weightings(sensitivity)
+        for view, weights in weightings if len(self.indices) >= FRONTIERS_MIN_SAMPLES else weightings[:1]:
             found = self._smallest_passing(frontier(view, weights), tolerance, None if best is None else best.params)
             if found is not None:
                 best = found
         return best
 
-    def _weightings(self) -> list[tuple[list[UnitDecomposers], float]]:
-        """The candidate views and sensitivity exponents of the frontiers compact mode and size mode search,
-        sensitivity weights with every method first."""
+    def _weightings(self, sensitivity: Sequence[float]) -> list[tuple[list[UnitDecomposers], list[float]]]:
+        """The candidate views and weights (sensitivity**a) of the allocations compact mode and size mode
+        search, sensitivity weights with every method first."""
         views = [self.candidates]
         if any(c.offers_others for c in self.candidates):
             views.append([c.primary_only() for c in self.candidates])
         exponents = sorted(SIZE_MODE_EXPONENTS, key=lambda exponent: exponent != 1.0)
-        return [(view, exponent) for view in views for exponent in exponents]
+        return [(view, [max(s, 1e-12) ** exponent for s in sensitivity]) for view in views for exponent in exponents]
 
     def _smallest_passing(self, candidates: list[list[Choice]], tolerance: float, below: int | None) -> Trial | None:
         """The smallest of `candidates` (a frontier, in growing size) with fewer parameters than `below`
@@ -402,8 +401,7 @@ class Search:
         several methods, also among those using the SVDs alone (predictions can mislead: the winners
         are validated)."""
         seen: dict[tuple, Trial] = {}
-        for view, exponent in self._weightings():
-            weights = [max(s, 1e-12) ** exponent for s in sensitivity]
+        for view, weights in self._weightings(sensitivity):
             choices = by_budget(view, fraction, weights)
             key = tuple(c.option for c in choices)
             if key not in seen:
