@@ -399,6 +399,15 @@ class PrunedInputs(_SmallerWeight):
     producers: tuple[str, ...]
     channels: int  # h, before pruning
 
+    def same_op_weight(self) -> np.ndarray:
+        """The refit in the kept columns, zeros in the dropped ones: the consumer's own node computes the
+        pruned pair with it while its producers stay whole (what they compute in the dropped channels is
+        multiplied by zero), so a sensitivity probe can feed it to the original model."""
+        groups, out, _ = self.matrices.shape
+        full = np.zeros((groups, out, self.channels), dtype=self.matrices.dtype)
+        full[:, :, self.kept] = self.matrices
+        return full
+
     def emit(self, layer: Layer, emit: Emitter) -> None:
         rest = list(emit.inputs[2:])
         if self.bias_shift is not None:

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,8 +110,9 @@ class Evaluator:
         with_overridable(probing, self.overrides.values())
         self._original = Session(with_outputs(probing, self.probe_names), provider, source="the input model")
         self.provider_used = self._original.provider
-        self._references: dict[tuple, Outputs] = {}
+        self._references: dict[tuple, dict[int, list[np.ndarray]]] = {}  # by output names, per sample
         self._decisions: dict[str, Decisions] = {}
+        self._last: tuple[Hashable, dict[int, list[np.ndarray]]] | None = None  # a candidate's outputs per sample
 
     def outputs(self, session: Session, indices: Sequence[int], names: list[str], fed: dict | None = None) -> Outputs:
         """Per named tensor, per sample: its values (rows along axis 0 when the samples are stacked);
@@ -126,32 +127,59 @@ class Evaluator:
         return collected
 
     def reference(self, indices: Sequence[int], names: list[str]) -> Outputs:
-        key = (tuple(indices), tuple(names))
-        if key not in self._references:
-            found = self.outputs(self._original, indices, names)
+        """The original's outputs, each sample run once."""
+        def finite(found: Outputs) -> None:
             for name, values in zip(names, found):
                 if any(v.dtype.kind == "f" and not np.isfinite(v).all() for v in values):
                     raise InputError(f"the input model computes NaN or Inf in {name!r} on the calibration data")
-            self._references[key] = found
-        return self._references[key]
+
+        known = self._references.setdefault(tuple(names), {})
+        return self._per_sample(known, indices, names, lambda: self._original, finite)
+
+    def _per_sample(self, known: dict[int, list[np.ndarray]], indices: Sequence[int], names: list[str],
+                    open_session: Callable[[], Session], check: Callable[[Outputs], None] | None = None) -> Outputs:
+        """`outputs` on `indices`, run only on the samples `known` lacks (it gains them) where a run gives
+        one value per sample; `check` sees what was run."""
+        missing = [index for index in indices if index not in known]
+        if missing:
+            found = self.outputs(open_session(), missing, names)
+            if check is not None:
+                check(found)
+            if any(len(values) != len(missing) for values in found):  # not per sample: nothing is ever known
+                return found
+            known.update({index: [values[p] for values in found] for p, index in enumerate(missing)})
+        return [[known[index][n] for index in indices] for n in range(len(names))]
 
     def error(self, model: onnx.ModelProto, indices: Sequence[int], metric: str, labels=None) -> float:
         """The metric over the graph outputs of a candidate."""
         candidate = self.outputs(Session(model, self.provider), indices, self.output_names)
         return score(metric, self.reference(indices, self.output_names), candidate, labels)
 
-    def judge(self, model: onnx.ModelProto, indices: Sequence[int], metric: str, labels=None) -> Judged:
+    def judge(self, model: onnx.ModelProto, indices: Sequence[int], metric: str, labels=None,
+              candidate: Hashable | None = None) -> Judged:
         """The metric and, for top1 / accuracy, how many calibration decisions the candidate threatens,
-        from one run on the held-out samples (the model is left as it was)."""
+        from one run on the held-out samples (the model is left as it was). `candidate`: what the model
+        was built from; the last candidate judged under the same key is not run again on the samples it
+        already ran on (compact mode confirms on every held-out sample what half of them selected)."""
         if metric not in DISCRETE:
-            return Judged(self.error(model, indices, metric, labels))
+            found = self._candidate_outputs(lambda: Session(model, self.provider), indices, self.output_names,
+                                            candidate)
+            return Judged(score(metric, self.reference(indices, self.output_names), found, labels))
         names = self.decision_names(metric)
-        session = session_with_outputs(model, names, self.provider)
-        found = self.outputs(session, indices, self.output_names + names)
+        found = self._candidate_outputs(lambda: session_with_outputs(model, names, self.provider), indices,
+                                        self.output_names + names, candidate)
         outputs, logits = found[: len(self.output_names)], found[len(self.output_names) :]
         lost, total = lost_decisions(metric, self.reference(indices, self.output_names), outputs, labels)
         threats = [self.threat(indices, name, after, labels) for name, after in zip(names, logits)]
         return Judged(lost / max(total, 1), max(threats, key=lambda t: t.predicted), (lost, total))
+
+    def _candidate_outputs(self, open_session: Callable[[], Session], indices: Sequence[int], names: list[str],
+                           candidate: Hashable | None) -> Outputs:
+        """`outputs` of a candidate; those of the samples the last candidate of the same key ran on are kept."""
+        key = (candidate, tuple(names))
+        if candidate is None or self._last is None or self._last[0] != key:
+            self._last = None if candidate is None else (key, {})
+        return self._per_sample({} if self._last is None else self._last[1], indices, names, open_session)
 
     def decision_names(self, metric: str) -> list[str]:
         """The tensors whose margins decide: per float graph output (accuracy: the first), its logits (the
@@ -236,30 +264,34 @@ def sensitivities(
     """Final-output (logit) squared relative error per unit of predicted error, one unit at a time (each
     probed with its option nearest PROBE_ERROR): fed to the original's session where the evaluator has
     an override for the unit, else in a model built with the unit factorized. Then, per pruned pair (in
-    the order of `ranks.coupled`), its pruning's own, the pair built pruned."""
+    the order of `ranks.coupled`), its pruning's own: the consumer's refit fed the same way (its producers
+    left whole), else the pair built pruned."""
+    def probed(key: str, factors: dict[str, Factorized]) -> float:
+        """The error of `factors`, fed as the unit `key`'s weight when it can be, else built."""
+        override = evaluator.overrides.get(key)
+        fed = None if override is None else override.feed(factors[key])
+        if fed is not None:
+            return evaluator.probe_error_fed(fed, probe)
+        return evaluator.probe_error(build(original, adapters, factors), probe)
+
     found = []
     for candidate in candidates:
         option = candidate.probe_option(PROBE_ERROR)
         if option is None:
             found.append(0.0)
         else:
+            key = candidate.unit.key
             factors = candidate.factorize(option)
-            override = evaluator.overrides.get(candidate.unit.key)
-            fed = None if override is None else override.feed(factors)
-            if fed is not None:
-                error = evaluator.probe_error_fed(fed, probe)
-            else:
-                error = evaluator.probe_error(build(original, adapters, {candidate.unit.key: factors}), probe)
-            found.append(error / factors.predicted_error)
+            found.append(probed(key, {key: factors}) / factors.predicted_error)
         if advance is not None:
             advance(1)
     for consumer in coupled(candidates):
-        probed = pruned_probe(consumer, PROBE_ERROR)
-        if probed is None:
+        pruned = pruned_probe(consumer, PROBE_ERROR)
+        if pruned is None:
             found.append(0.0)
         else:
-            pair, predicted = probed
-            found.append(evaluator.probe_error(build(original, adapters, pair), probe) / predicted)
+            pair, predicted = pruned
+            found.append(probed(consumer.unit.key, pair) / predicted)
         if advance is not None:
             advance(1)
     return found
@@ -290,15 +322,19 @@ class Search:
     def refitted(self, choices: Sequence[Choice], refit: bool | None = None) -> tuple[dict[str, Factorized], int]:
         """The allocation's factors and how many of them were refit (the last two allocations' are kept:
         compact mode validates a candidate on half of the held-out samples, then on all)."""
-        if self.refit is None or not (self.refit_candidates if refit is None else refit):
+        solve = self.refit
+        if solve is None or not self._refits(refit):
             return factors_of(self.candidates, choices), 0
         key = tuple(choice.option for choice in choices)
         if key not in self._refitted:
             factors = factors_of(self.candidates, choices)
-            refitted = self.refit(factors)
+            refitted = solve(factors)
             last = list(self._refitted.items())[-1:]
             self._refitted = {**dict(last), key: (refitted, sum(refitted[k] is not factors[k] for k in factors))}
         return self._refitted[key]
+
+    def _refits(self, refit: bool | None) -> bool:
+        return self.refit is not None and (self.refit_candidates if refit is None else refit)
 
     def params(self, choices: Sequence[Choice]) -> int:
         return sum(c.unit.params if ch.option is None else ch.option.params for c, ch in zip(self.candidates, choices))
@@ -309,7 +345,8 @@ class Search:
         indices = self.indices if indices is None else list(indices)
         labels = None if self.labels is None else self.labels[indices]
         model = build(self.original, self.adapters, self.factors(choices, refit))
-        judged = self.evaluator.judge(model, indices, metric or self.metric, labels)
+        candidate = (tuple(choice.option for choice in choices), self._refits(refit))
+        judged = self.evaluator.judge(model, indices, metric or self.metric, labels, candidate)
         trial = Trial(choices, self.params(choices), judged.error, len(indices), judged.threat, judged.lost)
         self.trials.append(trial)
         if self.advance is not None:

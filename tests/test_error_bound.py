@@ -258,6 +258,43 @@ def test_lossless_ppocr_cls():
     assert after >= before, f"ppocr eval accuracy {after:.4f} < original {before:.4f}"
 
 
+@pytest.mark.parametrize("metric", ["rel-l2", "accuracy"])
+def test_a_candidate_confirmed_on_every_held_out_sample_runs_only_the_new_ones(metric, monkeypatch):
+    """Compact mode selects on half of the held-out samples, then confirms on all: judged under the same
+    candidate key, the second run feeds only the other half, and gives what one run on all gives; the
+    original's outputs are kept per sample alike."""
+    original = onnx.load(DIGITS)
+    samples = load_calibration(DIGITS_CALIB, original, DIGITS_LABELS)
+    candidate, _ = onnx_lowrank.compress(original, target_params=0.3, no_data=True)
+    every = list(range(0, 64))
+    labels = samples.labels
+    fed: list[int] = []
+    evaluator = Evaluator(original, samples, "cpu", 16)
+    counting = evaluator.outputs
+
+    referenced: list[int] = []
+
+    def counted(session, indices, names, fed_values=None):
+        if session is not evaluator._original:
+            fed.extend(indices)
+        elif names == evaluator.output_names:
+            referenced.extend(indices)
+        return counting(session, indices, names, fed_values)
+
+    monkeypatch.setattr(evaluator, "outputs", counted)
+    half = evaluator.judge(candidate, every[::2], metric, labels[every[::2]], candidate="k")
+    whole = evaluator.judge(candidate, every, metric, labels[every], candidate="k")
+    assert sorted(fed) == every  # each sample run once
+    if metric == "rel-l2":  # (accuracy: the original's margins on every calibration sample are run too)
+        assert sorted(referenced) == every  # the original's outputs alike
+    fresh = Evaluator(original, samples, "cpu", 16).judge(candidate, every, metric, labels[every])
+    assert whole.error == pytest.approx(fresh.error, rel=1e-6) and whole.lost == fresh.lost
+    assert half.error != whole.error or metric == "accuracy"
+    fed.clear()
+    evaluator.judge(candidate, every, metric, labels[every], candidate="another")
+    assert sorted(fed) == every  # another key: run again
+
+
 # ---------------------------------------------------------------------------------------------- size mode
 
 

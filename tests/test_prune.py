@@ -17,6 +17,7 @@ from onnx_lowrank.data_aware import unit_statistics
 from onnx_lowrank.errors import BoundNotMet
 from onnx_lowrank.layers import find_layers
 from onnx_lowrank.methods import decomposers_for
+from onnx_lowrank.overrides import overrides_for, with_overridable
 from onnx_lowrank.prune import PrunedInputs, couple, find_pairs, forward_selection
 from onnx_lowrank.ranks import coupled, frontier
 from onnx_lowrank.rewrite import build
@@ -202,6 +203,24 @@ def test_keeping_every_channel_is_exact(case):
     assert not any("lowrank" in node.name and node.op_type not in ("MatMul", "Gemm", "Conv") for node in new.graph.node)
     (before,), (after,) = outputs(model, data), outputs(new, data)
     np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4 * np.abs(before).max())
+
+
+@pytest.mark.parametrize("case", list(MODELS))
+def test_the_refit_fed_to_the_original_computes_the_pruned_pair(case):
+    """A sensitivity probe feeds the consumer's refit with zeros in the dropped columns to the original's
+    session (its producers left whole): the outputs of the pair built pruned, bias shift included."""
+    model = MODELS[case]()
+    data = calibration(model)
+    factors, inputs = pair_factors(coupled_candidates(model, data), H // 3)
+    units, _ = pairs_of(model)
+    overrides = overrides_for(model, units, {o.name for o in model.graph.output})
+    fed = overrides[next(iter(factors))].feed(inputs)
+    assert fed is not None
+    probing = onnx.ModelProto()
+    probing.CopyFrom(model)
+    with_overridable(probing, overrides.values())
+    (built,), (probed,) = outputs(build(model, ADAPTERS, factors), data), run(probing, {**data, **fed})
+    np.testing.assert_allclose(probed, built, rtol=1e-4, atol=1e-5 * np.abs(built).max())
 
 
 def _unshrunk(self: Moments, target: np.ndarray, covariance=None) -> np.ndarray:
