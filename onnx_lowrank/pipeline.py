@@ -25,7 +25,7 @@ from .data_aware import unit_statistics
 from .decompositions import Factorized
 from .errors import BoundNotMet, InputError, known
 from .int8_share import Int8Share
-from .latency import LayerTimer, end_to_end
+from .latency import LayerTimer, activation_shapes, end_to_end
 from .layers import Plan, Skipped, Unit, find_layers
 from .methods import decomposers_for
 from .metrics import check_metric, compared_outputs
@@ -44,7 +44,7 @@ from .report import Chosen, Report, SkippedLayer, Validation
 from .reporting import clearly_slower, fusions, layer_reports, refusal, traced
 from .rewrite import build, check_rewritten, factors_of
 from .runtime import resolve_provider
-from .search import Evaluator, Search, Trial, probe_count, sensitivities
+from .search import Evaluator, Search, Trial, positions_of, positions_seen, probe_count, sensitivities
 from .splice import import_graph
 from .statistics import Counts, Moments, Tied
 
@@ -243,12 +243,23 @@ def sensitivity(run: Run, advance: Advance) -> None:
         run.search.refit_candidates = settings.refit == "sequential"
     if not mode.probes:
         return
-    probe = parts.fit[:probe_count(units, run.statistics, len(parts.fit))]
+    probe = parts.fit[:probe_count(units, _positions(run, samples, parts.fit))]
     probe_key = key_of(run.data_key, settings.method, settings.no_data, probe)
     run.sensitivity = run.store.floats("sensitivity", probe_key)
     if run.sensitivity is None or len(run.sensitivity) != len(units) + len(coupled(run.decomposers)):
         run.sensitivity = sensitivities(run.original, run.adapters, run.decomposers, run.evaluator, probe, advance)
         run.store.save_floats("sensitivity", probe_key, run.sensitivity)
+
+
+def _positions(run: Run, samples: Samples, fit: list[int]) -> list[float]:
+    """Per unit, the positions it applies its weight at per sample (what a probe costs): from the statistics,
+    else (--no-data) from the activations of one sample."""
+    if run.statistics is not None:
+        return positions_seen(run.statistics, len(fit))
+    if not fit:
+        return []
+    feed = next(samples.batches(fit[:1], 1))[1]
+    return positions_of(run.units, activation_shapes(run.original, run.units, feed, known(run.provider, "the provider")))
 
 
 def int8_fallback(run: Run, advance: Advance) -> None:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ from .generalization import (
     margins_for,
     threat,
 )
+from .layers import Unit
 from .metrics import Outputs, lost_decisions, score
 from .overrides import Override, with_overridable
 from .prune import pruned_probe
@@ -223,16 +225,36 @@ class Evaluator:
         return score("rel-l2", reference, candidate) ** 2
 
 
-def probe_count(units: Sequence, statistics: Sequence | None, fit: int) -> int:
+def probe_count(units: Sequence, positions: Sequence[float]) -> int:
     """How many fit samples sensitivity probes run on: PROBE_SAMPLES unless a probe of every unit on that
-    many would exceed the PROBE_MACS budget (one sample: params x positions each layer saw per sample, summed
-    over the factorizable layers)."""
-    if statistics is None or fit == 0:
-        return PROBE_SAMPLES
-    per_sample = sum(unit.params * stats.count / fit
-                     for unit, stats in zip(units, statistics) if isinstance(stats, Moments))
+    many would exceed the PROBE_MACS budget (one sample: params x the positions each layer applies its weight
+    at per sample, summed over the factorizable layers)."""
+    per_sample = sum(unit.params * count for unit, count in zip(units, positions))
     affordable = int(PROBE_MACS // (per_sample * len(units))) if per_sample > 0 else PROBE_SAMPLES
     return min(PROBE_SAMPLES, max(PROBE_MIN_SAMPLES, affordable))
+
+
+def positions_seen(statistics: Sequence, fit: int) -> list[float]:
+    """Per unit, the positions (rows, pixels, tokens) it saw per fit sample, from its moments (0 for a
+    lookup table: a Gather multiplies nothing)."""
+    return [stats.count / fit if isinstance(stats, Moments) and fit else 0.0 for stats in statistics]
+
+
+def positions_of(units: Sequence[Unit], shapes: dict[str, tuple[int, ...]]) -> list[float]:
+    """The same from each unit's data input's shape on one sample (`latency.activation_shapes`), where no
+    statistics were gathered (--no-data): its elements over the features one position holds (a strided
+    Conv's over its strides as well: it applies its weight at output positions)."""
+    found = []
+    for unit in units:
+        shape, op = shapes.get(unit.key), unit.layers[0].node.op
+        if shape is None or op == "Gather" or not shape:
+            found.append(0.0)
+            continue
+        groups, _, inputs = unit.matrix_shape
+        features = shape[1] if op in ("Conv", "ConvTranspose") else groups * inputs
+        strides = unit.layers[0].node.attrs.get("strides", []) if op == "Conv" else []  # a Conv's output positions
+        found.append(math.prod(shape) / max(features, 1) / math.prod(strides))
+    return found
 
 
 @dataclass

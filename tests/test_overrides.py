@@ -25,13 +25,23 @@ from test_exactness import C_SHAPES, constant_node, conv_cases, conv_model, gemm
 from onnx_lowrank.adapters import ADAPTERS
 from onnx_lowrank.calibration import load_calibration
 from onnx_lowrank.data_aware import unit_statistics
+from onnx_lowrank.latency import activation_shapes
 from onnx_lowrank.layers import find_layers
 from onnx_lowrank.methods import decomposers_for
 from onnx_lowrank.overrides import overrides_for, with_overridable
 from onnx_lowrank.prune import couple, find_pairs
 from onnx_lowrank.ranks import coupled
 from onnx_lowrank.rewrite import build
-from onnx_lowrank.search import PROBE_ERROR, PROBE_MIN_SAMPLES, PROBE_SAMPLES, Evaluator, probe_count, sensitivities
+from onnx_lowrank.search import (
+    PROBE_ERROR,
+    PROBE_MIN_SAMPLES,
+    PROBE_SAMPLES,
+    Evaluator,
+    positions_of,
+    positions_seen,
+    probe_count,
+    sensitivities,
+)
 from onnx_lowrank.splice import import_graph
 from onnx_lowrank.statistics import Moments
 from onnx_lowrank.svd import Factorization, TruncatedSVD
@@ -162,16 +172,38 @@ def test_sensitivities_of_real_models_fed_as_built(name, calibration):
 
 def test_probe_count_follows_the_multiply_adds_of_a_sample():
     """16 samples for small models, fewer (never below 2) where probing every unit costs much (BERT-base: 2)."""
-    def stats(positions: int) -> Moments:
-        moments = Moments.empty(1, 2)
-        moments.count = positions
-        return moments
-
     # BERT-base's Linear layers, 12 x (4 of 768 x 768 and 2 of 768 x 3072), at 128 tokens
     bert = [SimpleNamespace(params=589_824)] * 48 + [SimpleNamespace(params=2_359_296)] * 24
-    assert probe_count(bert, [stats(128 * 48)] * len(bert), 48) == 2
+    assert probe_count(bert, [128] * len(bert)) == 2
+    assert probe_count(bert, positions_seen([stats(128 * 48)] * len(bert), 48)) == 2
     minilm = [SimpleNamespace(params=147_456)] * 24 + [SimpleNamespace(params=589_824)] * 12  # MiniLM-L6, 64 tokens
-    assert probe_count(minilm, [stats(64 * 48)] * len(minilm), 48) == PROBE_SAMPLES
-    assert probe_count([SimpleNamespace(params=1_000)], [stats(64 * 10)], 10) == PROBE_SAMPLES
-    assert probe_count([SimpleNamespace(params=10**12)], [stats(10)], 10) == PROBE_MIN_SAMPLES
-    assert probe_count([SimpleNamespace(params=10**12)], None, 10) == PROBE_SAMPLES  # without statistics
+    assert probe_count(minilm, [64] * len(minilm)) == PROBE_SAMPLES
+    assert probe_count([SimpleNamespace(params=1_000)], [64]) == PROBE_SAMPLES
+    assert probe_count([SimpleNamespace(params=10**12)], [1]) == PROBE_MIN_SAMPLES
+    assert probe_count([SimpleNamespace(params=10**12)], []) == PROBE_SAMPLES  # no fit sample to count on
+
+
+def stats(positions: int) -> Moments:
+    moments = Moments.empty(1, 2)
+    moments.count = positions
+    return moments
+
+
+@pytest.mark.parametrize("name, calibration", [("minilm_l2.onnx", "minilm_sentences.npz"),
+                                               ("ppocr_cls.onnx", "ppocr_cls_lines.npz"),
+                                               ("digits_cnn.onnx", "digits_calib.npz")])
+def test_positions_from_one_sample_agree_with_the_statistics(name, calibration):
+    """--no-data gathers no statistics: what a probe costs comes from one sample's activations, which count
+    the rows, tokens and (strided) conv output pixels the statistics count, give or take a conv's padding."""
+    model = onnx.load(MODELS / name)
+    samples = load_calibration(MODELS / calibration, model)
+    units = units_of(model)
+    fit = list(range(4))
+    seen = positions_seen(unit_statistics(model, units, samples, fit, "cpu", 4), len(fit))
+    shapes = activation_shapes(model, units, next(samples.batches([0], 1))[1], "cpu")
+    estimated = positions_of(units, shapes)
+    for unit, a, b in zip(units, seen, estimated):
+        if unit.op != "Conv":
+            assert a == b, unit.key
+    macs = [sum(unit.params * p for unit, p in zip(units, found)) for found in (seen, estimated)]
+    assert macs[1] == pytest.approx(macs[0], rel=0.05)
