@@ -24,6 +24,7 @@ from .calibration import Samples, Split, load_calibration, next_token_targets
 from .data_aware import unit_statistics
 from .decompositions import Factorized
 from .errors import BoundNotMet, InputError, known
+from .generalization import DISCRETE, weighted_fit
 from .int8_share import Int8Share
 from .latency import LayerTimer, activation_shapes, end_to_end
 from .layers import Plan, Skipped, Unit, find_layers
@@ -77,6 +78,7 @@ class Run:
     share: float | None = None  # the tolerance left to the factorization (int8 may take some)
     # statistics, factorize, latency gate
     statistics: list[Moments | Counts | Tied] | None = None
+    statistics_fit: list[int] = field(default_factory=list)  # the fit samples, the least sure ones repeated
     timing_feed: dict[str, np.ndarray] | None = None  # one calibration batch: what layers and the whole model are timed on
     decomposers: list[UnitDecomposers] = field(default_factory=list)  # per unit, the same order
     timer: LayerTimer | None = None
@@ -174,6 +176,7 @@ def load(run: Run, advance: Advance) -> None:
         return
     run.parts = run.rank_mode.split(run.samples, settings)
     run.provider = resolve_provider(settings.provider)
+    run.statistics_fit = _statistics_fit(run, run.samples, run.provider)
     if run.cache.folder is not None:
         run.data_key = key_of(model_fingerprint(original), samples_fingerprint(run.samples, run.parts.fit),
                               run.provider, settings.batch_size, [unit.key for unit in run.units])
@@ -185,12 +188,14 @@ def statistics(run: Run, advance: Advance) -> None:
     (and nothing is cached)."""
     no_data = run.settings.no_data
     observed = [unit for unit in run.units if unit.layers[0].scope] if no_data else run.units
-    found = None if no_data else run.store.statistics(run.data_key)
+    fit = run.statistics_fit
+    key = key_of(run.data_key, fit) if run.data_key is not None and fit != run.fit else run.data_key
+    found = None if no_data else run.store.statistics(key)
     if found is None:
-        found = unit_statistics(run.original, observed, known(run.samples, "the samples"), run.fit,
+        found = unit_statistics(run.original, observed, known(run.samples, "the samples"), fit,
                                 known(run.provider, "the provider"), run.settings.batch_size, advance)
         if not no_data:
-            run.store.save_statistics(run.data_key, found)
+            run.store.save_statistics(key, found)
     plan, gone = known(run.plan, "the plan"), set()
     for unit, stats in zip(observed, found):
         scope = unit.layers[0].scope
@@ -200,6 +205,19 @@ def statistics(run: Run, advance: Advance) -> None:
     plan.units = [unit for unit in plan.units if id(unit) not in gone]
     if not no_data:
         run.statistics = [stats for unit, stats in zip(observed, found) if id(unit) not in gone]
+
+
+def _statistics_fit(run: Run, samples: Samples, provider: str) -> list[int]:
+    """What the statistics are taken on: for a classifier judged by decisions (top1 / accuracy, one per
+    sample) the fit samples with the least sure decisions repeated (generalization.weighted_fit), else the
+    fit samples."""
+    settings = run.settings
+    if settings.no_data or settings.metric not in DISCRETE:
+        return run.fit
+    compared = compared_outputs(settings.metric, [o.name for o in run.original.graph.output], settings.outputs)
+    evaluator = Evaluator(run.original, samples, provider, settings.batch_size, compared=compared)
+    found = evaluator.decisions(evaluator.decision_names(settings.metric)[0])
+    return weighted_fit(run.fit, found.margins) if found.margins.size == len(samples) else run.fit
 
 
 def factorize(run: Run, advance: Advance) -> None:
@@ -255,7 +273,7 @@ def _positions(run: Run, samples: Samples, fit: list[int]) -> list[float]:
     """Per unit, the positions it applies its weight at per sample (what a probe costs): from the statistics,
     else (--no-data) from the activations of one sample."""
     if run.statistics is not None:
-        return positions_seen(run.statistics, len(fit))
+        return positions_seen(run.statistics, len(run.statistics_fit))
     if not fit:
         return []
     feed = next(samples.batches(fit[:1], 1))[1]
@@ -393,7 +411,7 @@ STAGES = (
     Stage("load", load),
     Stage("statistics", statistics, lambda run: run.samples is not None and (
         not run.settings.no_data or any(unit.layers[0].scope for unit in run.units)),
-          ("statistics (samples)", lambda run: len(run.fit))),
+          ("statistics (samples)", lambda run: len(run.statistics_fit))),
     Stage("factorize", factorize, bar=("factorizations (layers)", lambda run: len(run.units))),
     Stage("latency gate", latency_gate, lambda run: run.rank_mode.gated,
           ("latency gate (layers)", lambda run: len(run.units))),

@@ -92,8 +92,9 @@ def test_nearest_maximum_matches_brute_force(levels, points, seed):
 
 
 def test_a_candidate_that_loses_nothing_held_out_can_still_be_refused():
-    """Size mode at 40% of the digits CNN's factorizable parameters loses no held-out sample, yet the
-    margins of calibration samples it threatens (measured: 2 of 359) refuse it in lossless terms."""
+    """Size mode at 40% of the digits CNN's factorizable parameters loses no held-out sample but a near-tie
+    of the original (which lossless does not hold against it), yet the margins of calibration samples it
+    threatens (measured: 2 of 359) refuse it in lossless terms."""
     import onnx_lowrank
     from onnx_lowrank.errors import BoundNotMet
 
@@ -102,7 +103,7 @@ def test_a_candidate_that_loses_nothing_held_out_can_still_be_refused():
                               labels="models/digits_calib_labels.npy", metric="accuracy", tolerance=0.0,
                               target_params=0.4, objective="size", method="svd")
     check = refused.value.report.validation
-    assert check.lost == 0 and check.value == 0  # the held-out count alone would have accepted it
+    assert check.lost == check.ties_lost  # the held-out count alone (near-ties aside) would have accepted it
     assert check.threatened > 0 and check.calibration_decisions == 359
     assert check.predicted_unseen == pytest.approx(check.threatened / 359)
     assert check.passed is False
