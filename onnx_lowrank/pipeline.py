@@ -24,7 +24,7 @@ from .calibration import Samples, Split, load_calibration, next_token_targets
 from .data_aware import unit_statistics
 from .decompositions import Factorized
 from .errors import BoundNotMet, InputError, known
-from .generalization import DISCRETE, weighted_fit
+from .generalization import DISCRETE, Decisions, weighted_fit
 from .int8_share import Int8Share
 from .latency import LayerTimer, activation_shapes, end_to_end
 from .layers import Plan, Skipped, Unit, find_layers
@@ -78,6 +78,7 @@ class Run:
     share: float | None = None  # the tolerance left to the factorization (int8 may take some)
     # statistics, factorize, latency gate
     statistics: list[Moments | Counts | Tied] | None = None
+    decisions: dict[str, Decisions] = field(default_factory=dict)  # the original's, when the load stage found them
     statistics_fit: list[int] = field(default_factory=list)  # the fit samples, the least sure ones repeated
     timing_feed: dict[str, np.ndarray] | None = None  # one calibration batch: what layers and the whole model are timed on
     decomposers: list[UnitDecomposers] = field(default_factory=list)  # per unit, the same order
@@ -177,8 +178,8 @@ def load(run: Run, advance: Advance) -> None:
     run.parts = run.rank_mode.split(run.samples, settings)
     run.provider = resolve_provider(settings.provider)
     run.statistics_fit = _statistics_fit(run, run.samples, run.provider)
-    if run.cache.folder is not None:
-        run.data_key = key_of(model_fingerprint(original), samples_fingerprint(run.samples, run.parts.fit),
+    if run.cache.folder is not None:  # the statistics' samples, repeats included: what everything cached hangs on
+        run.data_key = key_of(model_fingerprint(original), samples_fingerprint(run.samples, run.statistics_fit),
                               run.provider, settings.batch_size, [unit.key for unit in run.units])
 
 
@@ -188,14 +189,12 @@ def statistics(run: Run, advance: Advance) -> None:
     (and nothing is cached)."""
     no_data = run.settings.no_data
     observed = [unit for unit in run.units if unit.layers[0].scope] if no_data else run.units
-    fit = run.statistics_fit
-    key = key_of(run.data_key, fit) if run.data_key is not None and fit != run.fit else run.data_key
-    found = None if no_data else run.store.statistics(key)
+    found = None if no_data else run.store.statistics(run.data_key)
     if found is None:
-        found = unit_statistics(run.original, observed, known(run.samples, "the samples"), fit,
+        found = unit_statistics(run.original, observed, known(run.samples, "the samples"), run.statistics_fit,
                                 known(run.provider, "the provider"), run.settings.batch_size, advance)
         if not no_data:
-            run.store.save_statistics(key, found)
+            run.store.save_statistics(run.data_key, found)
     plan, gone = known(run.plan, "the plan"), set()
     for unit, stats in zip(observed, found):
         scope = unit.layers[0].scope
@@ -216,7 +215,9 @@ def _statistics_fit(run: Run, samples: Samples, provider: str) -> list[int]:
         return run.fit
     compared = compared_outputs(settings.metric, [o.name for o in run.original.graph.output], settings.outputs)
     evaluator = Evaluator(run.original, samples, provider, settings.batch_size, compared=compared)
-    found = evaluator.decisions(evaluator.decision_names(settings.metric)[0])
+    name = evaluator.decision_names(settings.metric)[0]
+    found = evaluator.decisions(name)
+    run.decisions = {name: found}  # the search's evaluator judges candidates against them
     return weighted_fit(run.fit, found.margins) if found.margins.size == len(samples) else run.fit
 
 
@@ -252,7 +253,7 @@ def sensitivity(run: Run, advance: Advance) -> None:
         if mode.probes else None
     compared = compared_outputs(settings.metric, [o.name for o in run.original.graph.output], settings.outputs)
     run.evaluator = Evaluator(run.original, samples, known(run.provider, "the provider"), settings.batch_size,
-                              overrides, compared)
+                              overrides, compared, run.decisions)
     run.search = Search(run.original, run.adapters, run.decomposers, run.evaluator, parts.validation,
                         settings.metric, samples.labels)
     if settings.refit != "none" and run.statistics is not None:
@@ -261,7 +262,7 @@ def sensitivity(run: Run, advance: Advance) -> None:
         run.search.refit_candidates = settings.refit == "sequential"
     if not mode.probes:
         return
-    probe = parts.fit[:probe_count(units, _positions(run, samples, parts.fit))]
+    probe = parts.fit[:probe_count(units, _positions(run, samples))]
     probe_key = key_of(run.data_key, settings.method, settings.no_data, probe)
     run.sensitivity = run.store.floats("sensitivity", probe_key)
     if run.sensitivity is None or len(run.sensitivity) != len(units) + len(coupled(run.decomposers)):
@@ -269,14 +270,14 @@ def sensitivity(run: Run, advance: Advance) -> None:
         run.store.save_floats("sensitivity", probe_key, run.sensitivity)
 
 
-def _positions(run: Run, samples: Samples, fit: list[int]) -> list[float]:
+def _positions(run: Run, samples: Samples) -> list[float]:
     """Per unit, the positions it applies its weight at per sample (what a probe costs): from the statistics,
     else (--no-data) from the activations of one sample."""
     if run.statistics is not None:
         return positions_seen(run.statistics, len(run.statistics_fit))
-    if not fit:
+    if not run.fit:
         return []
-    feed = next(samples.batches(fit[:1], 1))[1]
+    feed = next(samples.batches(run.fit[:1], 1))[1]
     return positions_of(run.units, activation_shapes(run.original, run.units, feed, known(run.provider, "the provider")))
 
 

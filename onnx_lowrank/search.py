@@ -96,7 +96,9 @@ class Evaluator:
     outputs for validation, the probe tensors (logits rather than probabilities) for sensitivity."""
 
     def __init__(self, original: onnx.ModelProto, samples: Samples, provider: str, batch_size: int,
-                 overrides: dict[str, Override] | None = None, compared: Sequence[str] | None = None):
+                 overrides: dict[str, Override] | None = None, compared: Sequence[str] | None = None,
+                 decisions: dict[str, Decisions] | None = None):
+        """`decisions`: the original's, by tensor name, where another evaluator found them already."""
         self.samples = samples
         self.batch_size = batch_size
         self.provider = provider
@@ -113,7 +115,7 @@ class Evaluator:
         self._original = Session(with_outputs(probing, self.probe_names), provider, source="the input model")
         self.provider_used = self._original.provider
         self._references: dict[tuple, dict[int, list[np.ndarray]]] = {}  # by output names, per sample
-        self._decisions: dict[str, Decisions] = {}
+        self._decisions: dict[str, Decisions] = dict(decisions or {})
         self._last: tuple[Hashable, dict[int, list[np.ndarray]]] | None = None  # a candidate's outputs per sample
 
     def outputs(self, session: Session, indices: Sequence[int], names: list[str], fed: dict | None = None) -> Outputs:

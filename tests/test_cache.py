@@ -68,3 +68,14 @@ def test_cache_folder_that_cannot_be_made_is_bad_input(tmp_path: Path, capsys):
     assert code == 2
     assert "cannot use cache folder" in capsys.readouterr().err
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_margin_weighted_statistics_do_not_hit_the_plain_ones(tmp_path: Path):
+    """accuracy weighs the least sure samples in its statistics: the same data under another metric is
+    another entry (statistics and sensitivities alike), and the result is that of a run without the cache."""
+    cache = tmp_path / "cache"
+    onnx_lowrank.compress(DIGITS, tolerance=0.05, cache=cache, **OPTIONS)
+    labelled = {"labels": MODELS / "digits_calib_labels.npy", "metric": "accuracy", "target_params": 0.4, **OPTIONS}
+    cached = onnx_lowrank.compress(DIGITS, cache=cache, **labelled)
+    assert len(list(cache.glob("statistics-*.npz"))) == 2 and len(list(cache.glob("sensitivity-*.json"))) == 2
+    _same(cached, onnx_lowrank.compress(DIGITS, **labelled))
