@@ -31,11 +31,11 @@ import onnx
 import onnx_graphsurgeon as gs
 import scipy.linalg
 import scipy.linalg.blas
-from threadpoolctl import threadpool_limits
 
 from .data_aware import _energy, _safe_scale, _shrunk
 from .errors import known
 from .layers import Layer, Unit
+from .parallel import one_blas_thread
 from .parking import Parked
 from .ranks import Coupling, UnitDecomposers
 from .statistics import Moments
@@ -262,7 +262,7 @@ def forward_selection(weighted: np.ndarray, moment: np.ndarray) -> tuple[np.ndar
     rank-1 update), its column norms and the error by the same step's algebra (keeping channel j removes
     ||B R_k[:, j]||^2 / R_k[j, j], its gain, from the error). On one BLAS thread: waking a pool for each
     of these matrix-vector steps made it four times slower on 2 cores."""
-    with threadpool_limits(1):
+    with one_blas_thread():
         return _forward_selection(weighted, moment)
 
 

@@ -410,7 +410,7 @@ class Search:
         whose validated error is within the tolerance, or None.
 
         Bisection on half of the held-out samples selects; the whole held-out part confirms, and a
-        second bisection above the selection runs if it does not: choosing the edge on the same samples
+        search above the selection (galloping up) runs if it does not: choosing the edge on the same samples
         that certify it would favour candidates that pass by luck. The first candidate not smaller than
         `below` (the dense end, when None) counts as passing without a validation; below another frontier's
         best the search steps down from there (galloping), else it bisects the whole frontier.
@@ -438,7 +438,7 @@ class Search:
                 low, high = (low, middle) if passes(middle, upto) else (middle, high)
             return high
 
-        def galloping() -> int:
+        def galloping_down() -> int:
             """The first passing index, stepping down 1, 2, 4, ... from the end, then bisecting the last step:
             below the best so far, the edge is near the end."""
             high, step = end, 1
@@ -449,12 +449,21 @@ class Search:
                 high, step = low, step * 2
             return 0
 
+        def galloping_up(low: int) -> int:
+            """The first index above `low` passing both checks, galloping up: mostly a near miss."""
+            step = 1
+            while True:
+                high = min(low + step, end)
+                if passes(high, 2):
+                    return first_passing(low, high, 2)
+                low, step = high, step * 2
+
         if end == 0 or (below is not None and not passes(end - 1, 1)):
             return None  # nothing smaller, or the largest smaller one fails already
         # the smallest allocation (rank 1 nearly everywhere) is validated only when the bisection gets there
-        chosen = first_passing(-1, end, 1) if below is None else galloping()
+        chosen = first_passing(-1, end, 1) if below is None else galloping_down()
         if chosen < end and not passes(chosen, 2):
-            chosen = first_passing(chosen, end, 2)
+            chosen = galloping_up(chosen)
         return None if chosen == end else tried[(chosen, len(self.indices))]
 
     def at_budget(self, sensitivity: Sequence[float], fraction: float) -> Trial:

@@ -29,6 +29,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_lowrank.cli import main
+
 ROOT = Path(__file__).resolve().parents[1]
 PPOCR = ROOT / "models" / "ppocr_cls.onnx"
 PREFIX = "onnx-lowrank: error:"
@@ -36,7 +38,8 @@ PREFIX = "onnx-lowrank: error:"
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def cli(*args: str | os.PathLike, cwd: Path) -> subprocess.CompletedProcess:
+def child(*args: str | os.PathLike, cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m onnx_lowrank ARGS` in a child process, run in `cwd`."""
     env = {k: v for k, v in os.environ.items() if k != "ONNX_LOWRANK_DEBUG"}
     return subprocess.run(
         [sys.executable, "-m", "onnx_lowrank", *map(str, args)],
@@ -46,6 +49,29 @@ def cli(*args: str | os.PathLike, cwd: Path) -> subprocess.CompletedProcess:
         text=True,
         timeout=300,
     )
+
+
+def cli(*args: str | os.PathLike, cwd: Path) -> subprocess.CompletedProcess:
+    """What child(ARGS) gives, from main() in this process (a child costs 2-3 s of interpreter start and
+    imports): run in `cwd`, stdout and stderr captured at the file descriptors, so that ONNX Runtime's own
+    writes count too."""
+    argv = [str(arg) for arg in args]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
+            pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        patch.delenv("ONNX_LOWRANK_DEBUG", raising=False)
+        patch.setattr(sys, "stdout", out)
+        patch.setattr(sys, "stderr", err)
+        saved = os.dup(1), os.dup(2)
+        os.dup2(out.fileno(), 1), os.dup2(err.fileno(), 2)
+        try:
+            code = main(argv)
+        finally:
+            out.flush(), err.flush()
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            os.close(saved[0]), os.close(saved[1])
+        out.seek(0), err.seek(0)
+        return subprocess.CompletedProcess(argv, code, out.read(), err.read())
 
 
 def low_rank(rng: np.random.Generator, shape: tuple[int, ...], rank: int = 2, noise: float = 0.01) -> np.ndarray:
@@ -207,7 +233,7 @@ def test_module_and_console_script_agree(tiny: Path, tmp_path: Path):
         pytest.skip("no onnx-lowrank console script beside the interpreter")
     done = subprocess.run([str(script), "inspect", str(tiny)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert done.stdout == cli("inspect", tiny, cwd=tmp_path).stdout
+    assert done.stdout == child("inspect", tiny, cwd=tmp_path).stdout
 
 
 def test_ranks_file_by_node_weight_and_star(tiny: Path, tmp_path: Path):
@@ -449,14 +475,19 @@ BAD = {
 }
 
 
-@pytest.mark.parametrize("case", BAD.values(), ids=BAD.keys())
-def test_bad_input_exits_2_with_one_line(case: Bad, tiny: Path, tmp_path: Path):
+# the cases run in a child process as well as in this one
+IN_A_CHILD = ("missing-file", "truncated-protobuf", "unknown-option", "ranks-unknown-node", "output-is-input")
+
+
+@pytest.mark.parametrize(("case", "in_a_child"), [pytest.param(case, False, id=name) for name, case in BAD.items()]
+                         + [pytest.param(BAD[name], True, id=f"{name}-child") for name in IN_A_CHILD])
+def test_bad_input_exits_2_with_one_line(case: Bad, in_a_child: bool, tiny: Path, tmp_path: Path):
     (tmp_path / "out").mkdir()
     argv = case.make(tmp_path, tiny)
     tiny_bytes = tiny.read_bytes()
     snapshot = tree(tmp_path)
 
-    done = cli(*argv, cwd=tmp_path)
+    done = (child if in_a_child else cli)(*argv, cwd=tmp_path)
 
     assert done.returncode == 2, f"exit {done.returncode}; stderr: {done.stderr!r}"
     assert "Traceback" not in done.stderr

@@ -73,11 +73,11 @@ def first_sentences(count: int) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def int8_compact():
-    """MiniLM-L2 in compact mode, balanced objective, int8: one run, checked from several sides. On 200 of the
-    600 sentences (100 fit, 100 held out): the same held-out errors as on all 600 (measured: int8 alone 0.0101
-    against 0.0103, with int8 0.0140 against 0.0142), a third of the statistics and validation work."""
+    """MiniLM-L2 in compact mode, balanced objective, int8: one run, checked from several sides. On the first 120
+    of the 600 sentences (60 fit, 60 held out): what is checked here does not hang on their count (measured on
+    200 against 600: int8 alone 0.0101 against 0.0103), and the statistics and validations are a fifth."""
     model, report = onnx_lowrank.compress(
-        MINILM, calibration=first_sentences(200), metric="cosine", tolerance=0.02, quantize="int8", batch_size=32,
+        MINILM, calibration=first_sentences(120), metric="cosine", tolerance=0.02, quantize="int8", batch_size=32,
         method="svd",  # the objective and int8 are the subject (auto's FFN pruning doubled the run: test_prune.py)
     )
     return model, report

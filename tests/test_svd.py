@@ -118,7 +118,7 @@ def test_leading_components_match_the_full_svd(groups, out_dim, in_dim, decay, d
     np.testing.assert_allclose(partial.spectrum.dropped[: ranks + 1], full.spectrum.dropped[: ranks + 1], atol=1e-12)
     for rank in sorted({1, ranks}):
         expected, got = full.factorize(rank).reconstruct(), partial.factorize(rank).reconstruct()
-        np.testing.assert_allclose(got, expected, atol=1e-9)
+        np.testing.assert_allclose(got, expected, atol=1e-8)  # below sqrt(eps) of the first, the Gram matrix loses them (1.2e-9 seen)
 
 
 def test_partial_svd_of_a_large_layer_is_used_only_for_the_rank_search():
