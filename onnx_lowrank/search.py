@@ -227,6 +227,92 @@ class Evaluator:
         return score("rel-l2", reference, candidate) ** 2
 
 
+class _Edge:
+    """Compact mode's search along one frontier (Search._smallest_passing): the candidates validated, on
+    the selecting half of the held-out samples (check 1) and on all of them (check 2)."""
+
+    def __init__(self, search: Search, candidates: list[list[Choice]], tolerance: float, end: int,
+                 predicted: list[float] | None):
+        self.search, self.candidates, self.tolerance, self.end = search, candidates, tolerance, end
+        self.predicted = predicted  # per candidate, on a continuous metric: the bisection interpolates
+        self.checks = [search.steered, search.indices]
+        self.tried: dict[tuple[int, int], Trial] = {}
+
+    def passes(self, index: int, upto: int) -> bool:
+        """Whether a candidate passes the first `upto` checks (the end counts as passing, unvalidated)."""
+        if index == self.end:
+            return True
+        for indices in self.checks[:upto]:
+            key = (index, len(indices))
+            if key not in self.tried:
+                self.tried[key] = self.search.validated(self.candidates[index], indices)
+            if self.tried[key].value > self.tolerance:
+                return False
+        return True
+
+    def first_passing(self, low: int, high: int, upto: int) -> int:
+        """The first passing index in (low, high] (low fails, high passes): interpolated while that
+        halves the interval, else bisected."""
+        halved = True
+        while high - low > 1:
+            width, samples = high - low, len(self.checks[upto - 1])
+            errors = {index: trial.value for (index, count), trial in self.tried.items() if count == samples}
+            middle = None if self.predicted is None or not halved else interpolated(
+                low, high, errors, self.predicted, self.tolerance)
+            middle = (low + high) // 2 if middle is None else middle
+            low, high = (low, middle) if self.passes(middle, upto) else (middle, high)
+            halved = high - low <= width // 2
+        return high
+
+    def galloping_down(self) -> int:
+        """The first passing index, stepping down 1, 2, 4, ... from the end, then searching the last step:
+        below the best so far, the edge is near the end."""
+        high, step = self.end, 1
+        while high > 0:
+            low = max(high - step, 0)
+            if not self.passes(low, 1):
+                return self.first_passing(low, high, 1)
+            high, step = low, step * 2
+        return 0
+
+    def galloping_up(self, low: int) -> int:
+        """The first index above `low` passing both checks, galloping up: mostly a near miss."""
+        step = 1
+        while True:
+            high = min(low + step, self.end)
+            if self.passes(high, 2):
+                return self.first_passing(low, high, 2)
+            low, step = high, step * 2
+
+
+def predicted_errors(candidates: list[list[Choice]], sensitivity: Sequence[float]) -> list[float]:
+    """Each allocation's predicted error: its units' predicted errors weighted by their sensitivities."""
+    return [sum(s * ch.option.error for s, ch in zip(sensitivity, choices) if ch.option is not None)
+            for choices in candidates]
+
+
+def interpolated(low: int, high: int, errors: dict[int, float], predicted: Sequence[float],
+                 tolerance: float) -> int | None:
+    """The index strictly inside (low, high) of a frontier (predicted errors falling as it grows) where the
+    validated error is expected to reach the tolerance: log error taken linear in log predicted error
+    through the validated ends, or through the one validated with slope 1. The pick keeps an eighth of
+    the interval from either end; None when nothing validated can say (errors of 0, a tolerance of 0).
+    On smooth metrics it needs fewer validations than bisection (a validation of SmolLM2 costs ~27 s)."""
+    ends = [(math.log(predicted[i]), math.log(errors[i])) for i in (low, high)
+            if errors.get(i, 0.0) > 0 and predicted[i] > 0]
+    if tolerance <= 0 or not ends:
+        return None
+    (x, y), slope = ends[0], 1.0
+    if len(ends) == 2 and ends[1][0] != x:
+        slope = (ends[1][1] - y) / (ends[1][0] - x)
+    if slope <= 0:
+        return None
+    target = x + (math.log(tolerance) - y) / slope
+    pick = min(range(low + 1, high), key=lambda i: abs(math.log(max(predicted[i], 1e-300)) - target))
+    margin = max(1, (high - low) // 8)
+    return min(max(pick, low + margin), high - margin)
+
+
 def probe_count(units: Sequence, positions: Sequence[float]) -> int:
     """How many fit samples sensitivity probes run on: PROBE_SAMPLES unless a probe of every unit on that
     many would exceed the PROBE_MACS budget (one sample: params x the positions each layer applies its weight
@@ -391,7 +477,8 @@ class Search:
         best: Trial | None = None
         weightings = self._weightings(sensitivity)
         for view, weights in weightings if len(self.indices) >= FRONTIERS_MIN_SAMPLES else weightings[:1]:
-            found = self._smallest_passing(frontier(view, weights), tolerance, None if best is None else best.params)
+            found = self._smallest_passing(frontier(view, weights), tolerance, None if best is None else best.params,
+                                           sensitivity)
             if found is not None:
                 best = found
         return best
@@ -405,7 +492,8 @@ class Search:
         exponents = sorted(SIZE_MODE_EXPONENTS, key=lambda exponent: exponent != 1.0)
         return [(view, [max(s, 1e-12) ** exponent for s in sensitivity]) for view in views for exponent in exponents]
 
-    def _smallest_passing(self, candidates: list[list[Choice]], tolerance: float, below: int | None) -> Trial | None:
+    def _smallest_passing(self, candidates: list[list[Choice]], tolerance: float, below: int | None,
+                          sensitivity: Sequence[float]) -> Trial | None:
         """The smallest of `candidates` (a frontier, in growing size) with fewer parameters than `below`
         whose validated error is within the tolerance, or None.
 
@@ -413,58 +501,19 @@ class Search:
         search above the selection (galloping up) runs if it does not: choosing the edge on the same samples
         that certify it would favour candidates that pass by luck. The first candidate not smaller than
         `below` (the dense end, when None) counts as passing without a validation; below another frontier's
-        best the search steps down from there (galloping), else it bisects the whole frontier.
+        best the search steps down from there (galloping), else it bisects the whole frontier, at the
+        interpolated edge where the metric is continuous (`interpolated`).
         """
         end = len(candidates) - 1 if below is None else sum(self.params(c) < below for c in candidates)
-        tried: dict[tuple, Trial] = {}
-        checks = [self.steered, self.indices]
-
-        def passes(index: int, upto: int) -> bool:
-            """Whether a candidate passes the first `upto` checks."""
-            if index == end:
-                return True
-            for indices in checks[:upto]:
-                key = (index, len(indices))
-                if key not in tried:
-                    tried[key] = self.validated(candidates[index], indices)
-                if tried[key].value > tolerance:
-                    return False
-            return True
-
-        def first_passing(low: int, high: int, upto: int) -> int:
-            """Bisect for the first passing index in (low, high], given low fails and high passes."""
-            while high - low > 1:
-                middle = (low + high) // 2
-                low, high = (low, middle) if passes(middle, upto) else (middle, high)
-            return high
-
-        def galloping_down() -> int:
-            """The first passing index, stepping down 1, 2, 4, ... from the end, then bisecting the last step:
-            below the best so far, the edge is near the end."""
-            high, step = end, 1
-            while high > 0:
-                low = max(high - step, 0)
-                if not passes(low, 1):
-                    return first_passing(low, high, 1)
-                high, step = low, step * 2
-            return 0
-
-        def galloping_up(low: int) -> int:
-            """The first index above `low` passing both checks, galloping up: mostly a near miss."""
-            step = 1
-            while True:
-                high = min(low + step, end)
-                if passes(high, 2):
-                    return first_passing(low, high, 2)
-                low, step = high, step * 2
-
-        if end == 0 or (below is not None and not passes(end - 1, 1)):
+        edge = _Edge(self, candidates, tolerance, end,
+                     None if self.metric in DISCRETE else predicted_errors(candidates, sensitivity))
+        if end == 0 or (below is not None and not edge.passes(end - 1, 1)):
             return None  # nothing smaller, or the largest smaller one fails already
         # the smallest allocation (rank 1 nearly everywhere) is validated only when the bisection gets there
-        chosen = first_passing(-1, end, 1) if below is None else galloping_down()
-        if chosen < end and not passes(chosen, 2):
-            chosen = galloping_up(chosen)
-        return None if chosen == end else tried[(chosen, len(self.indices))]
+        chosen = edge.first_passing(-1, end, 1) if below is None else edge.galloping_down()
+        if chosen < end and not edge.passes(chosen, 2):
+            chosen = edge.galloping_up(chosen)
+        return None if chosen == end else edge.tried[(chosen, len(self.indices))]
 
     def at_budget(self, sensitivity: Sequence[float], fraction: float) -> Trial:
         """At the budget, the least validated error among allocations weighted by sensitivity**a; with
