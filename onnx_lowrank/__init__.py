@@ -1,8 +1,8 @@
 """onnx-lowrank: factorize the weights of an ONNX model into low-rank chains, exactly at full rank."""
 
 from .api import Options, compress, compress_file
-from .inspection import LayerInfo, inspect
 from .errors import BoundNotMet, InputError
+from .inspection import LayerInfo, inspect
 from .report import LayerReport, Report, SkippedLayer, Validation
 
 __all__ = [

@@ -146,9 +146,9 @@ def _with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    for field in ("value_info", "output"):
-        del getattr(copy.graph, field)[:]
-        getattr(copy.graph, field).extend(getattr(inferred.graph, field))
+    for listed in ("value_info", "output"):
+        del getattr(copy.graph, listed)[:]
+        getattr(copy.graph, listed).extend(getattr(inferred.graph, listed))
     return copy
 
 

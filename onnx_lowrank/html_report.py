@@ -20,8 +20,8 @@ from typing import Any, TypeGuard
 
 from .errors import InputError
 from .installation import install_hint
-from .summary import human_bytes, validation_text
 from .report import Chosen, FallbackSearch, FallbackStep, Latency, Quantization, Report, Timing, TracePoint, Validation
+from .summary import human_bytes, validation_text
 
 MAX_SPECTRA = 24  # small multiples: the largest layers (by parameters) that have a spectrum
 MAX_RANK_BARS = 60  # bars in the rank chart: the largest layers

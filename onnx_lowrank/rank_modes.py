@@ -17,7 +17,7 @@ from .calibration import DISCRETE_VALIDATION_FRACTION, VALIDATION_FRACTION, Samp
 from .errors import BoundNotMet, InputError, known
 from .metrics import DEFAULT_TOLERANCE
 from .options import Options
-from .ranks import UnitDecomposers, Choice, by_budget, by_energy, explicit
+from .ranks import Choice, UnitDecomposers, by_budget, by_energy, explicit
 from .rewrite import build
 from .search import Trial
 

@@ -191,8 +191,8 @@ class Evaluator:
         first = [0]
         outputs = self.reference(first, self.output_names)
         logits = self.reference(first, self.probe_names)
-        names = [probe if l[0].shape == o[0].shape else output
-                 for output, probe, o, l in zip(self.output_names, self.probe_names, outputs, logits)
+        names = [probe if logit[0].shape == o[0].shape else output
+                 for output, probe, o, logit in zip(self.output_names, self.probe_names, outputs, logits)
                  if o and o[0].dtype.kind == "f"]
         return names[:1] if metric == "accuracy" else names
 

@@ -32,14 +32,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import make_model, shared_run
 from onnx import helper
 from onnxruntime.quantization import CalibrationDataReader
 
 import onnx_lowrank
 from onnx_lowrank.calibration import Samples, split
 from onnx_lowrank.cli import main as cli_main
-
-from conftest import make_model, shared_run
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"

@@ -25,8 +25,9 @@ from conftest import (
 )
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-import onnx_lowrank
 from onnx import TensorProto, helper, numpy_helper
+
+import onnx_lowrank
 
 META = ("onnx_lowrank.source", "onnx_lowrank.method", "onnx_lowrank.rank")
 

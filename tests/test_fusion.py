@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import make_model
 from onnx import helper, numpy_helper
 
 import onnx_lowrank
-from conftest import make_model
 from onnx_lowrank.fusion import fusion_check, optimized_ops
 from onnx_lowrank.report import FusionChange
 

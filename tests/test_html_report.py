@@ -35,8 +35,8 @@ import pytest
 from onnx import numpy_helper
 
 import onnx_lowrank
-from onnx_lowrank.errors import InputError
 from onnx_lowrank import html_report
+from onnx_lowrank.errors import InputError
 from onnx_lowrank.html_report import render_html
 from onnx_lowrank.report import (
     Chosen,

@@ -4,8 +4,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import onnx_lowrank
 from conftest import inspected
+
+import onnx_lowrank
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 

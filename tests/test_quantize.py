@@ -25,13 +25,21 @@ from conftest import make_model
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_lowrank
+from onnx_lowrank import quantize
 from onnx_lowrank.calibration import load_calibration
 from onnx_lowrank.cli import main
 from onnx_lowrank.cpu_features import full_int8_range, read_cpuinfo
 from onnx_lowrank.errors import InputError
-from onnx_lowrank import quantize
-from onnx_lowrank.quantize import (QUANTIZATIONS, _excludable, _restore_float, _variant, chain_names, fallback,
-                                   int8_range_for, quantize_int8)
+from onnx_lowrank.quantize import (
+    QUANTIZATIONS,
+    _excludable,
+    _restore_float,
+    _variant,
+    chain_names,
+    fallback,
+    int8_range_for,
+    quantize_int8,
+)
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 MINILM = MODELS / "minilm_l2.onnx"

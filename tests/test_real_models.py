@@ -20,9 +20,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import SHARED_RUNS, inspected, shared_run
 
 import onnx_lowrank
-from conftest import SHARED_RUNS, inspected, shared_run
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 PPOCR = MODELS / "ppocr_cls.onnx"

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from conftest import make_model, run
 import pytest
+from conftest import make_model, run
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from numpy.lib.stride_tricks import sliding_window_view

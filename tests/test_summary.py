@@ -9,10 +9,10 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import inspected, shared_run
 from rich.console import Console
 
 import onnx_lowrank
-from conftest import inspected, shared_run
 from onnx_lowrank.report import Latency, LayerReport, Quantization, Report, SkippedLayer, Timing, Validation
 from onnx_lowrank.summary import (
     not_validated_text,

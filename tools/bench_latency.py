@@ -346,8 +346,8 @@ def _build_bert(path: Path, calib: Path, dims: tuple[int, int, int, int, int], s
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     try:
-        import torch
         import build_models
+        import torch
         from transformers import BertConfig, BertModel
     except ImportError:
         bench_scale.build(path, layers, hidden)
