@@ -253,26 +253,27 @@ def main() -> None:
     run = {"suite": args.suite, "provider": args.provider, "machine": machine(args.provider),
            "onnxruntime": ort.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows}
     if args.models and path.exists():  # some cases re-run: the others' rows stay, said in the note
-        run.update(_merged(json.loads(path.read_text()), run, names))
+        run.update(_merged(json.loads(path.read_text()), run))
     path.write_text(json.dumps(run, indent=1))
     render_all()
 
 
-def _merged(previous: dict, run: dict, names: list[str]) -> dict:
-    """The previous run's rows of the models and metrics not re-run, then the new rows, and a note saying so;
-    only when the previous run came from the same machine and onnxruntime (as bench_latency.merged)."""
-    rows = run["rows"]
+def _merged(previous: dict, run: dict) -> dict:
+    """The previous run's rows of the models and metrics not re-run, then the new rows, each with the date it
+    was run on, and a note saying which ran when; only when the previous run came from the same machine and
+    onnxruntime (as bench_latency.merged). A row carries its own date, so merging again never nests notes."""
+    rows = [{**row, "date": run["date"]} for row in run["rows"]]
     if (previous.get("machine"), previous.get("onnxruntime")) != (run["machine"], run["onnxruntime"]):
         return {"rows": rows}
     ran = {(row["model"], row["metric"]) for row in rows}
-    kept = [row for row in previous["rows"] if (row.get("model"), row.get("metric")) not in ran]
+    kept = [{"date": previous["date"], **row} for row in previous["rows"]
+            if (row.get("model"), row.get("metric")) not in ran]
     if not kept:
         return {"rows": rows}
-    note = f"the {', '.join(names)} rows re-run {run['date']}; the others from the run of {previous['date']}"
-    if previous.get("note", "").startswith(note):  # the same cases re-run the same day: the note stands
-        return {"rows": kept + rows, "note": previous["note"]}
-    if previous.get("note"):
-        note += f" ({previous['note']})"
+    by_date: dict[str, dict[str, None]] = {}
+    for row in kept + rows:
+        by_date.setdefault(row["date"], {})[row["model"]] = None
+    note = "; ".join(f"{', '.join(models)} run {date}" for date, models in sorted(by_date.items()))
     return {"rows": kept + rows, "note": note}
 
 
