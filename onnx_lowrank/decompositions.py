@@ -8,6 +8,8 @@ is `Factorized`, which writes its own chain in place of the layer's node.
   a chain of Conv nodes of its own.
 - `prune.ChannelPruning` (a pair's consumer) returns a `prune.PrunedInputs`, `prune.KeptRows` (its producers,
   offering nothing alone) a `prune.KeptOutputs`: each the layer's own node with a smaller weight.
+- `heads.HeadScores` (an attention pair's key) and `heads.QuerySide` (its query, offering nothing alone)
+  return a `heads.HeadSide`: the projection's own node, fewer dimensions per head.
 - `parking.Parked` (`ParkedSpectral` for a unit's SVD) stands for a decomposer written to disk.
 
 mypy checks that every one of them keeps its contract (the assignments at the end of this module, and
@@ -103,12 +105,13 @@ if TYPE_CHECKING:  # every decomposition keeps its contract (mypy checks these a
     )
     from .data_aware import DataAwareSVD, FrequencyWeightedSVD
     from .parking import Parked, ParkedSpectral
+    from .heads import HeadScores, HeadSide, QuerySide
     from .prune import ChannelPruning, KeptOutputs, KeptRows, PrunedInputs
     from .svd import Factorization, TruncatedSVD
 
     _spectral: list[type[SpectralDecomposer]] = [TruncatedSVD, DataAwareSVD, FrequencyWeightedSVD, ParkedSpectral]
     _decomposers: list[type[Decomposer]] = [
         ConvDecomposer, Tucker2, CanonicalPolyadic, SpatialSeparable, DepthwiseSeparable, BlockLowRank, Parked,
-        ChannelPruning, KeptRows,
+        ChannelPruning, KeptRows, HeadScores, QuerySide,
     ]
-    _factorized: list[type[Factorized]] = [Factorization, ConvChain, PrunedInputs, KeptOutputs]
+    _factorized: list[type[Factorized]] = [Factorization, ConvChain, PrunedInputs, KeptOutputs, HeadSide]

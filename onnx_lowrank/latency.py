@@ -36,6 +36,7 @@ from onnx import helper
 
 from .cache import write_cache_file
 from .decompositions import Factorized
+from .heads import HEADS
 from .layers import Layer, Unit, fetch_request, find_layers
 from .model_io import is_large
 from .prune import PRUNE
@@ -48,7 +49,7 @@ from .subgraphs import Request, exposed, unstacked
 from .svd import Option
 from .weights import CHAIN_OPS, ConstantIndex, stored_constant
 
-UNTIMED = (PRUNE,)  # the same ops on smaller matrices, no node added: never slower (and a pruned layer
+UNTIMED = (PRUNE, HEADS)  # the same ops on smaller matrices, no node added: never slower (and a pruned layer
 # cannot be timed alone: its input is narrower than the activation it would be fed)
 
 

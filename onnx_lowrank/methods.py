@@ -13,6 +13,7 @@ from pathlib import Path
 from .conv_methods import ConvDecomposer, conv_decomposers
 from .data_aware import OutputError, data_aware_svd
 from .decompositions import SpectralDecomposer
+from .heads import HEADS
 from .layers import Unit, detached
 from .parallel import Workers, blas_threads
 from .parking import Shelf
@@ -22,7 +23,7 @@ from .statistics import Counts, Moments, Tied
 from .svd import PARTIAL_MIN_SIDE, TruncatedSVD
 
 CONV_METHODS = ("tucker2", "cp", "spatial", "depthwise", "block")
-METHODS = ("auto", "svd", PRUNE, *CONV_METHODS)  # pruning is offered on the pairs found at load (prune.couple)
+METHODS = ("auto", "svd", PRUNE, HEADS, *CONV_METHODS)  # pruning and heads: on the pairs found at load
 
 
 def decomposers_for(
@@ -81,6 +82,8 @@ def _decomposers(unit: Unit, method: str, stats: Moments | Counts | Tied | None,
     notes: list[str] = []
     if method == PRUNE:
         notes = [f"{PRUNE}: applies to the consumer of a producer -> activation -> consumer pair, and its producers"]
+    elif method == HEADS:
+        notes = [f"{HEADS}: applies to the query and key projections of attention heads"]
     elif method != "svd":
         wanted = set(CONV_METHODS) if method == "auto" else {method}
         if unit.op == "Conv" and exact:

@@ -25,6 +25,7 @@ from .data_aware import unit_statistics
 from .decompositions import Factorized
 from .errors import BoundNotMet, InputError, known
 from .generalization import DISCRETE, Decisions, weighted_fit
+from .heads import HEADS_METHODS, HeadPair, couple_heads, find_heads
 from .int8_share import Int8Share
 from .latency import LayerTimer, activation_shapes, end_to_end
 from .layers import Plan, Skipped, Unit, find_layers
@@ -68,6 +69,7 @@ class Run:
     adapters: dict = field(default_factory=dict)
     plan: Plan | None = None
     pairs: list[Pair] = field(default_factory=list)  # producer -> activation -> consumer, to prune together
+    heads: list[HeadPair] = field(default_factory=list)  # query and key projections, to cut per head together
     known: set[str] = field(default_factory=set)  # node and tensor names (explicit ranks name them)
     samples: Samples | None = None
     parts: Split | None = None
@@ -168,6 +170,9 @@ def load(run: Run, advance: Advance) -> None:
         run.known |= {n.name for n in graph.nodes} | set(graph.tensors())
     if settings.method in PRUNING_METHODS and not settings.no_data and run.calibration is not None:  # needs statistics
         run.pairs = find_pairs(run.plan.units, original)
+    if settings.method in HEADS_METHODS and not settings.no_data and run.calibration is not None:
+        taken = {key for pair in run.pairs for key in (pair.consumer, *pair.producers)}
+        run.heads = find_heads(run.plan.units, {o.name for o in original.graph.output}, taken)
     if run.mode is None:  # inspect describes the layers in a mode of its own
         run.mode = rank_mode_for(settings, has_data=run.calibration is not None)
     run.samples = _calibration(settings, original, run.calibration, run.labels)
@@ -234,6 +239,8 @@ def factorize(run: Run, advance: Advance) -> None:
                                           advance=advance, parking=parking)
     if run.pairs and run.statistics is not None:
         couple(run.pairs, run.decomposers, run.statistics, parking)
+    if run.heads and run.statistics is not None:
+        couple_heads(run.heads, run.decomposers, run.statistics)
 
 
 def latency_gate(run: Run, advance: Advance) -> None:

@@ -71,7 +71,7 @@ class Pair:
 # ------------------------------------------------------------------------------------------- detection
 
 
-def _channel_axis(layer: Layer, consuming: bool) -> str | None:
+def channel_axis(layer: Layer, consuming: bool) -> str | None:
     """Where the layer's channels run in the activation between the pair: "last" (MatMul x @ W, Gemm with a
     constant B) or "axis1" (Conv, group 1; a consumer 1x1 and unpadded); None when it cannot take part."""
     op, info = layer.node.op, layer.info
@@ -92,7 +92,7 @@ def _channel_axis(layer: Layer, consuming: bool) -> str | None:
     return "axis1"
 
 
-def _prunable_bias(layer: Layer) -> bool:
+def cuttable_bias(layer: Layer) -> bool:
     """A producer's bias must be a constant we can cut (or absent)."""
     if layer.bias is not None:
         return True
@@ -105,7 +105,7 @@ def _producer_ends(units: Sequence[Unit]) -> dict[str, Unit]:
     ends = {}
     for unit in units:
         layer = unit.layers[0]
-        if len(unit.layers) != 1 or _channel_axis(layer, consuming=False) is None or not _prunable_bias(layer):
+        if len(unit.layers) != 1 or channel_axis(layer, consuming=False) is None or not cuttable_bias(layer):
             continue
         site = layer.bias
         end = site.node if site is not None and site.node is not layer.node else layer.node
@@ -229,7 +229,7 @@ def find_pairs(units: Sequence[Unit], model: onnx.ModelProto) -> list[Pair]:
     taken: set[str] = set()
     for unit in units:
         layer = unit.layers[0]
-        axis = _channel_axis(layer, consuming=True)
+        axis = channel_axis(layer, consuming=True)
         if len(unit.layers) != 1 or axis is None or unit.key in taken:
             continue
         data = layer.adapter.observed(layer)[0]
@@ -238,7 +238,7 @@ def find_pairs(units: Sequence[Unit], model: onnx.ModelProto) -> list[Pair]:
             continue
         nodes, producers = found
         keys = [p.key for p in producers]
-        fits = all(_channel_axis(p.layers[0], consuming=False) == axis and p.shape[0] == unit.shape[1]
+        fits = all(channel_axis(p.layers[0], consuming=False) == axis and p.shape[0] == unit.shape[1]
                    for p in producers)
         if not fits or len(set(keys)) != len(keys) or unit.key in keys or taken & set(keys):
             continue
@@ -418,7 +418,7 @@ class PrunedInputs(_SmallerWeight):
             else:
                 site.node.inputs[site.index] = shifted
         _cut_chain(emit, emit.inputs[0], self.kept, self.channels, "axis1" if layer.node.op == "Conv" else "last")
-        _write(layer, emit, self.matrices, rest)
+        own_node(layer, emit, self.matrices, rest)
 
 
 @dataclass(frozen=True)
@@ -445,10 +445,10 @@ class KeptOutputs(_SmallerWeight):
                 rest = [cut]
             else:
                 site.node.inputs[site.index] = cut
-        _write(layer, emit, self.matrices, rest)
+        own_node(layer, emit, self.matrices, rest)
 
 
-def _write(layer: Layer, emit: Emitter, matrices: np.ndarray, rest: list) -> None:
+def own_node(layer: Layer, emit: Emitter, matrices: np.ndarray, rest: list) -> None:
     """The layer's own node with a smaller weight, in the layout the node sees (the inverse of its view)."""
     matrix = matrices[0]
     if layer.node.op == "MatMul":

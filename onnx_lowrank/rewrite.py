@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import onnx
 
 from .decompositions import Factorized
+from .heads import unmatched_heads
 from .layers import find_layers
 from .prune import unmatched
 from .ranks import Choice, UnitDecomposers
@@ -23,7 +24,7 @@ def build(
 ) -> onnx.ModelProto:
     """The original with the units named by key replaced by their factor chains (`base_dir`: where the
     original's external data lies, when it was loaded without it; the result then refers to it too)."""
-    problem = unmatched(factors)
+    problem = unmatched(factors) or unmatched_heads(factors)
     if problem is not None:
         raise RuntimeError(f"cannot write the allocation: {problem}")
     imported = import_graph(original)

@@ -35,7 +35,7 @@ from .generalization import (
 from .layers import Unit
 from .metrics import Outputs, lost_decisions, score
 from .overrides import Override, with_overridable
-from .prune import pruned_probe
+from .prune import KeptOutputs, pruned_probe
 from .ranks import Choice, UnitDecomposers, by_budget, coupled, frontier
 from .report import Validation
 from .rewrite import build, factors_of
@@ -377,12 +377,17 @@ def sensitivities(
     the order of `ranks.coupled`), its pruning's own: the consumer's refit fed the same way (its producers
     left whole), else the pair built pruned."""
     def probed(key: str, factors: dict[str, Factorized]) -> float:
-        """The error of `factors`, fed as the unit `key`'s weight when it can be, else built."""
-        override = evaluator.overrides.get(key)
-        fed = None if override is None else override.feed(factors[key])
-        if fed is not None:
-            return evaluator.probe_error_fed(fed, probe)
-        return evaluator.probe_error(build(original, adapters, factors), probe)
+        """The error of `factors` (unit `key`'s, with its pair's), fed to the original's session where every
+        unit's can be, else built. A pruned pair's producers stay whole there: the consumer's zero columns
+        drop what they keep extra."""
+        fed: dict[str, np.ndarray] = {}
+        for name, factorized in factors.items():
+            override = evaluator.overrides.get(name)
+            feed = None if override is None else override.feed(factorized)
+            if feed is None and (name == key or not isinstance(factorized, KeptOutputs)):
+                return evaluator.probe_error(build(original, adapters, factors), probe)
+            fed.update(feed or {})
+        return evaluator.probe_error_fed(fed, probe)
 
     found = []
     for candidate in candidates:

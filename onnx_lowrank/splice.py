@@ -211,9 +211,10 @@ class Emitter:
         """A constant of the chain stored as given (its element type is the one it replaces)."""
         return gs.Constant(self._splice.unique(f"{self._layer.node.name}.lowrank_{role}"), np.ascontiguousarray(value))
 
-    def variable(self, role: str) -> gs.Variable:
-        """An intermediate tensor of the chain, in the element type the layer computes in."""
-        return gs.Variable(self._splice.unique(f"{self._layer.node.name}.lowrank_{role}"), dtype=self._layer.weight.node_dtype)
+    def variable(self, role: str, dtype=None) -> gs.Variable:
+        """An intermediate tensor of the chain, in the element type the layer computes in unless told."""
+        return gs.Variable(self._splice.unique(f"{self._layer.node.name}.lowrank_{role}"),
+                           dtype=self._layer.weight.node_dtype if dtype is None else dtype)
 
     def node(self, role: str, op: str, inputs: list, outputs: list, attrs: dict | None = None) -> gs.Node:
         name = self._splice.unique(f"{self._layer.node.name}.lowrank_{role}")

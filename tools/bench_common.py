@@ -96,6 +96,20 @@ def _minilm_l2_split(shuffled: bool = False) -> dict[str, Path]:
     return paths
 
 
+def cpu_model() -> str:
+    """The CPU's model name and the instruction sets that set ONNX Runtime's speed on it (rows measured on
+    different CPUs of the same core count share a results file; each row says which it ran on)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    present = [label for flag, label in (("amx_int8", "AMX"), ("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"),
+                                         ("avx2", "AVX2")) if flag in flags]
+    return f"{name} ({', '.join(present[:2]) or 'no AVX2'})"
+
+
 def machine(provider: str) -> str:
     cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     if provider == "cuda":
@@ -273,11 +287,18 @@ def render_smollm2(run: dict) -> list[str]:
     def speed(row: dict) -> str:
         return "-" if row.get("speedup") is None else f"{row['speedup']:.2f}x"
 
+    def prompt(row: dict) -> str:
+        return "-" if not row.get("latency_ms") else f"{row['latency_ms'][0]:.0f} ms"
+
     def took(row: dict) -> str:
         return f"{row['seconds'] / 60:.1f} min" + ("" if row.get("cold_cache") is not False else " (cached)")
 
     def kept(row: dict) -> str:
         return f"{row['params_after'] / row['params_before']:.1%}"
+
+    def cpu(row: dict) -> str:  # rows before 2026-12-05 10:00 did not record their CPU
+        ran = row.get("cpu", "an earlier 2-core x86_64 machine")
+        return f"{ran}, {row['date']}" if "date" in row else ran
 
     def methods(row: dict) -> str:
         return ", ".join(f"{method} {count}" for method, count in sorted(row["methods"].items()))
@@ -292,22 +313,25 @@ def render_smollm2(run: dict) -> list[str]:
         "validated perplexity increase, *bound*: its 95% bound for new inputs; *speed*: prompt processing",
         "(128 tokens, batch 1, 2 threads), original over compressed, timed side by side; time and peak",
         "memory of the whole run (statistics, sensitivities, search, write); *(cached)*: the run found the",
-        "statistics or sensitivities of its method in the shared `--cache` folder, so its time leaves them out.", "",
+        "statistics or sensitivities of its method in the shared `--cache` folder, so its time leaves them out.",
+        "*original prompt*: the original's own median in that timing, which says how fast the CPU was (times",
+        "of rows run on different CPUs do not compare).", "",
     ]
     if compact:
-        lines += ["| mode | objective | refit | kept | held-out | bound | eval ratio | speed | time | peak memory | methods |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| mode | objective | refit | kept | held-out | bound | eval ratio | speed | time | peak memory | "
+                  "methods | original prompt | CPU |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| compact, tolerance {r['tolerance']:g} | {r['objective']} | {r['refit']} ({r['refit_layers']}) | "
                   f"{kept(r) if r['exit'] == 0 else 'not met'} | {r['held_out']:.4g} | {r['bound']:.4g} | {ratio(r)} | "
-                  f"{speed(r)} | {took(r)} | {r['peak_rss_gib']:.1f} GiB | {methods(r)} |"
+                  f"{speed(r)} | {took(r)} | {r['peak_rss_gib']:.1f} GiB | {methods(r)} | {prompt(r)} | {cpu(r)} |"
                   for r in compact]
         lines.append("")
     if curve:
         lines += ["Size mode at a fraction of the factorizable parameters, objective size:", "",
-                  "| budget | way | kept | held-out | eval ratio | speed | time |", "|---|---|---|---|---|---|---|"]
+                  "| budget | way | kept | held-out | eval ratio | speed | time | original prompt | CPU |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['budget']:g} | {r['way']} | {kept(r)} | "
                   f"{'-' if r['held_out'] is None else format(r['held_out'], '.4g')} | {ratio(r)} | {speed(r)} | "
-                  f"{took(r)} |" for r in curve]
+                  f"{took(r)} | {prompt(r)} | {cpu(r)} |" for r in curve]
         lines.append("")
     return lines
 

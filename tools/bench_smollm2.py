@@ -121,6 +121,7 @@ def main() -> None:
     evaluation = Evaluation(paths)
     common = [str(paths["model"]), "--calib", str(paths["calib"]), "--metric", "perplexity"]
     rows = []
+    ran_on = {"cpu": bench_common.cpu_model(), "date": time.strftime("%Y-%m-%d")}
     with tempfile.TemporaryDirectory(prefix="bench-smollm2-") as scratch:
         work = args.work or Path(scratch)
         work.mkdir(parents=True, exist_ok=True)
@@ -136,7 +137,8 @@ def main() -> None:
             else:
                 was_cold = cold()
                 result = compress([*common, "--tolerance", str(TOLERANCE)], work, "compact")
-            rows.append({"row": "compact", "tolerance": TOLERANCE, "cold_cache": was_cold, **evaluation.row(result)})
+            rows.append({"row": "compact", "tolerance": TOLERANCE, "cold_cache": was_cold, **evaluation.row(result),
+                         **ran_on})
             print(json.dumps(rows[-1]), flush=True)
         if "curve" in args.rows:
             for budget in map(float, args.budgets.split(",")):
@@ -145,7 +147,7 @@ def main() -> None:
                     argv = [*given, "--target-params", str(budget), "--objective", "size", *WAYS[way]]
                     was_cold = cold() if way != "plain SVD" else None  # no calibration: no cache
                     result = compress(argv, work, f"size-{budget}-{way.replace(' ', '-')}")
-                    rows.append({"row": "curve", "budget": budget, "way": way, "cold_cache": was_cold,
+                    rows.append({"row": "curve", "budget": budget, "way": way, "cold_cache": was_cold, **ran_on,
                                  **evaluation.row(result)})
                     print(json.dumps(rows[-1]), flush=True)
     path = bench_common.RESULTS / "smollm2_cpu.json"
