@@ -33,6 +33,7 @@ import json
 import time
 from pathlib import Path
 
+import bench_common
 import bench_latency
 import onnx
 import onnxruntime as ort
@@ -262,7 +263,7 @@ def _merged(previous: dict, run: dict) -> dict:
     """The previous run's rows of the models and metrics not re-run, then the new rows, each with the date it
     was run on, and a note saying which ran when; only when the previous run came from the same machine and
     onnxruntime (as bench_latency.merged). A row carries its own date, so merging again never nests notes."""
-    rows = [{**row, "date": run["date"]} for row in run["rows"]]
+    rows = [{**row, "date": run["date"], "cpu": bench_common.cpu_model()} for row in run["rows"]]
     if (previous.get("machine"), previous.get("onnxruntime")) != (run["machine"], run["onnxruntime"]):
         return {"rows": rows}
     ran = {(row["model"], row["metric"]) for row in rows}
@@ -270,11 +271,16 @@ def _merged(previous: dict, run: dict) -> dict:
             if (row.get("model"), row.get("metric")) not in ran]
     if not kept:
         return {"rows": rows}
-    by_date: dict[str, dict[str, None]] = {}
-    for row in kept + rows:
-        by_date.setdefault(row["date"], {})[row["model"]] = None
-    note = "; ".join(f"{', '.join(models)} run {date}" for date, models in sorted(by_date.items()))
-    return {"rows": kept + rows, "note": note}
+    return {"rows": kept + rows, "note": dated(kept + rows)}
+
+
+def dated(rows: list[dict]) -> str:
+    """Which models ran when, and on which CPU where a row says (one machine name can stand for several CPUs)."""
+    by_run: dict[tuple[str, str], dict[str, None]] = {}
+    for row in rows:
+        by_run.setdefault((row["date"], row.get("cpu", "")), {})[row["model"]] = None
+    return "; ".join(f"{', '.join(models)} run {date}" + (f" on {cpu}" if cpu else "")
+                     for (date, cpu), models in sorted(by_run.items()))
 
 
 def _latency(args) -> None:
