@@ -104,8 +104,8 @@ if TYPE_CHECKING:  # every decomposition keeps its contract (mypy checks these a
         Tucker2,
     )
     from .data_aware import DataAwareSVD, FrequencyWeightedSVD
-    from .parking import Parked, ParkedSpectral
     from .heads import HeadScores, HeadSide, QuerySide
+    from .parking import Parked, ParkedSpectral
     from .prune import ChannelPruning, KeptOutputs, KeptRows, PrunedInputs
     from .svd import Factorization, TruncatedSVD
 

@@ -396,10 +396,14 @@ def _fusions(row: dict) -> str:
     return "yes" if match else "no: lost " + ", ".join(row.get("fusions_lost") or ["?"])
 
 
+def _on(record: dict) -> str:
+    return f" on {record['cpu']}" if record.get("cpu") else ""
+
+
 def _heading(record: dict, run: dict) -> list[str]:
     timing = record.get("timing", {})
     tolerance = "" if record.get("tolerance") is None else f", tolerance {record['tolerance']:g}"
-    line = f"### {record['case']}: {record['model']} ({record['metric']}{tolerance}), run {record['date']}"
+    line = f"### {record['case']}: {record['model']} ({record['metric']}{tolerance}), run {record['date']}{_on(record)}"
     facts = []
     if timing:
         facts.append(f"timed on {timing.get('timing_provider', timing['provider'])}, batch {timing['batch']}, "
@@ -491,7 +495,7 @@ def _render_int8(record: dict, run: dict) -> list[str]:
 
 def _render_scale(record: dict, run: dict) -> list[str]:
     target = record.get("target_seconds", SCALE_TARGET_SECONDS)
-    lines = [f"### {record['case']}: compression time at scale, run {record['date']}", ""]
+    lines = [f"### {record['case']}: compression time at scale, run {record['date']}{_on(record)}", ""]
     for row in record["rows"]:
         dims = row["dims"]
         phases = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in row["phases"].items() if seconds >= 0.5)

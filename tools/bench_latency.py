@@ -46,6 +46,7 @@ from bench_common import (  # puts this repository on sys.path (bench_scale impo
     INT8_TARGET_FRACTION,
     REPO,
     SCALE_TARGET_SECONDS,
+    cpu_model,
     data_for,
 )
 
@@ -107,7 +108,7 @@ def run(names: list[str], timer: Timer) -> list[dict]:
         case = LATENCY_CASES[name]
         started = time.perf_counter()
         record = {"case": name, "kind": case.kind, "model": case.model, "metric": case.metric,
-                  "tolerance": case.tolerance, "date": time.strftime("%Y-%m-%d %H:%M"),
+                  "tolerance": case.tolerance, "date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu_model(),
                   **_KINDS[case.kind](case, timer)}
         record["case_seconds"] = time.perf_counter() - started
         records.append(record)
