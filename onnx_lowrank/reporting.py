@@ -3,8 +3,10 @@ the one-line reasons a result is refused."""
 
 from __future__ import annotations
 
+import onnx
+
 from .decompositions import Factorized
-from .fusion import fusion_check
+from .fusion import fused_as_given
 from .latency import UNTIMED, LayerTimer, Untimeable
 from .ranks import Choice, UnitDecomposers, coupled, known_coupling
 from .report import Fusions, Latency, LayerReport, Report, TracePoint
@@ -82,16 +84,18 @@ def _pair_sensitivity_positions(candidates: list[UnitDecomposers]) -> dict[int, 
     return found
 
 
-def fusions(original, factorized, report: Report, search: Search | None, base_dir: str) -> Fusions:
-    """ONNX Runtime's fusions in the original and the factorized model; a model ONNX Runtime cannot
-    optimize was still validated as written, so that is a note, not a failure."""
+def fusions(original, factorized, report: Report, search: Search | None, base_dir: str, bare: bool = True
+            ) -> tuple[onnx.ModelProto, Fusions]:
+    """ONNX Runtime's fusions in the original and the factorized model, and the variant of the factorized
+    model to write (fusion.fused_as_given); a model ONNX Runtime cannot optimize was still validated as
+    written, so that is a note, not a failure."""
     provider = search.evaluator.provider_used if search is not None else "cpu"
     try:
-        return fusion_check(original, factorized, [n for layer in report.layers for n in layer.nodes], provider,
-                            base_dir=base_dir)
+        return fused_as_given(original, factorized, [n for layer in report.layers for n in layer.nodes], provider,
+                              base_dir=base_dir, bare=bare)
     except Exception as error:  # noqa: BLE001 - onnxruntime's own exception types
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        return Fusions(error=f"onnxruntime could not optimize the models: {first_line}")
+        return factorized, Fusions(error=f"onnxruntime could not optimize the models: {first_line}")
 
 
 def _layer_latency(timer: LayerTimer, unit, factorization: Factorized) -> dict[str, float] | None:
