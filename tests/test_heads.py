@@ -77,6 +77,27 @@ def attention(heads: int = 2, dim: int = 4, width: int = 6, bias: bool = True, s
     return make_model(nodes, {"x": ["N", SEQ, width]}, outputs, init)
 
 
+def gemm_attention(heads: int = 2, dim: int = 3, width: int = 5, trans_b: int = 1) -> onnx.ModelProto:
+    """Q and K as Gemm nodes on the flattened rows (bias as C, weight transposed or not), split into heads
+    by a Reshape to [-1, S, H, d] from a Concat of constants."""
+    rng = np.random.default_rng(7)
+    inner = heads * dim
+    init = {"split_lead": np.array([-1, SEQ], np.int64), "split_heads": np.array([heads], np.int64),
+            "split_dim": np.array([dim], np.int64), "rows": np.array([-1, width], np.int64)}
+    nodes = [helper.make_node("Reshape", ["x", "rows"], ["x2"])]
+    for p in "qk":
+        w = (rng.standard_normal((width, inner)) / np.sqrt(width)).astype(np.float32)
+        init[f"w{p}"], init[f"b{p}"] = (w.T.copy() if trans_b else w), rng.standard_normal(inner).astype(np.float32)
+        nodes += [helper.make_node("Gemm", ["x2", f"w{p}", f"b{p}"], [f"{p}1"], name=f"{p}_proj", transB=trans_b),
+                  helper.make_node("Concat", ["split_lead", "split_heads", "split_dim"], [f"{p}_shape"], axis=0),
+                  helper.make_node("Reshape", [f"{p}1", f"{p}_shape"], [f"{p}2"])]
+    nodes += [helper.make_node("Transpose", ["q2"], ["qt"], perm=[0, 2, 1, 3]),
+              helper.make_node("Transpose", ["k2"], ["kt"], perm=[0, 2, 3, 1]),
+              helper.make_node("MatMul", ["qt", "kt"], ["scores"], name="scores"),
+              helper.make_node("Softmax", ["scores"], ["y"], axis=-1)]
+    return make_model(nodes, {"x": ["N", SEQ, width]}, ["y"], init)
+
+
 def calibration(model: onnx.ModelProto, count: int = 16, seed: int = 3) -> dict[str, np.ndarray]:
     width = model.graph.input[0].type.tensor_type.shape.dim[2].dim_value
     rng = np.random.default_rng(seed)
@@ -130,6 +151,21 @@ def test_keeping_every_dimension_is_exact(heads, dim, width, bias, shape, scale_
     onnx.checker.check_model(new, full_check=True)
     (before,), (after,) = run(model, data), run(new, data)
     np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4 * np.abs(before).max())
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_gemm_projections_are_cut_exactly_at_full_size(trans_b):
+    model = gemm_attention(trans_b=trans_b)
+    (pair,) = find_heads(units_of(model), {"y"})
+    assert (pair.heads, pair.dim) == (2, 3)
+    data = calibration(model)
+    found = candidates(model, data)
+    (before,) = run(model, data)
+    full = build(model, ADAPTERS, head_factors(found, 3))
+    np.testing.assert_allclose(run(full, data)[0], before, rtol=1e-4, atol=1e-5)
+    cut = build(model, ADAPTERS, head_factors(found, 2))
+    onnx.checker.check_model(cut, full_check=True)
+    assert run(cut, data)[0].shape == before.shape
 
 
 def test_cut_heads_shrink_the_projections_and_run():
