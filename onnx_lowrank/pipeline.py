@@ -297,10 +297,21 @@ def int8_fallback(run: Run, advance: Advance) -> None:
 
 def search(run: Run, advance: Advance) -> None:
     """The mode's allocation of ranks (validated candidates, with calibration data)."""
+    _method_applies(run)
     if run.search is not None:
         run.search.advance = advance
     run.allocation = run.rank_mode.allocate(run)
     _settle_refit(run)
+
+
+def _method_applies(run: Run) -> None:
+    """A forced method that no layer offers is a usage error (--method heads on a CNN), not a bound that
+    could not be met."""
+    method, decomposers = run.settings.method, run.decomposers
+    if method in ("auto", "svd") or not decomposers or any(c.offers_any for c in decomposers):
+        return
+    why = sorted({note for c in decomposers for note in c.notes}) or [f"{method}: no layer offers it"]
+    raise InputError(f"--method {method} applies to no layer of this model ({'; '.join(why)})")
 
 
 def _settle_refit(run: Run) -> None:

@@ -134,6 +134,12 @@ class UnitDecomposers:
         self._last = None
 
     @property
+    def offers_any(self) -> bool:
+        """Whether any of its methods offers an option, restrictions (rank multiples, timings) aside."""
+        self.options()
+        return bool(self._every)
+
+    @property
     def offers_others(self) -> bool:
         """Whether methods besides the SVD compete for this unit."""
         return any(d is not self.primary for d in self._offered)

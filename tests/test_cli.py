@@ -435,6 +435,7 @@ BAD = {
         lambda tmp, model: ["inspect", str(_write(tmp / "in" / "noise.onnx", np.random.default_rng(4).bytes(999)))],
         ("noise.onnx",)),
     "method-foo": Bad(_compress("--energy", "0.9", "--method", "foo"), ("method", "foo")),
+    "method-nowhere": Bad(_compress("--method", "heads", "--target-params", "0.9"), ("--method heads", "no layer")),
     "ops-Foo": Bad(_compress("--energy", "0.9", "--ops", "Conv,Foo"), ("Foo",)),
     "inspect-ops-Foo": Bad(lambda tmp, model: ["inspect", str(model), "--ops", "Foo"], ("Foo",)),
     "target-params-0": Bad(_compress("--target-params", "0"), ("target-params", "0")),
