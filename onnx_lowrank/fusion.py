@@ -113,11 +113,21 @@ def fusion_check(
     factorized = set(factorized_nodes)
     provider = resolve_provider(provider)
     baseline = original if as_given else _with_shapes(original)
-    sides = {}
-    for side, source in (("original", baseline), ("compressed", compressed)):
-        graph = _Source(source.graph, factorized, chains=side == "compressed")
-        fused = [node for node in _nodes(optimized_model(source, provider, level, base_dir).graph) if _is_fused(node)]
-        sides[side] = Counter((_kind(node), graph.owners_of(node)) for node in fused)
+    before = _fused(baseline, factorized, False, provider, level, base_dir)
+    return _compared(before, _fused(compressed, factorized, True, provider, level, base_dir), provider, level)
+
+
+def _fused(source: onnx.ModelProto, factorized: set[str], chains: bool, provider: str, level: str,
+           base_dir: str) -> Counter:
+    """ONNX Runtime's fused nodes of one side, counted by (kind, factorized layers they are attributed to)."""
+    graph = _Source(source.graph, factorized, chains=chains)
+    fused = [node for node in _nodes(optimized_model(source, provider, level, base_dir).graph) if _is_fused(node)]
+    return Counter((_kind(node), graph.owners_of(node)) for node in fused)
+
+
+def _compared(original: Counter, compressed: Counter, provider: str, level: str) -> Fusions:
+    """The fusion check of the two sides' fused nodes (`_fused`)."""
+    sides = {"original": original, "compressed": compressed}
     totals = {side: _by_kind(found) for side, found in sides.items()}
     unfactorized = {side: _by_kind(found, unfactorized_only=True) for side, found in sides.items()}
     lost, gained = _changes(sides["original"], sides["compressed"])
@@ -139,17 +149,19 @@ def fused_as_given(
     compared with the original as it is, and written without those shapes when only so it fuses alike.
     `bare`: whether that variant may be chosen (if not, the comparison is with the shape-inferred original,
     as the model is written)."""
-    nodes = list(factorized_nodes)
+    factorized = set(factorized_nodes)
     if not bare or any(graph.value_info for graph in all_graphs(original.graph)):  # as rewritten, shapes and all
-        return compressed, fusion_check(original, compressed, nodes, provider, base_dir=base_dir)
-    found = fusion_check(original, compressed, nodes, provider, base_dir=base_dir, as_given=True)
+        return compressed, fusion_check(original, compressed, factorized, provider, base_dir=base_dir)
+    provider = resolve_provider(provider)
+    before = _fused(original, factorized, False, provider, "all", base_dir)  # the original as given, once
+    found = _compared(before, _fused(compressed, factorized, True, provider, "all", base_dir), provider, "all")
     if found.unfactorized_match:
         return compressed, found
     shapeless = onnx.ModelProto()
     shapeless.CopyFrom(compressed)
     for graph in all_graphs(shapeless.graph):
         del graph.value_info[:]
-    alike = fusion_check(original, shapeless, nodes, provider, base_dir=base_dir, as_given=True)
+    alike = _compared(before, _fused(shapeless, factorized, True, provider, "all", base_dir), provider, "all")
     return (shapeless, alike) if alike.unfactorized_match else (compressed, found)
 
 

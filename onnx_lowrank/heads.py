@@ -32,7 +32,7 @@ import onnx_graphsurgeon as gs
 from .data_aware import _shrunk, _sqrt_psd
 from .errors import known
 from .layers import Layer, Unit
-from .prune import channel_axis, constant_value, cuttable_bias, own_node
+from .prune import channel_axis, constant_value, cuttable_bias, output_after_bias, own_node
 from .ranks import Coupling, UnitDecomposers
 from .statistics import Moments
 from .svd import Option
@@ -58,12 +58,6 @@ class HeadPair:
 
 
 # ------------------------------------------------------------------------------------------- detection
-
-
-def _end(layer: Layer) -> gs.Tensor:
-    """The layer's output after its bias (the Add's output when the bias is a separate node)."""
-    site = layer.bias
-    return (site.node if site is not None and site.node is not layer.node else layer.node).outputs[0]
 
 
 def _only_user(tensor: gs.Tensor, outputs: set[str]) -> gs.Node | None:
@@ -132,8 +126,9 @@ def _split(unit: Unit, outputs: set[str]) -> tuple[int, int, gs.Node, int] | Non
         return None
     if layer.bias is not None and layer.bias.value.size != unit.shape[0]:  # a bias broadcast over channels
         return None
-    reshape = _only_user(_end(layer), outputs)
-    if reshape is None or reshape.op != "Reshape" or reshape.inputs[0] is not _end(layer):
+    end = output_after_bias(layer)
+    reshape = _only_user(end, outputs)
+    if reshape is None or reshape.op != "Reshape" or reshape.inputs[0] is not end:
         return None
     found = head_shape(reshape, unit.shape[0])
     reached = _to_scores(reshape, outputs)

@@ -99,6 +99,12 @@ def cuttable_bias(layer: Layer) -> bool:
     return layer.node.op == "MatMul" or len(layer.node.inputs) < 3
 
 
+def output_after_bias(layer: Layer) -> gs.Tensor:
+    """The layer's output, or that of the Add holding its bias."""
+    site = layer.bias
+    return (site.node if site is not None and site.node is not layer.node else layer.node).outputs[0]
+
+
 def _producer_ends(units: Sequence[Unit]) -> dict[str, Unit]:
     """By tensor name, the output of each unit that could produce a pair's channels: its node's output, or
     that of the Add holding its bias."""
@@ -107,9 +113,7 @@ def _producer_ends(units: Sequence[Unit]) -> dict[str, Unit]:
         layer = unit.layers[0]
         if len(unit.layers) != 1 or channel_axis(layer, consuming=False) is None or not cuttable_bias(layer):
             continue
-        site = layer.bias
-        end = site.node if site is not None and site.node is not layer.node else layer.node
-        ends[end.outputs[0].name] = unit
+        ends[output_after_bias(layer).name] = unit
     return ends
 
 

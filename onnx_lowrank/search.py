@@ -256,9 +256,9 @@ class _Edge:
         halved = True
         while high - low > 1:
             width, samples = high - low, len(self.checks[upto - 1])
-            errors = {index: trial.value for (index, count), trial in self.tried.items() if count == samples}
             middle = None if self.predicted is None or not halved else interpolated(
-                low, high, errors, self.predicted, self.tolerance)
+                low, high, {index: trial.value for (index, count), trial in self.tried.items() if count == samples},
+                self.predicted, self.tolerance)
             middle = (low + high) // 2 if middle is None else middle
             low, high = (low, middle) if self.passes(middle, upto) else (middle, high)
             halved = high - low <= width // 2
