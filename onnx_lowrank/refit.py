@@ -14,8 +14,11 @@ chosen by two-fold cross-validation on the fit samples (the error of each fold's
 
 Layers are refit a stage at a time: a stage holds the layers whose inputs no other unrefit factorized layer
 feeds (their depth in factorized layers), so the ONNX Runtime passes grow with the stages, not the layers.
+A stage's pass runs only the part of the compressed model before the tensors it observes (runtime.prefix);
+the original's tensors, the same for every stage and candidate, are computed in one pass and kept.
 Layers at depth 0 see the original inputs and keep their factors. Refit are the two-factor products
-(`svd.Factorization`) of layers observed on their input side; other chains are kept and counted upstream.
+(`svd.Factorization`) of layers observed on their input side in the main graph; other chains are kept and
+counted upstream.
 """
 
 from __future__ import annotations
@@ -30,15 +33,17 @@ import scipy.linalg
 from .calibration import Samples
 from .data_aware import _safe_scale, _shrunk, _top_eigen
 from .decompositions import Factorized
+from .errors import known
 from .layers import Layer, Unit
 from .parallel import blas_threads
 from .rewrite import build
-from .runtime import session_with_outputs
+from .runtime import Session, prefix
 from .statistics import Moments
 from .svd import Factorization
 
 REFITS = ("auto", "sequential", "none")
 SHRINKAGES = (0.0, 0.25, 0.5, 0.75, 1.0)  # the strengths cross-validation chooses among
+ORIGINAL_BYTES = 2 << 30  # the original's observed tensors kept for every stage and candidate up to this
 RIDGE = 1e-9  # relative to the trace: keeps E[x~ x~^T] invertible when x~ is rank-deficient
 
 
@@ -94,14 +99,19 @@ class Refit:
         self.original, self.adapters, self.base_dir = original, adapters, base_dir
         self.units = {unit.key: unit for unit in units}
         self.moments = {unit.key: s for unit, s in zip(units, statistics) if isinstance(s, Moments)}
-        self.samples, self.provider, self.batch_size = samples, provider, batch_size
+        self.provider = provider
         self.folds = [list(fit)[0::2], list(fit)[1::2]]
+        self.batches = [[feed for _, feed in samples.batches(fold, batch_size)] for fold in self.folds]
         self.passes = 0  # ONNX Runtime passes made (each over the fit samples, both models)
+        self._kept: dict[str, list[list[np.ndarray]]] | None = None  # the original's tensors (_original_tensors)
 
     def refittable(self, key: str, factors: Factorized) -> bool:
-        unit = self.units[key]
-        return (isinstance(factors, Factorization) and key in self.moments and len(self.folds[1]) > 0
-                and all(layer.adapter.observed(layer)[1] == "input" for layer in unit.layers))
+        return isinstance(factors, Factorization) and self._observable(self.units[key]) and len(self.folds[1]) > 0
+
+    def _observable(self, unit: Unit) -> bool:
+        """Observed on its input side in the main graph (a body's tensors are no outputs of a plain pass)."""
+        return unit.key in self.moments and all(
+            layer.adapter.observed(layer)[1] == "input" and layer.scope is None for layer in unit.layers)
 
     def __call__(self, factors: dict[str, Factorized]) -> dict[str, Factorized]:
         largest = max((self.units[key].params for key in factors), default=0)
@@ -121,19 +131,17 @@ class Refit:
     def _observe(self, model: onnx.ModelProto, keys: Sequence[str]) -> dict[str, list[CrossMoments]]:
         """Per unit of the stage, per fold, the cross-moments of its layers' inputs in both models."""
         layers = {key: self.units[key].layers for key in keys}
-        names = list(dict.fromkeys(layer.adapter.observed(layer)[0].name for ls in layers.values() for layer in ls))
-        inputs = {i.name for i in self.original.graph.input}
-        wanted = [n for n in names if n not in inputs]
-        original = session_with_outputs(self.original, wanted, self.provider, source="the input model")
-        compressed = session_with_outputs(model, wanted, self.provider)
+        wanted = _observed_names(layers.values(), self.original)
+        original = self._original_tensors(wanted)
+        compressed = known(self._tensors(model, wanted), "the compressed model's tensors")
         sums = {key: [_empty(ls[0]), _empty(ls[0])] for key, ls in layers.items()}
-        for fold, indices in enumerate(self.folds):
+        for fold, batches in enumerate(self.batches):
             if fold:  # one origin for both folds: their sums add up
                 for pair in sums.values():
                     pair[1].origin = pair[0].origin
-            for _, feed in self.samples.batches(indices, self.batch_size):
-                before = {**feed, **dict(zip(wanted, original.run(feed, wanted)))}
-                after = {**feed, **dict(zip(wanted, compressed.run(feed, wanted)))}
+            for batch, feed in enumerate(batches):
+                before = {**feed, **{name: original[name][fold][batch] for name in wanted}}
+                after = {**feed, **{name: compressed[name][fold][batch] for name in wanted}}
                 for key, unit_layers in layers.items():
                     for layer in unit_layers:
                         name = layer.adapter.observed(layer)[0].name
@@ -141,6 +149,43 @@ class Refit:
                                             layer.adapter.rows(layer, after[name]), layer.bias is not None)
         self.passes += 1
         return sums
+
+    def _original_tensors(self, names: list[str]) -> dict[str, list[list[np.ndarray]]]:
+        """The original's tensors, the same for every stage and candidate: on first use every tensor any
+        refittable unit observes, kept when they fit in ORIGINAL_BYTES (else each stage's are computed)."""
+        if self._kept is None:
+            every = _observed_names([unit.layers for unit in self.units.values() if self._observable(unit)],
+                                    self.original)
+            self._kept = self._tensors(self.original, every, limit=ORIGINAL_BYTES) or {}
+        if all(name in self._kept for name in names):
+            return self._kept
+        return known(self._tensors(self.original, names), "the original's tensors")
+
+    def _tensors(self, model: onnx.ModelProto, names: list[str],
+                 limit: float = float("inf")) -> dict[str, list[list[np.ndarray]]] | None:
+        """Per name, per fold, per batch of fit samples, the model's tensor (None past `limit` bytes): one
+        pass of the part of the model that computes them (runtime.prefix)."""
+        found: dict[str, list[list[np.ndarray]]] = {name: [[], []] for name in names}
+        if not names:
+            return found
+        source = "the input model" if model is self.original else None
+        session = Session(prefix(model, names), self.provider, source=source)
+        size = 0
+        for fold, batches in enumerate(self.batches):
+            for feed in batches:
+                for name, value in zip(names, session.run(feed, names)):
+                    found[name][fold].append(value)
+                    size += value.nbytes
+                if size > limit:
+                    return None
+        return found
+
+
+def _observed_names(layer_groups, original: onnx.ModelProto) -> list[str]:
+    """The tensors the layers observe, graph inputs aside (the feeds hold them)."""
+    inputs = {i.name for i in original.graph.input}
+    names = (layer.adapter.observed(layer)[0].name for layers in layer_groups for layer in layers)
+    return [name for name in dict.fromkeys(names) if name not in inputs]
 
 
 def _empty(layer: Layer) -> CrossMoments:

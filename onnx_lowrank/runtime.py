@@ -14,7 +14,7 @@ import onnxruntime as ort
 
 from .errors import InputError
 from .installation import install_hint
-from .model_io import save_model, serialized_or_none
+from .model_io import all_graphs, save_model, serialized_or_none, subgraphs
 
 PROVIDERS = ("cpu", "cuda", "auto")
 EXECUTION_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -100,6 +100,34 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
     existing = {o.name for o in model.graph.output}
     model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names) if n not in existing)
     return model
+
+
+def prefix(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """The part of the model that computes `names` (tensors of its main graph), its only outputs: the nodes
+    they depend on and the initializers those read; every real graph input stays, so the model's feeds run
+    it. ONNX Runtime runs every node of a graph whatever outputs are asked for, so a pass that needs early
+    tensors of a large model costs only the layers before them. The initializers are copied."""
+    graph, needed = model.graph, set(names)
+    kept = []
+    for node in reversed(graph.node):  # topologically sorted: a node's readers come after it
+        if needed.isdisjoint(node.output):
+            continue
+        kept.append(node)
+        needed.update(node.input)
+        needed.update(name for body in subgraphs(node) for inner in all_graphs(body)  # outer-scope reads
+                      for reader in inner.node for name in reader.input)
+    stored = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
+    part = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name, domain=model.domain)
+    part.opset_import.extend(model.opset_import)
+    part.functions.extend(model.functions)
+    part.graph.name = graph.name
+    part.graph.node.extend(reversed(kept))
+    part.graph.input.extend(i for i in graph.input if i.name not in stored or i.name in needed)
+    part.graph.output.extend(onnx.ValueInfoProto(name=name) for name in dict.fromkeys(names))
+    part.graph.initializer.extend(t for t in graph.initializer if t.name in needed)
+    part.graph.sparse_initializer.extend(t for t in graph.sparse_initializer if t.values.name in needed)
+    part.graph.value_info.extend(v for v in graph.value_info if v.name in needed)
+    return part
 
 
 def session_with_outputs(model: onnx.ModelProto, names: Sequence[str], provider: str,

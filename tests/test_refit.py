@@ -10,12 +10,15 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_lowrank
+from onnx_lowrank import refit as refit_module
 from onnx_lowrank.adapters import ADAPTERS
+from onnx_lowrank.calibration import Samples
 from onnx_lowrank.data_aware import DataAwareSVD
 from onnx_lowrank.layers import find_layers
-from onnx_lowrank.refit import CrossMoments, _Problem, stages, strength_for
+from onnx_lowrank.refit import CrossMoments, Refit, _Problem, stages, strength_for
+from onnx_lowrank.runtime import Session, prefix, with_outputs
 from onnx_lowrank.splice import import_graph
-from onnx_lowrank.statistics import Moments
+from onnx_lowrank.statistics import Moments, collect
 
 WIDTHS = (16, 32, 24, 8)
 
@@ -163,3 +166,67 @@ def test_the_digits_cnn_at_a_budget_and_in_compact_mode():
     assert compact["auto"].refit == "none"
     assert compact["sequential"].refit == "sequential" and compact["sequential"].validation.passed
     assert compact["sequential"].params_after <= compact["auto"].params_after
+
+
+def test_the_originals_tensors_kept_or_computed_per_stage_refit_alike(chain_data, monkeypatch):
+    """The original's observed tensors are computed once and kept for every stage (and candidate); past
+    ORIGINAL_BYTES each stage computes its own: the refit factors are the same either way."""
+    results = {}
+    for limit in (refit_module.ORIGINAL_BYTES, 0):
+        monkeypatch.setattr(refit_module, "ORIGINAL_BYTES", limit)
+        model = chain_model()
+        imported = import_graph(model)
+        plan = find_layers(imported.graph, model, ADAPTERS)
+        samples = Samples([{"x": chain_data["x"][i : i + 1]} for i in range(64)], batched=True)
+        layers = [unit.layers[0] for unit in plan.units]
+        statistics = collect(model, layers, samples, list(range(64)), "cpu")
+        refitter = Refit(model, ADAPTERS, plan.units, statistics, samples, list(range(64)), "cpu", 16)
+        factors = {layer_key: DataAwareSVD(layer, stats, "input").factorize(3)
+                   for layer_key, layer, stats in zip((u.key for u in plan.units), layers, statistics)}
+        results[limit] = refitter(factors)
+        assert refitter.passes == 2 and bool(refitter._kept) == (limit > 0)
+    kept, per_stage = results.values()
+    for key in kept:
+        np.testing.assert_allclose(kept[key].first, per_stage[key].first, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(kept[key].second, per_stage[key].second, rtol=1e-6, atol=1e-7)
+
+
+def prefix_cases() -> dict[str, tuple[onnx.ModelProto, str, dict]]:
+    """A real encoder cut in its middle, a body reading a tensor of the outer graph, IR 3 (initializers
+    listed as graph inputs)."""
+    minilm = onnx.load("models/minilm_l2.onnx")
+    middle = [node for node in minilm.graph.node if node.op_type == "MatMul"][4].output[0]
+    sentences = dict(np.load("models/minilm_sentences.npz"))
+    feed = {name: value[:2] for name, value in sentences.items()}
+    shifted = helper.make_graph([helper.make_node("Add", ["doubled", "one"], ["branch"])], "then", [],
+                                [helper.make_tensor_value_info("branch", TensorProto.FLOAT, [2])])
+    kept = helper.make_graph([helper.make_node("Identity", ["doubled"], ["other"])], "else", [],
+                             [helper.make_tensor_value_info("other", TensorProto.FLOAT, [2])])
+    nodes = [helper.make_node("Mul", ["x", "two"], ["doubled"]),
+             helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+             helper.make_node("Greater", ["total", "zero"], ["positive"]),
+             helper.make_node("If", ["positive"], ["chosen"], then_branch=shifted, else_branch=kept),
+             helper.make_node("Neg", ["chosen"], ["y"]), helper.make_node("Mul", ["x", "three"], ["unused"])]
+    inits = [numpy_helper.from_array(np.float32(v).reshape(s), n) for n, v, s in
+             (("two", 2, ()), ("one", 1, ()), ("zero", 0, ()), ("three", 3, ()))]
+    graph = helper.make_graph(nodes, "branches", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2]),
+                               helper.make_tensor_value_info("unused", TensorProto.FLOAT, [2])], inits)
+    branches = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    old = chain_model()
+    old.ir_version = 3
+    old.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in old.graph.initializer)
+    x = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
+    return {"minilm": (minilm, middle, feed), "body reads outer": (branches, "chosen", {"x": np.ones(2, np.float32)}),
+            "ir 3": (old, "relu0", {"x": x})}
+
+
+@pytest.mark.parametrize("case", ["minilm", "body reads outer", "ir 3"])
+def test_prefix_computes_the_tensor_with_fewer_nodes(case):
+    model, name, feed = prefix_cases()[case]
+    part = prefix(model, [name])
+    whole = Session(with_outputs(model, [name]), "cpu").run(feed, [name])[0]
+    assert [o.name for o in part.graph.output] == [name]
+    assert len(part.graph.node) < len(model.graph.node)
+    assert len(part.graph.initializer) < len(model.graph.initializer)
+    np.testing.assert_array_equal(Session(part, "cpu").run(feed, [name])[0], whole)
