@@ -239,10 +239,14 @@ class Plan:
     skipped: list[Skipped]
 
 
-def find_layers(graph: gs.Graph, model: onnx.ModelProto, adapters: dict[str, Adapter], base_dir: str = "") -> Plan:
+def find_layers(graph: gs.Graph, model: onnx.ModelProto, adapters: dict[str, Adapter], base_dir: str = "",
+                memo: dict | None = None) -> Plan:
     """Check every node of a handled op type, in the main graph and in If / Loop / Scan bodies (`graph`
     freshly imported: body steps are node positions); group the factorizable ones into units by shared
-    weight. `base_dir`: where the model's external data lies, when it was loaded without it."""
+    weight. `base_dir`: where the model's external data lies, when it was loaded without it. `memo`: what
+    an earlier call on the same model read of shared weights (their digests, tied tables' comparisons),
+    kept by a caller that rewrites one model many times, so that large shared weights are read once."""
+    memo = {} if memo is None else memo
     index = ConstantIndex(model, base_dir)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     skipped: list[Skipped] = []
@@ -268,9 +272,9 @@ def find_layers(graph: gs.Graph, model: onnx.ModelProto, adapters: dict[str, Ada
     users = collections.Counter(layer.weight.name for layer in layers)
     units: dict[str, Unit] = {}
     for layer in layers:
-        key = _unit_key(layer, shared=users[layer.weight.name] > 1)
+        key = _unit_key(layer, users[layer.weight.name] > 1, memo)
         units.setdefault(key, Unit(key, [])).layers.append(layer)
-    _tie(units)
+    _tie(units, memo)
     kept: list[Unit] = []
     for unit in units.values():
         reason = _sharing_problem(unit, index.graph_outputs) or _scopes_problem(unit)
@@ -290,7 +294,7 @@ def _scopes_problem(unit: Unit) -> str | None:
     return None
 
 
-def _tie(units: dict[str, Unit]) -> None:
+def _tie(units: dict[str, Unit], memo: dict) -> None:
     """An embedding table that a MatMul also multiplies by, transposed (logits = h @ table^T: tied input
     and output embeddings), becomes one unit, factorized once for both uses: the Gather first, then the
     head, which sees the unit's matrices transposed (and observes its own input's statistics)."""
@@ -304,23 +308,29 @@ def _tie(units: dict[str, Unit]) -> None:
         if head.node.op != "MatMul" or head.info.get("side") != "right" or head.info.get("batch") \
                 or head.shape != (1, unit.shape[1], unit.shape[0]):
             continue
-        if not np.array_equal(head.matrices[0], unit.matrices[0].T):
+        same = ("tied", key, others[0].key)
+        if same not in memo:
+            memo[same] = np.array_equal(head.matrices[0], unit.matrices[0].T)
+        if not memo[same]:
             continue
         head.transposed = True
         del units[others[0].key], units[key]
         units[key + ":tied"] = Unit(key + ":tied", [unit.layers[0], head])
 
 
-def _unit_key(layer: Layer, shared: bool) -> str:
+def _unit_key(layer: Layer, shared: bool, memo: dict) -> str:
     """Layers share a unit when they use the same matrices and observe the same kind of statistics. A
     weight that several layers use is told apart by its matrices' contents (a MatMul and a Gemm may see
     one weight the same way); one used once, by the stored tensor's name (unique in the graph), the chain
     to its node and its adapter's view (op and what check() found), so that the weight is not read."""
     side = layer.adapter.observed(layer)[1]
+    view = repr((layer.weight.steps, layer.node.op, sorted(layer.info.items())))
     if shared:
-        digest = hashlib.sha1(np.ascontiguousarray(layer.matrices).tobytes()).hexdigest()[:16]
+        seen = ("digest", layer.weight.name, view)
+        if seen not in memo:
+            memo[seen] = hashlib.sha1(np.ascontiguousarray(layer.matrices).tobytes()).hexdigest()[:16]
+        digest = memo[seen]
     else:
-        view = repr((layer.weight.steps, layer.node.op, sorted(layer.info.items())))
         digest = "once-" + hashlib.sha1(view.encode()).hexdigest()[:11]
     return f"{layer.weight.name}:{layer.shape}:{side}:{digest}"
 

@@ -124,7 +124,7 @@ class Compact(RankMode):
             return
         closest, search, report = run.closest, known(run.search, "the search"), known(run.report, "the report")
         report.validation = None if closest is None else dataclasses.replace(
-            search.validation(build(run.original, run.adapters, search.factors(closest.choices)),
+            search.validation(build(run.original, run.adapters, search.factors(closest.choices), memo=search.memo),
                               tolerance, run.settings.confidence), passed=False)
         if int8 is not None and int8.alone_error is not None and int8.alone_error > tolerance:
             kept = len(int8.floats) + len(int8.weight_only)

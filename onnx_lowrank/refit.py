@@ -104,6 +104,7 @@ class Refit:
         self.batches = [[feed for _, feed in samples.batches(fold, batch_size)] for fold in self.folds]
         self.passes = 0  # ONNX Runtime passes made (each over the fit samples, both models)
         self._kept: dict[str, list[list[np.ndarray]]] | None = None  # the original's tensors (_original_tensors)
+        self._memo: dict = {}  # rewrite.build's, for every stage
 
     def refittable(self, key: str, factors: Factorized) -> bool:
         return isinstance(factors, Factorization) and self._observable(self.units[key]) and len(self.folds[1]) > 0
@@ -121,7 +122,7 @@ class Refit:
     def _refit(self, factors: dict[str, Factorized]) -> dict[str, Factorized]:
         current = dict(factors)
         for stage in stages(self.original, self.units, factors, self.refittable):
-            model = build(self.original, self.adapters, current, self.base_dir)
+            model = build(self.original, self.adapters, current, self.base_dir, self._memo)
             observed = self._observe(model, stage)
             for key in stage:
                 current[key] = refit(self.units[key].layers[0], _known_factorization(current[key]),

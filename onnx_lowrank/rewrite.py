@@ -20,15 +20,17 @@ def factors_of(candidates: Sequence[UnitDecomposers], choices: Sequence[Choice])
 
 
 def build(
-    original: onnx.ModelProto, adapters: dict, factors: dict[str, Factorized], base_dir: str = ""
+    original: onnx.ModelProto, adapters: dict, factors: dict[str, Factorized], base_dir: str = "",
+    memo: dict | None = None,
 ) -> onnx.ModelProto:
     """The original with the units named by key replaced by their factor chains (`base_dir`: where the
-    original's external data lies, when it was loaded without it; the result then refers to it too)."""
+    original's external data lies, when it was loaded without it; the result then refers to it too;
+    `memo`: layers.find_layers', for a caller that builds from one original many times)."""
     problem = unmatched(factors) or unmatched_heads(factors)
     if problem is not None:
         raise RuntimeError(f"cannot write the allocation: {problem}")
     imported = import_graph(original)
-    plan = find_layers(imported.graph, original, adapters, base_dir)
+    plan = find_layers(imported.graph, original, adapters, base_dir, memo)
     splice = Splice(imported.graph)
     for unit in plan.units:
         if unit.key in factors:

@@ -424,6 +424,7 @@ class Search:
         self.metric = metric
         self.labels = labels
         self.trials: list[Trial] = []
+        self.memo: dict = {}  # rewrite.build's, for every candidate
         self.steered: list[int] = []  # held-out samples that steered the choice (compact mode's bisection)
         self.advance = advance  # called once per validated trial (a progress bar)
         self.refit: Callable[[dict[str, Factorized]], dict[str, Factorized]] | None = None  # refit.Refit
@@ -459,7 +460,7 @@ class Search:
         """Build and validate one allocation (on all held-out samples, in the search's metric, unless told)."""
         indices = self.indices if indices is None else list(indices)
         labels = None if self.labels is None else self.labels[indices]
-        model = build(self.original, self.adapters, self.factors(choices, refit))
+        model = build(self.original, self.adapters, self.factors(choices, refit), memo=self.memo)
         candidate = (tuple(choice.option for choice in choices), self._refits(refit))
         judged = self.evaluator.judge(model, indices, metric or self.metric, labels, candidate)
         trial = Trial(choices, self.params(choices), judged.error, len(indices), judged.threat, judged.lost)

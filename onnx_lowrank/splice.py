@@ -236,18 +236,15 @@ def export(imported: Imported, original: onnx.ModelProto, metadata: dict[str, di
     graph.cleanup().toposort()
     with quiet_graphsurgeon():
         exported = gs.export_onnx(graph, do_type_check=False)
-    model = onnx.ModelProto(
-        ir_version=original.ir_version,
-        producer_name=original.producer_name,
-        producer_version=original.producer_version,
-        domain=original.domain,
-        model_version=original.model_version,
-        doc_string=original.doc_string,
-    )
+    model = exported  # the spliced graph; the rest from the original (not a copy of the graph: it may be GBs)
+    for descriptor, _ in model.ListFields():
+        if descriptor.name != "graph":
+            model.ClearField(descriptor.name)
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(model, field, getattr(original, field))
     model.opset_import.extend(original.opset_import)
     model.metadata_props.extend(original.metadata_props)
     model.functions.extend(original.functions)
-    model.graph.CopyFrom(exported.graph)
     del model.graph.metadata_props[:]
     model.graph.metadata_props.extend(original.graph.metadata_props)
     single_copies(model.graph)
