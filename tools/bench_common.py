@@ -327,9 +327,10 @@ def render_smollm2(run: dict) -> list[str]:
         lines.append("")
     if curve:
         lines += ["Size mode at a fraction of the factorizable parameters, objective size:", "",
-                  "| budget | way | kept | held-out | eval ratio | speed | time | original prompt | CPU |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['budget']:g} | {r['way']} | {kept(r)} | "
+                  "| budget | way | refit | kept | held-out | eval ratio | speed | time | original prompt | CPU |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['budget']:g} | {r['way']} | {r.get('refit') or '-'} ({r.get('refit_layers') or 0}) | "
+                  f"{kept(r)} | "
                   f"{'-' if r['held_out'] is None else format(r['held_out'], '.4g')} | {ratio(r)} | {speed(r)} | "
                   f"{took(r)} | {prompt(r)} | {cpu(r)} |" for r in curve]
         lines.append("")
