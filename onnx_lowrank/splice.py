@@ -240,8 +240,8 @@ def export(imported: Imported, original: onnx.ModelProto, metadata: dict[str, di
     for descriptor, _ in model.ListFields():
         if descriptor.name != "graph":
             model.ClearField(descriptor.name)
-    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        setattr(model, field, getattr(original, field))
+    for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(model, name, getattr(original, name))
     model.opset_import.extend(original.opset_import)
     model.metadata_props.extend(original.metadata_props)
     model.functions.extend(original.functions)
