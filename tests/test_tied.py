@@ -28,6 +28,7 @@ from onnx_lowrank.overrides import overrides_for, with_overridable
 from onnx_lowrank.rewrite import build
 from onnx_lowrank.splice import import_graph
 from onnx_lowrank.statistics import Tied
+from onnx_lowrank.svd import TruncatedSVD
 
 
 def logits(model: onnx.ModelProto, data: dict[str, np.ndarray], fed: dict | None = None) -> np.ndarray:
@@ -120,3 +121,17 @@ def test_probe_fed_to_the_original_matches_the_built_model_and_the_cache_round_t
     fed = logits(with_overridable(probing, [override]), data, override.feed(factors))
     built = logits(build(model, ADAPTERS, {unit.key: factors}), data)
     np.testing.assert_allclose(fed, built, rtol=1e-4, atol=1e-4)
+
+
+def test_a_memo_shared_by_rewrites_of_one_original_finds_the_same_units_and_writes_the_same_model():
+    """find_layers' memo (shared weights' digests, the tie check), kept across builds of one original:
+    the same units and the same written model as without it, build after build."""
+    model = tiny_lm(tied=True)
+    unit = next(u for u in plan_of(model).units if u.tied)
+    factors = {unit.key: TruncatedSVD(unit.matrices).factorize(4)}
+    memo: dict = {}
+    keys = [u.key for u in find_layers(import_graph(model).graph, model, ADAPTERS, memo=memo).units]
+    assert memo and keys == [u.key for u in plan_of(model).units]
+    alone = build(model, ADAPTERS, factors).SerializeToString()
+    for _ in range(2):
+        assert build(model, ADAPTERS, factors, memo=memo).SerializeToString() == alone
