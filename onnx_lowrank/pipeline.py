@@ -265,7 +265,8 @@ def sensitivity(run: Run, advance: Advance) -> None:
                         settings.metric, samples.labels)
     if settings.refit != "none" and run.statistics is not None:
         run.search.refit = Refit(run.original, run.adapters, units, run.statistics, samples, parts.fit,
-                                 known(run.provider, "the provider"), settings.batch_size, run.loaded.base_dir)
+                                 known(run.provider, "the provider"), settings.batch_size, run.loaded.base_dir,
+                                 run.search.memo)
         run.search.refit_candidates = settings.refit == "sequential"
     if not mode.probes:
         return

@@ -95,7 +95,7 @@ class Refit:
 
     def __init__(self, original: onnx.ModelProto, adapters: dict, units: Sequence[Unit],
                  statistics: Sequence[object], samples: Samples, fit: Sequence[int], provider: str,
-                 batch_size: int, base_dir: str = ""):
+                 batch_size: int, base_dir: str = "", memo: dict | None = None):
         self.original, self.adapters, self.base_dir = original, adapters, base_dir
         self.units = {unit.key: unit for unit in units}
         self.moments = {unit.key: s for unit, s in zip(units, statistics) if isinstance(s, Moments)}
@@ -104,7 +104,7 @@ class Refit:
         self.batches = [[feed for _, feed in samples.batches(fold, batch_size)] for fold in self.folds]
         self.passes = 0  # ONNX Runtime passes made (each over the fit samples, both models)
         self._kept: dict[str, list[list[np.ndarray]]] | None = None  # the original's tensors (_original_tensors)
-        self._memo: dict = {}  # rewrite.build's, for every stage
+        self._memo = {} if memo is None else memo  # rewrite.build's for this original (the search's, shared)
 
     def refittable(self, key: str, factors: Factorized) -> bool:
         return isinstance(factors, Factorization) and self._observable(self.units[key]) and len(self.folds[1]) > 0

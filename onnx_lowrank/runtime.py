@@ -106,7 +106,9 @@ def prefix(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     """The part of the model that computes `names` (tensors of its main graph), its only outputs: the nodes
     they depend on and the initializers those read; every real graph input stays, so the model's feeds run
     it. ONNX Runtime runs every node of a graph whatever outputs are asked for, so a pass that needs early
-    tensors of a large model costs only the layers before them. The initializers are copied."""
+    tensors of a large model costs only the layers before them. The initializers are copied.
+    (onnx.utils.Extractor needs declared shapes for the outputs, which exports often lack, and misses what
+    If / Loop / Scan bodies read from the outer graph.)"""
     graph, needed = model.graph, set(names)
     kept = []
     for node in reversed(graph.node):  # topologically sorted: a node's readers come after it
