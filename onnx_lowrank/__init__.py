@@ -2,8 +2,8 @@
 
 from .api import Options, compress, compress_file
 from .errors import BoundNotMet, InputError
-from .inspection import LayerInfo, inspect
 from .report import LayerReport, Report, SkippedLayer, Validation
+from .run.inspection import LayerInfo, inspect
 
 __all__ = [
     "BoundNotMet",

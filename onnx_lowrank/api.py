@@ -14,11 +14,11 @@ from pathlib import Path
 
 import onnx
 
-from .model_io import LoadedModel, check_output_path, load_model, save_model
+from .graph.model_io import LoadedModel, check_output_path, load_model, save_model
 from .options import Options
-from .pipeline import Run, compress_run
-from .progress import Progress
 from .report import Report
+from .run.progress import Progress
+from .run.stages import Run, compress_run
 
 
 def compress(

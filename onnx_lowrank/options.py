@@ -13,17 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .adapters import ADAPTERS
+from .check.metrics import DEFAULT_METRIC, DEFAULT_TOLERANCE, METRICS, check_metric
+from .choose.objective import DEFAULT_OBJECTIVE, OBJECTIVES
 from .errors import InputError
-from .installation import install_hint
-from .methods import METHODS
-from .metrics import DEFAULT_METRIC, DEFAULT_TOLERANCE, METRICS, check_metric
-from .objective import DEFAULT_OBJECTIVE, OBJECTIVES
-from .parallel import check_jobs
-from .quantize import INT8_RANGES, QUANTIZATIONS
-from .ranks import load_ranks_file, validate_ranks
-from .refit import REFITS
-from .runtime import PROVIDERS
+from .factorize.menu import load_ranks_file, validate_ranks
+from .factorize.refit import REFITS
+from .factorize.registry import METHODS
+from .graph.adapters import ADAPTERS
+from .observe.sessions import PROVIDERS
+from .quantize.int8 import INT8_RANGES, QUANTIZATIONS
+from .system.installation import install_hint
+from .system.parallel import check_jobs
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,10 @@ from onnx import TensorProto, helper, numpy_helper
 from threadpoolctl import threadpool_limits
 
 import onnx_lowrank
-from onnx_lowrank import latency, pipeline, runtime
-from onnx_lowrank.conv_methods import CanonicalPolyadic
+from onnx_lowrank.check import latency
+from onnx_lowrank.factorize.conv import CanonicalPolyadic
+from onnx_lowrank.observe import sessions as runtime
+from onnx_lowrank.run import stages as pipeline
 
 OPSET = 17
 IR_VERSION = 8

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 import onnx_lowrank
-from onnx_lowrank import pipeline
-from onnx_lowrank.cli import main as cli_main
+from onnx_lowrank.cli.main import main as cli_main
+from onnx_lowrank.run import stages as pipeline
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 DIGITS = MODELS / "digits_cnn.onnx"

@@ -37,8 +37,8 @@ from onnx import helper
 from onnxruntime.quantization import CalibrationDataReader
 
 import onnx_lowrank
-from onnx_lowrank.calibration import Samples, split
-from onnx_lowrank.cli import main as cli_main
+from onnx_lowrank.cli.main import main as cli_main
+from onnx_lowrank.observe.calibration import Samples, split
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"

@@ -29,7 +29,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_lowrank.cli import main
+from onnx_lowrank.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 PPOCR = ROOT / "models" / "ppocr_cls.onnx"
@@ -581,7 +581,7 @@ def test_read_only_output_directory(tiny: Path, tmp_path: Path):
 
 
 def test_version(tmp_path: Path):
-    from onnx_lowrank.installation import version
+    from onnx_lowrank.system.installation import version
 
     done = cli("--version", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -592,7 +592,7 @@ def test_version(tmp_path: Path):
 
 
 def test_version_from_a_checkout_its_pyproject_else_the_metadata(tmp_path: Path, monkeypatch):
-    from onnx_lowrank import installation
+    from onnx_lowrank.system import installation
 
     checkout = _fake_checkout(tmp_path / "src", version="9.8.7")
     assert installation.version(checkout / "onnx_lowrank") == "9.8.7"
@@ -626,7 +626,7 @@ def _examples(epilog: str) -> list[list[str]]:
 
 
 def test_compress_help_ends_with_examples_and_exit_codes(tmp_path: Path):
-    from onnx_lowrank import cli as command
+    from onnx_lowrank.cli import main as command
 
     done = cli("compress", "--help", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -669,7 +669,7 @@ def _fake_checkout(root: Path, name: str = "onnx-lowrank", version: str = "0.1.0
 
 
 def test_install_hint_from_a_checkout(tmp_path: Path):
-    from onnx_lowrank.installation import install_hint, source_checkout
+    from onnx_lowrank.system.installation import install_hint, source_checkout
 
     root = _fake_checkout(tmp_path / "my checkout")
     assert source_checkout(root / "onnx_lowrank") == root.resolve()
@@ -680,7 +680,7 @@ def test_install_hint_from_a_checkout(tmp_path: Path):
 
 
 def test_install_hint_when_installed(tmp_path: Path):
-    from onnx_lowrank.installation import install_hint, source_checkout
+    from onnx_lowrank.system.installation import install_hint, source_checkout
 
     installed = tmp_path / "site-packages" / "onnx_lowrank"
     installed.mkdir(parents=True)
@@ -696,7 +696,7 @@ def test_install_hint_when_installed(tmp_path: Path):
 
 def test_install_hint_keeps_an_editable_install_editable(tmp_path: Path, monkeypatch):
     """`pip install '.[html]'` over an editable install would replace it with a copy: keep `-e`."""
-    from onnx_lowrank import installation
+    from onnx_lowrank.system import installation
 
     root = _fake_checkout(tmp_path / "src").resolve()
 
@@ -720,8 +720,8 @@ def test_install_hint_keeps_an_editable_install_editable(tmp_path: Path, monkeyp
 
 
 def test_html_without_matplotlib_gives_the_install_hint(tiny: Path, tmp_path: Path, monkeypatch, capsys):
-    from onnx_lowrank import cli as command
-    from onnx_lowrank.installation import install_hint
+    from onnx_lowrank.cli import main as command
+    from onnx_lowrank.system.installation import install_hint
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
@@ -739,7 +739,7 @@ def test_html_without_matplotlib_gives_the_install_hint(tiny: Path, tmp_path: Pa
 
 def _main(monkeypatch, capsys, *argv: str | os.PathLike) -> tuple[int, str, str]:
     """cli.main in this process (so that internals can be patched): exit code, stdout, stderr."""
-    from onnx_lowrank import cli as command
+    from onnx_lowrank.cli import main as command
 
     monkeypatch.delenv("ONNX_LOWRANK_DEBUG", raising=False)
     monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main sets its own
@@ -771,7 +771,7 @@ def _internal_error_line(code: int, err: str) -> str:
 
 
 def test_an_internal_failure_is_exit_3_naming_it(tiny: Path, tiny_calib: Path, tmp_path: Path, monkeypatch, capsys):
-    from onnx_lowrank import pipeline
+    from onnx_lowrank.run import stages as pipeline
 
     def build(*args, **kwargs):
         raise RuntimeError("splice lost tensor 'gemm_w'\nsecond line of detail")
@@ -782,13 +782,13 @@ def test_an_internal_failure_is_exit_3_naming_it(tiny: Path, tiny_calib: Path, t
     code, stdout, err = _main(monkeypatch, capsys, "compress", tiny, "-o", out, "--energy", "0.99", "--calib",
                               tiny_calib, "--objective", "size", "--report", report)
     line = _internal_error_line(code, err)
-    assert "onnx_lowrank.pipeline._rewrite" in line, line
+    assert "onnx_lowrank.run.stages._rewrite" in line, line
     assert "RuntimeError: splice lost tensor 'gemm_w';" in line and "second line" not in line, line
     assert stdout == ""
     assert list(out.parent.iterdir()) == [], "nothing is written: no model, no report, no temporary file"
 
     monkeypatch.setenv("ONNX_LOWRANK_DEBUG", "1")  # and with the variable, the traceback
-    from onnx_lowrank import cli as command
+    from onnx_lowrank.cli import main as command
 
     with pytest.raises(RuntimeError, match="splice lost tensor"):
         command.main(["compress", str(tiny), "-o", str(out), "--energy", "0.99", "--calib", str(tiny_calib),
@@ -806,7 +806,7 @@ def _unrunnable(original: onnx.ModelProto) -> onnx.ModelProto:
 def test_onnxruntime_failing_on_our_candidate_is_exit_3(tiny: Path, tiny_calib: Path, tmp_path: Path, monkeypatch,
                                                          capsys):
     """The input model loaded and ran; a model onnx-lowrank built failing in ONNX Runtime is our bug, not bad input."""
-    from onnx_lowrank import search
+    from onnx_lowrank.choose import search
 
     monkeypatch.setattr(search, "build", lambda original, *args, **kwargs: _unrunnable(original))
     out = tmp_path / "out" / "c.onnx"
@@ -821,7 +821,7 @@ def test_onnxruntime_failing_on_our_candidate_is_exit_3(tiny: Path, tiny_calib: 
 def test_onnxruntime_failing_on_our_fed_values_is_exit_3(tiny: Path, tiny_calib: Path, tmp_path: Path, monkeypatch,
                                                          capsys):
     """Sensitivity probes feed a factorization to the input model's own session: a failure then is ours too."""
-    from onnx_lowrank import overrides
+    from onnx_lowrank.check import overrides
 
     real = overrides.Override.feed
     fed = []
@@ -850,7 +850,7 @@ def test_every_option_is_a_flag_with_its_help_and_choices():
     on the command line, under its name, with its help text and its choices."""
     import dataclasses
 
-    from onnx_lowrank import cli as command
+    from onnx_lowrank.cli import main as command
     from onnx_lowrank.options import Options
 
     parser = command._parser()
@@ -869,7 +869,7 @@ def test_every_option_is_a_flag_with_its_help_and_choices():
 
 def test_flags_reach_options_converted(tmp_path: Path):
     """What the command line parses is what Options holds: converted (--ops, --ranks) and defaulted alike."""
-    from onnx_lowrank import cli as command
+    from onnx_lowrank.cli import main as command
     from onnx_lowrank.options import Options
 
     ranks = tmp_path / "ranks.json"

@@ -1,4 +1,4 @@
-"""Conv decompositions beyond SVD (onnx_lowrank.conv_methods): Tucker-2, CP, spatially separable (also of a
+"""Conv decompositions beyond SVD (onnx_lowrank.factorize.conv): Tucker-2, CP, spatially separable (also of a
 depthwise conv), depthwise-separable and block low-rank.
 
 1. Full rank is exact: each decomposer is built directly on a real Layer (import_graph + find_layers +
@@ -42,9 +42,7 @@ from onnx import helper, numpy_helper
 
 import onnx_lowrank
 from onnx_lowrank import InputError
-from onnx_lowrank.adapters import ADAPTERS
-from onnx_lowrank.calibration import load_calibration
-from onnx_lowrank.conv_methods import (
+from onnx_lowrank.factorize.conv import (
     BlockLowRank,
     CanonicalPolyadic,
     ConvDecomposer,
@@ -53,12 +51,14 @@ from onnx_lowrank.conv_methods import (
     Tucker2,
     conv_decomposers,
 )
-from onnx_lowrank.data_aware import OutputError, unit_statistics
-from onnx_lowrank.layers import Layer, Unit, find_layers
-from onnx_lowrank.methods import CONV_METHODS, decomposers_for
-from onnx_lowrank.rewrite import build
-from onnx_lowrank.splice import import_graph
-from onnx_lowrank.statistics import Moments
+from onnx_lowrank.factorize.data_aware import OutputError, unit_statistics
+from onnx_lowrank.factorize.registry import CONV_METHODS, decomposers_for
+from onnx_lowrank.factorize.rewrite import build
+from onnx_lowrank.graph.adapters import ADAPTERS
+from onnx_lowrank.graph.layers import Layer, Unit, find_layers
+from onnx_lowrank.graph.splice import import_graph
+from onnx_lowrank.observe.calibration import load_calibration
+from onnx_lowrank.observe.statistics import Moments
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 DIGITS = MODELS / "digits_cnn.onnx"

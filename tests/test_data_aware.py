@@ -35,16 +35,16 @@ from hypothesis import strategies as st
 from numpy.lib.stride_tricks import sliding_window_view
 from onnx import helper
 
-from onnx_lowrank.adapters import ADAPTERS
-from onnx_lowrank.adapters import conv as conv_adapter
-from onnx_lowrank.calibration import load_calibration
-from onnx_lowrank.data_aware import DataAwareSVD
-from onnx_lowrank.layers import BiasSite, Layer, Unit, find_layers
-from onnx_lowrank.patches import conv_patches
-from onnx_lowrank.rewrite import build
-from onnx_lowrank.splice import import_graph
-from onnx_lowrank.statistics import Moments, collect
-from onnx_lowrank.svd import Factorization, TruncatedSVD
+from onnx_lowrank.factorize.data_aware import DataAwareSVD
+from onnx_lowrank.factorize.rewrite import build
+from onnx_lowrank.factorize.svd import Factorization, TruncatedSVD
+from onnx_lowrank.graph.adapters import ADAPTERS
+from onnx_lowrank.graph.adapters import conv as conv_adapter
+from onnx_lowrank.graph.adapters.im2col import conv_patches
+from onnx_lowrank.graph.layers import BiasSite, Layer, Unit, find_layers
+from onnx_lowrank.graph.splice import import_graph
+from onnx_lowrank.observe.calibration import load_calibration
+from onnx_lowrank.observe.statistics import Moments, collect
 
 # ------------------------------------------------------------------------------------------- helpers
 

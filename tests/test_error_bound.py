@@ -33,11 +33,11 @@ import pytest
 from conftest import inspected, shared_run
 
 import onnx_lowrank
-from onnx_lowrank.calibration import Samples, load_calibration, split
-from onnx_lowrank.generalization import clopper_pearson
-from onnx_lowrank.metrics import DEFAULT_TOLERANCE
+from onnx_lowrank.check.generalization import clopper_pearson
+from onnx_lowrank.check.metrics import DEFAULT_TOLERANCE
+from onnx_lowrank.choose.search import Evaluator
+from onnx_lowrank.observe.calibration import Samples, load_calibration, split
 from onnx_lowrank.report import as_dict
-from onnx_lowrank.search import Evaluator
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"

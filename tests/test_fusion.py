@@ -1,6 +1,6 @@
 """ONNX Runtime's graph fusions survive the rewrite: on real models, the fused nodes of the layers that were
 not factorized are the same in ORT's optimized original and compressed graphs, and a graph that breaks a
-fusion is caught (onnx_lowrank.fusion, with real ONNX Runtime sessions)."""
+fusion is caught (onnx_lowrank.check.fusion, with real ONNX Runtime sessions)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from conftest import make_model
 from onnx import helper, numpy_helper
 
 import onnx_lowrank
-from onnx_lowrank.fusion import fused_as_given, fusion_check, optimized_ops
+from onnx_lowrank.check.fusion import fused_as_given, fusion_check, optimized_ops
 from onnx_lowrank.report import FusionChange
 
 MODELS = Path(__file__).resolve().parent.parent / "models"

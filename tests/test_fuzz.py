@@ -24,7 +24,7 @@ from onnx import helper
 from test_calibration import two_input_data, two_input_model
 from test_cli import tiny_model
 
-from onnx_lowrank.cli import main as cli_main
+from onnx_lowrank.cli.main import main as cli_main
 
 FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 120)), deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -26,13 +26,13 @@ from conftest import assert_close, compress_checked, run
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_lowrank
-from onnx_lowrank.adapters import ADAPTERS
-from onnx_lowrank.calibration import load_calibration
-from onnx_lowrank.data_aware import FrequencyWeightedSVD
-from onnx_lowrank.layers import Layer, find_layers
-from onnx_lowrank.splice import import_graph
-from onnx_lowrank.statistics import Counts, collect
-from onnx_lowrank.svd import TruncatedSVD
+from onnx_lowrank.factorize.data_aware import FrequencyWeightedSVD
+from onnx_lowrank.factorize.svd import TruncatedSVD
+from onnx_lowrank.graph.adapters import ADAPTERS
+from onnx_lowrank.graph.layers import Layer, find_layers
+from onnx_lowrank.graph.splice import import_graph
+from onnx_lowrank.observe.calibration import load_calibration
+from onnx_lowrank.observe.statistics import Counts, collect
 
 OPSET = 17
 INDEX_TYPES = {"int64": (np.int64, TensorProto.INT64), "int32": (np.int32, TensorProto.INT32)}

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import binomtest
 
-from onnx_lowrank import generalization as g
+from onnx_lowrank.check import generalization as g
 
 
 def test_margins_of_labelled_and_argmax_decisions():

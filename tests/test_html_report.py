@@ -1,4 +1,4 @@
-"""`--html`: the standalone HTML report (onnx_lowrank.html_report.render_html).
+"""`--html`: the standalone HTML report (onnx_lowrank.cli.main.html.render_html).
 
 Reports come from real runs on the shipped digits CNN: one calibrated (compact mode, accuracy,
 tolerance 0) and one minimal (size mode, no calibration). Fields the pipeline may not fill yet
@@ -35,9 +35,9 @@ import pytest
 from onnx import numpy_helper
 
 import onnx_lowrank
-from onnx_lowrank import html_report
+from onnx_lowrank.cli import html as html_report
+from onnx_lowrank.cli.html import render_html
 from onnx_lowrank.errors import InputError
-from onnx_lowrank.html_report import render_html
 from onnx_lowrank.report import (
     Chosen,
     FallbackSearch,

@@ -1,4 +1,4 @@
-"""The int8 weight range: which CPUs sum int8 products without saturating (onnx_lowrank.cpu_features, fed
+"""The int8 weight range: which CPUs sum int8 products without saturating (onnx_lowrank.system.cpu_features, fed
 /proc/cpuinfo text of both kinds), what "auto" picks on each, that a range asked for is honoured on any CPU
 (the other kind of CPU simulated by forcing it), what the report says, and what saturation does to
 products of extreme int8 codes in onnxruntime on the CPU running the tests."""
@@ -15,9 +15,9 @@ from conftest import make_model
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_lowrank
-from onnx_lowrank.cpu_features import full_int8_range, read_cpuinfo
 from onnx_lowrank.errors import InputError
-from onnx_lowrank.quantize import int8_range_for, quantize_int8
+from onnx_lowrank.quantize.int8 import int8_range_for, quantize_int8
+from onnx_lowrank.system.cpu_features import full_int8_range, read_cpuinfo
 
 DIGITS = Path(__file__).resolve().parents[1] / "models" / "digits_cnn.onnx"
 FULL_RANGE_EXACT, THIS_CPU = full_int8_range(read_cpuinfo())

@@ -21,10 +21,8 @@ import pytest
 from conftest import assert_close, make_model, run
 from onnx import helper, numpy_helper
 
-from onnx_lowrank import latency
-from onnx_lowrank.adapters import ADAPTERS
-from onnx_lowrank.calibration import load_calibration
-from onnx_lowrank.latency import (
+from onnx_lowrank.check import latency
+from onnx_lowrank.check.latency import (
     LayerTimer,
     Timing,
     Untimeable,
@@ -36,12 +34,14 @@ from onnx_lowrank.latency import (
     timed_activations,
     timing_session,
 )
-from onnx_lowrank.layers import find_layers
-from onnx_lowrank.methods import decomposers_for
-from onnx_lowrank.ranks import pareto_front
-from onnx_lowrank.rewrite import build
-from onnx_lowrank.splice import import_graph
-from onnx_lowrank.svd import Factorization
+from onnx_lowrank.factorize.menu import pareto_front
+from onnx_lowrank.factorize.registry import decomposers_for
+from onnx_lowrank.factorize.rewrite import build
+from onnx_lowrank.factorize.svd import Factorization
+from onnx_lowrank.graph.adapters import ADAPTERS
+from onnx_lowrank.graph.layers import find_layers
+from onnx_lowrank.graph.splice import import_graph
+from onnx_lowrank.observe.calibration import load_calibration
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 CASES = {"minilm": ("minilm_l2.onnx", "minilm_sentences.npz"), "digits": ("digits_cnn.onnx", "digits_calib.npz")}

@@ -9,7 +9,8 @@ import pytest
 from onnx import helper, numpy_helper
 
 import onnx_lowrank
-from onnx_lowrank import model_io, runtime
+from onnx_lowrank.graph import model_io
+from onnx_lowrank.observe import sessions as runtime
 
 
 def linear_model(in_dim=64, out_dim=48) -> onnx.ModelProto:

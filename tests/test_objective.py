@@ -19,12 +19,12 @@ import pytest
 from rich.console import Console
 
 import onnx_lowrank
-import onnx_lowrank.cli
+import onnx_lowrank.cli.main
+from onnx_lowrank.choose.objective import RANK_MULTIPLE
+from onnx_lowrank.cli.terminal import print_compress
 from onnx_lowrank.errors import BoundNotMet
-from onnx_lowrank.objective import RANK_MULTIPLE
-from onnx_lowrank.ranks import UnitDecomposers, rank_multiple
-from onnx_lowrank.summary import print_compress
-from onnx_lowrank.svd import TruncatedSVD
+from onnx_lowrank.factorize.menu import UnitDecomposers, rank_multiple
+from onnx_lowrank.factorize.svd import TruncatedSVD
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 MINILM = MODELS / "minilm_l2.onnx"
@@ -157,7 +157,7 @@ def test_int8_alone_above_the_tolerance_is_a_bound_not_met():
 
 def test_cli_html_report_and_int8_on_the_cnn(tmp_path):
     output, html, report = tmp_path / "out.onnx", tmp_path / "report.html", tmp_path / "report.json"
-    code = onnx_lowrank.cli.main([
+    code = onnx_lowrank.cli.main.main([
         "compress", str(DIGITS), "-o", str(output), "--calib", str(MODELS / "digits_calib.npz"),
         "--labels", str(MODELS / "digits_calib_labels.npy"), "--metric", "accuracy", "--tolerance", "0.02",
         "--method", "svd", "--quantize", "int8", "--html", str(html), "--report", str(report), "-q",
@@ -172,7 +172,7 @@ def test_cli_html_report_and_int8_on_the_cnn(tmp_path):
 
 def test_cli_refuses_html_and_report_on_one_path(tmp_path, capsys):
     same = tmp_path / "r.out"
-    code = onnx_lowrank.cli.main(["compress", str(DIGITS), "-o", str(tmp_path / "o.onnx"), "--target-params", "0.5",
+    code = onnx_lowrank.cli.main.main(["compress", str(DIGITS), "-o", str(tmp_path / "o.onnx"), "--target-params", "0.5",
                                   "--html", str(same), "--report", str(same)])
     assert code == 2 and "same file" in capsys.readouterr().err
     assert not (tmp_path / "o.onnx").exists()

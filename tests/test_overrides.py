@@ -22,17 +22,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_exactness import C_SHAPES, constant_node, conv_cases, conv_model, gemm_model, weights
 
-from onnx_lowrank.adapters import ADAPTERS
-from onnx_lowrank.calibration import load_calibration
-from onnx_lowrank.data_aware import unit_statistics
-from onnx_lowrank.latency import activation_shapes
-from onnx_lowrank.layers import find_layers
-from onnx_lowrank.methods import decomposers_for
-from onnx_lowrank.overrides import overrides_for, with_overridable
-from onnx_lowrank.prune import couple, find_pairs
-from onnx_lowrank.ranks import coupled
-from onnx_lowrank.rewrite import build
-from onnx_lowrank.search import (
+from onnx_lowrank.check.latency import activation_shapes
+from onnx_lowrank.check.overrides import overrides_for, with_overridable
+from onnx_lowrank.choose.search import (
     PROBE_ERROR,
     PROBE_MIN_SAMPLES,
     PROBE_SAMPLES,
@@ -42,9 +34,17 @@ from onnx_lowrank.search import (
     probe_count,
     sensitivities,
 )
-from onnx_lowrank.splice import import_graph
-from onnx_lowrank.statistics import Moments
-from onnx_lowrank.svd import Factorization, TruncatedSVD
+from onnx_lowrank.factorize.data_aware import unit_statistics
+from onnx_lowrank.factorize.menu import coupled
+from onnx_lowrank.factorize.prune import couple, find_pairs
+from onnx_lowrank.factorize.registry import decomposers_for
+from onnx_lowrank.factorize.rewrite import build
+from onnx_lowrank.factorize.svd import Factorization, TruncatedSVD
+from onnx_lowrank.graph.adapters import ADAPTERS
+from onnx_lowrank.graph.layers import find_layers
+from onnx_lowrank.graph.splice import import_graph
+from onnx_lowrank.observe.calibration import load_calibration
+from onnx_lowrank.observe.statistics import Moments
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 ort.set_default_logger_severity(3)  # fed initializers are graph inputs: onnxruntime warns about each

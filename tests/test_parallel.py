@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 import onnx_lowrank
-from onnx_lowrank import parallel, pipeline
+from onnx_lowrank.run import stages as pipeline
+from onnx_lowrank.system import parallel
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 DIGITS = MODELS / "digits_cnn.onnx"

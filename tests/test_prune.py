@@ -11,18 +11,18 @@ from conftest import make_model, run
 from onnx import helper
 
 import onnx_lowrank
-from onnx_lowrank.adapters import ADAPTERS
-from onnx_lowrank.calibration import load_calibration
-from onnx_lowrank.data_aware import unit_statistics
+from onnx_lowrank.check.overrides import overrides_for, with_overridable
 from onnx_lowrank.errors import BoundNotMet
-from onnx_lowrank.layers import find_layers
-from onnx_lowrank.methods import decomposers_for
-from onnx_lowrank.overrides import overrides_for, with_overridable
-from onnx_lowrank.prune import PrunedInputs, couple, find_pairs, forward_selection
-from onnx_lowrank.ranks import coupled, frontier
-from onnx_lowrank.rewrite import build
-from onnx_lowrank.splice import import_graph
-from onnx_lowrank.statistics import Moments
+from onnx_lowrank.factorize.data_aware import unit_statistics
+from onnx_lowrank.factorize.menu import coupled, frontier
+from onnx_lowrank.factorize.prune import PrunedInputs, couple, find_pairs, forward_selection
+from onnx_lowrank.factorize.registry import decomposers_for
+from onnx_lowrank.factorize.rewrite import build
+from onnx_lowrank.graph.adapters import ADAPTERS
+from onnx_lowrank.graph.layers import find_layers
+from onnx_lowrank.graph.splice import import_graph
+from onnx_lowrank.observe.calibration import load_calibration
+from onnx_lowrank.observe.statistics import Moments
 
 D, H, OUT, ROWS = 6, 12, 5, 40
 

@@ -1,4 +1,4 @@
-"""int8 quantization (onnx_lowrank.quantize) on the real models in models/, run in onnxruntime CPU sessions.
+"""int8 quantization (onnx_lowrank.quantize.int8) on the real models in models/, run in onnxruntime CPU sessions.
 
 * minilm_l2.onnx: dynamic int8 for its MatMuls and embedding Gathers; embeddings compared with the fp32
   model's on the 600 calibration sentences.
@@ -25,12 +25,11 @@ from conftest import make_model
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_lowrank
-from onnx_lowrank import quantize
-from onnx_lowrank.calibration import load_calibration
-from onnx_lowrank.cli import main
-from onnx_lowrank.cpu_features import full_int8_range, read_cpuinfo
+from onnx_lowrank.cli.main import main
 from onnx_lowrank.errors import InputError
-from onnx_lowrank.quantize import (
+from onnx_lowrank.observe.calibration import load_calibration
+from onnx_lowrank.quantize import int8 as quantize
+from onnx_lowrank.quantize.int8 import (
     QUANTIZATIONS,
     _excludable,
     _restore_float,
@@ -40,6 +39,7 @@ from onnx_lowrank.quantize import (
     int8_range_for,
     quantize_int8,
 )
+from onnx_lowrank.system.cpu_features import full_int8_range, read_cpuinfo
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 MINILM = MODELS / "minilm_l2.onnx"

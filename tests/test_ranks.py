@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from onnx_lowrank.errors import InputError
-from onnx_lowrank.layers import Layer, Unit
-from onnx_lowrank.ranks import UnitDecomposers, by_budget, by_energy, explicit, validate_ranks
-from onnx_lowrank.svd import TruncatedSVD, spectrum_of
-from onnx_lowrank.weights import Weight
+from onnx_lowrank.factorize.menu import UnitDecomposers, by_budget, by_energy, explicit, validate_ranks
+from onnx_lowrank.factorize.svd import TruncatedSVD, spectrum_of
+from onnx_lowrank.graph.layers import Layer, Unit
+from onnx_lowrank.graph.weights import Weight
 
 
 def make_unit(name: str, matrices: np.ndarray, weight: str | None = None) -> Unit:

@@ -24,7 +24,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from onnx_lowrank.cli import main
+from onnx_lowrank.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

@@ -10,15 +10,15 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_lowrank
-from onnx_lowrank import refit as refit_module
-from onnx_lowrank.adapters import ADAPTERS
-from onnx_lowrank.calibration import Samples
-from onnx_lowrank.data_aware import DataAwareSVD
-from onnx_lowrank.layers import find_layers
-from onnx_lowrank.refit import CrossMoments, Refit, _Problem, stages, strength_for
-from onnx_lowrank.runtime import Session, prefix, with_outputs
-from onnx_lowrank.splice import import_graph
-from onnx_lowrank.statistics import Moments, collect
+from onnx_lowrank.factorize import refit as refit_module
+from onnx_lowrank.factorize.data_aware import DataAwareSVD
+from onnx_lowrank.factorize.refit import CrossMoments, Refit, _Problem, stages, strength_for
+from onnx_lowrank.graph.adapters import ADAPTERS
+from onnx_lowrank.graph.layers import find_layers
+from onnx_lowrank.graph.splice import import_graph
+from onnx_lowrank.observe.calibration import Samples
+from onnx_lowrank.observe.sessions import Session, prefix, with_outputs
+from onnx_lowrank.observe.statistics import Moments, collect
 
 WIDTHS = (16, 32, 24, 8)
 

@@ -16,12 +16,12 @@ from onnx import TensorProto, helper, numpy_helper
 from test_overrides import assert_fed_as_built
 
 import onnx_lowrank
-from onnx_lowrank.adapters import ADAPTERS
-from onnx_lowrank.calibration import Samples
-from onnx_lowrank.latency import timed_activations
-from onnx_lowrank.layers import find_layers
-from onnx_lowrank.splice import import_graph
-from onnx_lowrank.statistics import Moments, collect
+from onnx_lowrank.check.latency import timed_activations
+from onnx_lowrank.graph.adapters import ADAPTERS
+from onnx_lowrank.graph.layers import find_layers
+from onnx_lowrank.graph.splice import import_graph
+from onnx_lowrank.observe.calibration import Samples
+from onnx_lowrank.observe.statistics import Moments, collect
 
 F32 = TensorProto.FLOAT
 DIM = 24

@@ -13,14 +13,8 @@ from conftest import inspected, shared_run
 from rich.console import Console
 
 import onnx_lowrank
+from onnx_lowrank.cli.terminal import not_validated_text, print_compress, print_inspect, shorten_name, validation_text
 from onnx_lowrank.report import Latency, LayerReport, Quantization, Report, SkippedLayer, Timing, Validation
-from onnx_lowrank.summary import (
-    not_validated_text,
-    print_compress,
-    print_inspect,
-    shorten_name,
-    validation_text,
-)
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 MINILM, DIGITS = MODELS / "minilm_l2.onnx", MODELS / "digits_cnn.onnx"

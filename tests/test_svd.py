@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onnx_lowrank.svd import TruncatedSVD, spectrum_of
+from onnx_lowrank.factorize.svd import TruncatedSVD, spectrum_of
 
 
 def planted(groups: int, out_dim: int, in_dim: int, rank: int, seed: int = 0) -> np.ndarray:
@@ -124,7 +124,8 @@ def test_leading_components_match_the_full_svd(groups, out_dim, in_dim, decay, d
 def test_partial_svd_of_a_large_layer_is_used_only_for_the_rank_search():
     """methods.py asks for the shrinking ranks only when the search will choose (eager) and both sides
     are at least PARTIAL_MIN_SIDE; explicit ranks and energies see the whole spectrum."""
-    from onnx_lowrank import methods, svd
+    from onnx_lowrank.factorize import registry as methods
+    from onnx_lowrank.factorize import svd
 
     rng = np.random.default_rng(0)
     side = svd.PARTIAL_MIN_SIDE

@@ -40,9 +40,9 @@ import onnxruntime as ort
 from bench_common import CASES, RESULTS, Case, data_for, machine, render_all  # puts this repository on sys.path
 
 import onnx_lowrank
-from onnx_lowrank.calibration import load_calibration
+from onnx_lowrank.choose.search import Evaluator
 from onnx_lowrank.errors import BoundNotMet
-from onnx_lowrank.search import Evaluator
+from onnx_lowrank.observe.calibration import load_calibration
 
 
 def eval_error(original: onnx.ModelProto, model: onnx.ModelProto, paths, case: Case, provider: str) -> float:
@@ -108,7 +108,7 @@ def generalization(case: Case, provider: str) -> list[dict]:
     """Compact mode (objective size, so that timings do not move the ranks), the validation's promise for
     new inputs, and the evaluation set's verdict; for top1 / accuracy once per acceptance criterion:
     margins threatened (generalization.py) and, as before it, the held-out count alone (SAFETY 0)."""
-    from onnx_lowrank import generalization as rule
+    from onnx_lowrank.check import generalization as rule
 
     paths = data_for(case.name)
     original = onnx.load(paths["model"])

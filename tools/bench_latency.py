@@ -51,13 +51,13 @@ from bench_common import (  # puts this repository on sys.path (bench_scale impo
 )
 
 import onnx_lowrank
-from onnx_lowrank.calibration import load_calibration
+from onnx_lowrank.check.latency import time_side_by_side
+from onnx_lowrank.check.metrics import DEFAULT_TOLERANCE
+from onnx_lowrank.choose.search import Evaluator
 from onnx_lowrank.errors import BoundNotMet, InputError
-from onnx_lowrank.latency import time_side_by_side
-from onnx_lowrank.metrics import DEFAULT_TOLERANCE
-from onnx_lowrank.model_io import model_stats
-from onnx_lowrank.quantize import quantize_int8
-from onnx_lowrank.search import Evaluator
+from onnx_lowrank.graph.model_io import model_stats
+from onnx_lowrank.observe.calibration import load_calibration
+from onnx_lowrank.quantize.int8 import quantize_int8
 
 ort.set_default_logger_severity(3)  # no warnings about initializers a session optimizes away
 

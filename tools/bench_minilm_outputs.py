@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import onnx_lowrank  # noqa: E402
-from onnx_lowrank.latency import time_side_by_side  # noqa: E402
+from onnx_lowrank.check.latency import time_side_by_side
 
 CACHE = Path(__file__).resolve().parents[1] / "cache"
 ROWS = (("sentence_embedding", "size"), ("sentence_embedding", "balanced"))  # every output: BENCHMARKS.md "minilm"

@@ -40,7 +40,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnx_lowrank.latency import time_side_by_side
+from onnx_lowrank.check.latency import time_side_by_side
 
 TOLERANCE = 0.05  # perplexity ratio 1.05 (issue 16's target: at least 15% removed within it)
 BUDGETS = (0.9, 0.8, 0.7)  # of the factorizable parameters, the curve's points

@@ -280,8 +280,8 @@ def describe(path: Path) -> str:
 
 def perplexity(session, data: dict[str, np.ndarray], batch: int = 8) -> float:
     """exp(mean next-token NLL) of the logits over the sequences (every position but the last)."""
-    from onnx_lowrank.calibration import Samples, next_token_targets
-    from onnx_lowrank.metrics import token_nll
+    from onnx_lowrank.check.metrics import token_nll
+    from onnx_lowrank.observe.calibration import Samples, next_token_targets
 
     count = len(data["input_ids"])
     targets = next_token_targets(Samples([{k: v[i : i + 1] for k, v in data.items()} for i in range(count)], True))

@@ -1,0 +1,98 @@
+"""Which decompositions each unit is offered: `--method auto` (every one that applies), or one forced.
+
+The unit's SVD (weight-only, data-aware, or frequency-weighted for embeddings) is always built: explicit
+ranks, the energy threshold and sensitivity probes use it. The Conv decompositions need statistics of
+the input patches (or none at all) so that their errors compare with the SVD's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ..graph.layers import Unit, detached
+from ..observe.statistics import Counts, Moments, Tied
+from ..system.parallel import Workers, blas_threads
+from .contracts import SpectralDecomposer
+from .conv import ConvDecomposer, conv_decomposers
+from .data_aware import OutputError, data_aware_svd
+from .heads import HEADS
+from .menu import UnitDecomposers
+from .parking import Shelf
+from .prune import PRUNE
+from .svd import PARTIAL_MIN_SIDE, TruncatedSVD
+
+CONV_METHODS = ("tucker2", "cp", "spatial", "depthwise", "block")
+METHODS = ("auto", "svd", PRUNE, HEADS, *CONV_METHODS)  # pruning and heads: on the pairs found at load
+
+
+def decomposers_for(
+    units: Sequence[Unit], method: str, statistics: Sequence | None, workers: Workers | None = None,
+    eager: bool = False, advance: Callable[[int], None] | None = None, parking: Path | None = None,
+) -> list[UnitDecomposers]:
+    """Per unit, its decomposers under `method`; `statistics` per unit from calibration, or None.
+
+    Each unit is worked on detached from the graph (its weight read then), one after the other inline or
+    by `workers` (the same results either way); `eager` also computes every option there, which the rank
+    search will need (a large weight-only SVD then computes only the shrinking ranks). With a `parking`
+    folder each unit's decomposers go to disk as they come back.
+    """
+    jobs = (
+        (detached(unit) for unit in units),  # a generator: a weight is read when its task is submitted
+        [method] * len(units),
+        list(statistics) if statistics is not None else [None] * len(units),
+        [unit.layers[0].adapter.observed(unit.layers[0])[1] for unit in units],
+        [eager] * len(units),
+    )
+    found: list[UnitDecomposers] = []
+    shelf = Shelf()
+
+    def settle(candidate: UnitDecomposers) -> None:
+        candidate.unit = units[len(found)]
+        if parking is not None:
+            candidate.park(parking, len(found), shelf)
+        found.append(candidate)
+        if advance is not None:
+            advance(1)
+
+    if workers is not None:
+        workers.map(_candidates, *jobs, each=settle)
+    else:
+        for arguments in zip(*jobs):
+            settle(_candidates(*arguments))
+    return found
+
+
+def _candidates(unit: Unit, method: str, stats: Moments | Counts | Tied | None, side: str, eager: bool) -> UnitDecomposers:
+    with blas_threads(unit.params):
+        return _decomposers(unit, method, stats, side, eager)
+
+
+def _decomposers(unit: Unit, method: str, stats: Moments | Counts | Tied | None, side: str, eager: bool) -> UnitDecomposers:
+    layer = unit.layers[0]
+    primary: SpectralDecomposer
+    if stats is not None:
+        primary = data_aware_svd(unit, stats, side)
+    elif eager and min(unit.shape) >= PARTIAL_MIN_SIDE:  # the search picks among shrinking ranks only
+        primary = TruncatedSVD(unit.matrices, ranks=max(unit.break_even, 1))
+    else:
+        primary = TruncatedSVD(unit.matrices)
+    exact = stats is None or (isinstance(stats, Moments) and side == "input")
+    others: list[ConvDecomposer] = []
+    notes: list[str] = []
+    if method == PRUNE:
+        notes = [f"{PRUNE}: applies to the consumer of a producer -> activation -> consumer pair, and its producers"]
+    elif method == HEADS:
+        notes = [f"{HEADS}: applies to the query and key projections of attention heads"]
+    elif method != "svd":
+        wanted = set(CONV_METHODS) if method == "auto" else {method}
+        if unit.op == "Conv" and exact:
+            moments = stats if isinstance(stats, Moments) else None  # exact: input moments, or no statistics
+            others, notes = conv_decomposers(layer, OutputError(layer, moments), wanted)
+        elif method != "auto":
+            why = "applies to Conv only" if unit.op != "Conv" else "needs input-patch statistics (patch too large)"
+            notes = [f"{method}: {why}"]
+    candidate = UnitDecomposers(unit, primary, others, include_primary=method in ("auto", "svd"), notes=notes)
+    if eager:
+        candidate.options()
+    return candidate
