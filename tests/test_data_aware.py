@@ -37,12 +37,13 @@ from onnx import helper
 
 from onnx_lowrank.factorize.data_aware import DataAwareSVD
 from onnx_lowrank.factorize.rewrite import build
-from onnx_lowrank.factorize.svd import Factorization, TruncatedSVD
+from onnx_lowrank.factorize.svd import TruncatedSVD
 from onnx_lowrank.graph.adapters import ADAPTERS
 from onnx_lowrank.graph.adapters import conv as conv_adapter
 from onnx_lowrank.graph.adapters.im2col import conv_patches
+from onnx_lowrank.graph.imported import import_graph
 from onnx_lowrank.graph.layers import BiasSite, Layer, Unit, find_layers
-from onnx_lowrank.graph.splice import import_graph
+from onnx_lowrank.graph.splice import Factorization
 from onnx_lowrank.observe.calibration import load_calibration
 from onnx_lowrank.observe.statistics import Moments, collect
 

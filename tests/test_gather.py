@@ -29,8 +29,8 @@ import onnx_lowrank
 from onnx_lowrank.factorize.data_aware import FrequencyWeightedSVD
 from onnx_lowrank.factorize.svd import TruncatedSVD
 from onnx_lowrank.graph.adapters import ADAPTERS
+from onnx_lowrank.graph.imported import import_graph
 from onnx_lowrank.graph.layers import Layer, find_layers
-from onnx_lowrank.graph.splice import import_graph
 from onnx_lowrank.observe.calibration import load_calibration
 from onnx_lowrank.observe.statistics import Counts, collect
 

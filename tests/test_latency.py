@@ -37,10 +37,10 @@ from onnx_lowrank.check.latency import (
 from onnx_lowrank.factorize.menu import pareto_front
 from onnx_lowrank.factorize.registry import decomposers_for
 from onnx_lowrank.factorize.rewrite import build
-from onnx_lowrank.factorize.svd import Factorization
 from onnx_lowrank.graph.adapters import ADAPTERS
+from onnx_lowrank.graph.imported import import_graph
 from onnx_lowrank.graph.layers import find_layers
-from onnx_lowrank.graph.splice import import_graph
+from onnx_lowrank.graph.splice import Factorization
 from onnx_lowrank.observe.calibration import load_calibration
 
 MODELS = Path(__file__).resolve().parent.parent / "models"

@@ -39,10 +39,11 @@ from onnx_lowrank.factorize.menu import coupled
 from onnx_lowrank.factorize.prune import couple, find_pairs
 from onnx_lowrank.factorize.registry import decomposers_for
 from onnx_lowrank.factorize.rewrite import build
-from onnx_lowrank.factorize.svd import Factorization, TruncatedSVD
+from onnx_lowrank.factorize.svd import TruncatedSVD
 from onnx_lowrank.graph.adapters import ADAPTERS
+from onnx_lowrank.graph.imported import import_graph
 from onnx_lowrank.graph.layers import find_layers
-from onnx_lowrank.graph.splice import import_graph
+from onnx_lowrank.graph.splice import Factorization
 from onnx_lowrank.observe.calibration import load_calibration
 from onnx_lowrank.observe.statistics import Moments
 

@@ -23,8 +23,8 @@ from onnx_lowrank.graph.adapters import ADAPTERS
 from onnx_lowrank.graph.adapters import conv as conv_adapter
 from onnx_lowrank.graph.adapters import im2col as patches
 from onnx_lowrank.graph.adapters.im2col import conv_pads, conv_patches
+from onnx_lowrank.graph.imported import import_graph
 from onnx_lowrank.graph.layers import find_layers
-from onnx_lowrank.graph.splice import import_graph
 
 
 def conv_model(x_shape, kernel: np.ndarray, attrs: dict):

@@ -19,8 +19,8 @@ from onnx_lowrank.factorize.prune import PrunedInputs, couple, find_pairs, forwa
 from onnx_lowrank.factorize.registry import decomposers_for
 from onnx_lowrank.factorize.rewrite import build
 from onnx_lowrank.graph.adapters import ADAPTERS
+from onnx_lowrank.graph.imported import import_graph
 from onnx_lowrank.graph.layers import find_layers
-from onnx_lowrank.graph.splice import import_graph
 from onnx_lowrank.observe.calibration import load_calibration
 from onnx_lowrank.observe.statistics import Moments
 

@@ -14,8 +14,8 @@ from onnx_lowrank.factorize import refit as refit_module
 from onnx_lowrank.factorize.data_aware import DataAwareSVD
 from onnx_lowrank.factorize.refit import CrossMoments, Refit, _Problem, stages, strength_for
 from onnx_lowrank.graph.adapters import ADAPTERS
+from onnx_lowrank.graph.imported import import_graph
 from onnx_lowrank.graph.layers import find_layers
-from onnx_lowrank.graph.splice import import_graph
 from onnx_lowrank.observe.calibration import Samples
 from onnx_lowrank.observe.sessions import Session, prefix, with_outputs
 from onnx_lowrank.observe.statistics import Moments, collect

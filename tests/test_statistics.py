@@ -23,8 +23,8 @@ from onnx import helper
 
 from onnx_lowrank.graph.adapters import ADAPTERS
 from onnx_lowrank.graph.adapters import conv as conv_adapter
+from onnx_lowrank.graph.imported import import_graph
 from onnx_lowrank.graph.layers import find_layers
-from onnx_lowrank.graph.splice import import_graph
 from onnx_lowrank.observe.calibration import load_calibration
 from onnx_lowrank.observe.statistics import Moments, collect
 

@@ -24,8 +24,8 @@ from onnx_lowrank.factorize.data_aware import TiedSVD, unit_statistics
 from onnx_lowrank.factorize.rewrite import build
 from onnx_lowrank.factorize.svd import TruncatedSVD
 from onnx_lowrank.graph.adapters import ADAPTERS
+from onnx_lowrank.graph.imported import import_graph
 from onnx_lowrank.graph.layers import find_layers
-from onnx_lowrank.graph.splice import import_graph
 from onnx_lowrank.observe.cache import Cache
 from onnx_lowrank.observe.calibration import load_calibration
 from onnx_lowrank.observe.statistics import Tied

@@ -21,8 +21,8 @@ import onnx
 import onnxruntime as ort
 
 from ..errors import InputError
+from ..graph.imported import META_PREFIX, inferred_shapes
 from ..graph.model_io import all_graphs, save_model, serialized_or_none, subgraphs
-from ..graph.splice import META_PREFIX, inferred_shapes
 from ..observe.sessions import EXECUTION_PROVIDERS, resolve_provider
 from ..report import FusionChange, Fusions
 

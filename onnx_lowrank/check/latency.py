@@ -34,16 +34,16 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from ..factorize.contracts import Factorized
+from ..factorize.contracts import Option
 from ..factorize.heads import HEADS
 from ..factorize.menu import UnitDecomposers, pareto_front
 from ..factorize.prune import PRUNE
 from ..factorize.rewrite import build
-from ..factorize.svd import Option
 from ..graph.bodies import Request, exposed, unstacked
+from ..graph.imported import import_graph
 from ..graph.layers import Layer, Unit, fetch_request, find_layers
 from ..graph.model_io import is_large
-from ..graph.splice import import_graph
+from ..graph.splice import Factorized
 from ..graph.weights import CHAIN_OPS, ConstantIndex, stored_constant
 from ..observe.cache import write_cache_file
 from ..observe.sessions import EXECUTION_PROVIDERS, open_session, session_with_outputs

@@ -25,9 +25,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..factorize.contracts import Factorized
 from ..graph.layers import BiasSite, Layer, Unit
 from ..graph.model_io import all_graphs, inner_graphs
+from ..graph.splice import Factorized
 from ..graph.weights import ConstantIndex, Weight, weight_users
 
 FED_DTYPES = (np.float16, np.float32, np.float64)  # what onnxruntime's Python binding takes as is

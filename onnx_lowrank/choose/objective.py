@@ -22,8 +22,8 @@ import numpy as np
 import onnx
 
 from ..check.latency import LayerTimer, Untimeable, not_slower, time_side_by_side, timed_activations
+from ..factorize.contracts import Option
 from ..factorize.menu import UnitDecomposers, rank_multiple
-from ..factorize.svd import Option
 
 OBJECTIVES = ("balanced", "size", "latency")
 DEFAULT_OBJECTIVE = "balanced"

@@ -32,11 +32,11 @@ from ..check.generalization import (
 from ..check.metrics import Outputs, lost_decisions, score
 from ..check.overrides import Override, with_overridable
 from ..errors import InputError, known
-from ..factorize.contracts import Factorized
 from ..factorize.menu import Choice, UnitDecomposers, by_budget, coupled, frontier
 from ..factorize.prune import KeptOutputs, pruned_probe
 from ..factorize.rewrite import build, factors_of
 from ..graph.layers import Unit
+from ..graph.splice import Factorized
 from ..observe.calibration import Samples
 from ..observe.sessions import Session, session_with_outputs, with_outputs
 from ..observe.statistics import Moments

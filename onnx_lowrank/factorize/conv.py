@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..graph.layers import Layer
-from .svd import Option
+from .contracts import Option
 
 if TYPE_CHECKING:
     from ..graph.splice import Emitter

@@ -21,9 +21,10 @@ from dataclasses import replace
 import numpy as np
 
 from ..graph.layers import Layer, Unit
+from ..graph.splice import Factorization
 from ..observe.calibration import Samples
 from ..observe.statistics import Counts, Moments, Tied, collect
-from .svd import Factorization, Option, RankedOptions, Spectrum
+from .contracts import Option, RankedOptions, Spectrum
 
 RELATIVE_FLOOR = 1e-12
 

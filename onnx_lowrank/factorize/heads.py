@@ -32,14 +32,13 @@ import onnx_graphsurgeon as gs
 from ..errors import known
 from ..graph.layers import Layer, Unit
 from ..observe.statistics import Moments
+from .contracts import Option
 from .data_aware import _shrunk, _sqrt_psd
 from .menu import Coupling, UnitDecomposers
 from .prune import channel_axis, constant_value, cuttable_bias, output_after_bias, own_node
-from .svd import Option
 
 if TYPE_CHECKING:
-    from ..graph.splice import Emitter
-    from .contracts import Factorized
+    from ..graph.splice import Emitter, Factorized
 
 HEADS = "heads"
 HEADS_METHODS = ("auto", HEADS)  # the --method values that offer it

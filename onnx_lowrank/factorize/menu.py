@@ -18,10 +18,10 @@ import numpy as np
 
 from ..errors import InputError
 from ..graph.layers import Unit
+from ..graph.splice import Factorized
 from ..system.parallel import blas_threads
-from .contracts import Decomposer, Factorized, SpectralDecomposer
+from .contracts import Decomposer, Option, SpectralDecomposer
 from .parking import Parked, ParkedSpectral, Shelf
-from .svd import Option
 
 FULL = "full"
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Generic, TypeVar, cast
 
 if TYPE_CHECKING:
-    from .contracts import Decomposer, Factorized, SpectralDecomposer
-    from .svd import Option, Spectrum
+    from ..graph.splice import Factorized
+    from .contracts import Decomposer, Option, SpectralDecomposer, Spectrum
 
 PARK_MIN_PARAMS = 4_000_000  # factorizable parameters from which a model's decompositions go to disk
 # (below, they stay in memory, where they are faster to reach)

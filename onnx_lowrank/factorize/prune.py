@@ -36,14 +36,13 @@ from ..errors import known
 from ..graph.layers import Layer, Unit
 from ..observe.statistics import Moments
 from ..system.parallel import one_blas_thread
+from .contracts import Option
 from .data_aware import _energy, _safe_scale, _shrunk
 from .menu import Coupling, UnitDecomposers
 from .parking import Parked
-from .svd import Option
 
 if TYPE_CHECKING:
-    from ..graph.splice import Emitter
-    from .contracts import Factorized
+    from ..graph.splice import Emitter, Factorized
 
 PRUNE = "prune"
 PRUNING_METHODS = ("auto", PRUNE)  # the --method values that offer it

@@ -32,14 +32,13 @@ import scipy.linalg
 
 from ..errors import known
 from ..graph.layers import Layer, Unit
+from ..graph.splice import Factorization, Factorized
 from ..observe.calibration import Samples
 from ..observe.sessions import Session, prefix
 from ..observe.statistics import Moments
 from ..system.parallel import blas_threads
-from .contracts import Factorized
 from .data_aware import _safe_scale, _shrunk, _top_eigen
 from .rewrite import build
-from .svd import Factorization
 
 REFITS = ("auto", "sequential", "none")
 SHRINKAGES = (0.0, 0.25, 0.5, 0.75, 1.0)  # the strengths cross-validation chooses among

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..graph.layers import Unit, detached
 from ..observe.statistics import Counts, Moments, Tied
@@ -96,3 +97,29 @@ def _decomposers(unit: Unit, method: str, stats: Moments | Counts | Tied | None,
     if eager:
         candidate.options()
     return candidate
+
+
+if TYPE_CHECKING:  # every decomposition keeps its contract (mypy checks these assignments)
+    from ..graph.splice import Factorization, Factorized
+    from .contracts import Decomposer
+    from .conv import (
+        BlockLowRank,
+        CanonicalPolyadic,
+        ConvChain,
+        ConvDecomposer,
+        DepthwiseSeparable,
+        SpatialSeparable,
+        Tucker2,
+    )
+    from .data_aware import DataAwareSVD, FrequencyWeightedSVD
+    from .heads import HeadScores, HeadSide, QuerySide
+    from .parking import Parked, ParkedSpectral
+    from .prune import ChannelPruning, KeptOutputs, KeptRows, PrunedInputs
+    from .svd import TruncatedSVD
+
+    _spectral_kept: list[type[SpectralDecomposer]] = [TruncatedSVD, DataAwareSVD, FrequencyWeightedSVD, ParkedSpectral]
+    _decomposers_kept: list[type[Decomposer]] = [
+        ConvDecomposer, Tucker2, CanonicalPolyadic, SpatialSeparable, DepthwiseSeparable, BlockLowRank, Parked,
+        ChannelPruning, KeptRows, HeadScores, QuerySide,
+    ]
+    _factorized_kept: list[type[Factorized]] = [Factorization, ConvChain, PrunedInputs, KeptOutputs, HeadSide]

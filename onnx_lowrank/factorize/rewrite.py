@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import onnx
 
+from ..graph.imported import export, import_graph
 from ..graph.layers import find_layers
-from ..graph.splice import Splice, export, import_graph
-from .contracts import Factorized
+from ..graph.splice import Factorized, Splice
 from .heads import unmatched_heads
 from .menu import Choice, UnitDecomposers
 from .prune import unmatched

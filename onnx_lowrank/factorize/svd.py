@@ -6,116 +6,11 @@ without recomputing. Grouped layers (G matrices) share one rank; their energies 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from functools import cached_property
-from typing import TYPE_CHECKING
-
 import numpy as np
 import scipy.linalg
 
-if TYPE_CHECKING:
-    from ..graph.layers import Layer
-    from ..graph.splice import Emitter
-
-
-@dataclass(frozen=True)
-class Spectrum:
-    """Energies of the rank components, (G, k) descending per group: squared singular values of the
-    weight (weight-only) or eigenvalues of the layer's output second moment (data-aware).
-
-    `total` is the energy the errors are relative to; by default the sum of all components, but a
-    data-aware layer measures against its whole output energy, mean and bias included. `rest` is the
-    energy of the components that were not computed (a partial decomposition: only the leading ones).
-    """
-
-    energies: np.ndarray
-    total: float | None = None
-    rest: float = 0.0
-
-    @cached_property
-    def energy(self) -> np.ndarray:
-        """Energy of each rank component, summed over groups (grouped layers share one rank)."""
-        return np.sum(self.energies, axis=0)
-
-    @cached_property
-    def dropped(self) -> np.ndarray:
-        """Predicted error at rank r = 0..k: dropped energy over total energy (0 for an all-zero layer)."""
-        total = self.energy.sum() + self.rest if self.total is None else self.total
-        tail = np.concatenate([np.cumsum(self.energy[::-1])[::-1], [0.0]]) + self.rest
-        return tail / total if total > 0 else np.zeros_like(tail)
-
-    def rank_for_energy(self, keep: float) -> int:
-        """The smallest rank keeping at least this fraction of the energy."""
-        return int(np.argmax(self.dropped <= 1.0 - keep + 1e-12))
-
-    @property
-    def effective_rank(self) -> float:
-        """Roy & Vetterli's effective rank: exp of the entropy of the normalised singular values."""
-        sigma = np.sqrt(self.energy)
-        if sigma.sum() == 0:
-            return 0.0
-        p = sigma / sigma.sum()
-        p = p[p > 0]
-        return float(np.exp(-np.sum(p * np.log(p))))
-
-
-@dataclass(frozen=True)
-class Option:
-    """One way to factorize a unit: a method, its rank(s), the parameters it costs, its predicted error."""
-
-    method: str
-    config: tuple[int, ...]
-    params: int
-    error: float
-
-
-class RankedOptions:
-    """Options of a two-factor method with one rank: rank r costs G * r * (out + in) parameters."""
-
-    method: str
-    spectrum: Spectrum
-
-    def _shape(self) -> tuple[int, int, int]:
-        raise NotImplementedError
-
-    def option(self, rank: int) -> Option:
-        groups, out_dim, in_dim = self._shape()
-        return Option(self.method, (rank,), groups * rank * (out_dim + in_dim), float(self.spectrum.dropped[rank]))
-
-    def options(self) -> list[Option]:
-        """Every rank computed: all of them, or the leading ones of a partial decomposition."""
-        return [self.option(rank) for rank in range(1, self.spectrum.energy.shape[0] + 1)]
-
-
-@dataclass(frozen=True)
-class Factorization:
-    """W_g ~= second_g @ first_g for every group g: first (G, r, in) is applied first, second (G, out, r)."""
-
-    method: str
-    rank: int
-    first: np.ndarray
-    second: np.ndarray
-    predicted_error: float
-    bias_shift: np.ndarray | None = None  # (G, out): what the layer's bias must gain (affine optimum)
-
-    @property
-    def params(self) -> int:
-        return int(self.first.size + self.second.size)
-
-    def reconstruct(self) -> np.ndarray:
-        return self.second @ self.first
-
-    def in_float32(self) -> Factorization:
-        """The factors in float32, what a float32 model stores them as anyway: half the memory."""
-        return replace(self, first=self.first.astype(np.float32), second=self.second.astype(np.float32))
-
-    def same_op_weight(self) -> np.ndarray:
-        """The layer's own op computes second @ first @ x with this weight (see decompositions.Factorized)."""
-        return self.reconstruct()
-
-    def emit(self, layer: Layer, emit: Emitter) -> None:
-        """The plain two-factor chain, written by the layer's adapter (its op, twice)."""
-        layer.adapter.rewrite(layer, self, emit)
+from ..graph.splice import Factorization
+from .contracts import RankedOptions, Spectrum
 
 
 def spectrum_of(matrices: np.ndarray) -> Spectrum:

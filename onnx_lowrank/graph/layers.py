@@ -19,12 +19,11 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
 
-from ..factorize.svd import Factorization
 from .bodies import Request, Scope, bodies, unobservable
 from .weights import ConstantIndex, Weight, resolve, weight_users
 
-if TYPE_CHECKING:
-    from .splice import Emitter
+if TYPE_CHECKING:  # the adapter protocol names what its rewrite receives (typing only)
+    from .splice import Emitter, Factorization
 
 
 @dataclass

@@ -1,148 +1,90 @@
-"""Replacing layers by their factor chains with onnx-graphsurgeon, and exporting the result faithfully."""
+"""What replaces a layer and how it is written: the `Factorized` contract every decomposition's result keeps,
+the plain two-factor product (`Factorization`, which the layer's adapter writes as its own op), and the
+splice that disconnects a layer's node and lets the factors write their chain in its place (`Emitter`)."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
+from typing import Protocol, Self
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.importers.onnx_importer import get_onnx_tensor_dtype, get_onnx_tensor_shape
-from onnx_graphsurgeon.ir.tensor import LazyValues
-from onnx_graphsurgeon.logger import G_LOGGER
 
 from ..errors import known
-from ..factorize.contracts import Factorized
-from .adapters.matmul import rewrite_tied_head
-from .bodies import Names, paired, single_copies
+from .bodies import Names
 from .layers import BiasSite, Layer
-from .model_io import all_graphs, is_repeated
 from .weights import Weight
 
-META_PREFIX = "onnx_lowrank."
-HEADER_ONLY_BYTES = 1024  # initializers this large go to shape inference without their values
+
+class Factorized(Protocol):
+    """A unit's weight factorized at one option: what it costs, how far it is predicted to be off, and the
+    nodes that replace each of the unit's layers."""
+
+    @property
+    def method(self) -> str: ...
+
+    @property
+    def rank(self) -> int | tuple[int, ...]:
+        """The option's configuration: one rank, or one per step (Tucker-2's output and input ranks)."""
+        ...
+
+    @property
+    def params(self) -> int: ...
+
+    @property
+    def predicted_error(self) -> float: ...
+
+    @property
+    def bias_shift(self) -> np.ndarray | None:
+        """(G, out): what the layer's bias must gain (the affine optimum), or None."""
+        ...
+
+    def in_float32(self) -> Self:
+        """The same factors in float32 (what a float32 model stores them as)."""
+        ...
+
+    def same_op_weight(self) -> np.ndarray | None:
+        """The matrices (G, out, in) that the layer's own op, given them as its weight, computes the chain
+        with (a two-factor product: second @ first), or None when the chain is made of other ops (Tucker-2,
+        CP, ...). A sensitivity probe feeds them to the original model instead of building the chain."""
+        ...
+
+    def emit(self, layer: Layer, emit: Emitter) -> None:
+        """Write the nodes that replace `layer` (whose node is already disconnected) through `emit`."""
+        ...
 
 
-@contextlib.contextmanager
-def quiet_graphsurgeon() -> Iterator[None]:
-    """onnx-graphsurgeon logs warnings (e.g. about bfloat16) that mean nothing to our users."""
-    severity = G_LOGGER.severity
-    G_LOGGER.severity = G_LOGGER.ERROR
-    try:
-        yield
-    finally:
-        G_LOGGER.severity = severity
 
+@dataclass(frozen=True)
+class Factorization:
+    """W_g ~= second_g @ first_g for every group g: first (G, r, in) is applied first, second (G, out, r)."""
 
-@dataclass
-class Imported:
-    """A graph to splice, plus what onnx-graphsurgeon drops on the way: node doc strings and metadata."""
+    method: str
+    rank: int
+    first: np.ndarray
+    second: np.ndarray
+    predicted_error: float
+    bias_shift: np.ndarray | None = None  # (G, out): what the layer's bias must gain (affine optimum)
 
-    graph: gs.Graph
-    node_extras: dict[str, onnx.NodeProto]  # by node name: only doc_string and metadata_props are used
-    empty_lists: dict[str, list[onnx.AttributeProto]] = field(default_factory=dict)  # by node name: list
-    # attributes with no values, which onnx-graphsurgeon cannot export (their type is lost on import)
+    @property
+    def params(self) -> int:
+        return int(self.first.size + self.second.size)
 
+    def reconstruct(self) -> np.ndarray:
+        return self.second @ self.first
 
-def import_graph(model: onnx.ModelProto) -> Imported:
-    """Import the model with the shapes ONNX shape inference finds (activation ranks become known); the
-    caller's proto is never touched, and its weights are neither copied nor serialized: inference runs
-    on a copy without their payloads. Nodes left unnamed by the exporter get unique names, in the main
-    graph and in If / Loop / Scan bodies."""
-    with quiet_graphsurgeon():
-        graph = gs.import_onnx(model)
-    _detach_renamed(graph)
-    _add_inferred_shapes(graph, model)
-    taken = {node.name for current in [graph, *graph.subgraphs(recursive=True)] for node in current.nodes}
-    extras: dict[str, onnx.NodeProto] = {}
-    empty_lists: dict[str, list[onnx.AttributeProto]] = {}
-    for body, source in paired(graph, model.graph):
-        for position, (node, proto) in enumerate(zip(body.nodes, source.node)):
-            if not node.name:
-                name = f"{node.op}_{position}"
-                while name in taken:
-                    name += "_"
-                node.name = name
-                taken.add(name)
-            if proto.doc_string or proto.metadata_props:
-                extras[node.name] = proto
-            empty = [name for name, value in node.attrs.items() if isinstance(value, (list, tuple)) and not value]
-            if empty:
-                empty_lists[node.name] = [onnx.AttributeProto(name=a.name, type=a.type) for a in proto.attribute
-                                          if a.name in empty]
-                for name in empty:
-                    del node.attrs[name]
-    return Imported(graph, extras, empty_lists)
+    def in_float32(self) -> Factorization:
+        """The factors in float32, what a float32 model stores them as anyway: half the memory."""
+        return replace(self, first=self.first.astype(np.float32), second=self.second.astype(np.float32))
 
+    def same_op_weight(self) -> np.ndarray:
+        """The layer's own op computes second @ first @ x with this weight (see decompositions.Factorized)."""
+        return self.reconstruct()
 
-def _detach_renamed(graph: gs.Graph) -> None:
-    """onnx-graphsurgeon exports a constant it did not load as the very TensorProto it came from, named
-    after the graph tensor: for a Constant node's value (whose own name is usually unset) that would
-    rename the caller's tensor, or set its empty name. Those constants get a copy of theirs."""
-    for current in [graph, *graph.subgraphs(recursive=True)]:
-        attributes = [value for node in current.nodes for value in node.attrs.values() if isinstance(value, gs.Constant)]
-        for tensor in [*current.tensors().values(), *attributes]:
-            values = getattr(tensor, "_values", None)
-            if isinstance(values, LazyValues) and (values.tensor.name != tensor.name or not values.tensor.HasField("name")):
-                copy = onnx.TensorProto()
-                copy.CopyFrom(values.tensor)
-                values.tensor = copy
-
-
-def inferred_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
-    """ONNX shape inference on a copy of the model whose large initializers are headers only (marked
-    external, so that nothing reads them): inference needs their shapes, never their values; shape-giving
-    constants are small and keep theirs. The copy, with its value_info and outputs inferred (None when
-    inference fails, e.g. on unknown domains); serializing headers instead of weights makes this cheap
-    for large models (BERT-base: about 2.4 s with the weights)."""
-    headers = onnx.ModelProto()
-    _copy_except(model, headers, "graph")
-    _copy_except(model.graph, headers.graph, "initializer")
-    for tensor in model.graph.initializer:
-        header = headers.graph.initializer.add()
-        if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.raw_data) < HEADER_ONLY_BYTES:
-            header.CopyFrom(tensor)
-            continue
-        header.name, header.data_type = tensor.name, tensor.data_type
-        header.dims.extend(tensor.dims)
-        header.data_location = onnx.TensorProto.EXTERNAL
-        entry = header.external_data.add()
-        entry.key, entry.value = "location", "(left out)"
-    try:
-        return onnx.shape_inference.infer_shapes(headers)
-    except Exception:  # inference is a help, not a requirement
-        return None
-
-
-def _add_inferred_shapes(graph: gs.Graph, model: onnx.ModelProto) -> None:
-    """Shapes and element types of the activations, in the main graph and in bodies, from `inferred_shapes`."""
-    inferred = inferred_shapes(model)
-    if inferred is None:
-        return
-    for body, proto in paired(graph, inferred.graph):
-        tensors = body.tensors()
-        for info in [*proto.value_info, *proto.output]:
-            tensor = tensors.get(info.name)
-            if not isinstance(tensor, gs.Variable) or not info.type.HasField("tensor_type"):
-                continue
-            if tensor.dtype is None and info.type.tensor_type.elem_type:
-                tensor.dtype = get_onnx_tensor_dtype(info)
-            if tensor.shape is None and info.type.tensor_type.HasField("shape"):
-                tensor.shape = get_onnx_tensor_shape(info)
-
-
-def _copy_except(source, target, skipped: str) -> None:
-    """Copy every field of a protobuf message but one."""
-    for descriptor, value in source.ListFields():
-        if descriptor.name == skipped:
-            continue
-        if is_repeated(descriptor) or descriptor.type == descriptor.TYPE_MESSAGE:
-            getattr(target, descriptor.name).MergeFrom(value)
-        else:
-            setattr(target, descriptor.name, value)
+    def emit(self, layer: Layer, emit: Emitter) -> None:
+        """The plain two-factor chain, written by the layer's adapter (its op, twice)."""
+        layer.adapter.rewrite(layer, self, emit)
 
 
 class Splice:
@@ -168,7 +110,7 @@ class Splice:
         node.inputs.clear()
         node.outputs.clear()
         if layer.transposed:  # the head of a tied table: its factors are the lookup's, shared
-            rewrite_tied_head(layer, factors, emit)
+            _rewrite_tied_head(layer, factors, emit)
         else:
             factors.emit(layer, emit)
 
@@ -229,39 +171,16 @@ class Emitter:
         return node
 
 
-def export(imported: Imported, original: onnx.ModelProto, metadata: dict[str, dict[str, str]]) -> onnx.ModelProto:
-    """Export the spliced graph, keeping the original model's IR version, opsets, functions and metadata,
-    and the doc strings and metadata of the nodes it did not replace."""
-    graph = imported.graph
-    graph.cleanup().toposort()
-    with quiet_graphsurgeon():
-        exported = gs.export_onnx(graph, do_type_check=False)
-    model = exported  # the spliced graph; the rest from the original (not a copy of the graph: it may be GBs)
-    for descriptor, _ in model.ListFields():
-        if descriptor.name != "graph":
-            model.ClearField(descriptor.name)
-    for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        setattr(model, name, getattr(original, name))
-    model.opset_import.extend(original.opset_import)
-    model.metadata_props.extend(original.metadata_props)
-    model.functions.extend(original.functions)
-    del model.graph.metadata_props[:]
-    model.graph.metadata_props.extend(original.graph.metadata_props)
-    single_copies(model.graph)
-    if model.ir_version < 4:  # before IR 4 every initializer must also be a graph input
-        listed = {value.name for value in model.graph.input}
-        model.graph.input.extend(
-            onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims)
-            for t in model.graph.initializer
-            if t.name not in listed
-        )
-    for node in (node for graph in all_graphs(model.graph) for node in graph.node):
-        node.attribute.extend(imported.empty_lists.get(node.name, []))
-        kept = imported.node_extras.get(node.name)
-        if kept is not None:
-            node.doc_string = kept.doc_string
-            node.metadata_props.extend(kept.metadata_props)
-        for key, value in metadata.get(node.name, {}).items():
-            entry = node.metadata_props.add()
-            entry.key, entry.value = META_PREFIX + key, value
-    return model
+def _rewrite_tied_head(layer: Layer, factors: Factorized, emit: Emitter) -> None:
+    """The LM head x @ table^T of a tied embedding table whose unit's factors are the lookup's, W = table^T
+    ~ second (d x r) @ first (r x V): x @ second @ first, each factor the very constant the Gather's chain
+    stores (its V x r lookup, its r x d rebuild), read through a Transpose, so the model holds one copy."""
+    if not isinstance(factors, Factorization):
+        raise RuntimeError(f"the tied head {layer.node.name!r} takes two-factor products, not {factors.method}")
+    rebuild = emit.variable("rebuild_t")
+    lookup = emit.variable("lookup_t")
+    middle = emit.variable("mid")
+    emit.node("b_t", "Transpose", [emit.weight("b", factors.second[0].T)], [rebuild], {"perm": [1, 0]})
+    emit.node("a_t", "Transpose", [emit.weight("a", factors.first[0].T)], [lookup], {"perm": [1, 0]})
+    emit.node("b", "MatMul", [emit.inputs[0], rebuild], [middle])
+    emit.node("a", "MatMul", [middle, lookup], emit.outputs)

@@ -8,7 +8,6 @@ from ..choose.search import Search
 from ..errors import known
 from ..graph.model_io import model_stats
 from ..observe.calibration import Samples, Split
-from ..options import Options
 from ..report import FallbackSearch, FallbackStep, Quantization
 from .int8 import FALLBACK_SHARE, Fallback, chain_names, fallback, quantize_int8
 
@@ -28,13 +27,13 @@ class Int8Share:
     RETRIES = 2
     SELECT_SAMPLES = 32  # fit samples each node's cost is measured on
 
-    def __init__(self, settings: Options, samples: Samples | None, parts: Split | None, search: Search | None,
-                 original: onnx.ModelProto):
-        self.metric = settings.metric
-        self.range = settings.int8_range  # "auto": by this CPU (quantize.int8_range_for)
+    def __init__(self, metric: str, int8_range: str, batch_size: int, samples: Samples | None, parts: Split | None,
+                 search: Search | None, original: onnx.ModelProto):
+        self.metric = metric
+        self.range = int8_range  # "auto": by this CPU (quantize.int8_range_for)
         # Conv needs calibration for its activations' scales; without data it stays float
         self.feeds = None if samples is None else [
-            feed for _, feed in samples.batches(known(parts, "the calibration split").fit, settings.batch_size)]
+            feed for _, feed in samples.batches(known(parts, "the calibration split").fit, batch_size)]
         self.search = search
         self.original = original
         self.alone_error: float | None = None

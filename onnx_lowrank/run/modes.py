@@ -9,20 +9,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from ..check.metrics import DEFAULT_TOLERANCE
-from ..choose.search import Trial
-from ..errors import BoundNotMet, InputError, known
+from ..choose.search import Search, Trial
+from ..errors import InputError, known
 from ..factorize.menu import Choice, UnitDecomposers, by_budget, by_energy, explicit
-from ..factorize.rewrite import build
 from ..observe.calibration import DISCRETE_VALIDATION_FRACTION, VALIDATION_FRACTION, Samples, Split, split
 from ..options import Options
-
-if TYPE_CHECKING:
-    from .stages import Run
 
 
 @dataclass(frozen=True)
@@ -31,6 +25,33 @@ class Allocation:
 
     choices: list[Choice]
     trial: Trial | None = None
+
+
+@dataclass(frozen=True)
+class Menus:
+    """What a mode allocates from: every unit's options, and with calibration data the search and each
+    unit's sensitivity (the stages before the search leave them)."""
+
+    settings: Options
+    decomposers: list[UnitDecomposers]
+    known: set[str]  # node and tensor names of the model (explicit ranks name them)
+    search: Search | None = None
+    sensitivity: list[float] | None = None
+    share: float | None = None  # the tolerance left to the factorization (int8 may take some)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a mode with a bound judges the written model by: its allocation, the tolerance and the errors."""
+
+    allocation: Allocation
+    has_units: bool
+    metric: str
+    tolerance: float | None
+    written_error: float | None  # the written model's validated error (int8 included)
+    int8_alone: float | None = None  # int8 of the original alone, when it was measured
+    int8_kept: int = 0  # nodes int8 left weight-only or float
+    int8: bool = False  # whether the written model is quantized
 
 
 class RankMode:
@@ -50,49 +71,51 @@ class RankMode:
         """The calibration samples the factors are fitted on and those held out to validate."""
         return held_out_split(samples, settings)
 
-    def allocate(self, run: Run) -> Allocation:
+    def allocate(self, menus: Menus) -> Allocation:
         raise NotImplementedError
 
-    def closest(self, run: Run) -> Trial | None:
+    def closest(self, search: Search | None, outcome: Outcome) -> Trial | None:
         """The candidate to report when the bound is not met (None: nothing to say)."""
         return None
 
-    def diagnose(self, run: Run) -> None:
-        """Raise BoundNotMet, with what was closest, when the mode found nothing within its bound."""
+    def refusal(self, outcome: Outcome, closest: Trial | None) -> str | None:
+        """Why the written model is refused when the mode found nothing within its bound (None: it is not)."""
+        return None
 
 
 class ExplicitRanks(RankMode):
     name = "ranks"
 
-    def allocate(self, run: Run) -> Allocation:
-        settings = run.settings
+    def allocate(self, menus: Menus) -> Allocation:
+        settings = menus.settings
         ranks = known(settings.ranks, "--ranks")  # the option that picks this mode
-        return Allocation(explicit(run.decomposers, ranks, run.known, settings.allow_larger))
+        return Allocation(explicit(menus.decomposers, ranks, menus.known, settings.allow_larger))
 
 
 class Energy(RankMode):
     name = "energy"
     gated = True
 
-    def allocate(self, run: Run) -> Allocation:
-        choices = by_energy(run.decomposers, known(run.settings.energy, "--energy"), run.settings.allow_larger)
-        return Allocation([_allowed(candidate, choice) for candidate, choice in zip(run.decomposers, choices)])
+    def allocate(self, menus: Menus) -> Allocation:
+        settings = menus.settings
+        choices = by_energy(menus.decomposers, known(settings.energy, "--energy"), settings.allow_larger)
+        return Allocation([_allowed(candidate, choice) for candidate, choice in zip(menus.decomposers, choices)])
 
 
 class Budget(RankMode):
     name = "size"
     eager = gated = True
 
-    def allocate(self, run: Run) -> Allocation:
-        return Allocation(by_budget(run.decomposers, known(run.settings.target_params, "--target-params")))
+    def allocate(self, menus: Menus) -> Allocation:
+        return Allocation(by_budget(menus.decomposers, known(menus.settings.target_params, "--target-params")))
 
 
 class ValidatedBudget(Budget):
     probes = True
 
-    def allocate(self, run: Run) -> Allocation:
-        search, sensitivity = known(run.search, "the search"), known(run.sensitivity, "the sensitivities")
-        trial = search.at_budget(sensitivity, known(run.settings.target_params, "--target-params"))
+    def allocate(self, menus: Menus) -> Allocation:
+        search, sensitivity = known(menus.search, "the search"), known(menus.sensitivity, "the sensitivities")
+        trial = search.at_budget(sensitivity, known(menus.settings.target_params, "--target-params"))
         return Allocation(trial.choices, trial)
 
 
@@ -104,39 +127,35 @@ class Compact(RankMode):
     def tolerance(self, settings: Options) -> float | None:
         return DEFAULT_TOLERANCE[settings.metric] if settings.tolerance is None else settings.tolerance
 
-    def allocate(self, run: Run) -> Allocation:
-        search, sensitivity = known(run.search, "the search"), known(run.sensitivity, "the sensitivities")
-        trial = None if run.share is None else search.compact(sensitivity, run.share)
+    def allocate(self, menus: Menus) -> Allocation:
+        search, sensitivity = known(menus.search, "the search"), known(menus.sensitivity, "the sensitivities")
+        trial = None if menus.share is None else search.compact(sensitivity, menus.share)
         if trial is not None:
             return Allocation(trial.choices, trial)
-        return Allocation([Choice(None, "within the tolerance only dense")] * len(run.decomposers))
+        return Allocation([Choice(None, "within the tolerance only dense")] * len(menus.decomposers))
 
-    def closest(self, run: Run) -> Trial | None:
-        return known(run.search, "the search").closest() if self._found_nothing(run) else None
+    def closest(self, search: Search | None, outcome: Outcome) -> Trial | None:
+        return known(search, "the search").closest() if self._found_nothing(outcome) else None
 
-    def _found_nothing(self, run: Run) -> bool:
-        return run.chosen.trial is None and bool(run.units)
+    @staticmethod
+    def _found_nothing(outcome: Outcome) -> bool:
+        return outcome.allocation.trial is None and outcome.has_units
 
-    def diagnose(self, run: Run) -> None:
-        int8, tolerance = run.int8, known(run.tolerance, "the tolerance")  # compact mode always has one
-        if not self._found_nothing(run) or (
-                int8 is not None and known(run.written_error, "the written model's error") <= tolerance):
-            return
-        closest, search, report = run.closest, known(run.search, "the search"), known(run.report, "the report")
-        report.validation = None if closest is None else dataclasses.replace(
-            search.validation(build(run.original, run.adapters, search.factors(closest.choices), memo=search.memo),
-                              tolerance, run.settings.confidence), passed=False)
-        if int8 is not None and int8.alone_error is not None and int8.alone_error > tolerance:
-            kept = len(int8.floats) + len(int8.weight_only)
-            detail = f" (int8 quantization alone reaches {int8.alone_error:.4g}" + (
-                f" with {kept} node(s) weight-only or float)" if kept else ")")
+    def refusal(self, outcome: Outcome, closest: Trial | None) -> str | None:
+        tolerance = known(outcome.tolerance, "the tolerance")  # compact mode always has one
+        if not self._found_nothing(outcome) or (
+                outcome.int8 and known(outcome.written_error, "the written model's error") <= tolerance):
+            return None
+        if outcome.int8_alone is not None and outcome.int8_alone > tolerance:
+            detail = f" (int8 quantization alone reaches {outcome.int8_alone:.4g}" + (
+                f" with {outcome.int8_kept} node(s) weight-only or float)" if outcome.int8_kept else ")")
         elif closest is None:
             detail = ""
         else:
             threatened = "" if closest.threat is None else \
                 f", with {closest.threat.threatened} calibration decision(s) threatened"
             detail = f" (the closest that removes parameters reached {closest.error:.4g} on the held-out part{threatened})"
-        raise BoundNotMet(f"no factorization keeps {run.settings.metric} within {tolerance:g}{detail}", report)
+        return f"no factorization keeps {outcome.metric} within {tolerance:g}{detail}"
 
 
 class Describe(RankMode):

@@ -8,8 +8,8 @@ import onnx
 from ..check.fusion import fused_as_given
 from ..check.latency import UNTIMED, LayerTimer, Untimeable
 from ..choose.search import Search
-from ..factorize.contracts import Factorized
 from ..factorize.menu import Choice, UnitDecomposers, coupled, known_coupling
+from ..graph.splice import Factorized
 from ..report import Fusions, Latency, LayerReport, Report, TracePoint
 
 

@@ -25,7 +25,6 @@ from ..check.overrides import overrides_for
 from ..choose.objective import restrict as restrict_to_objective
 from ..choose.search import Evaluator, Search, Trial, positions_of, positions_seen, probe_count, sensitivities
 from ..errors import BoundNotMet, InputError, known
-from ..factorize.contracts import Factorized
 from ..factorize.data_aware import unit_statistics
 from ..factorize.heads import HEADS_METHODS, HeadPair, couple_heads, find_heads
 from ..factorize.menu import UnitDecomposers, coupled
@@ -35,9 +34,10 @@ from ..factorize.refit import Refit
 from ..factorize.registry import decomposers_for
 from ..factorize.rewrite import build, check_rewritten, factors_of
 from ..graph.adapters import ADAPTERS
+from ..graph.imported import import_graph
 from ..graph.layers import Plan, Skipped, Unit, find_layers
 from ..graph.model_io import LoadedModel, ModelStats, model_stats
-from ..graph.splice import import_graph
+from ..graph.splice import Factorized
 from ..observe.cache import Cache, key_of, model_fingerprint, samples_fingerprint
 from ..observe.calibration import Samples, Split, load_calibration, next_token_targets
 from ..observe.sessions import resolve_provider
@@ -46,7 +46,7 @@ from ..options import Options
 from ..quantize.share import Int8Share
 from ..report import Chosen, Report, SkippedLayer, Validation
 from ..system.parallel import executor_for
-from .modes import Allocation, RankMode, rank_mode_for
+from .modes import Allocation, Menus, Outcome, RankMode, rank_mode_for
 from .progress import Advance, Progress, ignore
 from .report_parts import clearly_slower, fusions, layer_reports, refusal, traced
 
@@ -130,6 +130,17 @@ class Run:
     @property
     def chosen(self) -> Allocation:
         return known(self.allocation, "the allocation")
+
+    def menus(self) -> Menus:
+        """What the rank mode allocates from."""
+        return Menus(self.settings, self.decomposers, self.known, self.search, self.sensitivity, self.share)
+
+    def outcome(self) -> Outcome:
+        """What the rank mode judges the written model by."""
+        int8 = self.int8
+        return Outcome(self.chosen, bool(self.units), self.settings.metric, self.tolerance, self.written_error,
+                       None if int8 is None else int8.alone_error,
+                       0 if int8 is None else len(int8.floats) + len(int8.weight_only), int8 is not None)
 
 
 @dataclass(frozen=True)
@@ -291,7 +302,9 @@ def _positions(run: Run, samples: Samples) -> list[float]:
 
 def int8_fallback(run: Run, advance: Advance) -> None:
     """int8 of the original alone, made to fit its share of a shared tolerance (quantize.fallback)."""
-    run.int8 = Int8Share(run.settings, run.samples, run.parts, run.search, run.original)
+    settings = run.settings
+    run.int8 = Int8Share(settings.metric, settings.int8_range, settings.batch_size, run.samples, run.parts,
+                         run.search, run.original)
     if run.rank_mode.shares_tolerance:  # a mode with a tolerance
         run.share = run.int8.factor_share(known(run.tolerance, "the tolerance"))
 
@@ -301,7 +314,7 @@ def search(run: Run, advance: Advance) -> None:
     _method_applies(run)
     if run.search is not None:
         run.search.advance = advance
-    run.allocation = run.rank_mode.allocate(run)
+    run.allocation = run.rank_mode.allocate(run.menus())
     _settle_refit(run)
 
 
@@ -351,10 +364,10 @@ def validate(run: Run, advance: Advance) -> None:
         if run.written_error <= tolerance:
             break
         run.share = run.int8.halved(known(run.share, "the share"))  # the two errors did not add up as assumed
-        run.allocation = mode.allocate(run)
+        run.allocation = mode.allocate(run.menus())
         _settle_refit(run)
     run.validation = run.search.validation(written, run.tolerance, run.settings.confidence)
-    run.closest = mode.closest(run)
+    run.closest = mode.closest(run.search, run.outcome())
 
 
 def _rewrite(run: Run) -> onnx.ModelProto:
@@ -405,9 +418,16 @@ def report(run: Run, advance: Advance) -> None:
 
 def diagnose(run: Run, advance: Advance) -> None:
     """Refuse a result outside the bound: the mode says how close it came, or the validation why."""
-    run.rank_mode.diagnose(run)
+    report = known(run.report, "the report")
+    why = run.rank_mode.refusal(run.outcome(), run.closest)
+    if why is not None:
+        closest, search = run.closest, known(run.search, "the search")  # a mode that refuses validated
+        report.validation = None if closest is None else replace(
+            search.validation(build(run.original, run.adapters, search.factors(closest.choices), memo=search.memo),
+                              run.tolerance, run.settings.confidence), passed=False)
+        raise BoundNotMet(why, report)
     if run.validation is not None and run.validation.passed is False:
-        raise BoundNotMet(refusal(run.validation), known(run.report, "the report"))
+        raise BoundNotMet(refusal(run.validation), report)
 
 
 def fusion_check(run: Run, advance: Advance) -> None:

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ...factorize.svd import Factorization
 from ..layers import BiasSite, Layer, Skip, batchnorm_scale
+from ..splice import Factorization
 from ..weights import ConstantIndex, Weight, resolve
 from .im2col import conv_patches
 

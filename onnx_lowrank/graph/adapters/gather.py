@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ...factorize.svd import Factorization
 from ..layers import Layer, Skip
+from ..splice import Factorization
 from ..weights import ConstantIndex, resolve, stored_constant
 
 if TYPE_CHECKING:

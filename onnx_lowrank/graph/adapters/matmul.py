@@ -15,12 +15,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ...errors import known
-from ...factorize.svd import Factorization
 from ..layers import BiasSite, Layer, Skip
+from ..splice import Factorization
 from ..weights import ConstantIndex, Weight, resolve, weight_users
 
 if TYPE_CHECKING:
-    from ...factorize.contracts import Factorized
     from ..splice import Emitter
 
 
@@ -90,21 +89,6 @@ class MatMulAdapter:
         if factors.bias_shift is not None:
             site = known(layer.bias, "the bias site of a layer whose factors shift its bias")
             site.node.inputs[site.index] = emit.bias(site, factors.bias_shift)
-
-
-def rewrite_tied_head(layer: Layer, factors: Factorized, emit: Emitter) -> None:
-    """The LM head x @ table^T of a tied embedding table whose unit's factors are the lookup's, W = table^T
-    ~ second (d x r) @ first (r x V): x @ second @ first, each factor the very constant the Gather's chain
-    stores (its V x r lookup, its r x d rebuild), read through a Transpose, so the model holds one copy."""
-    if not isinstance(factors, Factorization):
-        raise RuntimeError(f"the tied head {layer.node.name!r} takes two-factor products, not {factors.method}")
-    rebuild = emit.variable("rebuild_t")
-    lookup = emit.variable("lookup_t")
-    middle = emit.variable("mid")
-    emit.node("b_t", "Transpose", [emit.weight("b", factors.second[0].T)], [rebuild], {"perm": [1, 0]})
-    emit.node("a_t", "Transpose", [emit.weight("a", factors.first[0].T)], [lookup], {"perm": [1, 0]})
-    emit.node("b", "MatMul", [emit.inputs[0], rebuild], [middle])
-    emit.node("a", "MatMul", [middle, lookup], emit.outputs)
 
 
 def _following_add(layer: Layer, index: ConstantIndex) -> BiasSite | None:
