@@ -33,9 +33,9 @@ import pytest
 from conftest import inspected, shared_run
 
 import onnx_lowrank
+from onnx_lowrank.check.evaluator import Evaluator
 from onnx_lowrank.check.generalization import clopper_pearson
 from onnx_lowrank.check.metrics import DEFAULT_TOLERANCE
-from onnx_lowrank.choose.search import Evaluator
 from onnx_lowrank.observe.calibration import Samples, load_calibration, split
 from onnx_lowrank.report import as_dict
 

@@ -22,13 +22,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_exactness import C_SHAPES, constant_node, conv_cases, conv_model, gemm_model, weights
 
+from onnx_lowrank.check.evaluator import Evaluator
 from onnx_lowrank.check.latency import activation_shapes
 from onnx_lowrank.check.overrides import overrides_for, with_overridable
-from onnx_lowrank.choose.search import (
+from onnx_lowrank.choose.sensitivity import (
     PROBE_ERROR,
     PROBE_MIN_SAMPLES,
     PROBE_SAMPLES,
-    Evaluator,
     positions_of,
     positions_seen,
     probe_count,

@@ -23,9 +23,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_lowrank.check.evaluator import Evaluator
 from onnx_lowrank.check.generalization import bootstrap
 from onnx_lowrank.check.metrics import compared_outputs, score, token_nll
-from onnx_lowrank.choose.search import Evaluator
 from onnx_lowrank.observe.calibration import Samples, load_calibration, next_token_targets
 
 VOCABULARY, WIDTH, SEQ = 48, 24, 12

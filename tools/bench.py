@@ -40,7 +40,7 @@ import onnxruntime as ort
 from bench_common import CASES, RESULTS, Case, data_for, machine, render_all  # puts this repository on sys.path
 
 import onnx_lowrank
-from onnx_lowrank.choose.search import Evaluator
+from onnx_lowrank.check.evaluator import Evaluator
 from onnx_lowrank.errors import BoundNotMet
 from onnx_lowrank.observe.calibration import load_calibration
 

@@ -51,9 +51,9 @@ from bench_common import (  # puts this repository on sys.path (bench_scale impo
 )
 
 import onnx_lowrank
+from onnx_lowrank.check.evaluator import Evaluator
 from onnx_lowrank.check.latency import time_side_by_side
 from onnx_lowrank.check.metrics import DEFAULT_TOLERANCE
-from onnx_lowrank.choose.search import Evaluator
 from onnx_lowrank.errors import BoundNotMet, InputError
 from onnx_lowrank.graph.model_io import model_stats
 from onnx_lowrank.observe.calibration import load_calibration

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..check.evaluator import Trial
 from ..check.metrics import DEFAULT_TOLERANCE
-from ..choose.search import Search, Trial
+from ..choose.search import Search
 from ..errors import InputError, known
 from ..factorize.menu import Choice, UnitDecomposers, by_budget, by_energy, explicit
 from ..observe.calibration import DISCRETE_VALIDATION_FRACTION, VALIDATION_FRACTION, Samples, Split, split

@@ -18,12 +18,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from ..check.evaluator import Evaluator, Trial
 from ..check.generalization import DISCRETE, Decisions, weighted_fit
 from ..check.latency import LayerTimer, activation_shapes, end_to_end
 from ..check.metrics import check_metric, compared_outputs
 from ..check.overrides import overrides_for
 from ..choose.objective import restrict as restrict_to_objective
-from ..choose.search import Evaluator, Search, Trial, positions_of, positions_seen, probe_count, sensitivities
+from ..choose.search import Search
+from ..choose.sensitivity import positions_of, positions_seen, probe_count, sensitivities
 from ..errors import BoundNotMet, InputError, known
 from ..factorize.data_aware import unit_statistics
 from ..factorize.heads import HEADS_METHODS, HeadPair, couple_heads, find_heads
