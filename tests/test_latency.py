@@ -21,19 +21,10 @@ import pytest
 from conftest import assert_close, make_model, run
 from onnx import helper, numpy_helper
 
-from onnx_lowrank.check import latency
-from onnx_lowrank.check.latency import (
-    LayerTimer,
-    Timing,
-    Untimeable,
-    activation_shapes,
-    activations,
-    end_to_end,
-    not_slower,
-    time_side_by_side,
-    timed_activations,
-    timing_session,
-)
+from onnx_lowrank.check import latency, layer_timer
+from onnx_lowrank.check.latency import Timing, end_to_end, time_side_by_side, timing_session
+from onnx_lowrank.check.layer_timer import LayerTimer
+from onnx_lowrank.choose.objective import not_slower
 from onnx_lowrank.factorize.menu import pareto_front
 from onnx_lowrank.factorize.registry import decomposers_for
 from onnx_lowrank.factorize.rewrite import build
@@ -41,6 +32,7 @@ from onnx_lowrank.graph.adapters import ADAPTERS
 from onnx_lowrank.graph.imported import import_graph
 from onnx_lowrank.graph.layers import find_layers
 from onnx_lowrank.graph.splice import Factorization
+from onnx_lowrank.observe.activations import Untimeable, activation_shapes, activations, timed_activations
 from onnx_lowrank.observe.calibration import load_calibration
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -264,7 +256,7 @@ def test_a_layer_that_cannot_be_cut_out_is_untimeable(monkeypatch):
     digits = get_case("digits")
     unit = digits.unit("/9/Gemm")
     monkeypatch.setattr(onnx.utils.Extractor, "extract_model", lambda self, i, o: (_ for _ in ()).throw(ValueError("no")))
-    monkeypatch.setattr(latency, "_by_hand", lambda *args: (_ for _ in ()).throw(ValueError("neither")))
+    monkeypatch.setattr(layer_timer, "_by_hand", lambda *args: (_ for _ in ()).throw(ValueError("neither")))
     timer = LayerTimer(digits.model, ADAPTERS, activation_shapes(digits.model, digits.units, digits.feed, "cpu"), "cpu")
     with pytest.raises(Untimeable, match="/9/Gemm"):
         timer.models(unit, full_rank(unit))
@@ -335,7 +327,7 @@ def test_models_over_2gb_are_timed_from_a_file_and_cut_by_hand(monkeypatch):
     data, and layers are cut by hand (the Extractor would build one message). Forced on a small model."""
     minilm = get_case("minilm")
     before = {t.name: numpy_helper.to_array(t) for t in minilm.model.graph.initializer}
-    monkeypatch.setattr(latency, "is_large", lambda model: model is minilm.model)
+    monkeypatch.setattr(layer_timer, "is_large", lambda model: model is minilm.model)
     (timing,) = time_side_by_side([minilm.model], minilm.feed, "cpu", threads=1, min_runs=3, min_seconds=0)
     assert_sane(timing, 3)
     unit = minilm.unit("/bert/encoder/layer.1/output/dense/MatMul")
@@ -394,7 +386,7 @@ def test_layer_timings_are_sane_and_cached(tmp_path):
     timer = LayerTimer(minilm.model, ADAPTERS, shapes, "cpu", threads=1, cache=path, **QUICK)
     dense, factorized = timer.times(query, random_factors(query, 32))
     assert dense > 0 and factorized > 0 and timer.measured == 1
-    assert json.loads(path.read_text())["format"] == latency.CACHE_FORMAT
+    assert json.loads(path.read_text())["format"] == layer_timer.CACHE_FORMAT
     # the same shapes and rank: one timing serves both (the weights' values do not matter)
     assert timer.times(key, random_factors(key, 32)) == (dense, factorized) and timer.measured == 1
     timer.times(query, random_factors(query, 48))

@@ -23,7 +23,6 @@ from hypothesis import strategies as st
 from test_exactness import C_SHAPES, constant_node, conv_cases, conv_model, gemm_model, weights
 
 from onnx_lowrank.check.evaluator import Evaluator
-from onnx_lowrank.check.latency import activation_shapes
 from onnx_lowrank.check.overrides import overrides_for, with_overridable
 from onnx_lowrank.choose.sensitivity import (
     PROBE_ERROR,
@@ -44,6 +43,7 @@ from onnx_lowrank.graph.adapters import ADAPTERS
 from onnx_lowrank.graph.imported import import_graph
 from onnx_lowrank.graph.layers import find_layers
 from onnx_lowrank.graph.splice import Factorization
+from onnx_lowrank.observe.activations import activation_shapes
 from onnx_lowrank.observe.calibration import load_calibration
 from onnx_lowrank.observe.statistics import Moments
 

@@ -16,10 +16,10 @@ from onnx import TensorProto, helper, numpy_helper
 from test_overrides import assert_fed_as_built
 
 import onnx_lowrank
-from onnx_lowrank.check.latency import timed_activations
 from onnx_lowrank.graph.adapters import ADAPTERS
 from onnx_lowrank.graph.imported import import_graph
 from onnx_lowrank.graph.layers import find_layers
+from onnx_lowrank.observe.activations import timed_activations
 from onnx_lowrank.observe.calibration import Samples
 from onnx_lowrank.observe.statistics import Moments, collect
 

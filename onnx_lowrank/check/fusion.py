@@ -21,8 +21,10 @@ import onnx
 import onnxruntime as ort
 
 from ..errors import InputError
+from ..graph.bodies import all_graphs
+from ..graph.bodies import node_bodies as subgraphs
 from ..graph.imported import META_PREFIX, inferred_shapes
-from ..graph.model_io import all_graphs, save_model, serialized_or_none, subgraphs
+from ..graph.model_io import save_model, serialized_or_none
 from ..observe.sessions import EXECUTION_PROVIDERS, resolve_provider
 from ..report import FusionChange, Fusions
 

@@ -25,8 +25,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..graph.bodies import all_graphs, inner_graphs
 from ..graph.layers import BiasSite, Layer, Unit
-from ..graph.model_io import all_graphs, inner_graphs
 from ..graph.splice import Factorized
 from ..graph.weights import ConstantIndex, Weight, weight_users
 

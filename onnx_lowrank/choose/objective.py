@@ -17,13 +17,18 @@ The search then picks among what is left, so the error bound and the size budget
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
-from ..check.latency import LayerTimer, Untimeable, not_slower, time_side_by_side, timed_activations
+from ..check.latency import time_side_by_side
+from ..check.layer_timer import LayerTimer
 from ..factorize.contracts import Option
-from ..factorize.menu import UnitDecomposers, rank_multiple
+from ..factorize.heads import HEADS
+from ..factorize.menu import UnitDecomposers, pareto_front, rank_multiple
+from ..factorize.prune import PRUNE
+from ..observe.activations import Untimeable, timed_activations
 
 OBJECTIVES = ("balanced", "size", "latency")
 DEFAULT_OBJECTIVE = "balanced"
@@ -87,3 +92,114 @@ def restrict(
 
 def _nothing(option: Option) -> bool:
     return False
+
+
+UNTIMED = (PRUNE, HEADS)  # the same ops on smaller matrices, no node added: never slower (and a pruned layer
+# cannot be timed alone: its input is narrower than the activation it would be fed)
+
+
+
+@dataclass
+class Boundary:
+    """One method of a unit: the largest option (by parameters) whose factorized layer is not slower
+    than `margin` times the dense layer, and the times measured there (at the smallest option when none
+    is fast enough)."""
+
+    method: str
+    largest: Option | None  # None: even the smallest option is slower
+    dense_ms: float
+    factorized_ms: float
+    timings: int  # options timed by the bisection
+
+    def to_dict(self) -> dict:
+        largest = None if self.largest is None else {"config": list(self.largest.config), "params": self.largest.params}
+        return {"method": self.method, "largest": largest, "dense_ms": self.dense_ms,
+                "factorized_ms": self.factorized_ms, "timings": self.timings}
+
+
+@dataclass
+class LatencyLimit:
+    """Which options of a unit are allowed: call it with an Option. An option is allowed when its method's
+    largest allowed option has at least as many parameters; a method that was not timed (it offered no
+    option then) allows everything."""
+
+    unit: str  # the unit's key
+    margin: float
+    boundaries: dict[str, Boundary] = field(default_factory=dict)
+
+    def __call__(self, option: Option) -> bool:
+        boundary = self.boundaries.get(option.method)
+        if boundary is None:
+            return True
+        return boundary.largest is not None and option.params <= boundary.largest.params
+
+    def to_dict(self) -> dict:
+        return {"unit": self.unit, "margin": self.margin, "boundaries": [b.to_dict() for b in self.boundaries.values()]}
+
+
+def not_slower(candidates: UnitDecomposers, timer, margin: float = 1.0, slack_ms: float = 0.0) -> LatencyLimit:
+    """The options of `candidates` whose factorized layer runs within `margin` times the dense layer's
+    time plus `slack_ms` (`timer.times(unit, factorization) -> (dense_ms, factorized_ms)`, e.g. a
+    LayerTimer).
+
+    Time grows with rank, so per method a bisection over its options on the unit's Pareto front (the only
+    ones an allocation picks) ordered by parameters finds the largest allowed one (about log2(options)
+    timings); every option of that method up to its size is allowed. Raises Untimeable when the unit cannot be cut out of its model (the caller decides what
+    that means: keep it dense, or let it be).
+    """
+    unit = candidates.unit
+    limit = LatencyLimit(unit.key, margin)
+    by_method: dict[str, list[Option]] = {}
+    for option in pareto_front(candidates.options(), unit.params):  # what an allocation can pick
+        if option.method not in UNTIMED:
+            by_method.setdefault(option.method, []).append(option)
+    for method, options in by_method.items():
+        ordered = sorted(options, key=lambda o: (o.params, o.config))
+        limit.boundaries[method] = _boundary(method, ordered, _option_times(candidates, timer), margin, slack_ms)
+    return limit
+
+
+def _option_times(candidates: UnitDecomposers, timer) -> Callable[[Option], tuple[float, float]]:
+    """timer.times of an option's factorization, found without factorizing when the timer has it cached
+    (`timer.cached`): a layer of a shape timed before (BERT-base: 75 units, 5 shapes) costs no
+    decomposition. How a method's ranks read its option configs (a tuple, or its one number) and whether
+    it shifts the bias are learned from the unit's first factorization of that method, always made."""
+    unit = candidates.unit
+    cached = getattr(timer, "cached", None)
+    learned: dict[str, tuple[bool, bool] | None] = {}  # per method: (rank is the config tuple, bias shifted)
+
+    def times(option: Option) -> tuple[float, float]:
+        known = learned.get(option.method)
+        if cached is not None and known is not None:
+            whole, shifted = known
+            found = cached(unit, option.method, option.config if whole else option.config[0], shifted)
+            if found is not None:
+                return found
+        factorization = candidates.factorize(option)
+        if option.method not in learned:
+            rank, config = factorization.rank, tuple(option.config)
+            reads: bool | None = rank == config if isinstance(rank, tuple) else None  # the rank is the config tuple
+            if reads is None and len(config) == 1 and rank == config[0]:
+                reads = False
+            learned[option.method] = None if reads is None else (reads, factorization.bias_shift is not None)
+        return timer.times(unit, factorization)
+
+    return times
+
+
+def _boundary(method: str, options: list[Option], times: Callable[[Option], tuple[float, float]],
+              margin: float, slack_ms: float = 0.0) -> Boundary:
+    """Bisection over options ordered by size for the last one within the margin (times grow with size)."""
+    measured: dict[int, tuple[float, float]] = {}
+
+    def allowed(position: int) -> bool:
+        measured[position] = times(options[position])
+        dense, factorized = measured[position]
+        return factorized <= margin * dense + slack_ms
+
+    low, high = -1, len(options)  # options[low] is allowed (or low = -1), options[high] is not (or past the end)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if allowed(middle) else (low, middle)
+    dense, factorized = measured[max(low, 0)]  # the last allowed, or the first (refused) when none is
+    return Boundary(method, options[low] if low >= 0 else None, dense, factorized, len(measured))

@@ -1,12 +1,7 @@
-"""Layers inside control-flow bodies (If branches, Loop and Scan bodies): where they live, and how a tensor
-inside a body is fetched.
-
-ONNX Runtime returns graph outputs only, and a body's tensors are none. So a copy of the model carries
-each wanted tensor out: an Identity of it becomes an extra output of its body and of the node holding the
-body, up to the main graph. An If's branches must output alike, so the branch that lacks the tensor
-outputs an empty placeholder of its element type, whose (absent) rows are ignored; a Loop or Scan stacks
-the extra output over its iterations (one more leading axis per Loop / Scan level), and each iteration's
-slice is used as the tensor. A layer whose tensor only ever came back empty never ran on the data.
+"""Control-flow bodies (If branches, Loop and Scan bodies): the one walk over a graph and every body nested
+in it (`all_graphs` for a proto, `bodies` / `every_graph` for an imported graph, `paired` for both side by
+side), where a layer in a body lives (`Scope`: the `Step`s down to it), which bodies' tensors can be
+fetched (observe/exposed.py fetches them), fresh names, and one copy of the constants bodies share.
 
 Steps address bodies by node position, which is the same in a freshly imported onnx-graphsurgeon graph
 and in the proto it came from.
@@ -17,16 +12,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import helper
-
-from .model_io import all_graphs, inner_graphs
 
 BODIES = {"If": ("then_branch", "else_branch"), "Loop": ("body",), "Scan": ("body",)}
 STACKING = ("Loop", "Scan")  # their extra outputs stack the iterations' values on a new axis 0
-PREFIX = "onnx_lowrank.observed"
 
 
 @dataclass(frozen=True)
@@ -59,6 +49,11 @@ class Scope:
         return f"{self.where}: never {'taken' if taken else 'run'} on the calibration data"
 
 
+def every_graph(graph: gs.Graph) -> list[gs.Graph]:
+    """The imported graph and every body nested in it, depth first."""
+    return [body for body, _ in bodies(graph)]
+
+
 def bodies(graph: gs.Graph, steps: tuple[Step, ...] = ()) -> Iterator[tuple[gs.Graph, tuple[Step, ...]]]:
     """The graph (no steps) and every body nested in it, depth first."""
     yield graph, steps
@@ -83,40 +78,26 @@ def unobservable(steps: Sequence[Step]) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class Request:
-    """A tensor to fetch: its name, the steps down to the body it is read in, its element type."""
-
-    name: str
-    steps: tuple[Step, ...]
-    elem_type: int
-
-    @property
-    def depth(self) -> int:
-        """Leading axes the fetched value stacks (one per Loop / Scan level)."""
-        return sum(step.op in STACKING for step in self.steps)
+def node_bodies(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """The bodies a node holds in its attributes (If branches, Loop and Scan bodies)."""
+    for attribute in node.attribute:
+        if attribute.type == onnx.AttributeProto.GRAPH:
+            yield attribute.g
+        elif attribute.type == onnx.AttributeProto.GRAPHS:
+            yield from attribute.graphs
 
 
-def exposed(model: onnx.ModelProto, requests: Sequence[Request]) -> tuple[onnx.ModelProto, list[str]]:
-    """The model with every requested tensor reachable as a graph output (a copy when one is inside a
-    body; the model itself otherwise, left as it is), and per request the output's name. Main-graph
-    tensors keep their names (the caller adds them to the outputs, or reads graph inputs from its feed)."""
-    if not any(request.steps for request in requests):
-        return model, [request.name for request in requests]
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    names = Names.of(copy)
-    return copy, [_expose(copy, request, names) if request.steps else request.name for request in requests]
+def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """The graph and every subgraph nested in it."""
+    yield graph
+    yield from inner_graphs(graph)
 
 
-def unstacked(value: np.ndarray, depth: int) -> Iterator[np.ndarray]:
-    """A fetched value's per-iteration slices (the value itself at depth 0), without empty placeholders."""
-    if depth == 0:
-        if value.size:
-            yield value
-        return
-    for item in value:
-        yield from unstacked(item, depth - 1)
+def inner_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """Every subgraph nested in the graph, not the graph itself."""
+    for node in graph.node:
+        for body in node_bodies(node):
+            yield from all_graphs(body)
 
 
 class Names:
@@ -144,40 +125,6 @@ def _graph_names(graph: onnx.GraphProto) -> Iterator[str]:
     for node in graph.node:
         yield node.name
         yield from node.output
-
-
-def _expose(model: onnx.ModelProto, request: Request, names: Names) -> str:
-    """Carry one body tensor out to the main graph's outputs; returns the graph output's name."""
-    graphs, nodes = [model.graph], []
-    for step in request.steps:
-        node = graphs[-1].node[step.position]
-        nodes.append(node)
-        graphs.append(next(a.g for a in node.attribute if a.name == step.attribute))
-    current = names.fresh(f"{PREFIX}/{request.name}")
-    graphs[-1].node.append(helper.make_node("Identity", [request.name], [current], name=names.fresh(f"{PREFIX}/identity")))
-    graphs[-1].output.append(helper.make_tensor_value_info(current, request.elem_type, None))
-    for level in reversed(range(len(nodes))):
-        node, step = nodes[level], request.steps[level]
-        if node.op_type == "If":
-            other = "else_branch" if step.attribute == "then_branch" else "then_branch"
-            _placeholder(next(a.g for a in node.attribute if a.name == other), request.elem_type, names)
-        elif node.op_type == "Scan":
-            for attribute in node.attribute:
-                if attribute.name in ("scan_output_axes", "scan_output_directions"):
-                    attribute.ints.append(0)
-        outer = names.fresh(f"{PREFIX}/{request.name}")
-        node.output.append(outer)
-        graphs[level].output.append(helper.make_tensor_value_info(outer, request.elem_type, None))
-        current = outer
-    return current
-
-
-def _placeholder(branch: onnx.GraphProto, elem_type: int, names: Names) -> None:
-    """An empty tensor as the branch's extra output."""
-    output = names.fresh(f"{PREFIX}/placeholder")
-    empty = helper.make_tensor(output, elem_type, [0], np.zeros(0, helper.tensor_dtype_to_np_dtype(elem_type)))
-    branch.node.append(helper.make_node("Constant", [], [output], name=names.fresh(f"{PREFIX}/empty"), value=empty))
-    branch.output.append(helper.make_tensor_value_info(output, elem_type, None))
 
 
 def paired(graph: gs.Graph, proto: onnx.GraphProto) -> Iterator[tuple[gs.Graph, onnx.GraphProto]]:

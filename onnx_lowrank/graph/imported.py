@@ -13,8 +13,8 @@ from onnx_graphsurgeon.importers.onnx_importer import get_onnx_tensor_dtype, get
 from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
-from .bodies import paired, single_copies
-from .model_io import all_graphs, is_repeated
+from .bodies import all_graphs, every_graph, paired, single_copies
+from .model_io import is_repeated
 
 META_PREFIX = "onnx_lowrank."
 HEADER_ONLY_BYTES = 1024  # initializers this large go to shape inference without their values
@@ -50,7 +50,7 @@ def import_graph(model: onnx.ModelProto) -> Imported:
         graph = gs.import_onnx(model)
     _detach_renamed(graph)
     _add_inferred_shapes(graph, model)
-    taken = {node.name for current in [graph, *graph.subgraphs(recursive=True)] for node in current.nodes}
+    taken = {node.name for current in every_graph(graph) for node in current.nodes}
     extras: dict[str, onnx.NodeProto] = {}
     empty_lists: dict[str, list[onnx.AttributeProto]] = {}
     for body, source in paired(graph, model.graph):
@@ -76,7 +76,7 @@ def _detach_renamed(graph: gs.Graph) -> None:
     """onnx-graphsurgeon exports a constant it did not load as the very TensorProto it came from, named
     after the graph tensor: for a Constant node's value (whose own name is usually unset) that would
     rename the caller's tensor, or set its empty name. Those constants get a copy of theirs."""
-    for current in [graph, *graph.subgraphs(recursive=True)]:
+    for current in every_graph(graph):
         attributes = [value for node in current.nodes for value in node.attrs.values() if isinstance(value, gs.Constant)]
         for tensor in [*current.tensors().values(), *attributes]:
             values = getattr(tensor, "_values", None)

@@ -17,9 +17,8 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import helper
 
-from .bodies import Request, Scope, bodies, unobservable
+from .bodies import Scope, bodies, unobservable
 from .weights import ConstantIndex, Weight, resolve, weight_users
 
 if TYPE_CHECKING:  # the adapter protocol names what its rewrite receives (typing only)
@@ -217,19 +216,6 @@ class Adapter(Protocol):
     def rewrite(self, layer: Layer, factors: Factorization, emit: Emitter) -> None:
         """Emit nodes computing second @ first @ x per group (`first` (G, r, in), `second` (G, out, r)),
         moving `factors.bias_shift` (when set) into the layer's bias site."""
-
-
-def fetch_request(layer: Layer, tensor: gs.Tensor) -> Request:
-    """How to fetch a tensor the layer reads or makes: from its body, when it lives in one (the element
-    type is what an If's placeholder needs: inferred, else the weight's, else int64 indices)."""
-    elem_type: int = onnx.TensorProto.INT64 if layer.node.op == "Gather" and tensor is layer.node.inputs[1] \
-        else layer.weight.node_type
-    if tensor.dtype is not None:
-        try:
-            elem_type = int(helper.np_dtype_to_tensor_dtype(np.dtype(tensor.dtype)))
-        except (TypeError, KeyError):  # no numpy type (bfloat16)
-            pass
-    return Request(tensor.name, layer.scope.steps if layer.scope is not None else (), elem_type)
 
 
 @dataclass

@@ -8,7 +8,6 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from ..errors import InputError
+from .bodies import all_graphs
 
 TWO_GB = 2**31
 FLOAT_TYPES = {
@@ -383,25 +383,3 @@ def _serialized_bytes(model: onnx.ModelProto) -> int:
         return model.ByteSize() + outside
     except Exception:  # protobuf refuses to size messages over 2 GB; count the tensor payloads instead
         return sum(len(t.raw_data) for t in _constant_tensors(model.graph)) + outside
-
-
-def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
-    """The bodies a node holds in its attributes (If branches, Loop and Scan bodies)."""
-    for attribute in node.attribute:
-        if attribute.type == onnx.AttributeProto.GRAPH:
-            yield attribute.g
-        elif attribute.type == onnx.AttributeProto.GRAPHS:
-            yield from attribute.graphs
-
-
-def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """The graph and every subgraph nested in it."""
-    yield graph
-    yield from inner_graphs(graph)
-
-
-def inner_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """Every subgraph nested in the graph, not the graph itself."""
-    for node in graph.node:
-        for body in subgraphs(node):
-            yield from all_graphs(body)

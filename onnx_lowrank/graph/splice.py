@@ -12,7 +12,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..errors import known
-from .bodies import Names
+from .bodies import Names, every_graph
 from .layers import BiasSite, Layer
 from .weights import Weight
 
@@ -93,7 +93,7 @@ class Splice:
     def __init__(self, graph: gs.Graph):
         self.graph = graph
         taken: set[str] = set()
-        for current in [graph, *graph.subgraphs(recursive=True)]:
+        for current in every_graph(graph):
             taken |= {node.name for node in current.nodes} | set(current.tensors())
         self._names = Names(taken)
         self._constants: dict[tuple[str, str], gs.Tensor] = {}

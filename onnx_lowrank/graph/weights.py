@@ -16,7 +16,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 
-from .model_io import FLOAT_TYPES, all_graphs
+from .bodies import all_graphs
+from .model_io import FLOAT_TYPES
 
 CHAIN_OPS = ("Identity", "Transpose", "Cast")
 

@@ -13,7 +13,9 @@ import onnx
 import onnxruntime as ort
 
 from ..errors import InputError
-from ..graph.model_io import all_graphs, save_model, serialized_or_none, subgraphs
+from ..graph.bodies import all_graphs
+from ..graph.bodies import node_bodies as subgraphs
+from ..graph.model_io import save_model, serialized_or_none
 from ..system.installation import install_hint
 
 PROVIDERS = ("cpu", "cuda", "auto")

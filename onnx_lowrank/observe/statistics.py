@@ -14,9 +14,9 @@ import numpy as np
 import onnx
 
 from ..errors import InputError
-from ..graph.bodies import Request, exposed, unstacked
-from ..graph.layers import Layer, fetch_request
+from ..graph.layers import Layer
 from .calibration import Samples
+from .exposed import Request, exposed, fetch_request, unstacked
 from .sessions import session_with_outputs
 
 

@@ -88,7 +88,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import InputError
-from ..graph.model_io import all_graphs, subgraphs
+from ..graph.bodies import all_graphs
+from ..graph.bodies import node_bodies as subgraphs
 from ..system.cpu_features import full_int8_range, read_cpuinfo
 
 QUANTIZATIONS = ("int8",)

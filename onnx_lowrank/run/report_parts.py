@@ -6,10 +6,12 @@ from __future__ import annotations
 import onnx
 
 from ..check.fusion import fused_as_given
-from ..check.latency import UNTIMED, LayerTimer, Untimeable
+from ..check.layer_timer import LayerTimer
+from ..choose.objective import UNTIMED
 from ..choose.search import Search
 from ..factorize.menu import Choice, UnitDecomposers, coupled, known_coupling
 from ..graph.splice import Factorized
+from ..observe.activations import Untimeable
 from ..report import Fusions, Latency, LayerReport, Report, TracePoint
 
 

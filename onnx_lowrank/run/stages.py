@@ -20,7 +20,8 @@ import onnx
 
 from ..check.evaluator import Evaluator, Trial
 from ..check.generalization import DISCRETE, Decisions, weighted_fit
-from ..check.latency import LayerTimer, activation_shapes, end_to_end
+from ..check.latency import end_to_end
+from ..check.layer_timer import LayerTimer
 from ..check.metrics import check_metric, compared_outputs
 from ..check.overrides import overrides_for
 from ..choose.objective import restrict as restrict_to_objective
@@ -36,10 +37,12 @@ from ..factorize.refit import Refit
 from ..factorize.registry import decomposers_for
 from ..factorize.rewrite import build, check_rewritten, factors_of
 from ..graph.adapters import ADAPTERS
+from ..graph.bodies import every_graph
 from ..graph.imported import import_graph
 from ..graph.layers import Plan, Skipped, Unit, find_layers
 from ..graph.model_io import LoadedModel, ModelStats, model_stats
 from ..graph.splice import Factorized
+from ..observe.activations import activation_shapes
 from ..observe.cache import Cache, key_of, model_fingerprint, samples_fingerprint
 from ..observe.calibration import Samples, Split, load_calibration, next_token_targets
 from ..observe.sessions import resolve_provider
@@ -179,7 +182,7 @@ def load(run: Run, advance: Advance) -> None:
     run.adapters = {op: ADAPTERS[op] for op in settings.ops}
     imported = import_graph(original)
     run.plan = find_layers(imported.graph, original, run.adapters, run.loaded.base_dir)
-    for graph in [imported.graph, *imported.graph.subgraphs(recursive=True)]:  # bodies' layers can be named too
+    for graph in every_graph(imported.graph):  # bodies' layers can be named too
         run.known |= {n.name for n in graph.nodes} | set(graph.tensors())
     if settings.method in PRUNING_METHODS and not settings.no_data and run.calibration is not None:  # needs statistics
         run.pairs = find_pairs(run.plan.units, original)
