@@ -15,8 +15,8 @@ from typing import Any
 
 from .check.metrics import DEFAULT_METRIC, DEFAULT_TOLERANCE, METRICS, check_metric
 from .choose.objective import DEFAULT_OBJECTIVE, OBJECTIVES
+from .choose.ranks_file import load_ranks_file, validate_ranks
 from .errors import InputError
-from .factorize.menu import load_ranks_file, validate_ranks
 from .factorize.refit import REFITS
 from .factorize.registry import METHODS
 from .graph.adapters import ADAPTERS

@@ -51,14 +51,14 @@ from onnx_lowrank.factorize.conv import (
     Tucker2,
     conv_decomposers,
 )
-from onnx_lowrank.factorize.data_aware import OutputError, unit_statistics
+from onnx_lowrank.factorize.data_aware import OutputError
 from onnx_lowrank.factorize.registry import CONV_METHODS, decomposers_for
 from onnx_lowrank.factorize.rewrite import build
 from onnx_lowrank.graph.adapters import ADAPTERS
 from onnx_lowrank.graph.imported import import_graph
 from onnx_lowrank.graph.layers import Layer, Unit, find_layers
 from onnx_lowrank.observe.calibration import load_calibration
-from onnx_lowrank.observe.statistics import Moments
+from onnx_lowrank.observe.statistics import Moments, unit_statistics
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 DIGITS = MODELS / "digits_cnn.onnx"

@@ -14,7 +14,6 @@ from onnx import helper
 
 import onnx_lowrank
 from onnx_lowrank.check.overrides import overrides_for, with_overridable
-from onnx_lowrank.factorize.data_aware import unit_statistics
 from onnx_lowrank.factorize.heads import HEADS, HeadSide, couple_heads, find_heads
 from onnx_lowrank.factorize.menu import coupled
 from onnx_lowrank.factorize.registry import decomposers_for
@@ -23,7 +22,7 @@ from onnx_lowrank.graph.adapters import ADAPTERS
 from onnx_lowrank.graph.imported import import_graph
 from onnx_lowrank.graph.layers import find_layers
 from onnx_lowrank.observe.calibration import load_calibration
-from onnx_lowrank.observe.statistics import Moments
+from onnx_lowrank.observe.statistics import Moments, unit_statistics
 
 SEQ = 5
 

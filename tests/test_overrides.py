@@ -33,7 +33,6 @@ from onnx_lowrank.choose.sensitivity import (
     probe_count,
     sensitivities,
 )
-from onnx_lowrank.factorize.data_aware import unit_statistics
 from onnx_lowrank.factorize.menu import coupled
 from onnx_lowrank.factorize.prune import couple, find_pairs
 from onnx_lowrank.factorize.registry import decomposers_for
@@ -45,7 +44,7 @@ from onnx_lowrank.graph.layers import find_layers
 from onnx_lowrank.graph.splice import Factorization
 from onnx_lowrank.observe.activations import activation_shapes
 from onnx_lowrank.observe.calibration import load_calibration
-from onnx_lowrank.observe.statistics import Moments
+from onnx_lowrank.observe.statistics import Moments, unit_statistics
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 ort.set_default_logger_severity(3)  # fed initializers are graph inputs: onnxruntime warns about each

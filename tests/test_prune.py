@@ -12,9 +12,9 @@ from onnx import helper
 
 import onnx_lowrank
 from onnx_lowrank.check.overrides import overrides_for, with_overridable
+from onnx_lowrank.choose.allocation import frontier
 from onnx_lowrank.errors import BoundNotMet
-from onnx_lowrank.factorize.data_aware import unit_statistics
-from onnx_lowrank.factorize.menu import coupled, frontier
+from onnx_lowrank.factorize.menu import coupled
 from onnx_lowrank.factorize.prune import PrunedInputs, couple, find_pairs, forward_selection
 from onnx_lowrank.factorize.registry import decomposers_for
 from onnx_lowrank.factorize.rewrite import build
@@ -22,7 +22,7 @@ from onnx_lowrank.graph.adapters import ADAPTERS
 from onnx_lowrank.graph.imported import import_graph
 from onnx_lowrank.graph.layers import find_layers
 from onnx_lowrank.observe.calibration import load_calibration
-from onnx_lowrank.observe.statistics import Moments
+from onnx_lowrank.observe.statistics import Moments, unit_statistics
 
 D, H, OUT, ROWS = 6, 12, 5, 40
 

@@ -8,8 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from onnx_lowrank.choose.allocation import by_budget, by_energy
+from onnx_lowrank.choose.ranks_file import explicit, validate_ranks
 from onnx_lowrank.errors import InputError
-from onnx_lowrank.factorize.menu import UnitDecomposers, by_budget, by_energy, explicit, validate_ranks
+from onnx_lowrank.factorize.menu import UnitDecomposers
 from onnx_lowrank.factorize.svd import TruncatedSVD, spectrum_of
 from onnx_lowrank.graph.layers import Layer, Unit
 from onnx_lowrank.graph.weights import Weight

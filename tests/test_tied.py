@@ -20,7 +20,7 @@ from test_perplexity import VOCABULARY, WIDTH, tiny_lm, token_data
 
 import onnx_lowrank
 from onnx_lowrank.check.overrides import overrides_for, with_overridable
-from onnx_lowrank.factorize.data_aware import TiedSVD, unit_statistics
+from onnx_lowrank.factorize.data_aware import TiedSVD
 from onnx_lowrank.factorize.rewrite import build
 from onnx_lowrank.factorize.svd import TruncatedSVD
 from onnx_lowrank.graph.adapters import ADAPTERS
@@ -28,7 +28,7 @@ from onnx_lowrank.graph.imported import import_graph
 from onnx_lowrank.graph.layers import find_layers
 from onnx_lowrank.observe.cache import Cache
 from onnx_lowrank.observe.calibration import load_calibration
-from onnx_lowrank.observe.statistics import Tied
+from onnx_lowrank.observe.statistics import Tied, unit_statistics
 
 
 def logits(model: onnx.ModelProto, data: dict[str, np.ndarray], fed: dict | None = None) -> np.ndarray:

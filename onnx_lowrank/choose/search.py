@@ -17,10 +17,11 @@ import onnx
 from ..check.evaluator import Evaluator, Trial
 from ..check.generalization import DISCRETE
 from ..check.validation import validation
-from ..factorize.menu import Choice, UnitDecomposers, by_budget, frontier
+from ..factorize.menu import Choice, UnitDecomposers
 from ..factorize.rewrite import build, factors_of
 from ..graph.splice import Factorized
 from ..report import Validation
+from .allocation import by_budget, frontier
 from .bisection import Edge, predicted_errors
 
 SIZE_MODE_EXPONENTS = (0.0, 0.5, 1.0)

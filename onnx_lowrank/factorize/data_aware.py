@@ -15,18 +15,15 @@ in float64; eigenvalues are floored relative to the largest, so rank-deficient s
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
 
 from ..graph.layers import Layer, Unit
 from ..graph.splice import Factorization
-from ..observe.calibration import Samples
-from ..observe.statistics import Counts, Moments, Tied, collect
+from ..observe.statistics import Counts, Moments, Tied, outer_products
+from . import linalg
 from .contracts import Option, RankedOptions, Spectrum
-
-RELATIVE_FLOOR = 1e-12
 
 
 class DataAwareSVD(RankedOptions):
@@ -41,30 +38,30 @@ class DataAwareSVD(RankedOptions):
         centred = layer.bias is not None
         # errors are weighed by how a following BatchNormalization scales each output channel: the
         # optimum for D W (D = diag(scale)) is mapped back through D^-1
-        self._scale = _safe_scale(layer.output_scale, groups, out_dim)
+        self._scale = linalg.safe_scale(layer.output_scale, groups, out_dim)
         scaled = self._scale[:, :, None] * weight
         if side == "output":
             # moments of y = W x + b: the mean of W x is the mean of y less the layer's own bias
             own_bias = layer.bias.value.reshape(groups, out_dim) if layer.bias is not None else np.zeros((groups, out_dim))
             self._mean = moments.mean - own_bias
-            covariance = _shrunk(moments, weight @ np.swapaxes(weight, 1, 2))  # prior: white inputs
+            covariance = linalg.shrunk(moments, weight @ np.swapaxes(weight, 1, 2))  # prior: white inputs
             covariance = covariance * self._scale[:, :, None] * self._scale[:, None, :]
             mean = self._scale * self._mean
-            target = covariance if centred else covariance + _outer(mean)
-            energies, vectors = _top_eigen(target, min(out_dim, in_dim))
+            target = covariance if centred else covariance + outer_products(mean)
+            energies, vectors = linalg.top_eigen(target, min(out_dim, in_dim))
             linear_energy = np.trace(covariance, axis1=1, axis2=2).sum() + np.sum(mean**2)
         else:
             self._mean = np.einsum("gmn,gn->gm", weight, moments.mean)
-            covariance = _shrunk(moments, np.broadcast_to(np.eye(in_dim), (groups, in_dim, in_dim)))
-            second_moment = covariance + _outer(moments.mean)
+            covariance = linalg.shrunk(moments, np.broadcast_to(np.eye(in_dim), (groups, in_dim, in_dim)))
+            second_moment = covariance + outer_products(moments.mean)
             observed = covariance if centred else second_moment
             if out_dim <= in_dim:  # left singular vectors of D W S are the eigenvectors of D W C W^T D
-                energies, vectors = _top_eigen(_sandwich(scaled, observed), out_dim)
+                energies, vectors = linalg.top_eigen(linalg.sandwich(scaled, observed), out_dim)
             else:  # the smaller problem is on the input side: S (in x in), then the SVD of D W S
-                u, s, _ = np.linalg.svd(scaled @ _sqrt_psd(observed), full_matrices=False)
+                u, s, _ = np.linalg.svd(scaled @ linalg.sqrt_psd(observed), full_matrices=False)
                 energies, vectors = s**2, u
-            linear_energy = _energy(scaled, second_moment)
-        self._vectors = _fix_signs(vectors)
+            linear_energy = linalg.energy(scaled, second_moment)
+        self._vectors = linalg.fix_signs(vectors)
         self._weight = scaled
         self._centred = centred
         self.spectrum = Spectrum(np.maximum(energies, 0.0), total=float(linear_energy))
@@ -87,15 +84,6 @@ class DataAwareSVD(RankedOptions):
         return Factorization(self.method, rank, first, second, float(self.spectrum.dropped[rank]), bias_shift=shift)
 
 
-def _safe_scale(scale: np.ndarray | None, groups: int, out_dim: int) -> np.ndarray:
-    """Per-channel error weights (G, m); ones when none, magnitudes floored so D^-1 stays finite."""
-    if scale is None:
-        return np.ones((groups, out_dim))
-    magnitude = np.abs(scale)
-    floor = 1e-6 * max(float(magnitude.max()), np.finfo(float).tiny)
-    return np.where(scale < 0, -1.0, 1.0).reshape(groups, out_dim) * np.maximum(magnitude, floor).reshape(groups, out_dim)
-
-
 class OutputError:
     """The relative output error of any approximation of a layer's kernel: E||D (W - W') x - shift||^2 over
     E||D W x||^2 under the layer's (shrunk) input statistics, with the shift that a bias site absorbs.
@@ -106,18 +94,18 @@ class OutputError:
         groups, out_dim, in_dim = weight.shape
         self._shape = weight.shape
         self._weight = weight
-        self.scale = _safe_scale(layer.output_scale, groups, out_dim) if moments is not None else np.ones((groups, out_dim))
+        self.scale = linalg.safe_scale(layer.output_scale, groups, out_dim) if moments is not None else np.ones((groups, out_dim))
         self._mean = None
         if moments is None:
             self._root = None
             self._energy = float(np.sum(weight**2))
             return
-        covariance = _shrunk(moments, np.broadcast_to(np.eye(in_dim), (groups, in_dim, in_dim)))
-        second_moment = covariance + _outer(moments.mean)
+        covariance = linalg.shrunk(moments, np.broadcast_to(np.eye(in_dim), (groups, in_dim, in_dim)))
+        second_moment = covariance + outer_products(moments.mean)
         self._mean = moments.mean if layer.bias is not None else None
-        self._root = _sqrt_psd(covariance if layer.bias is not None else second_moment)
+        self._root = linalg.sqrt_psd(covariance if layer.bias is not None else second_moment)
         scaled = self.scale[:, :, None] * weight
-        self._energy = _energy(scaled, second_moment)
+        self._energy = linalg.energy(scaled, second_moment)
 
     def _delta(self, approx: np.ndarray) -> np.ndarray:
         return self._weight - np.asarray(approx, dtype=np.float64).reshape(self._shape)
@@ -134,67 +122,6 @@ class OutputError:
             return None
         return np.einsum("gmn,gn->gm", self._delta(approx), self._mean)
 
-
-def _shrunk(moments: Moments, prior: np.ndarray) -> np.ndarray:
-    """The covariance pulled towards a prior shape (scaled to its trace) by the Ledoit-Wolf intensity:
-    directions the calibration data never showed keep the weight's own importance."""
-    covariance = moments.covariance
-    trace = np.trace(covariance, axis1=1, axis2=2)
-    prior_trace = np.trace(prior, axis1=1, axis2=2)
-    target = prior * (trace / np.where(prior_trace > 0, prior_trace, 1.0))[:, None, None]
-    intensity = moments.shrinkage(target, covariance)[:, None, None]
-    return (1 - intensity) * covariance + intensity * target
-
-
-def _outer(mean: np.ndarray) -> np.ndarray:
-    return mean[:, :, None] * mean[:, None, :]
-
-
-def _sandwich(weight: np.ndarray, moment: np.ndarray | None) -> np.ndarray:
-    """W M W^T per group (symmetrised against rounding): the second moment of W x when M is x's
-    (None: the identity, W W^T)."""
-    product = (weight if moment is None else weight @ moment) @ np.swapaxes(weight, 1, 2)
-    return (product + np.swapaxes(product, 1, 2)) / 2
-
-
-def _left_singular(matrices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Squared singular values (descending) and left singular vectors of (G, m, n) matrices: for a wide
-    matrix (an embedding table is d x vocabulary) by eigh of the m x m Gram matrix, an order faster
-    than the SVD; otherwise by the SVD."""
-    if matrices.shape[1] <= matrices.shape[2]:
-        return _top_eigen(_sandwich(matrices, None), matrices.shape[1])
-    u, s, _ = np.linalg.svd(matrices, full_matrices=False)
-    return s**2, u
-
-
-def _energy(weight: np.ndarray, moment: np.ndarray) -> float:
-    """E||W x||^2 = trace(W M W^T) summed over groups, by BLAS (a three-operand einsum loops in C)."""
-    return float(np.sum((weight @ moment) * weight))
-
-
-def _top_eigen(matrices: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues (descending, G x keep) and eigenvectors (G x m x keep) of symmetric PSD matrices."""
-    values, vectors = np.linalg.eigh(matrices)
-    order = np.argsort(values, axis=1)[:, ::-1][:, :keep]
-    values = np.take_along_axis(values, order, axis=1)
-    vectors = np.take_along_axis(vectors, order[:, None, :], axis=2)
-    return values, vectors
-
-
-def _sqrt_psd(matrices: np.ndarray) -> np.ndarray:
-    """Symmetric square root of PSD matrices, eigenvalues floored relative to the largest (never fails)."""
-    values, vectors = np.linalg.eigh(matrices)
-    floor = RELATIVE_FLOOR * np.maximum(values.max(axis=1, keepdims=True), np.finfo(float).tiny)
-    roots = np.sqrt(np.maximum(values, floor))
-    return (vectors * roots[:, None, :]) @ np.swapaxes(vectors, 1, 2)
-
-
-def _fix_signs(vectors: np.ndarray) -> np.ndarray:
-    """Deterministic signs: the largest-magnitude entry of every vector is positive."""
-    rows = np.argmax(np.abs(vectors), axis=1, keepdims=True)
-    signs = np.sign(np.take_along_axis(vectors, rows, axis=1))
-    signs[signs == 0] = 1.0
-    return vectors * signs
 
 
 class FrequencyWeightedSVD(RankedOptions):
@@ -221,11 +148,11 @@ class FrequencyWeightedSVD(RankedOptions):
         uniform = np.full(frequency.size, 1.0 / frequency.size)
         share = self.UNSEEN_SHARE if counts.count.sum() else 1.0
         self.row_weights = (1 - share) * frequency + share * uniform
-        energies, basis = _left_singular(weight * np.sqrt(self.row_weights))
-        self._basis = _fix_signs(basis)
+        energies, basis = linalg.left_singular(weight * np.sqrt(self.row_weights))
+        self._basis = linalg.fix_signs(basis)
         self._weight = weight
         self.spectrum = Spectrum(np.maximum(energies, 0.0), total=float(np.sum(weight**2 * self.row_weights)))
-        _, plain = _left_singular(weight)
+        _, plain = linalg.left_singular(weight)
         rows = _row_errors(weight[0].T, self._basis[0])  # (V, k + 1): every row at every rank
         bound = np.maximum(self.ROW_BOUND * _row_errors(weight[0].T, plain[0]), self.ROW_FLOOR)
         self.worst_row = rows.max(axis=0)
@@ -261,9 +188,9 @@ class TiedSVD(FrequencyWeightedSVD):
         weight = np.asarray(layer.matrices, dtype=np.float64)  # (1, d, V)
         width = weight.shape[1]
         moments = statistics.moments
-        second = _shrunk(moments, np.eye(width)[None]) + _outer(moments.mean)
+        second = linalg.shrunk(moments, np.eye(width)[None]) + outer_products(moments.mean)
         trace = max(float(np.trace(second[0])), np.finfo(float).tiny)
-        metric = _sqrt_psd(np.eye(width)[None] / (2 * width) + second / (2 * trace))  # A, symmetric
+        metric = linalg.sqrt_psd(np.eye(width)[None] / (2 * width) + second / (2 * trace))  # A, symmetric
         self._unmetric = np.linalg.inv(metric)
         self._fit(metric @ weight, statistics.counts)
 
@@ -279,38 +206,6 @@ def _row_errors(table: np.ndarray, basis: np.ndarray) -> np.ndarray:
     kept = np.concatenate([np.zeros((table.shape[0], 1)), np.cumsum((table @ basis) ** 2, axis=1)], axis=1)
     relative = (norms[:, None] - kept) / np.where(norms > 0, norms, 1.0)[:, None]
     return np.maximum(relative, 0.0)
-
-
-def unit_statistics(
-    model, units: list[Unit], samples: Samples, fit: list[int], provider: str, batch_size: int,
-    progress: Callable[[int], None] | None = None,
-) -> list[Moments | Counts | Tied]:
-    """Statistics over the fit samples of what each unit's layers observe, merged per unit (shared weights;
-    a tied embedding table keeps its lookups' counts and its head's moments side by side)."""
-    layers = [layer for unit in units for layer in unit.layers]
-    statistics = iter(collect(model, layers, samples, fit, provider, batch_size, progress=progress))
-    merged: list[Moments | Counts | Tied] = []
-    for unit in units:
-        together: Moments | Counts | Tied = next(statistics)
-        for layer in unit.layers[1:]:
-            other = next(statistics)
-            if layer.transposed and isinstance(together, Counts) and isinstance(other, Moments):
-                together = Tied(together, other)
-            elif isinstance(together, (Moments, Counts)):
-                together = _merged(together, other)
-            else:
-                raise TypeError(f"unit {unit.name} has more than two uses of a tied table")
-        merged.append(together)
-    return merged
-
-
-def _merged(first: Moments | Counts, other: Moments | Counts) -> Moments | Counts:
-    """The statistics of two layers of one unit (which observe the same kind: moments or counts)."""
-    if isinstance(first, Moments) and isinstance(other, Moments):
-        return first.merged(other)
-    if isinstance(first, Counts) and isinstance(other, Counts):
-        return first.merged(other)
-    raise TypeError("the layers of one unit observe different kinds of statistics")
 
 
 def data_aware_svd(unit: Unit, statistics: Moments | Counts | Tied, side: str) -> DataAwareSVD | FrequencyWeightedSVD:

@@ -32,8 +32,8 @@ import onnx_graphsurgeon as gs
 from ..errors import known
 from ..graph.layers import Layer, Unit
 from ..observe.statistics import Moments
+from . import linalg
 from .contracts import Option
-from .data_aware import _shrunk, _sqrt_psd
 from .menu import Coupling, UnitDecomposers
 from .prune import channel_axis, constant_value, cuttable_bias, output_after_bias, own_node
 
@@ -170,10 +170,10 @@ def _augmented(layer: Layer) -> np.ndarray:
 
 def _root(moments: Moments) -> np.ndarray:
     """A square root of the uncentred second moment of [x, 1] (the covariance shrunk where data are thin)."""
-    covariance = _shrunk(moments, moments.covariance * np.eye(moments.covariance.shape[1])[None])[0]
+    covariance = linalg.shrunk(moments, moments.covariance * np.eye(moments.covariance.shape[1])[None])[0]
     mean = moments.mean[0]
     second = np.block([[covariance + np.outer(mean, mean), mean[:, None]], [mean[None], np.ones((1, 1))]])
-    return _sqrt_psd(second[None])[0]
+    return linalg.sqrt_psd(second[None])[0]
 
 
 def _mixing(whitened: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,29 +1,21 @@
-"""Choosing each unit's factorization: explicit ranks, an energy threshold, or a parameter budget.
-
-Every unit offers options (a method and its ranks, with the parameters they cost and their predicted
-error); its menu is their Pareto front among those that shrink it, then "keep dense". The budget is
-spent where it buys the most: per unit, the option minimising params + lambda * error, with lambda
-bisected to meet the budget, a greedy top-up of the budget left over, then an exchange search (the
-budget is a knapsack that lambda alone cannot always fill well).
+"""A unit's menu: every way to factorize it (one decomposer per method), the options they offer (a method
+and its ranks, with the parameters they cost and their predicted error) less those a restriction rules out,
+and what an allocation picks from it (`Choice`). The allocations themselves are choose/'s.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
 from ..graph.layers import Unit
 from ..graph.splice import Factorized
 from ..system.parallel import blas_threads
 from .contracts import Decomposer, Option, SpectralDecomposer
 from .parking import Parked, ParkedSpectral, Shelf
-
-FULL = "full"
 
 
 @dataclass(frozen=True)
@@ -163,135 +155,6 @@ class UnitDecomposers:
         return min(pool, key=lambda o: abs(np.log(o.error / target))) if pool else None
 
 
-def load_ranks_file(path: str | Path) -> dict[str, int | str]:
-    """Read `{"node or weight name" | "*": int | "full"}`; InputError for anything else."""
-    try:
-        table = json.loads(Path(path).read_text())
-    except OSError as error:
-        raise InputError(f"cannot read ranks file {path}: {error.strerror or error}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InputError(f"ranks file {path} is not valid JSON: {error}") from None
-    return validate_ranks(table, f"ranks file {path}")
-
-
-def validate_ranks(table: object, where: str = "ranks") -> dict[str, int | str]:
-    if not isinstance(table, dict):
-        raise InputError(f"{where} must be a JSON object mapping names to ranks")
-    for name, rank in table.items():
-        ok = rank == FULL or (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1)
-        if not ok:
-            raise InputError(f"{where}: rank for {name!r} must be a positive integer or \"full\", got {rank!r}")
-    return dict(table)
-
-
-def explicit(
-    candidates: Sequence[UnitDecomposers], table: Mapping[str, int | str], known: set[str], allow_larger: bool
-) -> list[Choice]:
-    """Ranks by node name, then weight name, then "*"; units not named stay dense."""
-    unknown = sorted(set(table) - known - {"*"})
-    if unknown:
-        raise InputError(f"ranks name {unknown[0]!r}, which is neither a node nor a weight of the model")
-    choices = []
-    for candidate in candidates:
-        unit = candidate.unit
-        named = {table[layer.node.name] for layer in unit.layers if layer.node.name in table}
-        if len(named) > 1:
-            raise InputError(f"nodes sharing weight {unit.weight.name} were given different ranks {sorted(map(str, named))}")
-        wanted = named.pop() if named else table.get(unit.weight.name, table.get("*"))
-        if wanted is None:
-            choices.append(Choice(None, "no rank given"))
-            continue
-        rank = unit.full_rank if wanted == FULL else min(int(wanted), unit.full_rank)
-        choices.append(_keep_if_smaller(candidate, rank, allow_larger))
-    return choices
-
-
-def by_energy(candidates: Sequence[UnitDecomposers], keep: float, allow_larger: bool) -> list[Choice]:
-    """Per unit, the smallest rank of its SVD keeping `keep` of the (singular-value or output) energy."""
-    return [_keep_if_smaller(c, max(1, c.primary.spectrum.rank_for_energy(keep)), allow_larger) for c in candidates]
-
-
-def by_budget(candidates: Sequence[UnitDecomposers], fraction: float, weights: Sequence[float] | None = None) -> list[Choice]:
-    """Keep at most `fraction` of the units' parameters at the least total (weighted) predicted error."""
-    options = _weighted_fronts(candidates, weights)
-    # the budget is over every layer found, whatever the method: units nothing shrinks stay dense in it
-    total = sum(c.unit.params for c in candidates)
-    budget = fraction * total
-    floor = sum(o.params[0] for o in options)
-    if floor > budget:
-        raise InputError(
-            f"target-params {fraction:g} is below what the smallest rank everywhere keeps ({floor / total:.3f} of the "
-            "parameters; layers no decomposition of the chosen method shrinks stay whole)"
-        )
-    # params(lambda) grows with lambda: bisect log10(lambda) for the largest that fits the budget
-    low, high = LOG_LAMBDA
-    if _params(options, high) <= budget:
-        low = high
-    for _ in range(100):
-        middle = (low + high) / 2
-        if _params(options, middle) <= budget:
-            low = middle
-        else:
-            high = middle
-    picks = [o.best(10**low) for o in options]
-    _top_up(options, picks, budget - sum(o.params[i] for o, i in zip(options, picks)))
-    _exchange(options, picks, budget)
-    return _scattered(options, picks, len(candidates))
-
-
-def frontier(
-    candidates: Sequence[UnitDecomposers], weights: Sequence[float] | None = None, points: int = 600
-) -> list[list[Choice]]:
-    """The distinct allocations params + lambda * weight * error traces as lambda grows: from the
-    smallest model (rank 1 nearly everywhere) to the largest; ends with everything dense."""
-    options = _weighted_fronts(candidates, weights)
-    seen: dict[tuple[int, ...], None] = {}
-    for log_lambda in np.linspace(*LOG_LAMBDA, points):
-        seen.setdefault(tuple(o.best(10**log_lambda) for o in options), None)
-    seen.setdefault(tuple(len(o.params) - 1 for o in options), None)
-    return [_scattered(options, list(picks), len(candidates)) for picks in seen]
-
-
-LOG_LAMBDA = (-6.0, 24.0)  # errors are relative (<= 1 per unit), params counts below 1e12
-
-
-def _params(options: Sequence[_Front], log_lambda: float) -> int:
-    return sum(int(o.params[o.best(10**log_lambda)]) for o in options)
-
-
-def _scattered(fronts: Sequence[_Front], picks: Sequence[int], count: int) -> list[Choice]:
-    """Every unit's choice from the fronts' picks (a pair's front chooses for several units)."""
-    choices: list[Choice] = [Choice(None)] * count
-    for front, index in zip(fronts, picks):
-        for position, choice in zip(front.positions, front.choices(index)):
-            choices[position] = choice
-    return choices
-
-
-def _weighted_fronts(candidates: Sequence[UnitDecomposers], weights) -> list[_Front]:
-    """One front per unit, but one per pruned pair for its units together. `weights`: per unit, then per
-    coupled consumer (in order) the weight of its pruning options (the consumer's own when not given)."""
-    weights = [1.0] * len(candidates) if weights is None else list(weights)
-    position = {id(candidate): index for index, candidate in enumerate(candidates)}
-    pairs: dict[int, tuple[UnitDecomposers, float]] = {}
-    for number, consumer in enumerate(coupled(candidates)):
-        extra = len(candidates) + number
-        pairs[position[id(consumer)]] = (consumer, weights[extra] if extra < len(weights) else
-                                         weights[position[id(consumer)]])
-    paired = {position[id(p)] for consumer, _ in pairs.values() for p in known_coupling(consumer).producers}
-    fronts: list[_Front] = []
-    for index, candidate in enumerate(candidates):
-        if index in pairs:
-            consumer, weight = pairs[index]
-            producers = known_coupling(consumer).producers
-            members = [_WeightedFront(p, weights[position[id(p)]], position[id(p)]) for p in producers]
-            members.append(_WeightedFront(consumer, weights[index], index, excluded=known_coupling(consumer).method))
-            fronts.append(_PairFront(consumer, members, weight))
-        elif index not in paired:
-            fronts.append(_WeightedFront(candidate, weights[index], index))
-    return fronts
-
-
 def coupled(candidates: Sequence[UnitDecomposers]) -> list[UnitDecomposers]:
     """The consumers of pruned pairs whose producers are among `candidates`, in order."""
     present = {id(candidate) for candidate in candidates}
@@ -303,145 +166,6 @@ def known_coupling(candidate: UnitDecomposers) -> Coupling:
     if candidate.coupling is None:
         raise RuntimeError(f"unit {candidate.unit.key} is no pruned pair's consumer")
     return candidate.coupling
-
-
-class _Front:
-    """A menu the allocation picks one entry of: sizes ascending, weighted errors descending, the last entry
-    everything dense; each entry is a choice for every unit at `positions`."""
-
-    params: np.ndarray
-    errors: np.ndarray
-    positions: list[int]
-
-    def best(self, multiplier: float) -> int:
-        return int(np.argmin(self.params + multiplier * self.errors))
-
-    def choices(self, index: int) -> list[Choice]:
-        raise NotImplementedError
-
-
-class _WeightedFront(_Front):
-    """A unit's options that shrink it, on their Pareto front (fewer parameters, then less error) and
-    ordered by size, then dense (last entry); errors weighted by the unit's sensitivity (1 if unknown).
-    `excluded`: a method left out (a pair's pruning, which its pair's front offers)."""
-
-    def __init__(self, candidate: UnitDecomposers, weight: float, position: int = 0, excluded: str | None = None):
-        dense = candidate.unit.params
-        front = pareto_front([o for o in candidate.options() if o.method != excluded], dense)
-        self.options = front
-        self.positions = [position]
-        self.params = np.array([o.params for o in front] + [dense])
-        self.errors = weight * np.array([o.error for o in front] + [0.0])
-        notes = "; ".join(candidate.notes)
-        self.empty_reason = candidate.emptied_by or "no decomposition shrinks it" + (f" ({notes})" if notes else "")
-
-    def choice(self, index: int) -> Choice:
-        if not self.options:
-            return Choice(None, self.empty_reason)
-        if index == len(self.options):
-            return Choice(None, "kept dense: its parameters buy more accuracy here than elsewhere")
-        return Choice(self.options[index])
-
-    def choices(self, index: int) -> list[Choice]:
-        return [self.choice(index)]
-
-
-class _PairFront(_Front):
-    """A pruned pair's units as one menu: each factorized as usual (every combination of their own
-    options), or the consumer's pruning options with the producers' rows cut alike; on the Pareto front
-    of the sums, then everything dense (last entry)."""
-
-    def __init__(self, consumer: UnitDecomposers, members: list[_WeightedFront], weight: float):
-        coupling = known_coupling(consumer)
-        self.positions = [position for member in members for position in member.positions]
-        params, errors = members[0].params, members[0].errors
-        picks = np.arange(len(params))[:, None]
-        for member in members[1:]:
-            params = (params[:, None] + member.params[None, :]).reshape(-1)
-            errors = (errors[:, None] + member.errors[None, :]).reshape(-1)
-            picks = np.concatenate([np.repeat(picks, len(member.params), axis=0),
-                                    np.tile(np.arange(len(member.params)), len(picks))[:, None]], axis=1)
-            kept = _pareto(params, errors, int(params[-1]))
-            params, errors, picks = params[kept], errors[kept], picks[kept]
-        pruning = [o for o in consumer.options() if o.method == coupling.method]
-        entries: list[list[Choice]] = [[m.choice(int(i)) for m, i in zip(members, row)] for row in picks]
-        for option in pruning:
-            cut = [Choice(coupling.producer_option(p, option)) for p in coupling.producers]
-            entries.append([*cut, Choice(option)])
-        params = np.concatenate([params, [sum(c.option.params for c in e if c.option) for e in entries[len(picks):]]])
-        errors = np.concatenate([errors, [weight * o.error for o in pruning]])
-        dense = int(sum(m.params[-1] for m in members))
-        kept = _pareto(params, errors, dense)
-        self.entries = [entries[i] for i in kept] + [[m.choice(len(m.params) - 1) for m in members]]
-        self.params = np.append(params[kept], dense)
-        self.errors = np.append(errors[kept], 0.0)
-
-    def choices(self, index: int) -> list[Choice]:
-        return self.entries[index]
-
-
-
-def _pareto(params: np.ndarray, errors: np.ndarray, dense: int) -> np.ndarray:
-    """Indices of the entries below `dense` parameters that no smaller one matches in error, by size; the
-    all-dense entry (the last one, when its sum is `dense`) is appended."""
-    order = np.lexsort((errors, params))
-    order = order[params[order] < dense]
-    best = np.minimum.accumulate(errors[order])
-    improves = np.concatenate([[True], errors[order][1:] < best[:-1]]) if order.size else np.zeros(0, dtype=bool)
-    found = order[improves]
-    dense_entries = np.flatnonzero(params == dense)
-    return np.append(found, dense_entries[-1:]) if dense_entries.size else found
-
-
-def _top_up(options: Sequence[_Front], picks: list[int], left: float) -> None:
-    """Spend what bisection left of the budget on the steps with the best error drop per parameter."""
-    while True:
-        best, best_gain = None, 0.0
-        for k, (option, index) in enumerate(zip(options, picks)):
-            for step in {index + 1, len(option.params) - 1} - {index}:
-                if step >= len(option.params):
-                    continue
-                cost = option.params[step] - option.params[index]
-                gain = (option.errors[index] - option.errors[step]) / max(cost, 1)
-                if cost <= left and gain > best_gain:
-                    best, best_gain = (k, step, cost), gain
-        if best is None:
-            return
-        k, step, cost = best
-        picks[k] = step
-        left -= cost
-
-
-def _exchange(options: Sequence[_Front], picks: list[int], budget: float) -> None:
-    """Local search past what lambda can reach (the budget is a knapsack): raise one unit a step, paying
-    for it by lowering others where that loses least per parameter freed, while the total error drops."""
-    improved = True
-    while improved:
-        improved = False
-        for k, option in enumerate(options):
-            if picks[k] == len(option.params) - 1:
-                continue
-            up = picks[k] + 1
-            gain = option.errors[picks[k]] - option.errors[up]
-            need = sum(o.params[i] for o, i in zip(options, picks)) + option.params[up] - option.params[picks[k]] - budget
-            trial = list(picks)
-            trial[k] = up
-            loss = 0.0
-            while need > 0:
-                steps = [
-                    ((o.errors[trial[j] - 1] - o.errors[trial[j]]) / (o.params[trial[j]] - o.params[trial[j] - 1]), j)
-                    for j, o in enumerate(options)
-                    if j != k and trial[j] > 0
-                ]
-                if not steps:
-                    break
-                _, j = min(steps)
-                loss += options[j].errors[trial[j] - 1] - options[j].errors[trial[j]]
-                need -= options[j].params[trial[j]] - options[j].params[trial[j] - 1]
-                trial[j] -= 1
-            if need <= 0 and loss < gain - 1e-15:
-                picks[:] = trial
-                improved = True
 
 
 def pareto_front(options: Sequence[Option], dense_params: int) -> list[Option]:
@@ -459,8 +183,3 @@ def rank_multiple(multiple: int) -> Callable[[Option], bool]:
     return lambda option: all(rank % multiple == 0 for rank in option.config)
 
 
-def _keep_if_smaller(candidate: UnitDecomposers, rank: int, allow_larger: bool) -> Choice:
-    unit = candidate.unit
-    if rank <= unit.break_even or allow_larger:
-        return Choice(candidate.primary.option(rank))
-    return Choice(None, f"rank {rank} would not shrink it (break-even rank {unit.break_even}); --allow-larger keeps it")

@@ -36,8 +36,8 @@ from ..errors import known
 from ..graph.layers import Layer, Unit
 from ..observe.statistics import Moments
 from ..system.parallel import one_blas_thread
+from . import linalg
 from .contracts import Option
-from .data_aware import _energy, _safe_scale, _shrunk
 from .menu import Coupling, UnitDecomposers
 from .parking import Parked
 
@@ -309,11 +309,11 @@ class ChannelPruning:
         _, out_dim, h = weight.shape
         self._weight = weight[0]
         self.producers = tuple(producers)
-        scale = _safe_scale(layer.output_scale, 1, out_dim)
+        scale = linalg.safe_scale(layer.output_scale, 1, out_dim)
         # thin data: correlations pulled towards none, each channel's own variance kept (a channel the
         # calibration never fired stays free to drop; white inputs as the prior would give it weight)
         raw = moments.covariance
-        covariance = _shrunk(moments, raw * np.eye(h)[None])
+        covariance = linalg.shrunk(moments, raw * np.eye(h)[None])
         self._mean = moments.mean[0]
         second_moment = covariance + np.outer(self._mean, self._mean)[None]
         self._centred = layer.bias is not None
@@ -321,7 +321,7 @@ class ChannelPruning:
         ridge = RIDGE * max(float(np.trace(moment)) / h, np.finfo(float).tiny)
         self._moment = moment + ridge * np.eye(h)
         self.order, left = forward_selection(scale[0][:, None] * self._weight, self._moment)
-        energy = _energy(scale[:, :, None] * weight, second_moment)
+        energy = linalg.energy(scale[:, :, None] * weight, second_moment)
         self.errors = left / energy if energy > 0 else np.zeros_like(left)
         self._refits: dict[int, PrunedInputs] = {}
 

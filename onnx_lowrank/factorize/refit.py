@@ -37,7 +37,7 @@ from ..observe.calibration import Samples
 from ..observe.sessions import Session, prefix
 from ..observe.statistics import Moments
 from ..system.parallel import blas_threads
-from .data_aware import _safe_scale, _shrunk, _top_eigen
+from . import linalg
 from .rewrite import build
 
 REFITS = ("auto", "sequential", "none")
@@ -257,9 +257,9 @@ class _Problem:
         weight = np.asarray(layer.matrices, dtype=np.float64)
         groups, out_dim, in_dim = weight.shape
         self.centred = layer.bias is not None
-        self.scale = _safe_scale(layer.output_scale, groups, out_dim)
+        self.scale = linalg.safe_scale(layer.output_scale, groups, out_dim)
         self.weight = self.scale[:, :, None] * weight  # D W
-        covariance = _shrunk(moments, np.broadcast_to(np.eye(in_dim), (groups, in_dim, in_dim)))
+        covariance = linalg.shrunk(moments, np.broadcast_to(np.eye(in_dim), (groups, in_dim, in_dim)))
         self.mean = moments.mean
         self.prior = covariance if self.centred else covariance + self.mean[:, :, None] * self.mean[:, None, :]
         self.weight_prior = self.weight @ self.prior
@@ -325,9 +325,9 @@ def _output_basis(unconstrained: np.ndarray, rhs: np.ndarray, root: np.ndarray, 
     out_dim, in_dim = unconstrained.shape
     if out_dim <= in_dim:
         product = rhs @ unconstrained.T
-        return _top_eigen(((product + product.T) / 2)[None], rank)[1][0]
+        return linalg.top_eigen(((product + product.T) / 2)[None], rank)[1][0]
     scaled = unconstrained @ root
-    _, right = _top_eigen((scaled.T @ scaled)[None], rank)
+    _, right = linalg.top_eigen((scaled.T @ scaled)[None], rank)
     return np.linalg.qr(scaled @ right[0])[0]
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from ..errors import InputError
-from ..graph.layers import Layer
+from ..graph.layers import Layer, Unit
 from .calibration import Samples
 from .exposed import Request, exposed, fetch_request, unstacked
 from .sessions import session_with_outputs
@@ -71,7 +71,7 @@ class Moments:
         """The sums re-expressed for a + delta (rows measured from origin - delta), exactly."""
         n, t, o = self.count, self.total, self.outer
         total = t + n * delta
-        outer = o + t[:, :, None] * delta[:, None, :] + delta[:, :, None] * t[:, None, :] + n * _outer(delta)
+        outer = o + t[:, :, None] * delta[:, None, :] + delta[:, :, None] * t[:, None, :] + n * outer_products(delta)
         if self.third is None or self.fourth is None:
             return total, outer, None, None
         terms = self._shift_terms(delta)
@@ -129,7 +129,7 @@ class Moments:
     @property
     def second_moment(self) -> np.ndarray:
         """E[v v^T] per group."""
-        return self.covariance + _outer(self.mean)
+        return self.covariance + outer_products(self.mean)
 
 
 @dataclass
@@ -161,7 +161,7 @@ class Tied:
     moments: Moments
 
 
-def _outer(vectors: np.ndarray) -> np.ndarray:
+def outer_products(vectors: np.ndarray) -> np.ndarray:
     """v v^T per group."""
     return vectors[:, :, None] * vectors[:, None, :]
 
@@ -231,3 +231,35 @@ def _fetched(model: onnx.ModelProto, requests: list[Request], samples: Samples, 
                     raise InputError(f"the input model computes NaN or Inf in {request.name!r} on the calibration data")
                 values[request] = value
         yield batch_indices, values
+
+
+def unit_statistics(
+    model, units: list[Unit], samples: Samples, fit: list[int], provider: str, batch_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> list[Moments | Counts | Tied]:
+    """Statistics over the fit samples of what each unit's layers observe, merged per unit (shared weights;
+    a tied embedding table keeps its lookups' counts and its head's moments side by side)."""
+    layers = [layer for unit in units for layer in unit.layers]
+    statistics = iter(collect(model, layers, samples, fit, provider, batch_size, progress=progress))
+    merged: list[Moments | Counts | Tied] = []
+    for unit in units:
+        together: Moments | Counts | Tied = next(statistics)
+        for layer in unit.layers[1:]:
+            other = next(statistics)
+            if layer.transposed and isinstance(together, Counts) and isinstance(other, Moments):
+                together = Tied(together, other)
+            elif isinstance(together, (Moments, Counts)):
+                together = _merged(together, other)
+            else:
+                raise TypeError(f"unit {unit.name} has more than two uses of a tied table")
+        merged.append(together)
+    return merged
+
+
+def _merged(first: Moments | Counts, other: Moments | Counts) -> Moments | Counts:
+    """The statistics of two layers of one unit (which observe the same kind: moments or counts)."""
+    if isinstance(first, Moments) and isinstance(other, Moments):
+        return first.merged(other)
+    if isinstance(first, Counts) and isinstance(other, Counts):
+        return first.merged(other)
+    raise TypeError("the layers of one unit observe different kinds of statistics")

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 
 from ..check.evaluator import Trial
 from ..check.metrics import DEFAULT_TOLERANCE
+from ..choose.allocation import by_budget, by_energy
+from ..choose.ranks_file import explicit
 from ..choose.search import Search
 from ..errors import InputError, known
-from ..factorize.menu import Choice, UnitDecomposers, by_budget, by_energy, explicit
+from ..factorize.menu import Choice, UnitDecomposers
 from ..observe.calibration import DISCRETE_VALIDATION_FRACTION, VALIDATION_FRACTION, Samples, Split, split
 from ..options import Options
 

@@ -28,7 +28,6 @@ from ..choose.objective import restrict as restrict_to_objective
 from ..choose.search import Search
 from ..choose.sensitivity import positions_of, positions_seen, probe_count, sensitivities
 from ..errors import BoundNotMet, InputError, known
-from ..factorize.data_aware import unit_statistics
 from ..factorize.heads import HEADS_METHODS, HeadPair, couple_heads, find_heads
 from ..factorize.menu import UnitDecomposers, coupled
 from ..factorize.parking import PARK_MIN_PARAMS
@@ -46,7 +45,7 @@ from ..observe.activations import activation_shapes
 from ..observe.cache import Cache, key_of, model_fingerprint, samples_fingerprint
 from ..observe.calibration import Samples, Split, load_calibration, next_token_targets
 from ..observe.sessions import resolve_provider
-from ..observe.statistics import Counts, Moments, Tied
+from ..observe.statistics import Counts, Moments, Tied, unit_statistics
 from ..options import Options
 from ..quantize.share import Int8Share
 from ..report import Chosen, Report, SkippedLayer, Validation
