@@ -29,16 +29,8 @@ from onnx_lowrank.cli.main import main
 from onnx_lowrank.errors import InputError
 from onnx_lowrank.observe.calibration import load_calibration
 from onnx_lowrank.quantize import int8 as quantize
-from onnx_lowrank.quantize.int8 import (
-    QUANTIZATIONS,
-    _excludable,
-    _restore_float,
-    _variant,
-    chain_names,
-    fallback,
-    int8_range_for,
-    quantize_int8,
-)
+from onnx_lowrank.quantize.fallback import _excludable, _restore_float, _variant, chain_names, fallback
+from onnx_lowrank.quantize.int8 import QUANTIZATIONS, int8_range_for, quantize_int8
 from onnx_lowrank.system.cpu_features import full_int8_range, read_cpuinfo
 
 MODELS = Path(__file__).resolve().parents[1] / "models"

@@ -9,7 +9,8 @@ from ..errors import known
 from ..graph.model_io import model_stats
 from ..observe.calibration import Samples, Split
 from ..report import FallbackSearch, FallbackStep, Quantization
-from .int8 import FALLBACK_SHARE, Fallback, chain_names, fallback, quantize_int8
+from .fallback import FALLBACK_SHARE, Fallback, chain_names, fallback
+from .int8 import quantize_int8
 
 
 class Int8Share:
