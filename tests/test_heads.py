@@ -14,7 +14,8 @@ from onnx import helper
 
 import onnx_lowrank
 from onnx_lowrank.check.overrides import overrides_for, with_overridable
-from onnx_lowrank.factorize.heads import HEADS, HeadSide, couple_heads, find_heads
+from onnx_lowrank.factorize.coupled import HEADS
+from onnx_lowrank.factorize.heads import HeadSide, couple_heads, find_heads
 from onnx_lowrank.factorize.menu import coupled
 from onnx_lowrank.factorize.registry import decomposers_for
 from onnx_lowrank.factorize.rewrite import build

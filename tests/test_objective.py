@@ -88,7 +88,7 @@ def test_balanced_times_every_kept_factorization_and_the_whole_model(int8_compac
     assert report.layers
     assert all(rank % RANK_MULTIPLE["cpu"] == 0 for rank in _ranks(report))
     for layer in report.layers:
-        if layer.method == "prune":  # the same ops on smaller matrices: never timed alone (latency.UNTIMED)
+        if layer.method == "prune":  # the same ops on smaller matrices: never timed alone (coupled.COUPLED_METHODS)
             assert layer.latency is None
             continue
         assert layer.latency["dense_ms"] > 0 and layer.latency["factorized_ms"] > 0

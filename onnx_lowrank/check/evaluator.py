@@ -14,8 +14,8 @@ from ..errors import InputError
 from ..factorize.menu import Choice
 from ..observe.calibration import Samples
 from ..observe.sessions import Session, session_with_outputs, with_outputs
-from .generalization import DISCRETE, Decisions, Threat, decisions, margins_for, threat
-from .metrics import Outputs, lost_decisions, score
+from .generalization import Decisions, Threat, decisions, margins_for, threat
+from .metrics import DISCRETE, Outputs, lost_decisions, score
 from .overrides import Override, with_overridable
 
 SATURATING = ("Softmax", "LogSoftmax", "Sigmoid")

@@ -24,8 +24,7 @@ from ..errors import InputError
 from ..graph.bodies import all_graphs
 from ..graph.bodies import node_bodies as subgraphs
 from ..graph.imported import META_PREFIX, inferred_shapes
-from ..graph.model_io import save_model, serialized_or_none
-from ..observe.sessions import EXECUTION_PROVIDERS, resolve_provider
+from ..observe.sessions import open_session, resolve_provider
 from ..report import FusionChange, Fusions
 
 LEVELS = {
@@ -52,24 +51,9 @@ def optimized_model(
     """
     if level not in LEVELS:
         raise InputError(f"unknown optimization level {level!r}; choose one of {', '.join(LEVELS)}")
-    provider = resolve_provider(provider)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = LEVELS[level]
-    options.log_severity_level = 3
-    options.intra_op_num_threads = 1
-    providers = [EXECUTION_PROVIDERS["cuda"], EXECUTION_PROVIDERS["cpu"]] if provider == "cuda" else [EXECUTION_PROVIDERS["cpu"]]
     with tempfile.TemporaryDirectory() as folder:
         written = Path(folder) / "optimized.onnx"
-        options.optimized_model_filepath = str(written)
-        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
-        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        serialized = None if base_dir else serialized_or_none(model)
-        if serialized is None:
-            source = Path(folder) / "model.onnx"
-            save_model(model, source, external_data=True, base_dir=base_dir)
-            ort.InferenceSession(str(source), options, providers=providers)
-        else:
-            ort.InferenceSession(serialized, options, providers=providers)
+        open_session(model, resolve_provider(provider), 1, LEVELS[level], base_dir, optimized_to=written)
         return onnx.load(str(written), load_external_data=False)
 
 

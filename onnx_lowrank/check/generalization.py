@@ -37,7 +37,6 @@ from scipy.special import betaincinv
 
 from .metrics import cosine_similarity, perplexity_draws, token_nll
 
-DISCRETE = ("top1", "accuracy")
 SAFETY = 2.0  # a decision is threatened when twice the perturbation at its margin level reaches it
 NEIGHBOURS = 8  # held-out decisions nearest in margin whose largest shrink is the perturbation there
 TIE = 0.02  # margins below this fraction of the median margin are near-ties of the original

@@ -28,6 +28,7 @@ import numpy as np
 from ..errors import InputError
 
 METRICS = ("rel-l2", "cosine", "max-abs", "top1", "accuracy", "perplexity")
+DISCRETE = ("top1", "accuracy")  # one decision per sample: judged by the decisions lost and their margins
 DEFAULT_METRIC = "rel-l2"
 DEFAULT_TOLERANCE = {"rel-l2": 0.05, "cosine": 0.01, "max-abs": 0.1, "top1": 0.01, "accuracy": 0.0,
                      "perplexity": 0.05}
@@ -58,7 +59,7 @@ def compared_outputs(metric: str, names: Sequence[str], chosen: Sequence[str] | 
 
 def score(metric: str, reference: Outputs, candidate: Outputs, labels: np.ndarray | None = None) -> float:
     """The metric's value for the candidate's outputs against the reference's."""
-    if metric in ("top1", "accuracy"):
+    if metric in DISCRETE:
         lost, total = lost_decisions(metric, reference, candidate, labels)
         return lost / max(total, 1)
     if metric == "perplexity":

@@ -13,8 +13,8 @@ from ..errors import known
 from ..observe.sessions import Session
 from ..report import Validation
 from .evaluator import Evaluator
-from .generalization import DISCRETE, beyond_maximum, bootstrap, clopper_pearson
-from .metrics import score
+from .generalization import beyond_maximum, bootstrap, clopper_pearson
+from .metrics import DISCRETE, score
 
 
 def validation(evaluator: Evaluator, model: onnx.ModelProto, indices: Sequence[int], all_labels, metric: str,

@@ -25,9 +25,8 @@ import onnx
 from ..check.latency import time_side_by_side
 from ..check.layer_timer import LayerTimer
 from ..factorize.contracts import Option
-from ..factorize.heads import HEADS
+from ..factorize.coupled import COUPLED_METHODS
 from ..factorize.menu import UnitDecomposers, pareto_front, rank_multiple
-from ..factorize.prune import PRUNE
 from ..observe.activations import Untimeable, timed_activations
 
 OBJECTIVES = ("balanced", "size", "latency")
@@ -94,9 +93,6 @@ def _nothing(option: Option) -> bool:
     return False
 
 
-UNTIMED = (PRUNE, HEADS)  # the same ops on smaller matrices, no node added: never slower (and a pruned layer
-# cannot be timed alone: its input is narrower than the activation it would be fed)
-
 
 
 @dataclass
@@ -151,7 +147,7 @@ def not_slower(candidates: UnitDecomposers, timer, margin: float = 1.0, slack_ms
     limit = LatencyLimit(unit.key, margin)
     by_method: dict[str, list[Option]] = {}
     for option in pareto_front(candidates.options(), unit.params):  # what an allocation can pick
-        if option.method not in UNTIMED:
+        if option.method not in COUPLED_METHODS:
             by_method.setdefault(option.method, []).append(option)
     for method, options in by_method.items():
         ordered = sorted(options, key=lambda o: (o.params, o.config))

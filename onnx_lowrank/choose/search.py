@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import onnx
 
 from ..check.evaluator import Evaluator, Trial
-from ..check.generalization import DISCRETE
+from ..check.metrics import DISCRETE
 from ..check.validation import validation
 from ..factorize.menu import Choice, UnitDecomposers
 from ..factorize.rewrite import build, factors_of

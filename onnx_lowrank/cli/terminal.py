@@ -17,6 +17,7 @@ from rich.cells import cell_len
 from rich.console import Console
 from rich.text import Text
 
+from ..check.metrics import DISCRETE
 from ..report import Latency, LayerReport, Quantization, Report, Validation
 from ..run.inspection import LayerInfo
 
@@ -375,7 +376,7 @@ def _model_table(report: Report) -> _Table:
 def validation_text(check: Validation) -> str:
     """What the held-out check found, and what it promises for new inputs (as much as is known), a line
     each."""
-    percent = check.metric in ("accuracy", "top1")
+    percent = check.metric in DISCRETE
     if check.tolerance is None:
         bound = "no tolerance set"
     else:

@@ -22,11 +22,13 @@ or both cut to r per head.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Self
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import known
@@ -34,13 +36,14 @@ from ..graph.layers import Layer, Unit
 from ..observe.statistics import Moments
 from . import linalg
 from .contracts import Option
+from .coupled import HEADS, channel_axis, constant_value, cuttable_bias, output_after_bias, own_node
 from .menu import Coupling, UnitDecomposers
-from .prune import channel_axis, constant_value, cuttable_bias, output_after_bias, own_node
 
 if TYPE_CHECKING:
-    from ..graph.splice import Emitter, Factorized
+    from ..graph.splice import Emitter
 
-HEADS = "heads"
+from ..graph.splice import Factorized
+
 HEADS_METHODS = ("auto", HEADS)  # the --method values that offer it
 QUERY_PERM, KEY_PERM = (0, 2, 1, 3), (0, 2, 3, 1)  # [B, S, H, d] to what the score MatMul multiplies
 SCALING = ("Mul", "Div")  # by a scalar constant: commutes with the cut
@@ -291,6 +294,13 @@ class HeadSide:
         computes the cut scores (a probe feeds both)."""
         return self._padded(self.matrices[0])[None]
 
+    def unmatched(self, key: str, factors: Mapping[str, Factorized]) -> str | None:
+        """The partner must be cut to the same dimensions per head."""
+        other = factors.get(self.partner)
+        if not isinstance(other, HeadSide) or other.rank != self.rank:
+            return f"unit {key} keeps {self.rank // self.heads} dimensions per head but {self.partner} does not"
+        return None
+
     def emit(self, layer: Layer, emit: Emitter) -> None:
         rest = list(emit.inputs[2:])
         site = layer.bias
@@ -354,10 +364,20 @@ def couple_heads(pairs: Sequence[HeadPair], candidates: Sequence[UnitDecomposers
         key.couple(scores, Coupling(HEADS, (query,)))
 
 
-def unmatched_heads(factors: dict[str, Factorized]) -> str | None:
-    """Why a set of factorizations cannot be written (one side of a head pair cut, the other not alike)."""
-    for key, side in factors.items():
-        other = factors.get(side.partner) if isinstance(side, HeadSide) else None
-        if isinstance(side, HeadSide) and (not isinstance(other, HeadSide) or other.rank != side.rank):
-            return f"unit {key} keeps {side.rank // side.heads} dimensions per head but {side.partner} does not"
-    return None
+class AttentionHeads:
+    """Attention heads as coupled units (coupled.Pairing): found at load, offered on the key's menu."""
+
+    methods: tuple[str, ...] = HEADS_METHODS
+
+    def find(self, units: Sequence[Unit], model: onnx.ModelProto, taken: Collection[str]) -> list[HeadPair]:
+        return find_heads(units, {o.name for o in model.graph.output}, taken)
+
+    def keys(self, pair: HeadPair) -> tuple[str, ...]:
+        return (pair.query, pair.key)
+
+    def couple(self, pairs: Sequence[HeadPair], candidates: Sequence[UnitDecomposers], statistics: Sequence,
+               parking: Path | None) -> None:
+        couple_heads(pairs, candidates, statistics)
+
+
+ATTENTION_HEADS = AttentionHeads()

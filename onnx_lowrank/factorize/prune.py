@@ -21,7 +21,7 @@ consumer factorized as usual, or the consumer pruned with the producers' rows dr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Self
@@ -38,15 +38,16 @@ from ..observe.statistics import Moments
 from ..system.parallel import one_blas_thread
 from . import linalg
 from .contracts import Option
+from .coupled import PRUNE, channel_axis, constant_value, cuttable_bias, output_after_bias, own_node
 from .menu import Coupling, UnitDecomposers
 from .parking import Parked
 
 if TYPE_CHECKING:
-    from ..graph.splice import Emitter, Factorized
+    from ..graph.splice import Emitter
 
-PRUNE = "prune"
+from ..graph.splice import Factorized
+
 PRUNING_METHODS = ("auto", PRUNE)  # the --method values that offer it
-CONSTANT_LIMIT = 1 << 16  # values of a constant operand read at most (a per-channel one has h)
 REFITS_KEPT = 4  # a pair's last refits kept for the search's next builds
 RIDGE = 1e-9  # added to C's diagonal, relative to its mean diagonal: C[S,S] is then always invertible
 
@@ -70,40 +71,6 @@ class Pair:
 # ------------------------------------------------------------------------------------------- detection
 
 
-def channel_axis(layer: Layer, consuming: bool) -> str | None:
-    """Where the layer's channels run in the activation between the pair: "last" (MatMul x @ W, Gemm with a
-    constant B) or "axis1" (Conv, group 1; a consumer 1x1 and unpadded); None when it cannot take part."""
-    op, info = layer.node.op, layer.info
-    if layer.shape[0] != 1:
-        return None
-    if op == "MatMul" and info["side"] == "right" and not info["batch"]:
-        return "last"
-    if op == "Gemm" and info["side"] == "B" and not (consuming and layer.node.attrs.get("transA", 0)):
-        return "last"
-    if op != "Conv":
-        return None
-    if consuming:
-        spatial = layer.weight.shape[2:]
-        padded = any(layer.node.attrs.get("pads", [])) or layer.node.attrs.get("auto_pad", "NOTSET") not in (
-            "NOTSET", "VALID", b"NOTSET", b"VALID")
-        if any(size != 1 for size in spatial) or padded or layer.adapter.observed(layer)[1] != "input":
-            return None
-    return "axis1"
-
-
-def cuttable_bias(layer: Layer) -> bool:
-    """A producer's bias must be a constant we can cut (or absent)."""
-    if layer.bias is not None:
-        return True
-    return layer.node.op == "MatMul" or len(layer.node.inputs) < 3
-
-
-def output_after_bias(layer: Layer) -> gs.Tensor:
-    """The layer's output, or that of the Add holding its bias."""
-    site = layer.bias
-    return (site.node if site is not None and site.node is not layer.node else layer.node).outputs[0]
-
-
 def _producer_ends(units: Sequence[Unit]) -> dict[str, Unit]:
     """By tensor name, the output of each unit that could produce a pair's channels: its node's output, or
     that of the Add holding its bias."""
@@ -114,44 +81,6 @@ def _producer_ends(units: Sequence[Unit]) -> dict[str, Unit]:
             continue
         ends[output_after_bias(layer).name] = unit
     return ends
-
-
-def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
-    """The value of a tensor computed from constants alone through Identity / Cast / Reshape / Unsqueeze
-    (paddle2onnx writes biases as Reshape(Constant)), or None for a computed one."""
-    if isinstance(tensor, gs.Constant):  # a weight-sized one is no bias or scale: not read (it may be external)
-        return np.asarray(tensor.values) if np.prod(tensor.shape) <= CONSTANT_LIMIT else None
-    if len(tensor.inputs) != 1:
-        return None
-    node = tensor.inputs[0]
-    if node.op == "Constant":
-        value = node.attrs.get("value")
-        return np.asarray(value.values) if isinstance(value, gs.Constant) else None
-    if node.op not in ("Identity", "Cast", "Reshape", "Unsqueeze") or not node.inputs:
-        return None
-    data = constant_value(node.inputs[0])
-    second = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
-    if data is None or (node.op == "Reshape" and second is None):
-        return None
-    if node.op == "Cast":
-        return data.astype(onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"]))
-    if node.op == "Reshape":
-        copy = not node.attrs.get("allowzero", 0)
-        return data.reshape([data.shape[i] if d == 0 and copy else int(d) for i, d in enumerate(known(second, "shape"))])
-    if node.op == "Unsqueeze":
-        axes = node.attrs.get("axes", second)
-        if axes is None:
-            return None
-        rank = data.ndim + len(list(axes))
-        return data.reshape(_unsqueezed(data.shape, sorted(int(a) % rank for a in axes)))
-    return data
-
-
-def _unsqueezed(shape: tuple[int, ...], axes: list[int]) -> list[int]:
-    dims = list(shape)
-    for axis in axes:
-        dims.insert(axis, 1)
-    return dims
 
 
 def channel_axis_of(value: np.ndarray, output: gs.Tensor, axis: str, channels: int) -> int | None:
@@ -411,6 +340,14 @@ class PrunedInputs(_SmallerWeight):
         full[:, :, self.kept] = self.matrices
         return full
 
+    def unmatched(self, key: str, factors: Mapping[str, Factorized]) -> str | None:
+        """Every producer must keep the same channels (its rows) as this consumer (its columns)."""
+        for producer in self.producers:
+            rows = factors.get(producer)
+            if not isinstance(rows, KeptOutputs) or not np.array_equal(rows.kept, self.kept):
+                return f"unit {key} keeps {self.rank} channels but its producer {producer} does not keep them"
+        return None
+
     def emit(self, layer: Layer, emit: Emitter) -> None:
         rest = list(emit.inputs[2:])
         if self.bias_shift is not None:
@@ -449,19 +386,6 @@ class KeptOutputs(_SmallerWeight):
             else:
                 site.node.inputs[site.index] = cut
         own_node(layer, emit, self.matrices, rest)
-
-
-def own_node(layer: Layer, emit: Emitter, matrices: np.ndarray, rest: list) -> None:
-    """The layer's own node with a smaller weight, in the layout the node sees (the inverse of its view)."""
-    matrix = matrices[0]
-    if layer.node.op == "MatMul":
-        value = matrix.T  # x @ W: W is in x out
-    elif layer.node.op == "Gemm":
-        value = matrix if layer.info["transposed"] else matrix.T
-    else:  # Conv: (out, in, *kernel)
-        value = matrix.reshape(matrix.shape[0], -1, *layer.weight.shape[2:])
-    weight = emit.weight("pruned", value)
-    emit.node("pruned", layer.node.op, [emit.inputs[0], weight, *rest], emit.outputs, dict(layer.node.attrs))
 
 
 def _cut_chain(emit: Emitter, start: gs.Tensor, kept: np.ndarray, channels: int, axis: str) -> None:
@@ -508,19 +432,6 @@ def couple(pairs: Sequence[Pair], candidates: Sequence[UnitDecomposers], statist
         consumer.couple(offered, Coupling(PRUNE, producers))
 
 
-def unmatched(factors: dict[str, Factorized]) -> str | None:
-    """Why a set of factorizations cannot be written (a pruned consumer without its producers' rows cut
-    alike), or None."""
-    for key, factorized in factors.items():
-        if not isinstance(factorized, PrunedInputs):
-            continue
-        for producer in factorized.producers:
-            rows = factors.get(producer)
-            if not isinstance(rows, KeptOutputs) or not np.array_equal(rows.kept, factorized.kept):
-                return f"unit {key} keeps {factorized.rank} channels but its producer {producer} does not keep them"
-    return None
-
-
 def pruned_probe(consumer: UnitDecomposers, target: float) -> tuple[dict[str, Factorized], float] | None:
     """The pair's factorizations at the pruning option whose predicted error is nearest `target` (and the
     error), what its sensitivity probe builds; None when it offers none that loses anything."""
@@ -533,3 +444,22 @@ def pruned_probe(consumer: UnitDecomposers, target: float) -> tuple[dict[str, Fa
     for producer in coupling.producers:
         factors[producer.unit.key] = producer.factorize(coupling.producer_option(producer, option))
     return factors, option.error
+
+
+class Pruning:
+    """Pruned pairs as coupled units (coupled.Pairing): found at load, offered on the consumer's menu."""
+
+    methods: tuple[str, ...] = PRUNING_METHODS
+
+    def find(self, units: Sequence[Unit], model: onnx.ModelProto, taken: Collection[str]) -> list[Pair]:
+        return [pair for pair in find_pairs(units, model) if not any(key in taken for key in self.keys(pair))]
+
+    def keys(self, pair: Pair) -> tuple[str, ...]:
+        return (pair.consumer, *pair.producers)
+
+    def couple(self, pairs: Sequence[Pair], candidates: Sequence[UnitDecomposers], statistics: Sequence,
+               parking: Path | None) -> None:
+        couple(pairs, candidates, statistics, parking)
+
+
+PRUNING = Pruning()

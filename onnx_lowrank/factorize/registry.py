@@ -16,14 +16,16 @@ from ..observe.statistics import Counts, Moments, Tied
 from ..system.parallel import Workers, blas_threads
 from .contracts import SpectralDecomposer
 from .conv import ConvDecomposer, conv_decomposers
+from .coupled import HEADS, PRUNE, Pairing
 from .data_aware import OutputError, data_aware_svd
-from .heads import HEADS
+from .heads import ATTENTION_HEADS
 from .menu import UnitDecomposers
 from .parking import Shelf
-from .prune import PRUNE
+from .prune import PRUNING
 from .svd import PARTIAL_MIN_SIDE, TruncatedSVD
 
 CONV_METHODS = ("tucker2", "cp", "spatial", "depthwise", "block")
+PAIRINGS: tuple[Pairing, ...] = (PRUNING, ATTENTION_HEADS)  # coupled units, found at load in this order
 METHODS = ("auto", "svd", PRUNE, HEADS, *CONV_METHODS)  # pruning and heads: on the pairs found at load
 
 

@@ -9,9 +9,8 @@ import onnx
 from ..graph.imported import export, import_graph
 from ..graph.layers import find_layers
 from ..graph.splice import Factorized, Splice
-from .heads import unmatched_heads
+from .coupled import unmatched
 from .menu import Choice, UnitDecomposers
-from .prune import unmatched
 
 
 def factors_of(candidates: Sequence[UnitDecomposers], choices: Sequence[Choice]) -> dict[str, Factorized]:
@@ -26,7 +25,7 @@ def build(
     """The original with the units named by key replaced by their factor chains (`base_dir`: where the
     original's external data lies, when it was loaded without it; the result then refers to it too;
     `memo`: layers.find_layers', for a caller that builds from one original many times)."""
-    problem = unmatched(factors) or unmatched_heads(factors)
+    problem = unmatched(factors)
     if problem is not None:
         raise RuntimeError(f"cannot write the allocation: {problem}")
     imported = import_graph(original)

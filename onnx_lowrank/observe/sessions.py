@@ -41,21 +41,30 @@ def resolve_provider(name: str) -> str:
 
 
 def open_session(
-    model: onnx.ModelProto, provider: str, threads: int, level: ort.GraphOptimizationLevel
+    model: onnx.ModelProto, provider: str, threads: int, level: ort.GraphOptimizationLevel, base_dir: str = "",
+    optimized_to: Path | None = None,
 ) -> ort.InferenceSession:
-    """An onnxruntime session of the model: CUDA first when `provider` is "cuda", `threads` intra-op
-    threads (0: onnxruntime's default); models over 2 GB go through a temporary file with external data."""
+    """An onnxruntime session of the model, the one way every module opens one: CUDA first when `provider`
+    is "cuda", `threads` intra-op threads (0: onnxruntime's default); models over 2 GB, and models whose
+    external data still lies in their files under `base_dir`, go through a temporary file with external
+    data. `optimized_to`: where ONNX Runtime writes the graph it runs after its optimizations (its
+    initializers to a side file beside it)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = level
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    if optimized_to is not None:
+        options.optimized_model_filepath = str(optimized_to)
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         optimized_to.stem + ".data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     providers = [EXECUTION_PROVIDERS["cuda"], EXECUTION_PROVIDERS["cpu"]] if provider == "cuda" else [EXECUTION_PROVIDERS["cpu"]]
-    serialized = serialized_or_none(model)
+    serialized = None if base_dir else serialized_or_none(model)
     if serialized is not None:
         return ort.InferenceSession(serialized, options, providers=providers)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.onnx"
-        save_model(model, path, external_data=True)
+        save_model(model, path, external_data=True, base_dir=base_dir)
         return ort.InferenceSession(str(path), options, providers=providers)
 
 

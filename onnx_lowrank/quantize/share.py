@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import onnx
 
+from ..check.metrics import DISCRETE
 from ..choose.search import Search
 from ..errors import known
 from ..graph.model_io import model_stats
@@ -60,7 +61,7 @@ class Int8Share:
     def select(self, model: onnx.ModelProto) -> float:
         """A node's cost, on fit samples (the held-out ones check): the metric, or for top1 and accuracy,
         too coarse on a few samples, the squared relative error of the logits (the sensitivity probe's)."""
-        if self.metric in ("top1", "accuracy"):
+        if self.metric in DISCRETE:
             probing = onnx.ModelProto()
             probing.CopyFrom(model)  # probe_error adds outputs; the fallback builds on this model
             return known(self.search, "the search").evaluator.probe_error(probing, self.select_indices)

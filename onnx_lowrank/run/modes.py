@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..check.evaluator import Trial
-from ..check.metrics import DEFAULT_TOLERANCE
+from ..check.metrics import DEFAULT_TOLERANCE, DISCRETE
 from ..choose.allocation import by_budget, by_energy
 from ..choose.ranks_file import explicit
 from ..choose.search import Search
@@ -172,7 +172,7 @@ class Describe(RankMode):
 
 def held_out_split(samples: Samples, settings: Options) -> Split:
     """The seeded split: half held out, three quarters for top1 / accuracy (calibration.py)."""
-    discrete = settings.metric in ("top1", "accuracy")
+    discrete = settings.metric in DISCRETE
     return split(samples, settings.seed, DISCRETE_VALIDATION_FRACTION if discrete else VALIDATION_FRACTION)
 
 

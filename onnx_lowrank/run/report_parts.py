@@ -7,8 +7,8 @@ import onnx
 
 from ..check.fusion import fused_as_given
 from ..check.layer_timer import LayerTimer
-from ..choose.objective import UNTIMED
 from ..choose.search import Search
+from ..factorize.coupled import COUPLED_METHODS
 from ..factorize.menu import Choice, UnitDecomposers, coupled, known_coupling
 from ..graph.splice import Factorized
 from ..observe.activations import Untimeable
@@ -52,7 +52,7 @@ def layer_reports(
         if choice.option is None:
             continue
         # a pruned pair's rows show its pruning's sensitivity
-        where = pruned.get(id(candidate), position) if choice.option.method in UNTIMED else position
+        where = pruned.get(id(candidate), position) if choice.option.method in COUPLED_METHODS else position
         unit = candidate.unit
         factorization = factors[unit.key]
         config = choice.option.config
@@ -102,7 +102,7 @@ def fusions(original, factorized, report: Report, search: Search | None, base_di
 
 def _layer_latency(timer: LayerTimer, unit, factorization: Factorized) -> dict[str, float] | None:
     """The chosen factorization against its dense layer, alone (cached when the gate timed it)."""
-    if factorization.method in UNTIMED:
+    if factorization.method in COUPLED_METHODS:
         return None
     try:
         dense_ms, factorized_ms = timer.times(unit, factorization)

@@ -19,21 +19,20 @@ import numpy as np
 import onnx
 
 from ..check.evaluator import Evaluator, Trial
-from ..check.generalization import DISCRETE, Decisions, weighted_fit
+from ..check.generalization import Decisions, weighted_fit
 from ..check.latency import end_to_end
 from ..check.layer_timer import LayerTimer
-from ..check.metrics import check_metric, compared_outputs
+from ..check.metrics import DISCRETE, check_metric, compared_outputs
 from ..check.overrides import overrides_for
 from ..choose.objective import restrict as restrict_to_objective
 from ..choose.search import Search
 from ..choose.sensitivity import positions_of, positions_seen, probe_count, sensitivities
 from ..errors import BoundNotMet, InputError, known
-from ..factorize.heads import HEADS_METHODS, HeadPair, couple_heads, find_heads
+from ..factorize.coupled import Pairing
 from ..factorize.menu import UnitDecomposers, coupled
 from ..factorize.parking import PARK_MIN_PARAMS
-from ..factorize.prune import PRUNING_METHODS, Pair, couple, find_pairs
 from ..factorize.refit import Refit
-from ..factorize.registry import decomposers_for
+from ..factorize.registry import PAIRINGS, decomposers_for
 from ..factorize.rewrite import build, check_rewritten, factors_of
 from ..graph.adapters import ADAPTERS
 from ..graph.bodies import every_graph
@@ -72,8 +71,7 @@ class Run:
     before: ModelStats | None = None
     adapters: dict = field(default_factory=dict)
     plan: Plan | None = None
-    pairs: list[Pair] = field(default_factory=list)  # producer -> activation -> consumer, to prune together
-    heads: list[HeadPair] = field(default_factory=list)  # query and key projections, to cut per head together
+    couplings: list[tuple[Pairing, list]] = field(default_factory=list)  # per kind of coupled units, its pairs
     known: set[str] = field(default_factory=set)  # node and tensor names (explicit ranks name them)
     samples: Samples | None = None
     parts: Split | None = None
@@ -183,11 +181,13 @@ def load(run: Run, advance: Advance) -> None:
     run.plan = find_layers(imported.graph, original, run.adapters, run.loaded.base_dir)
     for graph in every_graph(imported.graph):  # bodies' layers can be named too
         run.known |= {n.name for n in graph.nodes} | set(graph.tensors())
-    if settings.method in PRUNING_METHODS and not settings.no_data and run.calibration is not None:  # needs statistics
-        run.pairs = find_pairs(run.plan.units, original)
-    if settings.method in HEADS_METHODS and not settings.no_data and run.calibration is not None:
-        taken = {key for pair in run.pairs for key in (pair.consumer, *pair.producers)}
-        run.heads = find_heads(run.plan.units, {o.name for o in original.graph.output}, taken)
+    if not settings.no_data and run.calibration is not None:  # coupled units need statistics
+        taken: set[str] = set()
+        for pairing in PAIRINGS:
+            if settings.method in pairing.methods:
+                pairs = pairing.find(run.plan.units, original, taken)
+                run.couplings.append((pairing, pairs))
+                taken |= {key for pair in pairs for key in pairing.keys(pair)}
     if run.mode is None:  # inspect describes the layers in a mode of its own
         run.mode = rank_mode_for(settings, has_data=run.calibration is not None)
     run.samples = _calibration(settings, original, run.calibration, run.labels)
@@ -252,10 +252,9 @@ def factorize(run: Run, advance: Advance) -> None:
         parking = run.work if factorizable >= PARK_MIN_PARAMS else None
         run.decomposers = decomposers_for(units, settings.method, run.statistics, workers, eager=run.rank_mode.eager,
                                           advance=advance, parking=parking)
-    if run.pairs and run.statistics is not None:
-        couple(run.pairs, run.decomposers, run.statistics, parking)
-    if run.heads and run.statistics is not None:
-        couple_heads(run.heads, run.decomposers, run.statistics)
+    for pairing, pairs in run.couplings:
+        if pairs and run.statistics is not None:
+            pairing.couple(pairs, run.decomposers, run.statistics, parking)
 
 
 def latency_gate(run: Run, advance: Advance) -> None:
