@@ -85,8 +85,8 @@ class Options:
     seed: int = _option(0, Flag("seed of the fit / validation split", type=int))
     batch_size: int = _option(8, Flag("calibration samples per ONNX Runtime run", type=int))
     jobs: int | None = _option(None, Flag(  # worker processes for the per-layer work (None: by model size)
-        "worker processes for the per-layer factorizations (default: all cores for weight-only or Conv "
-        "decompositions; data-aware SVDs and models under 4M factorizable parameters run in one process)", "N",
+        "worker processes for the per-layer factorizations (default: all cores for Conv decompositions and for "
+        "weight-only SVDs of models over 200M factorizable parameters; anything else runs in one process)", "N",
         type=int))
     scheduler: str | None = _option(None, Flag(
         "send the per-layer factorizations to this Dask scheduler (tcp://host:8786) instead", "ADDRESS"))

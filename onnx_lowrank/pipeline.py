@@ -35,7 +35,7 @@ from .model_io import LoadedModel, ModelStats, model_stats
 from .objective import restrict as restrict_to_objective
 from .options import Options
 from .overrides import overrides_for
-from .parallel import executor_for
+from .parallel import executor_for, pool_pays
 from .parking import PARK_MIN_PARAMS
 from .progress import Advance, Progress, ignore
 from .prune import PRUNING_METHODS, Pair, couple, find_pairs
@@ -232,8 +232,9 @@ def factorize(run: Run, advance: Advance) -> None:
     if run.samples is not None:
         run.timing_feed = next(run.samples.batches(run.fit, settings.batch_size))[1]
     factorizable = sum(unit.params for unit in units)
-    pool_pays = run.statistics is None or (settings.method != "svd" and any(unit.op == "Conv" for unit in units))
-    with executor_for(settings.jobs, settings.scheduler, factorizable, pool_pays) as workers:
+    pays = pool_pays(run.statistics is None, settings.method != "svd" and any(unit.op == "Conv" for unit in units),
+                     factorizable)
+    with executor_for(settings.jobs, settings.scheduler, factorizable, pays) as workers:
         parking = run.work if factorizable >= PARK_MIN_PARAMS else None
         run.decomposers = decomposers_for(units, settings.method, run.statistics, workers, eager=run.rank_mode.eager,
                                           advance=advance, parking=parking)
