@@ -60,7 +60,7 @@ class Options:
     is needed and compact mode finds the fewest parameters within `tolerance`."""
 
     ranks: Mapping[str, int | str] | None = _option(None, Flag(  # {"node or weight name" | "*": int | "full"}
-        'ranks per node or weight name: {"name" | "*": int | "full"}', "FILE.json", type=Path,
+        'a .json file of ranks per node or weight name: {"name" | "*": int | "full"}', "FILE", type=Path,
         convert=load_ranks_file, exclusive="rank"))
     target_params: float | None = _option(None, Flag(  # keep this fraction of the factorizable parameters
         "keep this fraction of the factorizable parameters, spent where it loses least energy", "F", type=float,
@@ -71,8 +71,10 @@ class Options:
     tolerance: float | None = _option(None, Flag(  # bound on the validated error (compact: default per metric)
         "max validated error on the held-out calibration part, in --metric (compact-mode default per metric: "
         f"{_tolerance_defaults()})", "T", type=float))
-    metric: str = _option(DEFAULT_METRIC, Flag("error measure (default %(default)s)", choices=METRICS))
-    method: str = _option("auto", Flag("decomposition (auto: the best available)", choices=METHODS))
+    metric: str = _option(DEFAULT_METRIC, Flag("error measure: %(choices)s (default %(default)s)", "M",
+                                                choices=METRICS))
+    method: str = _option("auto", Flag("decomposition: %(choices)s (auto: the best available)", "METHOD",
+                                       choices=METHODS))
     no_data: bool = _option(False, Flag("factorize from the weights alone (still validate on --calib)"))
     ops: Sequence[str] = _option(None, Flag(
         f"comma-separated op types to consider (default {','.join(ADAPTERS)})", "LIST", convert=parse_list),
