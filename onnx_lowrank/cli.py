@@ -13,8 +13,8 @@ import importlib.util
 import os
 import sys
 import warnings
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -67,10 +67,13 @@ def columns() -> int | None:
     return None if sys.stdout.isatty() else OFF_TERMINAL_COLUMNS
 
 
-def _formatter(base: type[argparse.HelpFormatter]) -> Callable[[str], argparse.HelpFormatter]:
+def _formatter(base: type[argparse.HelpFormatter]) -> Any:
     """argparse's `base` formatter at the width of `columns()` (argparse leaves two columns free)."""
     width = columns()
-    return lambda prog: base(prog, width=None if width is None else max(width - 2, 20))
+
+    def formatter(*, prog: str) -> argparse.HelpFormatter:
+        return base(prog, width=None if width is None else max(width - 2, 20))
+    return formatter
 
 
 def _parser() -> argparse.ArgumentParser:
