@@ -60,7 +60,7 @@ class Options:
     is needed and compact mode finds the fewest parameters within `tolerance`."""
 
     ranks: Mapping[str, int | str] | None = _option(None, Flag(  # {"node or weight name" | "*": int | "full"}
-        'ranks per node or weight name: {"name" | "*": int | "full"}', "FILE.json", type=Path,
+        'a .json file of ranks per node or weight name: {"name" | "*": int | "full"}', "FILE", type=Path,
         convert=load_ranks_file, exclusive="rank"))
     target_params: float | None = _option(None, Flag(  # keep this fraction of the factorizable parameters
         "keep this fraction of the factorizable parameters, spent where it loses least energy", "F", type=float,
@@ -71,8 +71,10 @@ class Options:
     tolerance: float | None = _option(None, Flag(  # bound on the validated error (compact: default per metric)
         "max validated error on the held-out calibration part, in --metric (compact-mode default per metric: "
         f"{_tolerance_defaults()})", "T", type=float))
-    metric: str = _option(DEFAULT_METRIC, Flag("error measure (default %(default)s)", choices=METRICS))
-    method: str = _option("auto", Flag("decomposition (auto: the best available)", choices=METHODS))
+    metric: str = _option(DEFAULT_METRIC, Flag("error measure: %(choices)s (default %(default)s)", "M",
+                                                choices=METRICS))
+    method: str = _option("auto", Flag("decomposition: %(choices)s (auto: the best available)", "METHOD",
+                                       choices=METHODS))
     no_data: bool = _option(False, Flag("factorize from the weights alone (still validate on --calib)"))
     ops: Sequence[str] = _option(None, Flag(
         f"comma-separated op types to consider (default {','.join(ADAPTERS)})", "LIST", convert=parse_list),
@@ -85,8 +87,8 @@ class Options:
     seed: int = _option(0, Flag("seed of the fit / validation split", type=int))
     batch_size: int = _option(8, Flag("calibration samples per ONNX Runtime run", type=int))
     jobs: int | None = _option(None, Flag(  # worker processes for the per-layer work (None: by model size)
-        "worker processes for the per-layer factorizations (default: all cores for weight-only or Conv "
-        "decompositions; data-aware SVDs and models under 4M factorizable parameters run in one process)", "N",
+        "worker processes for the per-layer factorizations (default: all cores for Conv decompositions and for "
+        "weight-only SVDs of models over 200M factorizable parameters; anything else runs in one process)", "N",
         type=int))
     scheduler: str | None = _option(None, Flag(
         "send the per-layer factorizations to this Dask scheduler (tcp://host:8786) instead", "ADDRESS"))

@@ -903,3 +903,34 @@ def test_outputs_without_calibration_is_bad_input(tiny: Path, tmp_path: Path, mo
     code, _, err = _main(monkeypatch, capsys, "compress", tiny, "-o", tmp_path / "o.onnx", "--energy", "0.9",
                          "--outputs", "y")
     assert code == 2 and "--outputs" in err and "--calib" in err, err
+
+
+@pytest.mark.parametrize("labels", ["models/minilm_sentences.npz", "floats.npy"])
+def test_labels_that_are_not_integer_classes_say_what_labels_are(labels: str, tmp_path: Path):
+    """`--labels` given a calibration .npz (or fractional values): one line saying that labels are a .npy
+    array of one integer class per sample, exit 2 (issue 30, item 6)."""
+    np.save(tmp_path / "floats.npy", np.linspace(0, 1, 600))
+    path = ROOT / labels if labels.startswith("models/") else tmp_path / labels
+    done = cli("compress", ROOT / "models" / "minilm_l2.onnx", "-o", "out.lowrank.onnx", "--calib",
+               ROOT / "models" / "minilm_sentences.npz", "--labels", path, "--metric", "accuracy", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(PREFIX), done.stderr
+    assert ".npy array of one integer class per calibration sample" in lines[0]
+    assert not (tmp_path / "out.lowrank.onnx").exists()
+
+
+def test_columns_is_honoured_off_a_terminal(tmp_path: Path, monkeypatch):
+    """Written to a file: COLUMNS where it is set, else 100 columns; `compress --help` (its examples and
+    exit codes included) fits 80 columns (issue 30, item 7)."""
+    model = ROOT / "models" / "minilm_l2.onnx"
+    monkeypatch.setenv("COLUMNS", "80")
+    for argv in (("inspect", model), ("compress", "--help"), ("inspect", "--help"), ("--help",)):
+        done = cli(*argv, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        wide = [line for line in done.stdout.splitlines() if len(line) > 80]
+        assert not wide, (argv, wide)
+    monkeypatch.delenv("COLUMNS")
+    done = cli("inspect", model, cwd=tmp_path)
+    widths = [len(line) for line in done.stdout.splitlines()]
+    assert done.returncode == 0 and 80 < max(widths) <= 100, max(widths)

@@ -448,3 +448,19 @@ def test_browser_check_catches_errors(browser, minimal, tmp_path):
     empty.write_text("<!DOCTYPE html><html><body></body></html>")
     page = browser.load(empty)
     assert page["errors"] == [] and blank(page["screenshot"])
+
+
+def test_validation_card_reads_as_the_comparison_it_is(minimal):
+    """A failed run's card says "top1 0.1822 > 0.01", not "≤" (issue 30, item 3); a passed one "≤"."""
+    failed = Validation("top1", 0.1822, 0.01, False, "cpu", 64, confidence=0.95, unseen_bound=0.25)
+    card = re.search(r'<div class="label">Validation</div>.*?</div></div>', render_html(
+        dataclasses.replace(minimal, validation=failed)), re.S).group(0)
+    assert "failed" in card and "top1 0.1822 &gt; 0.01" in card and "≤" not in card
+    passed = Validation("top1", 0.004, 0.01, True, "cpu", 64, confidence=0.95, unseen_bound=0.03)
+    card = re.search(r'<div class="label">Validation</div>.*?</div></div>', render_html(
+        dataclasses.replace(minimal, validation=passed)), re.S).group(0)
+    assert "passed" in card and "top1 0.004 ≤ 0.01" in card
+    by_bound = dataclasses.replace(passed, passed=False)  # --accept bound: within the tolerance, not its promise
+    card = re.search(r'<div class="label">Validation</div>.*?</div></div>', render_html(
+        dataclasses.replace(minimal, validation=by_bound)), re.S).group(0)
+    assert "top1 0.004 ≤ 0.01; for new inputs up to 0.03 &gt; 0.01" in card

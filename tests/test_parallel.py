@@ -7,6 +7,9 @@ stands in for a real cluster; the pool threshold is lowered so that the small di
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,3 +87,28 @@ def test_default_pool_only_where_it_pays():
     if parallel.default_jobs() > 1:
         with parallel.executor_for(None, None, large, pool_pays=True) as workers:
             assert workers is not None
+
+
+def test_worker_processes_from_a_script_without_a_main_guard(tmp_path):
+    """A plain script (no `if __name__ == "__main__":`) whose call starts worker processes: spawn must not
+    run the script again in each worker (multiprocessing refuses that, and the pool breaks)."""
+    script = tmp_path / "plain.py"
+    script.write_text(
+        "import onnx_lowrank\n"
+        "from onnx_lowrank.system import parallel\n"
+        "parallel.POOL_MIN_PARAMS = 0\n"
+        "print('started')\n"
+        f"model, report = onnx_lowrank.compress({str(DIGITS)!r}, target_params=0.7, method='tucker2', jobs=2)\n"
+        "print('kept', report.params_after)\n", encoding="utf-8")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(MODELS.parent), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("started") == 1 and "kept" in done.stdout
+
+
+def test_default_pool_pays_for_conv_methods_and_the_largest_weight_only_svds():
+    assert parallel.pool_pays(False, True, parallel.POOL_MIN_PARAMS)
+    assert not parallel.pool_pays(True, False, 100_000_000)  # measured: inline twice as fast on 2 cores
+    assert parallel.pool_pays(True, False, parallel.SVD_POOL_MIN_PARAMS)
+    assert not parallel.pool_pays(False, False, 10 ** 9)  # data-aware SVDs of matrices

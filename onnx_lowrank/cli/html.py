@@ -260,11 +260,7 @@ def _cards(data: Mapping, latency: Latency | None) -> list[str]:
         _card("Nodes", f"{nodes_b:,} → {nodes_a:,}", f"{len(ops_a)} op types"),
     ]
     if validation:
-        bound = validation.get("tolerance")
-        cards.append(_card(
-            "Validation", _badge(validation.get("passed")),
-            f"{_e(validation.get('metric', ''))} {_num(validation.get('value'))}"
-            + (f" ≤ {_num(bound)}" if bound is not None else "")))
+        cards.append(_card("Validation", _badge(validation.get("passed")), _compared(validation)))
     else:
         cards.append(_card("Validation", _badge(None), "not validated: no calibration data"))
     if latency is not None and _finite(latency.speedup):
@@ -273,6 +269,24 @@ def _cards(data: Mapping, latency: Latency | None) -> list[str]:
     cards.append(_card("Time", _seconds(data.get("seconds")),
                        f"mode {_e(data.get('mode') or '—')}, objective {_e(data.get('objective') or '—')}"))
     return cards
+
+
+def _compared(validation: Mapping) -> str:
+    """The metric's value against the tolerance, as the comparison it is (≤ or >); where the value is within
+    it but the run failed, what failed: the promise for new inputs (`--accept bound`) or the calibration
+    decisions threatened (top1 / accuracy)."""
+    value, bound = validation.get("value"), validation.get("tolerance")
+    text = f"{_e(validation.get('metric', ''))} {_num(value)}"
+    if bound is None or not isinstance(value, (int, float)):
+        return text + (f" (tolerance {_num(bound)})" if bound is not None else "")
+    text += f" {'≤' if value <= bound else '&gt;'} {_num(bound)}"
+    unseen = validation.get("unseen_bound")
+    if validation.get("passed") is False and value <= bound:
+        if isinstance(unseen, (int, float)) and unseen > bound and validation.get("metric") != "max-abs":
+            text += f"; for new inputs up to {_num(unseen)} &gt; {_num(bound)}"
+        elif validation.get("predicted_unseen") is not None:
+            text += f"; predicted for new inputs {_num(validation.get('predicted_unseen'))} &gt; {_num(bound)}"
+    return text
 
 
 def _op_counts(ops_b: Mapping, ops_a: Mapping) -> str:

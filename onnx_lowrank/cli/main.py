@@ -14,6 +14,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -33,18 +34,20 @@ from .terminal import print_compress, print_inspect
 PROG = "onnx-lowrank"
 REPORT_ASK = "please report it with the command and ONNX_LOWRANK_DEBUG=1 output"
 
+OFF_TERMINAL_COLUMNS = 100  # the width of what is written to a file or a pipe, unless COLUMNS says otherwise
 COMPRESS_EXAMPLES = f"""\
 examples:
-  {PROG} compress models/digits_cnn.onnx -o digits.lowrank.onnx --calib models/digits_calib.npz \\
-      --labels models/digits_calib_labels.npy --metric accuracy
-  {PROG} compress models/minilm_l2.onnx -o minilm_l2.lowrank.onnx --calib models/minilm_sentences.npz \\
-      --metric cosine --tolerance 0.01
+  {PROG} compress models/digits_cnn.onnx -o digits.lowrank.onnx \\
+      --calib models/digits_calib.npz --labels models/digits_calib_labels.npy \\
+      --metric accuracy
+  {PROG} compress models/minilm_l2.onnx -o minilm_l2.lowrank.onnx \\
+      --calib models/minilm_sentences.npz --metric cosine --tolerance 0.01
 
 exit codes:
   0  the model was written (validated within --tolerance when --calib was given)
-  1  the bound cannot be met: no model written (--report and --html still say how close it came)
+  1  the bound cannot be met: nothing written (--report, --html say how close)
   2  bad input or usage: one line on stderr naming the problem
-  3  an internal error (a bug in {PROG}): one line naming what failed; please report it
+  3  an internal error (a bug in {PROG}): one line; please report it
 """
 
 
@@ -55,16 +58,36 @@ class _Parser(argparse.ArgumentParser):
         raise InputError(message)
 
 
+def columns() -> int | None:
+    """The width to lay text out for: COLUMNS where it is set (on a terminal or not), else the terminal's
+    own (None) on a terminal, else OFF_TERMINAL_COLUMNS."""
+    given = os.environ.get("COLUMNS", "").strip()
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    return None if sys.stdout.isatty() else OFF_TERMINAL_COLUMNS
+
+
+def _formatter(base: type[argparse.HelpFormatter]) -> Any:
+    """argparse's `base` formatter at the width of `columns()` (argparse leaves two columns free)."""
+    width = columns()
+
+    def formatter(*, prog: str) -> argparse.HelpFormatter:
+        return base(prog, width=None if width is None else max(width - 2, 20))
+    return formatter
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Factorize the weights of an ONNX model into low-rank chains.",
-                     epilog=f"{PROG} COMMAND --help: the options of a command")
+                     epilog=f"{PROG} COMMAND --help: the options of a command",
+                     formatter_class=_formatter(argparse.HelpFormatter))
     parser.add_argument("--version", action="version", version=f"{PROG} {version()}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, title="commands",
                                      metavar="COMMAND")
 
     run = commands.add_parser("compress", help="write a model with factorized layers",
                               description="Write a model with factorized layers, validated on --calib when given.",
-                              epilog=COMPRESS_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              epilog=COMPRESS_EXAMPLES,
+                              formatter_class=_formatter(argparse.RawDescriptionHelpFormatter))
     run.add_argument("input", type=Path, help="the ONNX model (never modified)")
     run.add_argument("-o", "--output", type=Path, required=True, help="where to write the new model")
     run.add_argument("--calib", type=Path, metavar="PATH",
@@ -76,15 +99,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--report", type=Path, metavar="FILE.json", help="write the machine-readable report here")
     run.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
 
-    look = commands.add_parser("inspect", help="per-layer table: shapes, parameters, spectrum, break-even rank")
+    look = commands.add_parser("inspect", help="per-layer table: shapes, parameters, spectrum, break-even rank",
+                               formatter_class=_formatter(argparse.HelpFormatter))
     look.add_argument("input", type=Path, help="the ONNX model")
     look.add_argument("--ops", default=",".join(ADAPTERS), metavar="LIST", help="comma-separated op types")
     look.add_argument("--calib", type=Path, metavar="PATH",
                       help="calibration data: spectra of the layers' outputs on it instead of the weights'")
     look.add_argument("--provider", choices=PROVIDERS, default="cpu", help="execution provider for --calib")
-    look.add_argument("--method", choices=METHODS, default="auto",
-                      help="the decompositions whose error at half size is shown (auto: every one that applies; "
-                           "svd: the quickest)")
+    look.add_argument("--method", choices=METHODS, default="auto", metavar="METHOD",
+                      help="the decompositions whose error at half size is shown: %(choices)s (auto: every one "
+                           "that applies; svd: the quickest)")
     return parser
 
 
@@ -178,7 +202,7 @@ def _where(error: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    console = Console(width=None if sys.stdout.isatty() else 200)
+    console = Console(width=columns())
     warnings.showwarning = _warn
     try:
         parser = _parser()

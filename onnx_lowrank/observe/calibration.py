@@ -216,13 +216,23 @@ def _check_array(name: str, array: np.ndarray, info: onnx.ValueInfoProto, where:
         raise InputError(f"{where}: input {name!r} contains NaN or Inf")
 
 
+LABELS_FORMAT = "labels must be a .npy array of one integer class per calibration sample"
+
+
 def _load_labels(labels, count: int) -> np.ndarray:
     if isinstance(labels, (str, os.PathLike)):
         try:
-            labels = np.load(labels, allow_pickle=False)
+            loaded = np.load(labels, allow_pickle=False)
         except (OSError, ValueError, EOFError) as error:
             raise InputError(f"cannot read labels {labels}: {error}") from None
+        if isinstance(loaded, np.lib.npyio.NpzFile):  # an archive of arrays (a calibration .npz?), not labels
+            loaded.close()
+            raise InputError(f"{LABELS_FORMAT} ({count} here); {labels} is an .npz archive of arrays")
+        labels = loaded
     labels = np.asarray(labels)
     if labels.ndim == 0 or labels.shape[0] != count:
-        raise InputError(f"labels hold {labels.shape[0] if labels.ndim else 'no'} entries for {count} calibration samples")
+        raise InputError(f"labels hold {labels.shape[0] if labels.ndim else 'no'} entries for {count} calibration "
+                         f"samples: {LABELS_FORMAT}")
+    if labels.dtype.kind not in "iu" and not (labels.dtype.kind == "f" and np.all(np.mod(labels, 1) == 0)):
+        raise InputError(f"{LABELS_FORMAT}, not {labels.dtype} values")
     return labels

@@ -48,7 +48,7 @@ from ..observe.statistics import Counts, Moments, Tied, unit_statistics
 from ..options import Options
 from ..quantize.share import Int8Share
 from ..report import Chosen, Report, SkippedLayer, Validation
-from ..system.parallel import executor_for
+from ..system.parallel import executor_for, pool_pays
 from .modes import Allocation, Menus, Outcome, RankMode, rank_mode_for
 from .progress import Advance, Progress, ignore
 from .report_parts import clearly_slower, fusions, layer_reports, refusal, traced
@@ -247,8 +247,9 @@ def factorize(run: Run, advance: Advance) -> None:
     if run.samples is not None:
         run.timing_feed = next(run.samples.batches(run.fit, settings.batch_size))[1]
     factorizable = sum(unit.params for unit in units)
-    pool_pays = run.statistics is None or (settings.method != "svd" and any(unit.op == "Conv" for unit in units))
-    with executor_for(settings.jobs, settings.scheduler, factorizable, pool_pays) as workers:
+    pays = pool_pays(run.statistics is None, settings.method != "svd" and any(unit.op == "Conv" for unit in units),
+                     factorizable)
+    with executor_for(settings.jobs, settings.scheduler, factorizable, pays) as workers:
         parking = run.work if factorizable >= PARK_MIN_PARAMS else None
         run.decomposers = decomposers_for(units, settings.method, run.statistics, workers, eager=run.rank_mode.eager,
                                           advance=advance, parking=parking)

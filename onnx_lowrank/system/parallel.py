@@ -10,11 +10,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-import multiprocessing
 import os
+import sys
+import types
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
+from multiprocessing.context import SpawnContext, SpawnProcess
 from typing import Any
 
 from threadpoolctl import ThreadpoolController
@@ -24,6 +26,10 @@ from .installation import install_hint
 
 BLAS_THREADS_MIN_PARAMS = 1_000_000
 POOL_MIN_PARAMS = 4_000_000  # below this many factorizable parameters the work runs in this process
+# ... and, without --jobs, weight-only SVDs of matrices below this many: LAPACK's SVD uses every core already
+# (2 cores, random-weight transformer blocks, factorize phase inline / two workers: 12.6M parameters 2.5 s /
+# 15 s, 25M 5.0 s / 10 s, 101M 29 s / 71 s; 554M 176 s / 135 s)
+SVD_POOL_MIN_PARAMS = 200_000_000
 DASK_CONNECT_TIMEOUT = "20s"
 
 
@@ -81,14 +87,20 @@ class Workers:
             each(pending.popleft().result())
 
 
+def pool_pays(weight_only: bool, conv_methods: bool, params: int) -> bool:
+    """Whether a default pool (no `jobs`) pays: for Conv decompositions (Tucker, CP: many small
+    single-threaded calls), and for weight-only SVDs of the largest models alone (SVD_POOL_MIN_PARAMS)."""
+    return conv_methods or (weight_only and params >= SVD_POOL_MIN_PARAMS)
+
+
 @contextlib.contextmanager
 def executor_for(jobs: int | None, scheduler: str | None, params: int, pool_pays: bool = True
                  ) -> Iterator[Workers | None]:
     """Workers for the per-layer work (None: run inline). A `scheduler` address sends it to that Dask
     cluster; otherwise `jobs` worker processes when the model is large enough. Without `jobs`: all cores
-    where `pool_pays`, else inline. A pool pays for weight-only SVDs (a 2 GB synthetic transformer: 176 s
-    inline, 135 s on two workers) and Conv decompositions (Tucker, CP: many small single-threaded calls).
-    It does not for data-aware SVDs of matrices: BLAS-3 products and eigenproblems that use every core
+    where `pool_pays` (the function of that name), else inline. A pool pays for the weight-only SVDs of the
+    largest models (a 2 GB synthetic transformer: 176 s inline, 135 s on two workers) and Conv
+    decompositions (Tucker, CP: many small single-threaded calls). It does not for data-aware SVDs of matrices: BLAS-3 products and eigenproblems that use every core
     here already, while each layer's covariance must be sent to a worker (BERT-base's factorizations:
     30 s inline, 49-58 s on two workers; MiniLM-L6's: 4.5 s against 7 s)."""
     if scheduler is not None:
@@ -99,9 +111,46 @@ def executor_for(jobs: int | None, scheduler: str | None, params: int, pool_pays
     if count <= 1 or params < POOL_MIN_PARAMS:
         yield None
         return
-    # spawn: the parent holds ONNX Runtime thread pools, which forked children must not inherit
-    with ProcessPoolExecutor(max_workers=count, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=count, mp_context=_SPAWN_WITHOUT_MAIN) as pool:
         yield Workers(pool, 2 * count)
+
+
+class _ProcessWithoutMain(SpawnProcess):
+    """A spawned worker that does not run the caller's main module.
+
+    Spawn (not fork: the parent holds ONNX Runtime thread pools, which forked children must not
+    inherit) starts a fresh interpreter, and multiprocessing has it re-import `__main__` (as
+    `__mp_main__`, from the parent main module's `__file__` or `__spec__`) so that functions defined
+    there can be unpickled. A plain script without an `if __name__ == "__main__":` guard would then
+    run its own `compress(...)` again in every worker, which multiprocessing refuses with a
+    RuntimeError (and the pool breaks). The workers here only run onnx_lowrank's own functions, so
+    they need nothing from `__main__`: while a worker is launched (the preparation data is taken then,
+    in this thread), `sys.modules["__main__"]` is a blank module, and the child imports nothing of the
+    caller's. So a library call works from a script, a `python -m` module, a notebook or an
+    interactive session alike, guard or no guard."""
+
+    @staticmethod
+    def _Popen(process_obj):
+        with _main_hidden():
+            return SpawnProcess._Popen(process_obj)
+
+
+class _SpawnWithoutMain(SpawnContext):
+    Process = _ProcessWithoutMain
+
+
+_SPAWN_WITHOUT_MAIN = _SpawnWithoutMain()
+
+
+@contextlib.contextmanager
+def _main_hidden() -> Iterator[None]:
+    """`sys.modules["__main__"]` is a blank module (no `__file__`, no `__spec__`) inside the block."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
 
 
 @contextlib.contextmanager
