@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import onnx
 
+from ..check.evaluator import Evaluator
 from ..check.metrics import DISCRETE
-from ..choose.search import Search
 from ..errors import known
 from ..graph.model_io import model_stats
 from ..observe.calibration import Samples, Split
@@ -30,13 +30,15 @@ class Int8Share:
     SELECT_SAMPLES = 32  # fit samples each node's cost is measured on
 
     def __init__(self, metric: str, int8_range: str, batch_size: int, samples: Samples | None, parts: Split | None,
-                 search: Search | None, original: onnx.ModelProto):
+                 evaluator: Evaluator | None, original: onnx.ModelProto):
         self.metric = metric
         self.range = int8_range  # "auto": by this CPU (quantize.int8_range_for)
         # Conv needs calibration for its activations' scales; without data it stays float
         self.feeds = None if samples is None else [
             feed for _, feed in samples.batches(known(parts, "the calibration split").fit, batch_size)]
-        self.search = search
+        self.evaluator = evaluator  # None without calibration data: nothing is measured
+        self.held_out = [] if parts is None else list(parts.validation)
+        self.labels = None if samples is None else samples.labels
         self.original = original
         self.alone_error: float | None = None
         self.info: dict = {}
@@ -53,10 +55,9 @@ class Int8Share:
         return quantized.model
 
     def error(self, model: onnx.ModelProto) -> float:
-        search = known(self.search, "the search")  # int8 errors are measured with calibration data
-        indices = search.indices
-        labels = None if search.labels is None else search.labels[indices]
-        return search.evaluator.judge(model, indices, self.metric, labels).value
+        evaluator = known(self.evaluator, "the evaluator")  # int8 errors are measured with calibration data
+        labels = None if self.labels is None else self.labels[self.held_out]
+        return evaluator.judge(model, self.held_out, self.metric, labels).value
 
     def select(self, model: onnx.ModelProto) -> float:
         """A node's cost, on fit samples (the held-out ones check): the metric, or for top1 and accuracy,
@@ -64,8 +65,8 @@ class Int8Share:
         if self.metric in DISCRETE:
             probing = onnx.ModelProto()
             probing.CopyFrom(model)  # probe_error adds outputs; the fallback builds on this model
-            return known(self.search, "the search").evaluator.probe_error(probing, self.select_indices)
-        return known(self.search, "the search").evaluator.error(model, self.select_indices, self.metric)
+            return known(self.evaluator, "the evaluator").probe_error(probing, self.select_indices)
+        return known(self.evaluator, "the evaluator").error(model, self.select_indices, self.metric)
 
     def factor_share(self, tolerance: float) -> float | None:
         """What the tolerance leaves the factorization once the original's own int8 error is spent, after

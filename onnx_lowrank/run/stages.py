@@ -308,7 +308,7 @@ def int8_fallback(run: Run, advance: Advance) -> None:
     """int8 of the original alone, made to fit its share of a shared tolerance (quantize.fallback)."""
     settings = run.settings
     run.int8 = Int8Share(settings.metric, settings.int8_range, settings.batch_size, run.samples, run.parts,
-                         run.search, run.original)
+                         run.evaluator, run.original)
     if run.rank_mode.shares_tolerance:  # a mode with a tolerance
         run.share = run.int8.factor_share(known(run.tolerance, "the tolerance"))
 
