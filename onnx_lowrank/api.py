@@ -18,7 +18,8 @@ from .graph.model_io import LoadedModel, check_output_path, load_model, save_mod
 from .options import Options
 from .report import Report
 from .run.progress import Progress
-from .run.stages import Run, compress_run
+from .run.records import Given, Run
+from .run.stages import compress_run
 
 
 def compress(
@@ -57,4 +58,4 @@ def compress_file(
 
 def _compress(loaded: LoadedModel, settings: Options, calibration, labels) -> tuple[onnx.ModelProto, Report]:
     with Progress(settings.progress) as progress, tempfile.TemporaryDirectory(prefix="onnx-lowrank-") as work:
-        return compress_run(Run(settings, loaded, calibration, labels, progress, Path(work)))
+        return compress_run(Run(Given(settings, loaded, calibration, labels, Path(work)), progress))

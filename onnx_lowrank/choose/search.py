@@ -33,7 +33,13 @@ FRONTIERS_MIN_SAMPLES = 32  # held-out samples compact mode needs to search the 
 class Search:
     """Allocations of ranks over the units: build, validate, remember every trial (the report's trace)."""
 
-    def __init__(self, original, adapters, candidates, evaluator: Evaluator, indices, metric, labels, advance=None):
+    def __init__(self, original, adapters, candidates, evaluator: Evaluator, indices, metric, labels, advance=None,
+                 memo: dict | None = None,
+                 refit: Callable[[dict[str, Factorized]], dict[str, Factorized]] | None = None,
+                 refit_candidates: bool = False):
+        """`memo`: rewrite.build's for this original (shared with the refit); `refit`: solves an allocation's
+        factors again for the compressed model's inputs (refit.Refit), every candidate's when
+        `refit_candidates` (--refit sequential), else only when asked."""
         self.original = original
         self.adapters = adapters
         self.candidates = candidates
@@ -42,11 +48,11 @@ class Search:
         self.metric = metric
         self.labels = labels
         self.trials: list[Trial] = []
-        self.memo: dict = {}  # rewrite.build's, for every candidate
+        self.memo: dict = {} if memo is None else memo  # rewrite.build's, for every candidate
         self.steered: list[int] = []  # held-out samples that steered the choice (compact mode's bisection)
         self.advance = advance  # called once per validated trial (a progress bar)
-        self.refit: Callable[[dict[str, Factorized]], dict[str, Factorized]] | None = None  # refit.Refit
-        self.refit_candidates = False  # whether every candidate is refit (--refit sequential), or none
+        self.refit = refit
+        self.refit_candidates = refit_candidates
         self._refitted: dict[tuple, tuple[dict[str, Factorized], int]] = {}  # the last allocations' refits
 
     def factors(self, choices: Sequence[Choice], refit: bool | None = None) -> dict[str, Factorized]:

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ..errors import known
 from ..graph.adapters import ADAPTERS
 from ..graph.model_io import load_model
 from ..options import Options
 from .modes import Describe
 from .progress import Progress
-from .stages import FRONT, Run, run_stages
+from .records import Given, Run
+from .stages import FRONT, run_stages
 
 
 @dataclass(frozen=True)
@@ -62,10 +62,10 @@ def inspect(
     settings = Options(ops=tuple(ops) if ops is not None else tuple(ADAPTERS), provider=provider,
                        batch_size=batch_size, method=method)
     with tempfile.TemporaryDirectory(prefix="onnx-lowrank-") as work:
-        run = Run(settings, loaded, calibration, None, Progress(False), Path(work), mode=Describe())
+        run = Run(Given(settings, loaded, calibration, None, Path(work), mode=Describe()), Progress(False))
         run_stages(run, FRONT)  # large models park their decompositions in `work`: rows are made here
-        rows = [_row(unit, candidate) for unit, candidate in zip(run.units, run.decomposers)]
-    return rows + [LayerInfo(node=s.node, op=s.op, reason=s.reason) for s in known(run.plan, "the plan").skipped]
+        rows = [_row(unit, candidate) for unit, candidate in zip(run.units, run.menus_offered.decomposers)]
+    return rows + [LayerInfo(node=s.node, op=s.op, reason=s.reason) for s in run.plan.skipped]
 
 
 def _row(unit, candidate) -> LayerInfo:

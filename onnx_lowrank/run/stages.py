@@ -1,35 +1,33 @@
-"""One compression run as a sequence of named stages over one state object, `Run`:
+"""One compression run as a sequence of named stages, each making one record (records.py) from those before:
 
     load -> statistics -> factorize -> latency gate -> sensitivity -> int8 fallback -> search -> validate
     -> report -> diagnose -> fusion check -> latency
 
-Each stage reads what the stages before it left in the run and adds its own part; `run_stages` times each
-under its name (the report's `phases`) and gives it its progress bar. A stage that does not apply to a run
-(no calibration data, no int8, a mode that needs no sensitivities) is skipped and leaves no phase.
+`run_stages` times each stage under its name (the report's `phases`) and gives it its progress bar. A stage
+that does not apply to a run (no calibration data, no int8, a mode that needs no sensitivities) is skipped
+and leaves no phase. The evaluator is built where the sensitivities are measured, the search and the refit
+where the ranks are chosen.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
 
-from ..check.evaluator import Evaluator, Trial
+from ..check.evaluator import Evaluator
 from ..check.generalization import Decisions, weighted_fit
 from ..check.latency import end_to_end
-from ..check.layer_timer import LayerTimer
 from ..check.metrics import DISCRETE, check_metric, compared_outputs
 from ..check.overrides import overrides_for
 from ..choose.objective import restrict as restrict_to_objective
 from ..choose.search import Search
 from ..choose.sensitivity import positions_of, positions_seen, probe_count, sensitivities
 from ..errors import BoundNotMet, InputError, known
-from ..factorize.coupled import Pairing
-from ..factorize.menu import UnitDecomposers, coupled
+from ..factorize.menu import coupled
 from ..factorize.parking import PARK_MIN_PARAMS
 from ..factorize.refit import Refit
 from ..factorize.registry import PAIRINGS, decomposers_for
@@ -37,112 +35,31 @@ from ..factorize.rewrite import build, check_rewritten, factors_of
 from ..graph.adapters import ADAPTERS
 from ..graph.bodies import every_graph
 from ..graph.imported import import_graph
-from ..graph.layers import Plan, Skipped, Unit, find_layers
-from ..graph.model_io import LoadedModel, ModelStats, model_stats
-from ..graph.splice import Factorized
+from ..graph.layers import Plan, Skipped, find_layers
+from ..graph.model_io import model_stats
 from ..observe.activations import activation_shapes
 from ..observe.cache import Cache, key_of, model_fingerprint, samples_fingerprint
-from ..observe.calibration import Samples, Split, load_calibration, next_token_targets
+from ..observe.calibration import Samples, load_calibration, next_token_targets
 from ..observe.sessions import resolve_provider
-from ..observe.statistics import Counts, Moments, Tied, unit_statistics
+from ..observe.statistics import Tied, unit_statistics
 from ..options import Options
 from ..quantize.share import Int8Share
-from ..report import Chosen, Report, SkippedLayer, Validation
+from ..report import Chosen, Report, SkippedLayer
 from ..system.parallel import executor_for, pool_pays
-from .modes import Allocation, Menus, Outcome, RankMode, rank_mode_for
-from .progress import Advance, Progress, ignore
+from .modes import RankMode, rank_mode_for
+from .progress import Advance, ignore
+from .records import (
+    Allocated,
+    Calibrated,
+    Judging,
+    Loaded,
+    Observed,
+    Offered,
+    Run,
+    Shared,
+    Written,
+)
 from .report_parts import clearly_slower, fusions, layer_reports, refusal, traced
-
-
-@dataclass
-class Run:
-    """What one compression run knows, filled in stage by stage (the comments say which stage)."""
-
-    settings: Options
-    loaded: LoadedModel
-    calibration: object
-    labels: object
-    progress: Progress
-    work: Path  # a temporary folder (large models park their decompositions there)
-    phases: dict[str, float] = field(default_factory=dict)  # seconds per stage
-    start: float = field(default_factory=time.perf_counter)
-    # load
-    mode: RankMode | None = None
-    before: ModelStats | None = None
-    adapters: dict = field(default_factory=dict)
-    plan: Plan | None = None
-    couplings: list[tuple[Pairing, list]] = field(default_factory=list)  # per kind of coupled units, its pairs
-    known: set[str] = field(default_factory=set)  # node and tensor names (explicit ranks name them)
-    samples: Samples | None = None
-    parts: Split | None = None
-    provider: str | None = None
-    cache: Cache | None = None
-    data_key: str | None = None
-    tolerance: float | None = None
-    share: float | None = None  # the tolerance left to the factorization (int8 may take some)
-    # statistics, factorize, latency gate
-    statistics: list[Moments | Counts | Tied] | None = None
-    decisions: dict[str, Decisions] = field(default_factory=dict)  # the original's, when the load stage found them
-    statistics_fit: list[int] = field(default_factory=list)  # the fit samples, the least sure ones repeated
-    timing_feed: dict[str, np.ndarray] | None = None  # one calibration batch: what layers and the whole model are timed on
-    decomposers: list[UnitDecomposers] = field(default_factory=list)  # per unit, the same order
-    timer: LayerTimer | None = None
-    notes: list[str] = field(default_factory=list)
-    # sensitivity, int8 fallback
-    evaluator: Evaluator | None = None
-    search: Search | None = None
-    sensitivity: list[float] | None = None
-    int8: Int8Share | None = None
-    # search, validate
-    allocation: Allocation | None = None
-    factors: dict[str, Factorized] = field(default_factory=dict)  # by unit key, until the report is made
-    rewritten: bool = False  # whether any unit was factorized
-    refit_on: bool = False  # whether the written factorizations are refit (refit.py), and how many were
-    refit_layers: int = 0
-    factorized: onnx.ModelProto | None = None
-    written: onnx.ModelProto | None = None  # what is written: the factorized model, quantized with int8
-    factor_error: float | None = None  # the factorization's validated error, before quantizing
-    written_error: float | None = None  # the written model's: what is held against the tolerance
-    validation: Validation | None = None
-    closest: Trial | None = None
-    report: Report | None = None
-
-    @property
-    def original(self) -> onnx.ModelProto:
-        return self.loaded.model
-
-    @property
-    def units(self) -> list[Unit]:
-        return known(self.plan, "the plan").units
-
-    # what the load stage always sets, for the stages after it
-    @property
-    def rank_mode(self) -> RankMode:
-        return known(self.mode, "the rank mode")
-
-    @property
-    def store(self) -> Cache:
-        return known(self.cache, "the cache")
-
-    @property
-    def fit(self) -> list[int]:
-        """The samples the statistics are taken on (stages that run only with calibration data)."""
-        return known(self.parts, "the calibration split").fit
-
-    @property
-    def chosen(self) -> Allocation:
-        return known(self.allocation, "the allocation")
-
-    def menus(self) -> Menus:
-        """What the rank mode allocates from."""
-        return Menus(self.settings, self.decomposers, self.known, self.search, self.sensitivity, self.share)
-
-    def outcome(self) -> Outcome:
-        """What the rank mode judges the written model by."""
-        int8 = self.int8
-        return Outcome(self.chosen, bool(self.units), self.settings.metric, self.tolerance, self.written_error,
-                       None if int8 is None else int8.alone_error,
-                       0 if int8 is None else len(int8.floats) + len(int8.weight_only), int8 is not None)
 
 
 @dataclass(frozen=True)
@@ -174,315 +91,340 @@ def run_stages(run: Run, stages: Sequence[Stage]) -> None:
 
 def load(run: Run, advance: Advance) -> None:
     """The model's layers, the mode, the calibration data and its split, the cache key."""
-    settings, original = run.settings, run.original
-    run.before = model_stats(original)
-    run.adapters = {op: ADAPTERS[op] for op in settings.ops}
+    settings, original, given = run.settings, run.original, run.given
+    adapters: dict = {op: ADAPTERS[op] for op in settings.ops}
     imported = import_graph(original)
-    run.plan = find_layers(imported.graph, original, run.adapters, run.loaded.base_dir)
+    plan = find_layers(imported.graph, original, adapters, given.loaded.base_dir)
+    names: set[str] = set()
     for graph in every_graph(imported.graph):  # bodies' layers can be named too
-        run.known |= {n.name for n in graph.nodes} | set(graph.tensors())
-    if not settings.no_data and run.calibration is not None:  # coupled units need statistics
+        names |= {n.name for n in graph.nodes} | set(graph.tensors())
+    couplings = []
+    if not settings.no_data and given.calibration is not None:  # coupled units need statistics
         taken: set[str] = set()
         for pairing in PAIRINGS:
             if settings.method in pairing.methods:
-                pairs = pairing.find(run.plan.units, original, taken)
-                run.couplings.append((pairing, pairs))
+                pairs = pairing.find(plan.units, original, taken)
+                couplings.append((pairing, pairs))
                 taken |= {key for pair in pairs for key in pairing.keys(pair)}
-    if run.mode is None:  # inspect describes the layers in a mode of its own
-        run.mode = rank_mode_for(settings, has_data=run.calibration is not None)
-    run.samples = _calibration(settings, original, run.calibration, run.labels)
-    run.tolerance = run.share = run.rank_mode.tolerance(settings)
-    run.cache = Cache(settings.cache)
-    if run.samples is None:
-        return
-    run.parts = run.rank_mode.split(run.samples, settings)
-    run.provider = resolve_provider(settings.provider)
-    run.statistics_fit = _statistics_fit(run, run.samples, run.provider)
-    if run.cache.folder is not None:  # the statistics' samples, repeats included: what everything cached hangs on
-        run.data_key = key_of(model_fingerprint(original), samples_fingerprint(run.samples, run.statistics_fit),
-                              run.provider, settings.batch_size, [unit.key for unit in run.units])
+    # inspect describes the layers in a mode of its own
+    mode = given.mode or rank_mode_for(settings, has_data=given.calibration is not None)
+    samples = _calibration(settings, original, given.calibration, given.labels)
+    cache = Cache(settings.cache)
+    data = None if samples is None else _calibrated(run, mode, samples, plan, cache)
+    run.loaded = Loaded(mode, model_stats(original), adapters, plan, tuple(couplings), frozenset(names), cache,
+                        mode.tolerance(settings), data)
+
+
+def _calibrated(run: Run, mode: RankMode, samples: Samples, plan: Plan, cache: Cache) -> Calibrated:
+    """The calibration data split as the mode wants it, and what the statistics are taken on."""
+    settings = run.settings
+    parts = mode.split(samples, settings)
+    provider = resolve_provider(settings.provider)
+    statistics_fit, decisions = _statistics_fit(run, samples, parts.fit, provider)
+    key = None
+    if cache.folder is not None:  # the statistics' samples, repeats included: what everything cached hangs on
+        key = key_of(model_fingerprint(run.original), samples_fingerprint(samples, statistics_fit), provider,
+                     settings.batch_size, [unit.key for unit in plan.units])
+    return Calibrated(samples, parts, provider, statistics_fit, decisions, key)
+
+
+def _statistics_fit(run: Run, samples: Samples, fit: list[int], provider: str) -> tuple[list[int], dict[str, Decisions]]:
+    """What the statistics are taken on: for a classifier judged by decisions (top1 / accuracy, one per
+    sample) the fit samples with the least sure decisions repeated (generalization.weighted_fit), else the
+    fit samples; and the original's decisions, where they were judged for that."""
+    settings = run.settings
+    if settings.no_data or settings.metric not in DISCRETE:
+        return fit, {}
+    compared = compared_outputs(settings.metric, [o.name for o in run.original.graph.output], settings.outputs)
+    evaluator = Evaluator(run.original, samples, provider, settings.batch_size, compared=compared)
+    name = evaluator.decision_names(settings.metric)[0]
+    found = evaluator.decisions(name)  # the search's evaluator judges candidates against them
+    return (weighted_fit(fit, found.margins) if found.margins.size == len(samples) else fit), {name: found}
 
 
 def statistics(run: Run, advance: Advance) -> None:
     """What each layer sees on the fit samples (or the cache's copy of it); units in If / Loop / Scan bodies
     that never ran on them are left dense. With --no-data only those bodies are observed, for that alone
     (and nothing is cached)."""
-    no_data = run.settings.no_data
+    no_data, data, load = run.settings.no_data, run.calibrated, run.load
     observed = [unit for unit in run.units if unit.layers[0].scope] if no_data else run.units
-    found = None if no_data else run.store.statistics(run.data_key)
+    found = None if no_data else load.cache.statistics(data.key)
     if found is None:
-        found = unit_statistics(run.original, observed, known(run.samples, "the samples"), run.statistics_fit,
-                                known(run.provider, "the provider"), run.settings.batch_size, advance)
+        found = unit_statistics(run.original, observed, data.samples, data.statistics_fit, data.provider,
+                                run.settings.batch_size, advance)
         if not no_data:
-            run.store.save_statistics(run.data_key, found)
-    plan, gone = known(run.plan, "the plan"), set()
+            load.cache.save_statistics(data.key, found)
+    gone, skipped = set(), list(load.plan.skipped)
     for unit, stats in zip(observed, found):
         scope = unit.layers[0].scope
         if scope is not None and not np.sum(stats.counts.count if isinstance(stats, Tied) else stats.count):
             gone.add(id(unit))
-            plan.skipped.extend(Skipped(layer.node.name, layer.node.op, scope.unseen) for layer in unit.layers)
-    plan.units = [unit for unit in plan.units if id(unit) not in gone]
-    if not no_data:
-        run.statistics = [stats for unit, stats in zip(observed, found) if id(unit) not in gone]
-
-
-def _statistics_fit(run: Run, samples: Samples, provider: str) -> list[int]:
-    """What the statistics are taken on: for a classifier judged by decisions (top1 / accuracy, one per
-    sample) the fit samples with the least sure decisions repeated (generalization.weighted_fit), else the
-    fit samples."""
-    settings = run.settings
-    if settings.no_data or settings.metric not in DISCRETE:
-        return run.fit
-    compared = compared_outputs(settings.metric, [o.name for o in run.original.graph.output], settings.outputs)
-    evaluator = Evaluator(run.original, samples, provider, settings.batch_size, compared=compared)
-    name = evaluator.decision_names(settings.metric)[0]
-    found = evaluator.decisions(name)
-    run.decisions = {name: found}  # the search's evaluator judges candidates against them
-    return weighted_fit(run.fit, found.margins) if found.margins.size == len(samples) else run.fit
+            skipped.extend(Skipped(layer.node.name, layer.node.op, scope.unseen) for layer in unit.layers)
+    plan = Plan([unit for unit in load.plan.units if id(unit) not in gone], skipped)
+    run.observed = Observed(plan, None if no_data else [
+        stats for unit, stats in zip(observed, found) if id(unit) not in gone])
 
 
 def factorize(run: Run, advance: Advance) -> None:
     """Every unit's decompositions: the ranks on offer, each with its parameters and predicted error."""
-    settings, units = run.settings, run.units
-    if run.samples is not None:
-        run.timing_feed = next(run.samples.batches(run.fit, settings.batch_size))[1]
+    settings, units, data, statistics = run.settings, run.units, run.data, run.statistics
+    timing_feed = None if data is None else next(data.samples.batches(data.fit, settings.batch_size))[1]
     factorizable = sum(unit.params for unit in units)
-    pays = pool_pays(run.statistics is None, settings.method != "svd" and any(unit.op == "Conv" for unit in units),
+    pays = pool_pays(statistics is None, settings.method != "svd" and any(unit.op == "Conv" for unit in units),
                      factorizable)
     with executor_for(settings.jobs, settings.scheduler, factorizable, pays) as workers:
-        parking = run.work if factorizable >= PARK_MIN_PARAMS else None
-        run.decomposers = decomposers_for(units, settings.method, run.statistics, workers, eager=run.rank_mode.eager,
-                                          advance=advance, parking=parking)
-    for pairing, pairs in run.couplings:
-        if pairs and run.statistics is not None:
-            pairing.couple(pairs, run.decomposers, run.statistics, parking)
+        parking = run.given.work if factorizable >= PARK_MIN_PARAMS else None
+        decomposers = decomposers_for(units, settings.method, statistics, workers, eager=run.load.mode.eager,
+                                      advance=advance, parking=parking)
+    for pairing, pairs in run.load.couplings:
+        if pairs and statistics is not None:
+            pairing.couple(pairs, decomposers, statistics, parking)
+    run.offered = Offered(decomposers, timing_feed)
 
 
 def latency_gate(run: Run, advance: Advance) -> None:
     """The objective's restriction of the options: tile-multiple ranks, none slower than its dense layer."""
-    others = (feed for _, feed in run.samples.batches(run.fit, run.settings.batch_size)) if run.samples else ()
-    run.timer, run.notes = restrict_to_objective(
-        run.settings.objective, run.decomposers, run.provider or "cpu", run.original, run.adapters, run.timing_feed,
-        run.store.file("latency.json"), advance, others,
+    offered, data, settings = run.menus_offered, run.data, run.settings
+    others = (feed for _, feed in data.samples.batches(data.fit, settings.batch_size)) if data else ()
+    timer, notes = restrict_to_objective(
+        settings.objective, offered.decomposers, data.provider if data else "cpu", run.original, run.load.adapters,
+        offered.timing_feed, run.load.cache.file("latency.json"), advance, others,
     )
+    run.offered = replace(offered, timer=timer, notes=tuple(notes))
 
 
 def sensitivity(run: Run, advance: Advance) -> None:
-    """The validator of candidates and, for the modes that weigh units by it, each unit's sensitivity."""
-    settings, units, mode = run.settings, run.units, run.rank_mode
-    samples, parts = known(run.samples, "the samples"), known(run.parts, "the calibration split")
-    overrides = overrides_for(run.original, units, {o.name for o in run.original.graph.output}) \
-        if mode.probes else None
-    compared = compared_outputs(settings.metric, [o.name for o in run.original.graph.output], settings.outputs)
-    run.evaluator = Evaluator(run.original, samples, known(run.provider, "the provider"), settings.batch_size,
-                              overrides, compared, run.decisions)
-    run.search = Search(run.original, run.adapters, run.decomposers, run.evaluator, parts.validation,
-                        settings.metric, samples.labels)
-    if settings.refit != "none" and run.statistics is not None:
-        run.search.refit = Refit(run.original, run.adapters, units, run.statistics, samples, parts.fit,
-                                 known(run.provider, "the provider"), settings.batch_size, run.loaded.base_dir,
-                                 run.search.memo)
-        run.search.refit_candidates = settings.refit == "sequential"
-    if not mode.probes:
-        return
-    probe = parts.fit[:probe_count(units, _positions(run, samples))]
-    probe_key = key_of(run.data_key, settings.method, settings.no_data, probe)
-    run.sensitivity = run.store.floats("sensitivity", probe_key)
-    if run.sensitivity is None or len(run.sensitivity) != len(units) + len(coupled(run.decomposers)):
-        run.sensitivity = sensitivities(run.original, run.adapters, run.decomposers, run.evaluator, probe, advance)
-        run.store.save_floats("sensitivity", probe_key, run.sensitivity)
+    """The evaluator of candidates and, for the modes that weigh units by it, each unit's sensitivity."""
+    settings, units, load, data = run.settings, run.units, run.load, run.calibrated
+    outputs = [o.name for o in run.original.graph.output]
+    overrides = overrides_for(run.original, units, set(outputs)) if load.mode.probes else None
+    evaluator = Evaluator(run.original, data.samples, data.provider, settings.batch_size, overrides,
+                          compared_outputs(settings.metric, outputs, settings.outputs), data.decisions)
+    found = None
+    if load.mode.probes:
+        decomposers = run.menus_offered.decomposers
+        probe = data.fit[:probe_count(units, _positions(run, data))]
+        probe_key = key_of(data.key, settings.method, settings.no_data, probe)
+        found = load.cache.floats("sensitivity", probe_key)
+        if found is None or len(found) != len(units) + len(coupled(decomposers)):
+            found = sensitivities(run.original, load.adapters, decomposers, evaluator, probe, advance)
+            load.cache.save_floats("sensitivity", probe_key, found)
+    run.judging = Judging(evaluator, found)
 
 
-def _positions(run: Run, samples: Samples) -> list[float]:
+def _positions(run: Run, data: Calibrated) -> list[float]:
     """Per unit, the positions it applies its weight at per sample (what a probe costs): from the statistics,
     else (--no-data) from the activations of one sample."""
     if run.statistics is not None:
-        return positions_seen(run.statistics, len(run.statistics_fit))
-    if not run.fit:
+        return positions_seen(run.statistics, len(data.statistics_fit))
+    if not data.fit:
         return []
-    feed = next(samples.batches(run.fit[:1], 1))[1]
-    return positions_of(run.units, activation_shapes(run.original, run.units, feed, known(run.provider, "the provider")))
+    feed = next(data.samples.batches(data.fit[:1], 1))[1]
+    return positions_of(run.units, activation_shapes(run.original, run.units, feed, data.provider))
 
 
 def int8_fallback(run: Run, advance: Advance) -> None:
     """int8 of the original alone, made to fit its share of a shared tolerance (quantize.fallback)."""
-    settings = run.settings
-    run.int8 = Int8Share(settings.metric, settings.int8_range, settings.batch_size, run.samples, run.parts,
-                         run.evaluator, run.original)
-    if run.rank_mode.shares_tolerance:  # a mode with a tolerance
-        run.share = run.int8.factor_share(known(run.tolerance, "the tolerance"))
+    settings, data = run.settings, run.data
+    int8 = Int8Share(settings.metric, settings.int8_range, settings.batch_size, None if data is None else data.samples,
+                     None if data is None else data.parts, None if run.judging is None else run.judging.evaluator,
+                     run.original)
+    share = run.load.tolerance
+    if run.load.mode.shares_tolerance:  # a mode with a tolerance
+        share = int8.factor_share(known(share, "the tolerance"))
+    run.shared = Shared(int8, share)
 
 
 def search(run: Run, advance: Advance) -> None:
-    """The mode's allocation of ranks (validated candidates, with calibration data)."""
+    """The mode's allocation of ranks (validated candidates, with calibration data: the search and, with
+    --refit, the refit of its candidates are built here)."""
     _method_applies(run)
-    if run.search is not None:
-        run.search.advance = advance
-    run.allocation = run.rank_mode.allocate(run.menus())
-    _settle_refit(run)
+    found = None if run.judging is None else _search(run, run.judging.evaluator, advance)
+    allocation = run.load.mode.allocate(run.menus(found, run.share))
+    refit_on = found is not None and found.refit is not None and found.refit_candidates
+    run.allocated = _settle_refit(run, Allocated(allocation, found, refit_on, run.share))
+
+
+def _search(run: Run, evaluator: Evaluator, advance: Advance) -> Search:
+    settings, data, load = run.settings, run.calibrated, run.load
+    memo: dict = {}  # rewrite.build's, shared by every candidate and refit stage
+    refit = None if settings.refit == "none" or run.statistics is None else Refit(
+        run.original, load.adapters, run.units, run.statistics, data.samples, data.parts.fit, data.provider,
+        settings.batch_size, run.given.loaded.base_dir, memo)
+    return Search(run.original, load.adapters, run.menus_offered.decomposers, evaluator, data.parts.validation,
+                  settings.metric, data.samples.labels, advance, memo=memo, refit=refit,
+                  refit_candidates=refit is not None and settings.refit == "sequential")
 
 
 def _method_applies(run: Run) -> None:
     """A forced method that no layer offers is a usage error (--method heads on a CNN), not a bound that
     could not be met."""
-    method, decomposers = run.settings.method, run.decomposers
+    method, decomposers = run.settings.method, run.menus_offered.decomposers
     if method in ("auto", "svd") or not decomposers or any(c.offers_any for c in decomposers):
         return
     why = sorted({note for c in decomposers for note in c.notes}) or [f"{method}: no layer offers it"]
     raise InputError(f"--method {method} applies to no layer of this model ({'; '.join(why)})")
 
 
-def _settle_refit(run: Run) -> None:
+def _settle_refit(run: Run, allocated: Allocated) -> Allocated:
     """--refit auto, in a mode that fixes the size before validating: the chosen ranks refit too, kept so
     when that validates better (sequential: the search refit every candidate; compact mode's size is what
     its search finds, so auto leaves it alone: a refit at the found size would cost passes for no size)."""
-    search = run.search
-    if search is None or search.refit is None:
-        return
-    run.refit_on = search.refit_candidates
-    if run.refit_on or not run.rank_mode.sized:
-        return
-    plain = run.chosen.trial or search.validated(run.chosen.choices, refit=False)
-    run.allocation = replace(run.chosen, trial=plain)
+    search = allocated.search
+    if search is None or search.refit is None or allocated.refit_on or not run.load.mode.sized:
+        return allocated
+    chosen = allocated.allocation
+    plain = chosen.trial or search.validated(chosen.choices, refit=False)
+    allocated = replace(allocated, allocation=replace(chosen, trial=plain))
     if search.refitted(plain.choices, refit=True)[1] == 0:
-        return
+        return allocated
     refit = search.validated(plain.choices, refit=True)
     if refit.value < plain.value:
-        run.refit_on, run.allocation = True, replace(run.chosen, trial=refit)
+        return replace(allocated, allocation=replace(chosen, trial=refit), refit_on=True)
+    return allocated
 
 
 def validate(run: Run, advance: Advance) -> None:
     """The rewritten (and quantized) model, validated; int8 and a factorization that together exceed a shared
     tolerance give the factorization half its share, and the search runs again."""
-    mode = run.rank_mode
+    mode, allocated, int8, tolerance = run.load.mode, run.chosen, run.int8, run.load.tolerance
     while True:
-        written = _rewrite(run)
-        if run.search is None:
+        written = _rewrite(run, allocated)
+        search = allocated.search
+        if search is None:
+            run.written = written
             return
-        trial = run.chosen.trial
-        run.factor_error = trial.error if trial is not None else run.search.validated(run.chosen.choices).error
-        run.written_error = run.factor_error if run.int8 is None else run.int8.error(written)
-        if run.int8 is None or not mode.shares_tolerance or not run.factors:
+        trial = allocated.allocation.trial
+        factor_error = trial.error if trial is not None else search.validated(allocated.allocation.choices).error
+        error = factor_error if int8 is None else int8.error(written.model)
+        written = replace(written, factor_error=factor_error, error=error)
+        if int8 is None or not mode.shares_tolerance or not written.factors:
             break
-        tolerance = known(run.tolerance, "the tolerance")  # a mode that shares it has one
-        if run.written_error <= tolerance:
+        if error <= known(tolerance, "the tolerance"):  # a mode that shares it has one
             break
-        run.share = run.int8.halved(known(run.share, "the share"))  # the two errors did not add up as assumed
-        run.allocation = mode.allocate(run.menus())
-        _settle_refit(run)
-    run.validation = run.search.validation(written, run.tolerance, run.settings.confidence)
-    run.closest = mode.closest(run.search, run.outcome())
+        share = int8.halved(known(allocated.share, "the share"))  # the two errors did not add up as assumed
+        again = Allocated(mode.allocate(run.menus(search, share)), search, search.refit_candidates, share)
+        allocated = _settle_refit(run, again)
+    run.allocated = allocated
+    run.written = replace(written, validation=search.validation(written.model, tolerance, run.settings.confidence),
+                          closest=mode.closest(search, run.outcome(allocated.allocation, written.error)))
 
 
-def _rewrite(run: Run) -> onnx.ModelProto:
-    """The model to write (also left in the run, with the factorized one before quantizing)."""
-    if run.search is not None:
-        run.factors, run.refit_layers = run.search.refitted(run.chosen.choices, run.refit_on)
+def _rewrite(run: Run, allocated: Allocated) -> Written:
+    """The model to write, with the factorized one before quantizing."""
+    loaded, search, choices = run.given.loaded, allocated.search, allocated.allocation.choices
+    refit_layers = 0
+    if search is not None:
+        factors, refit_layers = search.refitted(choices, allocated.refit_on)
     else:
-        run.factors = factors_of(run.decomposers, run.chosen.choices)
-    if run.factors:
-        factorized = build(run.original, run.adapters, run.factors, run.loaded.base_dir)
-        if not run.loaded.base_dir:  # otherwise the checker cannot read it in memory: save_model checks it
-            check_rewritten(factorized, full=run.loaded.shapes_consistent)
+        factors = factors_of(run.menus_offered.decomposers, choices)
+    if factors:
+        factorized = build(run.original, run.load.adapters, factors, loaded.base_dir)
+        if not loaded.base_dir:  # otherwise the checker cannot read it in memory: save_model checks it
+            check_rewritten(factorized, full=loaded.shapes_consistent)
     else:
         factorized = onnx.ModelProto()
         factorized.CopyFrom(run.original)
-    run.factorized = factorized
-    run.written = factorized if run.int8 is None else run.int8.quantize(factorized)
-    return run.written
+    model = factorized if run.int8 is None else run.int8.quantize(factorized)
+    return Written(allocated, factors, bool(factors), refit_layers, factorized, model, None, None, None, None)
 
 
 def report(run: Run, advance: Advance) -> None:
     """The report of what was chosen and validated (the per-layer timings of the chosen factorizations
     included); the factors themselves are let go: the model holds its own copy of them."""
-    written = known(run.written, "the written model")
-    after, before, trial = model_stats(written), known(run.before, "the original's size"), run.chosen.trial
-    choices = run.chosen.choices
+    written, offered, load = run.final, run.menus_offered, run.load
+    after, before, allocation = model_stats(written.model), load.before, written.allocated.allocation
+    trial, choices, search = allocation.trial, allocation.choices, written.allocated.search
     report = run.report = Report(
         params_before=before.params, params_after=after.params, bytes_before=before.bytes, bytes_after=after.bytes,
         seconds=time.perf_counter() - run.start, ops_before=before.ops, ops_after=after.ops,
-        layers=layer_reports(run.decomposers, choices, run.factors, run.sensitivity, run.timer),
-        skipped=[SkippedLayer(s.node, s.op, s.reason) for s in known(run.plan, "the plan").skipped] + [
+        layers=layer_reports(offered.decomposers, choices, written.factors,
+                             None if run.judging is None else run.judging.sensitivity, offered.timer),
+        skipped=[SkippedLayer(s.node, s.op, s.reason) for s in run.plan.skipped] + [
             SkippedLayer(layer.node.name, layer.node.op, known(choice.reason, "a dense unit's reason"))
             for unit, choice in zip(run.units, choices) if choice.option is None for layer in unit.layers],
-        validation=run.validation, mode=run.rank_mode.name, phases=run.phases,
-        trace=[traced(t) for t in run.search.trials] if run.search else [],
+        validation=written.validation, mode=load.mode.name, phases=run.phases,
+        trace=[traced(t) for t in search.trials] if search else [],
         factorizable_params=sum(unit.params for unit in run.units),
         chosen=None if trial is None else Chosen(params=trial.params, error=trial.error),
-        objective=run.settings.objective, notes=run.notes,
-        refit="sequential" if run.refit_layers else "none", refit_layers=run.refit_layers,
+        objective=run.settings.objective, notes=list(offered.notes),
+        refit="sequential" if written.refit_layers else "none", refit_layers=written.refit_layers,
     )
-    run.rewritten, run.factors = bool(run.factors), {}
+    run.written = replace(written, factors={})
     if run.int8 is not None:
-        validated = run.search is not None
-        report.quantization = run.int8.summary(known(run.factorized, "the factorized model"), written,
-                                                   run.factor_error if validated else None,
-                                                   run.written_error if validated else None)
+        validated = search is not None
+        report.quantization = run.int8.summary(written.factorized, written.model,
+                                               written.factor_error if validated else None,
+                                               written.error if validated else None)
 
 
 def diagnose(run: Run, advance: Advance) -> None:
     """Refuse a result outside the bound: the mode says how close it came, or the validation why."""
-    report = known(run.report, "the report")
-    why = run.rank_mode.refusal(run.outcome(), run.closest)
+    report, written = known(run.report, "the report"), run.final
+    why = run.load.mode.refusal(run.outcome(written.allocated.allocation, written.error), written.closest)
     if why is not None:
-        closest, search = run.closest, known(run.search, "the search")  # a mode that refuses validated
+        closest, search = written.closest, known(written.allocated.search, "the search")  # a refusing mode searched
         report.validation = None if closest is None else replace(
-            search.validation(build(run.original, run.adapters, search.factors(closest.choices), memo=search.memo),
-                              run.tolerance, run.settings.confidence), passed=False)
+            search.validation(build(run.original, run.load.adapters, search.factors(closest.choices), memo=search.memo),
+                              run.load.tolerance, run.settings.confidence), passed=False)
         raise BoundNotMet(why, report)
-    if run.validation is not None and run.validation.passed is False:
-        raise BoundNotMet(refusal(run.validation), report)
+    if written.validation is not None and written.validation.passed is False:
+        raise BoundNotMet(refusal(written.validation), report)
 
 
 def fusion_check(run: Run, advance: Advance) -> None:
     """ONNX Runtime's fusions in the original and the factorized model; the factorized model is written
     without the intermediate shapes the rewrite inferred when only so it fuses as the original does (then
     validated again as written, unless quantized: int8 was measured on the model as it was)."""
-    report = known(run.report, "the report")
-    written, report.fusions = fusions(run.original, run.factorized, report, run.search, run.loaded.base_dir,
+    report, written = known(run.report, "the report"), run.final
+    search, base_dir = written.allocated.search, run.given.loaded.base_dir
+    variant, report.fusions = fusions(run.original, written.factorized, report, search, base_dir,
                                       bare=run.int8 is None)
-    if written is run.factorized:
+    if variant is written.factorized:
         return
-    validation = None if run.search is None else run.search.validation(written, run.tolerance,
-                                                                       run.settings.confidence)
+    validation = None if search is None else search.validation(variant, run.load.tolerance, run.settings.confidence)
     if validation is not None and validation.passed is False:  # float rounding of other kernels: keep the first
-        report.fusions = fusions(run.original, run.factorized, report, run.search, run.loaded.base_dir, bare=False)[1]
+        report.fusions = fusions(run.original, written.factorized, report, search, base_dir, bare=False)[1]
         return
-    run.factorized = run.written = written
-    run.validation = report.validation = validation or report.validation
-    report.bytes_after = model_stats(written).bytes
+    run.written = replace(written, factorized=variant, model=variant, validation=validation or written.validation)
+    report.validation = run.written.validation
+    report.bytes_after = model_stats(variant).bytes
 
 
 def latency(run: Run, advance: Advance) -> None:
     """The original and the written model timed end to end, side by side."""
-    report = known(run.report, "the report")
-    report.latency = end_to_end(run.original, known(run.factorized, "the factorized model"),
-                                run.written if run.int8 is not None else None,
-                                known(run.timing_feed, "the timing feed"), known(run.provider, "the provider"), advance)
+    report, written = known(run.report, "the report"), run.final
+    report.latency = end_to_end(run.original, written.factorized, written.model if run.int8 is not None else None,
+                                known(run.menus_offered.timing_feed, "the timing feed"), run.calibrated.provider,
+                                advance)
     slower = clearly_slower(report.latency)
     if slower:
         report.notes.append(slower)
 
 
+def _has_data(run: Run) -> bool:
+    return run.data is not None
+
+
 STAGES = (
     Stage("load", load),
-    Stage("statistics", statistics, lambda run: run.samples is not None and (
+    Stage("statistics", statistics, lambda run: _has_data(run) and (
         not run.settings.no_data or any(unit.layers[0].scope for unit in run.units)),
-          ("statistics (samples)", lambda run: len(run.statistics_fit))),
+          ("statistics (samples)", lambda run: len(run.calibrated.statistics_fit))),
     Stage("factorize", factorize, bar=("factorizations (layers)", lambda run: len(run.units))),
-    Stage("latency gate", latency_gate, lambda run: run.rank_mode.gated,
+    Stage("latency gate", latency_gate, lambda run: run.load.mode.gated,
           ("latency gate (layers)", lambda run: len(run.units))),
-    Stage("sensitivity", sensitivity, lambda run: run.samples is not None,
-          ("sensitivity probes (layers)",
-           lambda run: len(run.units) + len(coupled(run.decomposers)) if run.rank_mode.probes else 0)),
+    Stage("sensitivity", sensitivity, _has_data,
+          ("sensitivity probes (layers)", lambda run: len(run.units) + len(coupled(run.menus_offered.decomposers))
+           if run.load.mode.probes else 0)),
     Stage("int8 fallback", int8_fallback, lambda run: run.settings.quantize is not None),
-    Stage(lambda run: "search" if run.search is not None else "choose", search,
+    Stage(lambda run: "search" if _has_data(run) else "choose", search,
           bar=("validated candidates", lambda run: None)),
-    Stage(lambda run: "validate" if run.search is not None else "rewrite", validate),
+    Stage(lambda run: "validate" if _has_data(run) else "rewrite", validate),
     Stage("report", report),
     Stage("diagnose", diagnose),
-    Stage("fusion check", fusion_check, lambda run: run.rewritten),
-    Stage("latency", latency, lambda run: run.samples is not None and (run.rewritten or run.int8 is not None),
+    Stage("fusion check", fusion_check, lambda run: run.final.rewritten),
+    Stage("latency", latency, lambda run: _has_data(run) and (run.final.rewritten or run.int8 is not None),
           ("end-to-end latency", lambda run: None)),
 )
 
@@ -495,7 +437,7 @@ def compress_run(run: Run) -> tuple[onnx.ModelProto, Report]:
     run_stages(run, STAGES)
     report = known(run.report, "the report")
     report.phases, report.seconds = run.phases, time.perf_counter() - run.start
-    return known(run.written, "the written model"), report
+    return run.final.model, report
 
 
 # ------------------------------------------------------------------------------------------------ helpers
