@@ -17,7 +17,7 @@ acceptance criterion (margins, and the held-out count alone as before).
 
 methods: for the convnets, size mode at a budget with each decomposition alone and with auto.
 
-refit: size mode at budgets with --refit none and sequential (refit.py), the same parameters, eval errors.
+refit: size mode at budgets with --refit none and sequential (factorize/refit.py), the same parameters, eval errors.
 
 latency (tools/bench_latency.py): size, error, compression time and end-to-end latency of the original,
 weight-only, data-aware, latency-gated and int8 models, all of a case timed side by side; MiniLM at half
@@ -107,7 +107,7 @@ SWEEPS = {"ppocr_cls": (0.9, 0.8, 0.7)}  # size mode at these budgets too: what 
 def generalization(case: Case, provider: str) -> list[dict]:
     """Compact mode (objective size, so that timings do not move the ranks), the validation's promise for
     new inputs, and the evaluation set's verdict; for top1 / accuracy once per acceptance criterion:
-    margins threatened (generalization.py) and, as before it, the held-out count alone (SAFETY 0)."""
+    margins threatened (check/generalization.py) and, as before it, the held-out count alone (SAFETY 0)."""
     from onnx_lowrank.check import generalization as rule
 
     paths = data_for(case.name)
