@@ -24,7 +24,7 @@ from .calibration import Samples, Split, load_calibration, next_token_targets
 from .data_aware import unit_statistics
 from .decompositions import Factorized
 from .errors import BoundNotMet, InputError, known
-from .generalization import DISCRETE, Decisions, weighted_fit
+from .generalization import DISCRETE, Decisions, ties_exempt, weighted_fit
 from .heads import HEADS_METHODS, HeadPair, couple_heads, find_heads
 from .int8_share import Int8Share
 from .latency import LayerTimer, activation_shapes, end_to_end
@@ -262,8 +262,11 @@ def sensitivity(run: Run, advance: Advance) -> None:
     compared = compared_outputs(settings.metric, [o.name for o in run.original.graph.output], settings.outputs)
     run.evaluator = Evaluator(run.original, samples, known(run.provider, "the provider"), settings.batch_size,
                               overrides, compared, run.decisions)
+    run.evaluator.exempt_ties = ties_exempt(settings.ties, run.tolerance)
     run.search = Search(run.original, run.adapters, run.decomposers, run.evaluator, parts.validation,
                         settings.metric, samples.labels)
+    if settings.accept == "bound":
+        run.evaluator.bound_confidence, run.search.accept_bound = settings.confidence, True
     if settings.refit != "none" and run.statistics is not None:
         run.search.refit = Refit(run.original, run.adapters, units, run.statistics, samples, parts.fit,
                                  known(run.provider, "the provider"), settings.batch_size, run.loaded.base_dir,

@@ -135,8 +135,11 @@ class Compact(RankMode):
         else:
             threatened = "" if closest.threat is None else \
                 f", with {closest.threat.threatened} calibration decision(s) threatened"
-            detail = f" (the closest that removes parameters reached {closest.error:.4g} on the held-out part{threatened})"
-        raise BoundNotMet(f"no factorization keeps {run.settings.metric} within {tolerance:g}{detail}", report)
+            bound = "" if closest.bound is None else f" and a bound of {closest.bound:.4g} for new inputs"
+            detail = (f" (the closest that removes parameters reached {closest.value:.4g} on the held-out part"
+                      f"{threatened}{bound})")
+        also = " (and its bound for new inputs, --accept bound)" if run.settings.accept == "bound" else ""
+        raise BoundNotMet(f"no factorization keeps {run.settings.metric}{also} within {tolerance:g}{detail}", report)
 
 
 class Describe(RankMode):

@@ -80,15 +80,18 @@ class Judged:
     error: float
     threat: Threat | None = None
     lost: tuple[int, int] | None = None  # top1 / accuracy: decisions lost, of decisions made (held-out)
+    bound: float | None = None  # the upper confidence bound for new inputs, where asked (--accept bound)
 
     @property
     def value(self) -> float:
         """What the search holds within the tolerance: the error seen (for top1 / accuracy, less the
-        held-out near-ties lost), or the fraction of calibration decisions threatened when that is larger."""
+        held-out near-ties lost where they are exempt), or the fraction of calibration decisions threatened
+        when that is larger."""
         if self.threat is None or self.lost is None:
             return self.error
         lost, total = self.lost
-        return max((lost - self.threat.ties_lost) / max(total, 1), self.threat.predicted)
+        counted = lost - (self.threat.ties_lost if self.threat.exempt else 0)
+        return max(counted / max(total, 1), self.threat.predicted)
 
 
 class Evaluator:
@@ -117,6 +120,8 @@ class Evaluator:
         self._references: dict[tuple, dict[int, list[np.ndarray]]] = {}  # by output names, per sample
         self._decisions: dict[str, Decisions] = dict(decisions or {})
         self._last: tuple[Hashable, dict[int, list[np.ndarray]]] | None = None  # a candidate's outputs per sample
+        self.exempt_ties = True  # top1 / accuracy: near-ties are not held against the tolerance (--ties)
+        self.bound_confidence: float | None = None  # judge() gives each candidate's unseen bound (--accept bound)
 
     def outputs(self, session: Session, indices: Sequence[int], names: list[str], fed: dict | None = None) -> Outputs:
         """Per named tensor, per sample: its values (rows along axis 0 when the samples are stacked);
@@ -165,17 +170,21 @@ class Evaluator:
         from one run on the held-out samples (the model is left as it was). `candidate`: what the model
         was built from; the last candidate judged under the same key is not run again on the samples it
         already ran on (compact mode confirms on every held-out sample what half of them selected)."""
+        confidence = self.bound_confidence
         if metric not in DISCRETE:
             found = self._candidate_outputs(lambda: Session(model, self.provider), indices, self.output_names,
                                             candidate)
-            return Judged(score(metric, self.reference(indices, self.output_names), found, labels))
+            reference = self.reference(indices, self.output_names)
+            bound = None if confidence is None else bootstrap(metric, reference, found, confidence, labels=labels)
+            return Judged(score(metric, reference, found, labels), bound=bound)
         names = self.decision_names(metric)
         found = self._candidate_outputs(lambda: session_with_outputs(model, names, self.provider), indices,
                                         self.output_names + names, candidate)
         outputs, logits = found[: len(self.output_names)], found[len(self.output_names) :]
         lost, total = lost_decisions(metric, self.reference(indices, self.output_names), outputs, labels)
         threats = [self.threat(indices, name, after, labels) for name, after in zip(names, logits)]
-        return Judged(lost / max(total, 1), max(threats, key=lambda t: t.predicted), (lost, total))
+        bound = None if confidence is None else clopper_pearson(lost, total, confidence)
+        return Judged(lost / max(total, 1), max(threats, key=lambda t: t.predicted), (lost, total), bound)
 
     def _candidate_outputs(self, open_session: Callable[[], Session], indices: Sequence[int], names: list[str],
                            candidate: Hashable | None) -> Outputs:
@@ -202,7 +211,7 @@ class Evaluator:
         everything = self.decisions(name)
         before = self.reference(indices, [name])[0]
         classes = decisions(before, labels).classes
-        return threat(everything, margins_for(before, classes), margins_for(after, classes))
+        return threat(everything, margins_for(before, classes), margins_for(after, classes), self.exempt_ties)
 
     def decisions(self, name: str) -> Decisions:
         """The original's decisions on every calibration sample, fit part included."""
@@ -246,9 +255,14 @@ class _Edge:
             key = (index, len(indices))
             if key not in self.tried:
                 self.tried[key] = self.search.validated(self.candidates[index], indices)
-            if self.tried[key].value > self.tolerance:
+            if not self._within(self.tried[key], len(indices) == len(self.search.indices)):
                 return False
         return True
+
+    def _within(self, trial: Trial, confirming: bool) -> bool:
+        """The selecting half holds the value within the tolerance; the confirmation on every held-out sample
+        also the bound where it is accepted by (--accept bound: a bound from half of the samples is wider)."""
+        return self.search.passes(trial, self.tolerance) if confirming else trial.value <= self.tolerance
 
     def first_passing(self, low: int, high: int, upto: int) -> int:
         """The first passing index in (low, high] (low fails, high passes): interpolated while that
@@ -356,6 +370,7 @@ class Trial:
     threat: Threat | None = None  # top1 / accuracy: the margin analysis (generalization.py)
 
     lost: tuple[int, int] | None = None  # top1 / accuracy: decisions lost, of decisions made
+    bound: float | None = None  # the upper confidence bound for new inputs (--accept bound)
 
     @property
     def value(self) -> float:
@@ -429,6 +444,7 @@ class Search:
         self.advance = advance  # called once per validated trial (a progress bar)
         self.refit: Callable[[dict[str, Factorized]], dict[str, Factorized]] | None = None  # refit.Refit
         self.refit_candidates = False  # whether every candidate is refit (--refit sequential), or none
+        self.accept_bound = False  # a candidate passes only when its unseen bound is within the tolerance too
         self._refitted: dict[tuple, tuple[dict[str, Factorized], int]] = {}  # the last allocations' refits
 
     def factors(self, choices: Sequence[Choice], refit: bool | None = None) -> dict[str, Factorized]:
@@ -452,6 +468,11 @@ class Search:
     def _refits(self, refit: bool | None) -> bool:
         return self.refit is not None and (self.refit_candidates if refit is None else refit)
 
+    def passes(self, trial: Trial, tolerance: float) -> bool:
+        """Whether a validated candidate is accepted: its value within the tolerance (--accept value), and
+        its upper confidence bound for new inputs too (--accept bound)."""
+        return trial.value <= tolerance and (not self.accept_bound or known(trial.bound, "the bound") <= tolerance)
+
     def params(self, choices: Sequence[Choice]) -> int:
         return sum(c.unit.params if ch.option is None else ch.option.params for c, ch in zip(self.candidates, choices))
 
@@ -463,7 +484,8 @@ class Search:
         model = build(self.original, self.adapters, self.factors(choices, refit), memo=self.memo)
         candidate = (tuple(choice.option for choice in choices), self._refits(refit))
         judged = self.evaluator.judge(model, indices, metric or self.metric, labels, candidate)
-        trial = Trial(choices, self.params(choices), judged.error, len(indices), judged.threat, judged.lost)
+        trial = Trial(choices, self.params(choices), judged.error, len(indices), judged.threat, judged.lost,
+                      judged.bound)
         self.trials.append(trial)
         if self.advance is not None:
             self.advance(1)
@@ -531,22 +553,28 @@ class Search:
             key = tuple(c.option for c in choices)
             if key not in seen:
                 seen[key] = self.validated(choices)
-        return min(seen.values(), key=lambda trial: trial.value)
+        return min(seen.values(), key=self.ranked)
+
+    def ranked(self, trial: Trial) -> tuple[float, float]:
+        """How a trial ranks among others at one size: by its bound first where that is what is accepted."""
+        return (known(trial.bound, "the bound"), trial.value) if self.accept_bound else (trial.value, 0.0)
 
     def validation(self, model: onnx.ModelProto, tolerance: float | None, confidence: float) -> Validation:
         """The held-out result of `model` and what it promises for new inputs (generalization.py)."""
         indices = self.indices
         labels = None if self.labels is None else self.labels[indices]
         common = {"metric": self.metric, "tolerance": tolerance, "provider": self.evaluator.provider_used,
-                  "samples": len(indices), "confidence": confidence, "outputs": list(self.evaluator.output_names)}
+                  "samples": len(indices), "confidence": confidence, "outputs": list(self.evaluator.output_names),
+                  "accept": "bound" if self.accept_bound else "value"}
         if self.metric in DISCRETE:
             judged = self.evaluator.judge(model, indices, self.metric, labels)
             lost, total = known(judged.lost, "the decisions lost")  # judged on a discrete metric
             found = known(judged.threat, "the threat")
-            return Validation(value=judged.error, passed=None if tolerance is None else judged.value <= tolerance,
-                              unseen_bound=clopper_pearson(lost, total, confidence), decisions=total, lost=lost,
+            bound = clopper_pearson(lost, total, confidence)
+            return Validation(value=judged.value, passed=self._passed(judged.value, bound, tolerance),
+                              unseen_bound=bound, decisions=total, lost=lost,
                               threatened=found.threatened, calibration_decisions=found.decisions,
-                              ties=found.ties, ties_lost=found.ties_lost,
+                              ties=found.ties, ties_lost=found.ties_lost, ties_exempt=found.exempt,
                               predicted_unseen=found.predicted, **common)
         names = self.evaluator.output_names
         candidate = self.evaluator.outputs(Session(model, self.evaluator.provider), indices, names)
@@ -559,8 +587,13 @@ class Search:
         bound = beyond_maximum(len(indices), confidence) if self.metric == "max-abs" else bootstrap(
             self.metric, [[r[k] for k in kept] for r in reference], [[c[k] for k in kept] for c in candidate],
             confidence, labels=None if labels is None else labels[kept])
-        return Validation(value=error, passed=None if tolerance is None else error <= tolerance,
-                          unseen_bound=bound, **common)
+        return Validation(value=error, passed=self._passed(error, bound, tolerance), unseen_bound=bound, **common)
+
+    def _passed(self, value: float, bound: float, tolerance: float | None) -> bool | None:
+        """Within the tolerance: the value, and with --accept bound the bound for new inputs too."""
+        if tolerance is None:
+            return None
+        return value <= tolerance and (not self.accept_bound or bound <= tolerance)
 
     def closest(self) -> Trial | None:
         """The trial with the least error among those that removed parameters, validated on the whole

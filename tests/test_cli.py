@@ -471,6 +471,12 @@ BAD = {
         ("input",)),
     "output-is-directory": Bad(_compress("--energy", "0.9", output="out"), ("out", "directory")),
     "report-dir-missing": Bad(_compress("--energy", "0.9", "--report", "nowhere/r.json"), ("nowhere",)),
+    "ties-on-rel-l2": Bad(_compress("--energy", "0.9", "--ties", "count"), ("--ties", "top1", "rel-l2")),
+    "ties-foo": Bad(_compress("--energy", "0.9", "--ties", "foo"), ("--ties", "foo")),
+    "accept-bound-max-abs": Bad(_compress("--energy", "0.9", "--metric", "max-abs", "--accept", "bound"),
+                                ("--accept bound", "max-abs")),
+    "accept-bound-without-tolerance": Bad(_compress("--energy", "0.9", "--accept", "bound"),
+                                          ("--accept bound", "--tolerance")),
     "report-is-input": Bad(lambda tmp, model: ["compress", str(model), "-o", "out/c.onnx", "--energy", "0.9",
                                                "--report", str(model)], ("input",)),
 }
