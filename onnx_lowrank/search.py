@@ -584,10 +584,21 @@ class Search:
         steered = set(self.steered)
         kept = [position for position, index in enumerate(indices) if index not in steered]
         kept = kept if len(kept) >= len(indices) // 4 else list(range(len(indices)))
-        bound = beyond_maximum(len(indices), confidence) if self.metric == "max-abs" else bootstrap(
-            self.metric, [[r[k] for k in kept] for r in reference], [[c[k] for k in kept] for c in candidate],
-            confidence, labels=None if labels is None else labels[kept])
+        if self.metric == "max-abs":
+            bound = beyond_maximum(len(indices), confidence)
+        else:
+            bound = self._resampled(reference, candidate, kept, labels, confidence)
+            if bound < error:  # the samples that did not steer are not where this model errs (a refused
+                # candidate, whose error the steering samples show): a bound for it is over all of them
+                bound = max(error, self._resampled(reference, candidate, range(len(indices)), labels, confidence))
         return Validation(value=error, passed=self._passed(error, bound, tolerance), unseen_bound=bound, **common)
+
+    def _resampled(self, reference: Outputs, candidate: Outputs, kept: Sequence[int], labels: np.ndarray | None,
+                   confidence: float) -> float:
+        """The bootstrap bound over the held-out samples at positions `kept`."""
+        return bootstrap(self.metric, [[r[k] for k in kept] for r in reference],
+                         [[c[k] for k in kept] for c in candidate], confidence,
+                         labels=None if labels is None else labels[list(kept)])
 
     def _passed(self, value: float, bound: float, tolerance: float | None) -> bool | None:
         """Within the tolerance: the value, and with --accept bound the bound for new inputs too."""
