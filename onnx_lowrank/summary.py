@@ -567,7 +567,7 @@ def print_inspect(rows: Sequence[LayerInfo], console: Console, data: bool = Fals
             str(row.break_even),
             f"{row.effective_rank:.1f}",
             f"{row.rank_90}/{row.rank_99}",
-            f"{row.energy_at_break_even:.1%}",
+            "—" if row.energy_at_break_even is None else f"{row.energy_at_break_even:.1%}",
             "none" if best is None else f"{best[0]} {_g(best[1])}",
         ]
         shared = f" (+{len(row.shared_by)} sharing)" if row.shared_by else ""
@@ -578,7 +578,9 @@ def print_inspect(rows: Sequence[LayerInfo], console: Console, data: bool = Fals
         _legend(console, [
             "break-even: the largest rank that still saves parameters",
             "r90 / r99: the smallest ranks keeping 90% / 99% of the energy",
-            "energy kept: at the break-even rank",
+            "energy kept: at the break-even rank" + (
+                " (—: no SVD rank saves parameters, as in a depthwise convolution, whose groups are single rows; "
+                "another method may)" if any(row.energy_at_break_even is None for row in factorizable) else ""),
             "best at half size: the least predicted error at half the parameters, and its method",
         ] + (["groups: matrices factorized at one rank (conv groups, MatMul batch)"] if grouped else []))
     _print_grouped(console, "Not factorizable", [(row.node, row.op, row.reason) for row in rows if row.reason])
