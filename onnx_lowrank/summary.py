@@ -332,21 +332,34 @@ def _layers_table(report: Report) -> tuple[_Table, list[str]]:
         legend.append("sensitivity: the output's squared relative error per unit of it")
     if timed:
         columns.append(_Column("speedup", "speed-\nup", right=True))
-        legend.append("speedup: the layer alone, dense time / factorized time")
+        legend.append("speedup: the layer alone, dense time / factorized time" + _untimed(layers))
+    if any(layer.method == "prune" for layer in layers):
+        legend.append("ch: the channels a pruned pair keeps between its layers (no rank: columns and rows are cut)")
     rows = []
     for layer, params in zip(layers, _params(layers)):
-        cells = ["x".join(map(str, layer.shape)), layer.method,
-                 str(layer.rank) if isinstance(layer.rank, int) else "x".join(map(str, layer.rank)),
+        rank = str(layer.rank) if isinstance(layer.rank, int) else "x".join(map(str, layer.rank))
+        cells = ["x".join(map(str, layer.shape)), layer.method, f"{rank} ch" if layer.method == "prune" else rank,
                  params, _g(layer.predicted_error)]
         if sensitive:
             cells.append("" if layer.sensitivity is None else _g(layer.sensitivity))
         if timed:
             timing = layer.latency
             cells.append(f"{timing['dense_ms'] / timing['factorized_ms']:.2f}x"
-                         if timing and timing.get("factorized_ms") else "")
+                         if timing and timing.get("factorized_ms") else "—")
         shared = f" (+{len(layer.nodes) - 1} sharing)" if len(layer.nodes) > 1 else ""
         rows.append(_Row(layer.node, cells, layer.op, shared))
     return _Table(f"Factorized layers ({len(layers)})", columns, rows), legend
+
+
+def _untimed(layers: Sequence[LayerReport]) -> str:
+    """Why some layers have no speedup (the legend's words for their "—")."""
+    untimed = {layer.method for layer in layers if not (layer.latency and layer.latency.get("factorized_ms"))}
+    if not untimed:
+        return ""
+    if untimed <= {"prune", "heads"}:
+        return ("; —: not timed: pruned channels and heads run the same ops on smaller matrices, never slower "
+                "than dense")
+    return "; —: not timed"
 
 
 def _model_table(report: Report) -> _Table:

@@ -406,3 +406,20 @@ def test_validation_says_what_was_counted_and_what_the_promise_is(check, expecte
     """Issue 30, item 2: the result line names what was counted and what was exempt, and a promise for new
     inputs above the tolerance is said to be."""
     assert validation_text(check) == expected
+
+
+def test_pruned_and_head_rows_say_what_their_cells_mean():
+    """Issue 30, item 8: a pruned pair's row gives the channels it keeps, not a "rank", and a speedup cell
+    left empty says why (pruning and heads are never timed: the same ops on smaller matrices)."""
+    timed = {"dense_ms": 0.5, "factorized_ms": 0.25}
+    layers = [layer("/l0/intermediate/dense/MatMul", rank=848, method="prune", shape=[384, 1536], sensitivity=5.6),
+              layer("/l0/attention/self/query/MatMul", rank=192, method="heads", sensitivity=2.1),
+              layer("/l0/attention/output/dense/MatMul", rank=128, method="svd-data", sensitivity=0.03,
+                    latency=timed)]
+    text = render(print_compress, report(layers), written=True, width=100)
+    pruned, heads, svd = (cells for _, cells in table(text, "Factorized layers", len(layers)))
+    assert "848 ch" in pruned and "848" not in heads and "192" in heads
+    assert pruned[-1] == "—" and heads[-1] == "—" and svd[-1] == "2.00x"
+    legend = " ".join(text.split())
+    assert "ch: the channels a pruned pair keeps between its layers" in legend
+    assert "—: not timed: pruned channels and heads run the same ops on smaller matrices" in legend
