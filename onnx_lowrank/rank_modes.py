@@ -17,7 +17,7 @@ from .calibration import DISCRETE_VALIDATION_FRACTION, VALIDATION_FRACTION, Samp
 from .errors import BoundNotMet, InputError, known
 from .metrics import DEFAULT_TOLERANCE
 from .options import Options
-from .ranks import Choice, UnitDecomposers, by_budget, by_energy, explicit
+from .ranks import Choice, UnitDecomposers, by_budget, by_energy, explicit, short_of_budget
 from .rewrite import build
 from .search import Trial
 
@@ -84,7 +84,17 @@ class Budget(RankMode):
     eager = gated = True
 
     def allocate(self, run: Run) -> Allocation:
-        return Allocation(by_budget(run.decomposers, known(run.settings.target_params, "--target-params")))
+        choices = by_budget(run.decomposers, known(run.settings.target_params, "--target-params"))
+        return self.noted(run, Allocation(choices))
+
+    @staticmethod
+    def noted(run: Run, allocation: Allocation) -> Allocation:
+        """The allocation, with a note in the run when it keeps clearly less than the target (ranks.short_of_budget)."""
+        note = short_of_budget(run.decomposers, allocation.choices, known(run.settings.target_params, "--target-params"),
+                               run.settings.objective)
+        if note is not None and note not in run.notes:
+            run.notes.append(note)
+        return allocation
 
 
 class ValidatedBudget(Budget):
@@ -93,7 +103,7 @@ class ValidatedBudget(Budget):
     def allocate(self, run: Run) -> Allocation:
         search, sensitivity = known(run.search, "the search"), known(run.sensitivity, "the sensitivities")
         trial = search.at_budget(sensitivity, known(run.settings.target_params, "--target-params"))
-        return Allocation(trial.choices, trial)
+        return self.noted(run, Allocation(trial.choices, trial))
 
 
 class Compact(RankMode):
