@@ -25,6 +25,9 @@ from .quantize.int8 import INT8_RANGES, QUANTIZATIONS
 from .system.installation import install_hint
 from .system.parallel import check_jobs
 
+TIES = ("exempt", "count")
+ACCEPTS = ("value", "bound")
+
 
 @dataclass(frozen=True)
 class Flag:
@@ -111,6 +114,14 @@ class Options:
         "validation (--target-params, --ranks, --energy) and keeps the refit when it validates better; "
         "sequential refits every candidate the search validates, so compact mode may go smaller, at that "
         "cost (default %(default)s)", choices=REFITS))
+    ties: str | None = _option(None, Flag(  # top1 / accuracy: near-ties of the original (generalization.py)
+        "top1 / accuracy: whether decisions the original makes by a near-tie margin (any change may flip them) "
+        "count against the tolerance like the others or are exempt from it (default: exempt at tolerance 0, "
+        "lossless; count for a positive tolerance)", choices=TIES))
+    accept: str = _option("value", Flag(  # what must be within the tolerance for a candidate to be accepted
+        "what must be within the tolerance: value, the error on the held-out samples; or bound, that and the "
+        "upper confidence bound for new inputs (at --confidence; not for max-abs) (default %(default)s)",
+        choices=ACCEPTS))
     confidence: float = _option(0.95, Flag(  # of the bound promised for new inputs (generalization.py)
         "confidence of the bound reported for new inputs (default %(default)s)", "C", type=float))
     progress: bool = False  # progress bars on stderr (the command line turns them on in a terminal)
@@ -140,6 +151,25 @@ class Options:
                 or not 0.5 <= self.confidence < 1:
             raise InputError(f"confidence must be a number in [0.5, 1), got {self.confidence!r}")
         _check_choice("provider", [self.provider], PROVIDERS)
+        self._check_acceptance()
+
+    def _check_acceptance(self) -> None:
+        """--ties and --accept: known values, and only where they mean something."""
+        if self.ties is not None:
+            _check_choice("ties", [self.ties], TIES)
+        _check_choice("accept", [self.accept], ACCEPTS)
+        if self.ties is not None and self.metric not in ("top1", "accuracy"):
+            raise InputError(f"--ties applies to the decisions of top1 and accuracy, not to {self.metric}")
+        if self.accept != "bound":
+            return
+        if self.metric == "max-abs":
+            raise InputError("--accept bound needs a bound in the metric's units; max-abs has none (its bound is "
+                             "the share of new inputs above the maximum seen)")
+        if self.tolerance == 0:
+            raise InputError("--accept bound needs a positive tolerance: no number of samples bounds a rate at 0")
+        if self.tolerance is None and (self.ranks is not None or self.target_params is not None
+                                       or self.energy is not None):
+            raise InputError("--accept bound needs a tolerance to hold the bound within (--tolerance)")
 
     def _check_tolerance(self) -> None:
         check_metric(self.metric, has_labels=True)

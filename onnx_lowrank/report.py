@@ -74,7 +74,9 @@ class Validation:
     """The compressed model's error on the held-out calibration samples, in ONNX Runtime."""
 
     metric: str
-    value: float
+    value: float  # what was held against the tolerance: the metric; for top1 / accuracy the share of held-out
+    # decisions changed or lost (near-ties apart where exempt), or the share predicted from the calibration
+    # margins threatened (`predicted_unseen`) where that is larger
     tolerance: float | None  # None: no bound was asked for (size or explicit ranks without --tolerance)
     passed: bool | None
     provider: str  # the execution provider that really ran: cpu or cuda
@@ -90,12 +92,15 @@ class Validation:
     threatened: int | None = None  # top1 / accuracy: calibration decisions (fit part included) whose margin
     # is within the safety factor times the perturbation the compressed model causes at that margin level
     ties: int | None = None  # top1 / accuracy: calibration decisions the original makes by a near-tie margin,
-    # which any change may flip: counted, not held against the tolerance ...
-    ties_lost: int | None = None  # ... and how many of the `lost` were such near-ties
+    # which any change may flip ...
+    ties_lost: int | None = None  # ... and how many of the `lost` were such near-ties ...
+    ties_exempt: bool | None = None  # ... and whether they were left out of `value` (--ties exempt) or counted
     calibration_decisions: int | None = None  # top1 / accuracy: decisions on all calibration samples
     predicted_unseen: float | None = None  # threatened / decisions of all calibration samples: the
     # predicted fraction of new inputs whose decision may change (what the search held within the tolerance)
     outputs: list[str] | None = None  # the graph outputs compared (--outputs, or the metric's default)
+    accept: str | None = None  # what `passed` holds within the tolerance: "value", or "bound": the value and
+    # `unseen_bound` (--accept)
 
 
 @dataclass(frozen=True)

@@ -656,3 +656,13 @@ def test_cuda_provider_validates_on_cuda():
     _, report = onnx_lowrank.compress(DIGITS, DIGITS_CALIB, tolerance=0.05, provider="cuda", objective="size")
     assert report.validation.provider == "cuda"
     assert report.validation.passed is True
+
+
+def test_too_few_samples_under_top1_gives_the_real_split(two_input: Path):
+    """Issue 30, item 8: top1 and accuracy hold out three quarters, not half: the message says so."""
+    with pytest.raises(onnx_lowrank.InputError, match=r"too few calibration samples \(12\): need at least 16 "
+                       r"\(8 to fit the statistics, 8 to validate\); three quarters are held out to validate "
+                       r"from 30 samples on \(22 validate, 8 fit\)"):
+        onnx_lowrank.compress(two_input, _good(12), metric="top1", tolerance=0.05)
+    with pytest.raises(onnx_lowrank.InputError, match=r"\(12\).*; half are held out to validate$"):
+        onnx_lowrank.compress(two_input, _good(12), tolerance=0.05)

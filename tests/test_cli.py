@@ -271,7 +271,8 @@ def test_ops_conv_only_touches_conv(tiny: Path, tmp_path: Path):
     assert "conv" not in {n.name for n in model.graph.node}
 
 
-def test_inspect_tiny_lists_layers(tiny: Path, tmp_path: Path):
+def test_inspect_tiny_lists_layers(tiny: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # wide enough for one line per layer (a file gets 100 columns)
     done = cli("inspect", tiny, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
@@ -282,7 +283,8 @@ def test_inspect_tiny_lists_layers(tiny: Path, tmp_path: Path):
     assert tree(tmp_path) == {"tiny.onnx": hashlib.sha256(tiny.read_bytes()).hexdigest()}, "inspect wrote files"
 
 
-def test_inspect_ops_filter(tiny: Path, tmp_path: Path):
+def test_inspect_ops_filter(tiny: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # wide enough for one line per layer (a file gets 100 columns)
     done = cli("inspect", tiny, "--ops", "Gemm,MatMul", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     rows = [line for line in done.stdout.splitlines() if "│" in line]
@@ -471,6 +473,12 @@ BAD = {
         ("input",)),
     "output-is-directory": Bad(_compress("--energy", "0.9", output="out"), ("out", "directory")),
     "report-dir-missing": Bad(_compress("--energy", "0.9", "--report", "nowhere/r.json"), ("nowhere",)),
+    "ties-on-rel-l2": Bad(_compress("--energy", "0.9", "--ties", "count"), ("--ties", "top1", "rel-l2")),
+    "ties-foo": Bad(_compress("--energy", "0.9", "--ties", "foo"), ("--ties", "foo")),
+    "accept-bound-max-abs": Bad(_compress("--energy", "0.9", "--metric", "max-abs", "--accept", "bound"),
+                                ("--accept bound", "max-abs")),
+    "accept-bound-without-tolerance": Bad(_compress("--energy", "0.9", "--accept", "bound"),
+                                          ("--accept bound", "--tolerance")),
     "report-is-input": Bad(lambda tmp, model: ["compress", str(model), "-o", "out/c.onnx", "--energy", "0.9",
                                                "--report", str(model)], ("input",)),
 }

@@ -227,7 +227,9 @@ def test_lossless_digits():
     assert validation.tolerance == 0
     # lossless: no held-out decision lost but near-ties of the original, no calibration margin threatened
     assert validation.lost == validation.ties_lost and validation.threatened == 0
-    assert validation.value == validation.lost / validation.samples
+    # value is what was held against the tolerance: the near-ties lost are exempt in lossless mode
+    assert validation.ties_exempt is True
+    assert validation.value == (validation.lost - validation.ties_lost) / validation.samples == 0
     assert validation.passed is True
     assert validation.unseen_bound == pytest.approx(clopper_pearson(validation.lost, validation.samples, 0.95))
     removed = 1 - report.params_after / report.params_before

@@ -47,3 +47,22 @@ def test_inspect_command_with_bad_calibration_is_one_line(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("onnx-lowrank: error:")
+
+
+def test_depthwise_convolutions_say_why_no_rank_shrinks_them():
+    """Issue 30, item 8: a depthwise convolution (each group a single row) has no rank that saves parameters:
+    no "energy kept 0.0%" for it; with only the SVD on offer it is listed as not factorizable, with the reason."""
+    rows = {row.node: row for row in onnx_lowrank.inspect(MODELS / "ppocr_cls.onnx", method="svd")}
+    depthwise = [row for row in rows.values() if row.reason and "depthwise" in row.reason]
+    assert {"Conv@2", "Conv@7", "Conv@13"} <= {row.node for row in depthwise}
+    assert "each of its 8 groups is a 1x9 matrix" in rows["Conv@2"].reason
+    assert all(row.energy_at_break_even is None for row in depthwise)
+    assert all(row.energy_at_break_even > 0 for row in rows.values() if row.reason is None)
+    # every method: the 5x5 ones shrink by the spatial decomposition, yet keep no SVD energy to speak of
+    every = {row.node: row for row in onnx_lowrank.inspect(MODELS / "ppocr_cls.onnx", method="spatial")}
+    assert every["Conv@13"].reason is None and every["Conv@13"].energy_at_break_even is None
+    assert "spatial" in every["Conv@13"].at_half
+    result = subprocess.run([sys.executable, "-m", "onnx_lowrank", "inspect", str(MODELS / "ppocr_cls.onnx"),
+                             "--method", "svd"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "0.0%" not in result.stdout and "depthwise convolution" in result.stdout

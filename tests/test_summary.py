@@ -365,3 +365,55 @@ def test_a_name_longer_than_the_console_wraps_whole():
     (shown, _), = table(text, "Factorized layers", 1)
     assert shown == name
     assert name + "_1" in "".join(line.strip() for line in text.splitlines())
+
+
+@pytest.mark.parametrize("check, expected", [
+    # the promise for new inputs above the tolerance the held-out samples are within: said plainly
+    (Validation("top1", 0.0, 0.01, True, "cpu", 120, confidence=0.95, unseen_bound=0.0247, decisions=120, lost=0,
+                ties_exempt=False, accept="value"),
+     "decisions changed: 0 of 120 held-out (cpu), within the tolerance 1%\n"
+     "with 95% confidence at most 2.5% of new decisions change: ABOVE the tolerance 1%, which only the "
+     "held-out samples are within (--accept bound accepts only a promise within it)"),
+    (Validation("cosine", 0.048, 0.05, True, "cpu", 100, confidence=0.95, unseen_bound=0.104, accept="value"),
+     "cosine 0.048 on 100 held-out samples (cpu), within the tolerance 0.05\n"
+     "with 95% confidence at most 0.11 on new inputs: ABOVE the tolerance 0.05, which only the held-out samples "
+     "are within (--accept bound accepts only a promise within it)"),
+    # near-ties changed: counted (the default for a positive tolerance) or exempt, named either way
+    (Validation("top1", 5 / 300, 0.01, False, "cpu", 300, decisions=300, lost=5, ties=7, ties_lost=2,
+                ties_exempt=False),
+     "decisions changed: 5 (1.7%) of 300 held-out (cpu), 2 of them near-ties (counted), ABOVE the tolerance 1%\n"
+     "near-ties: 7 calibration decisions (may flip either way; counted against the tolerance, 2 of them lost)"),
+    (Validation("top1", 3 / 300, 0.01, True, "cpu", 300, decisions=300, lost=5, ties=7, ties_lost=2,
+                ties_exempt=True),
+     "decisions changed: 5 (1.7%) of 300 held-out (cpu), 2 of them near-ties (exempt): 3 counted, within the "
+     "tolerance 1%\n"
+     "near-ties: 7 calibration decisions (may flip either way; not held against the tolerance, 2 of them lost)"),
+    # the margins' prediction is what was held
+    (Validation("top1", 0.02, 0.01, False, "cpu", 300, decisions=300, lost=1, threatened=8, calibration_decisions=400,
+                predicted_unseen=0.02, ties_exempt=False),
+     "decisions changed: 1 (0.33%) of 300 held-out (cpu)\n"
+     "held against the tolerance: 2% of calibration decisions predicted to change (margins threatened, below), "
+     "ABOVE the tolerance 1%\n"
+     "margins threatened: 8 of 400 calibration decisions"),
+])
+def test_validation_says_what_was_counted_and_what_the_promise_is(check, expected):
+    """Issue 30, item 2: the result line names what was counted and what was exempt, and a promise for new
+    inputs above the tolerance is said to be."""
+    assert validation_text(check) == expected
+
+
+def test_pruned_and_head_rows_say_what_their_cells_mean():
+    """Issue 30, item 8: a pruned pair's row gives the channels it keeps, not a "rank", and a speedup cell
+    left empty says why (pruning and heads are never timed: the same ops on smaller matrices)."""
+    timed = {"dense_ms": 0.5, "factorized_ms": 0.25}
+    layers = [layer("/l0/intermediate/dense/MatMul", rank=848, method="prune", shape=[384, 1536], sensitivity=5.6),
+              layer("/l0/attention/self/query/MatMul", rank=192, method="heads", sensitivity=2.1),
+              layer("/l0/attention/output/dense/MatMul", rank=128, method="svd-data", sensitivity=0.03,
+                    latency=timed)]
+    text = render(print_compress, report(layers), written=True, width=100)
+    pruned, heads, svd = (cells for _, cells in table(text, "Factorized layers", len(layers)))
+    assert "848 ch" in pruned and "848" not in heads and "192" in heads
+    assert pruned[-1] == "—" and heads[-1] == "—" and svd[-1] == "2.00x"
+    legend = " ".join(text.split())
+    assert "ch: the channels a pruned pair keeps between its layers" in legend
+    assert "—: not timed: pruned channels and heads run the same ops on smaller matrices" in legend

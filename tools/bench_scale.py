@@ -84,7 +84,7 @@ LAYER_SCRIPT = """
 import pathlib, sys
 import onnx, numpy as np
 from onnx import numpy_helper
-from onnx_lowrank.svd import PARTIAL_MIN_SIDE, TruncatedSVD
+from onnx_lowrank.factorize.svd import PARTIAL_MIN_SIDE, TruncatedSVD
 
 def status(key):  # kB, from this process's own memory map (rusage would count its parent's, from before exec)
     line = next(l for l in open("/proc/self/status") if l.startswith(key + ":"))

@@ -14,7 +14,7 @@ from ..errors import InputError
 from ..factorize.menu import Choice
 from ..observe.calibration import Samples
 from ..observe.sessions import Session, session_with_outputs, with_outputs
-from .generalization import Decisions, Threat, decisions, margins_for, threat
+from .generalization import Decisions, Threat, bootstrap, clopper_pearson, decisions, margins_for, threat
 from .metrics import DISCRETE, Outputs, lost_decisions, score
 from .overrides import Override, with_overridable
 
@@ -43,15 +43,18 @@ class Judged:
     error: float
     threat: Threat | None = None
     lost: tuple[int, int] | None = None  # top1 / accuracy: decisions lost, of decisions made (held-out)
+    bound: float | None = None  # the upper confidence bound for new inputs, where asked (--accept bound)
 
     @property
     def value(self) -> float:
         """What the search holds within the tolerance: the error seen (for top1 / accuracy, less the
-        held-out near-ties lost), or the fraction of calibration decisions threatened when that is larger."""
+        held-out near-ties lost where they are exempt), or the fraction of calibration decisions threatened
+        when that is larger."""
         if self.threat is None or self.lost is None:
             return self.error
         lost, total = self.lost
-        return max((lost - self.threat.ties_lost) / max(total, 1), self.threat.predicted)
+        counted = lost - (self.threat.ties_lost if self.threat.exempt else 0)
+        return max(counted / max(total, 1), self.threat.predicted)
 
 
 class Evaluator:
@@ -60,8 +63,11 @@ class Evaluator:
 
     def __init__(self, original: onnx.ModelProto, samples: Samples, provider: str, batch_size: int,
                  overrides: dict[str, Override] | None = None, compared: Sequence[str] | None = None,
-                 decisions: dict[str, Decisions] | None = None):
-        """`decisions`: the original's, by tensor name, where another evaluator found them already."""
+                 decisions: dict[str, Decisions] | None = None, exempt_ties: bool = True,
+                 bound_confidence: float | None = None):
+        """`decisions`: the original's, by tensor name, where another evaluator found them already;
+        `exempt_ties`: top1 / accuracy near-ties are not held against the tolerance (--ties);
+        `bound_confidence`: judge() gives each candidate's bound for new inputs (--accept bound)."""
         self.samples = samples
         self.batch_size = batch_size
         self.provider = provider
@@ -80,6 +86,8 @@ class Evaluator:
         self._references: dict[tuple, dict[int, list[np.ndarray]]] = {}  # by output names, per sample
         self._decisions: dict[str, Decisions] = dict(decisions or {})
         self._last: tuple[Hashable, dict[int, list[np.ndarray]]] | None = None  # a candidate's outputs per sample
+        self.exempt_ties = exempt_ties
+        self.bound_confidence = bound_confidence
 
     def outputs(self, session: Session, indices: Sequence[int], names: list[str], fed: dict | None = None) -> Outputs:
         """Per named tensor, per sample: its values (rows along axis 0 when the samples are stacked);
@@ -128,17 +136,21 @@ class Evaluator:
         from one run on the held-out samples (the model is left as it was). `candidate`: what the model
         was built from; the last candidate judged under the same key is not run again on the samples it
         already ran on (compact mode confirms on every held-out sample what half of them selected)."""
+        confidence = self.bound_confidence
         if metric not in DISCRETE:
             found = self._candidate_outputs(lambda: Session(model, self.provider), indices, self.output_names,
                                             candidate)
-            return Judged(score(metric, self.reference(indices, self.output_names), found, labels))
+            reference = self.reference(indices, self.output_names)
+            bound = None if confidence is None else bootstrap(metric, reference, found, confidence, labels=labels)
+            return Judged(score(metric, reference, found, labels), bound=bound)
         names = self.decision_names(metric)
         found = self._candidate_outputs(lambda: session_with_outputs(model, names, self.provider), indices,
                                         self.output_names + names, candidate)
         outputs, logits = found[: len(self.output_names)], found[len(self.output_names) :]
         lost, total = lost_decisions(metric, self.reference(indices, self.output_names), outputs, labels)
         threats = [self.threat(indices, name, after, labels) for name, after in zip(names, logits)]
-        return Judged(lost / max(total, 1), max(threats, key=lambda t: t.predicted), (lost, total))
+        bound = None if confidence is None else clopper_pearson(lost, total, confidence)
+        return Judged(lost / max(total, 1), max(threats, key=lambda t: t.predicted), (lost, total), bound)
 
     def _candidate_outputs(self, open_session: Callable[[], Session], indices: Sequence[int], names: list[str],
                            candidate: Hashable | None) -> Outputs:
@@ -165,7 +177,7 @@ class Evaluator:
         everything = self.decisions(name)
         before = self.reference(indices, [name])[0]
         classes = decisions(before, labels).classes
-        return threat(everything, margins_for(before, classes), margins_for(after, classes))
+        return threat(everything, margins_for(before, classes), margins_for(after, classes), self.exempt_ties)
 
     def decisions(self, name: str) -> Decisions:
         """The original's decisions on every calibration sample, fit part included."""
@@ -201,6 +213,7 @@ class Trial:
     threat: Threat | None = None  # top1 / accuracy: the margin analysis (generalization.py)
 
     lost: tuple[int, int] | None = None  # top1 / accuracy: decisions lost, of decisions made
+    bound: float | None = None  # the upper confidence bound for new inputs (--accept bound)
 
     @property
     def value(self) -> float:

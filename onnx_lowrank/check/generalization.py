@@ -13,8 +13,14 @@ small flips under a perturbation that happened to miss every held-out sample. So
   search holds it within the tolerance (lossless, tolerance 0: no decision threatened).
 - Decisions whose margin is below TIE times the median margin are near-ties of the original itself: any
   change of the model moves them either way (on the PP-OCR direction classifier, the gentlest factorization
-  that removes 4% of the parameters flips a 0.04-logit decision). They cannot be promised, so they are
-  counted and reported (and so is a held-out one the candidate loses), not held against the tolerance.
+  that removes 4% of the parameters flips a 0.04-logit decision). They are counted and reported (and so is
+  a held-out one the candidate loses). `--ties count` (the default for a positive tolerance) holds them
+  against the tolerance like any other decision where they are seen: a held-out near-tie that changes counts
+  among the decisions changed. The margins' prediction covers the other decisions only, either way: a
+  near-tie's margin says nothing of whether it flips (counted as threatened, the near-ties alone would
+  exceed a 1% tolerance on PP-OCR's 160 text lines, 2 of them near-ties, whatever the candidate).
+  `--ties exempt` (the default at tolerance 0: lossless mode, which could otherwise accept no change at
+  all) leaves the held-out near-ties lost out of the count: the tolerance then bounds the other decisions.
 
 The statistics the data-aware factorizations are solved on weigh the fit samples whose decision is least
 sure more: the LOW_MARGIN_SHARE of them with the smallest margins count LOW_MARGIN_WEIGHT times
@@ -84,17 +90,20 @@ class Threat:
 
     threatened: int  # calibration decisions whose margin SAFETY x the perturbation at its level reaches
     decisions: int  # calibration decisions counted (ties and the original's mistakes included)
-    ties: int  # near-ties of the original among them, not held against the tolerance ...
+    ties: int  # near-ties of the original among them ...
     ties_lost: int  # ... and the held-out ones the candidate lost (part of the decisions lost)
+    exempt: bool = True  # whether near-ties are left out of what is held against the tolerance (--ties)
 
     @property
     def predicted(self) -> float:
         return self.threatened / max(self.decisions, 1)
 
 
-def threat(everything: Decisions, held_out_before: np.ndarray, held_out_after: np.ndarray) -> Threat:
+def threat(everything: Decisions, held_out_before: np.ndarray, held_out_after: np.ndarray,
+           exempt: bool = True) -> Threat:
     """`everything`: the original's decisions on all calibration samples; `held_out_before/after`: the
-    margins of the held-out decisions in the original and the candidate (the same classes)."""
+    margins of the held-out decisions in the original and the candidate (the same classes); `exempt`: the
+    held-out near-ties lost are left out of what is held against the tolerance (--ties exempt; Judged.value)."""
     tie = everything.tie_level()
     live = everything.margins > tie
     ties = int(np.sum((everything.margins > 0) & ~live))
@@ -103,10 +112,15 @@ def threat(everything: Decisions, held_out_before: np.ndarray, held_out_after: n
     kept = held_out_before > tie  # a near-tie's shrink says nothing of the model's perturbation elsewhere
     levels, shrink = held_out_before[kept], shrink[kept]
     if not levels.size or not live.any():
-        return Threat(0, everything.margins.size, ties, ties_lost)
+        return Threat(0, everything.margins.size, ties, ties_lost, exempt)
     perturbation = _nearest_maximum(levels, shrink, everything.margins[live])
     threatened = int(np.sum(SAFETY * perturbation >= everything.margins[live]))
-    return Threat(threatened, everything.margins.size, ties, ties_lost)
+    return Threat(threatened, everything.margins.size, ties, ties_lost, exempt)
+
+
+def ties_exempt(ties: str | None, tolerance: float | None) -> bool:
+    """Whether near-ties are exempt from the tolerance: as `--ties` says, else only at tolerance 0 (lossless)."""
+    return ties == "exempt" if ties is not None else tolerance == 0
 
 
 def _nearest_maximum(levels: np.ndarray, values: np.ndarray, at: np.ndarray) -> np.ndarray:

@@ -16,8 +16,12 @@ class Edge:
     (`validate`), on the selecting half of the held-out samples (check 1) and on all of them (check 2)."""
 
     def __init__(self, validate: Callable[[list[Choice], Sequence[int]], Trial], checks: list[list[int]],
-                 candidates: list[list[Choice]], tolerance: float, end: int, predicted: list[float] | None):
+                 candidates: list[list[Choice]], tolerance: float, end: int, predicted: list[float] | None,
+                 accepts: Callable[[Trial, float], bool] | None = None):
+        """`accepts`: whether a candidate confirmed on every held-out sample passes (Search.passes: its value,
+        and with --accept bound its bound for new inputs); by default its value within the tolerance."""
         self.validate, self.candidates, self.tolerance, self.end = validate, candidates, tolerance, end
+        self.accepts = accepts or (lambda trial, tolerance: trial.value <= tolerance)
         self.predicted = predicted  # per candidate, on a continuous metric: the bisection interpolates
         self.checks = checks
         self.tried: dict[tuple[int, int], Trial] = {}
@@ -30,9 +34,14 @@ class Edge:
             key = (index, len(indices))
             if key not in self.tried:
                 self.tried[key] = self.validate(self.candidates[index], indices)
-            if self.tried[key].value > self.tolerance:
+            if not self._within(self.tried[key], len(indices) == len(self.checks[-1])):
                 return False
         return True
+
+    def _within(self, trial: Trial, confirming: bool) -> bool:
+        """The selecting half holds the value within the tolerance; the confirmation on every held-out sample
+        also the bound where it is accepted by (--accept bound: a bound from half of the samples is wider)."""
+        return self.accepts(trial, self.tolerance) if confirming else trial.value <= self.tolerance
 
     def first_passing(self, low: int, high: int, upto: int) -> int:
         """The first passing index in (low, high] (low fails, high passes): interpolated while that

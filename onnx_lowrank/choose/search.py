@@ -17,6 +17,7 @@ import onnx
 from ..check.evaluator import Evaluator, Trial
 from ..check.metrics import DISCRETE
 from ..check.validation import validation
+from ..errors import known
 from ..factorize.menu import Choice, UnitDecomposers
 from ..factorize.rewrite import build, factors_of
 from ..graph.splice import Factorized
@@ -36,10 +37,11 @@ class Search:
     def __init__(self, original, adapters, candidates, evaluator: Evaluator, indices, metric, labels, advance=None,
                  memo: dict | None = None,
                  refit: Callable[[dict[str, Factorized]], dict[str, Factorized]] | None = None,
-                 refit_candidates: bool = False):
+                 refit_candidates: bool = False, accept_bound: bool = False):
         """`memo`: rewrite.build's for this original (shared with the refit); `refit`: solves an allocation's
         factors again for the compressed model's inputs (refit.Refit), every candidate's when
-        `refit_candidates` (--refit sequential), else only when asked."""
+        `refit_candidates` (--refit sequential), else only when asked; `accept_bound`: a candidate passes
+        only when its bound for new inputs is within the tolerance too (--accept bound)."""
         self.original = original
         self.adapters = adapters
         self.candidates = candidates
@@ -53,6 +55,7 @@ class Search:
         self.advance = advance  # called once per validated trial (a progress bar)
         self.refit = refit
         self.refit_candidates = refit_candidates
+        self.accept_bound = accept_bound
         self._refitted: dict[tuple, tuple[dict[str, Factorized], int]] = {}  # the last allocations' refits
 
     def factors(self, choices: Sequence[Choice], refit: bool | None = None) -> dict[str, Factorized]:
@@ -76,6 +79,11 @@ class Search:
     def _refits(self, refit: bool | None) -> bool:
         return self.refit is not None and (self.refit_candidates if refit is None else refit)
 
+    def passes(self, trial: Trial, tolerance: float) -> bool:
+        """Whether a validated candidate is accepted: its value within the tolerance (--accept value), and
+        its upper confidence bound for new inputs too (--accept bound)."""
+        return trial.value <= tolerance and (not self.accept_bound or known(trial.bound, "the bound") <= tolerance)
+
     def params(self, choices: Sequence[Choice]) -> int:
         return sum(c.unit.params if ch.option is None else ch.option.params for c, ch in zip(self.candidates, choices))
 
@@ -87,7 +95,8 @@ class Search:
         model = build(self.original, self.adapters, self.factors(choices, refit), memo=self.memo)
         candidate = (tuple(choice.option for choice in choices), self._refits(refit))
         judged = self.evaluator.judge(model, indices, metric or self.metric, labels, candidate)
-        trial = Trial(choices, self.params(choices), judged.error, len(indices), judged.threat, judged.lost)
+        trial = Trial(choices, self.params(choices), judged.error, len(indices), judged.threat, judged.lost,
+                      judged.bound)
         self.trials.append(trial)
         if self.advance is not None:
             self.advance(1)
@@ -136,7 +145,7 @@ class Search:
         """
         end = len(candidates) - 1 if below is None else sum(self.params(c) < below for c in candidates)
         edge = Edge(self.validated, [self.steered, self.indices], candidates, tolerance, end,
-                    None if self.metric in DISCRETE else predicted_errors(candidates, sensitivity))
+                    None if self.metric in DISCRETE else predicted_errors(candidates, sensitivity), self.passes)
         if end == 0 or (below is not None and not edge.passes(end - 1, 1)):
             return None  # nothing smaller, or the largest smaller one fails already
         # the smallest allocation (rank 1 nearly everywhere) is validated only when the bisection gets there
@@ -155,13 +164,17 @@ class Search:
             key = tuple(c.option for c in choices)
             if key not in seen:
                 seen[key] = self.validated(choices)
-        return min(seen.values(), key=lambda trial: trial.value)
+        return min(seen.values(), key=self.ranked)
+
+    def ranked(self, trial: Trial) -> tuple[float, float]:
+        """How a trial ranks among others at one size: by its bound first where that is what is accepted."""
+        return (known(trial.bound, "the bound"), trial.value) if self.accept_bound else (trial.value, 0.0)
 
     def validation(self, model: onnx.ModelProto, tolerance: float | None, confidence: float) -> Validation:
         """The held-out result of `model` and what it promises for new inputs (check/validation.py); the
         samples that steered the choice are left out of the resampled bound."""
         return validation(self.evaluator, model, self.indices, self.labels, self.metric, tolerance, confidence,
-                          self.steered)
+                          self.steered, self.accept_bound)
 
     def closest(self) -> Trial | None:
         """The trial with the least error among those that removed parameters, validated on the whole

@@ -333,21 +333,34 @@ def _layers_table(report: Report) -> tuple[_Table, list[str]]:
         legend.append("sensitivity: the output's squared relative error per unit of it")
     if timed:
         columns.append(_Column("speedup", "speed-\nup", right=True))
-        legend.append("speedup: the layer alone, dense time / factorized time")
+        legend.append("speedup: the layer alone, dense time / factorized time" + _untimed(layers))
+    if any(layer.method == "prune" for layer in layers):
+        legend.append("ch: the channels a pruned pair keeps between its layers (no rank: columns and rows are cut)")
     rows = []
     for layer, params in zip(layers, _params(layers)):
-        cells = ["x".join(map(str, layer.shape)), layer.method,
-                 str(layer.rank) if isinstance(layer.rank, int) else "x".join(map(str, layer.rank)),
+        rank = str(layer.rank) if isinstance(layer.rank, int) else "x".join(map(str, layer.rank))
+        cells = ["x".join(map(str, layer.shape)), layer.method, f"{rank} ch" if layer.method == "prune" else rank,
                  params, _g(layer.predicted_error)]
         if sensitive:
             cells.append("" if layer.sensitivity is None else _g(layer.sensitivity))
         if timed:
             timing = layer.latency
             cells.append(f"{timing['dense_ms'] / timing['factorized_ms']:.2f}x"
-                         if timing and timing.get("factorized_ms") else "")
+                         if timing and timing.get("factorized_ms") else "—")
         shared = f" (+{len(layer.nodes) - 1} sharing)" if len(layer.nodes) > 1 else ""
         rows.append(_Row(layer.node, cells, layer.op, shared))
     return _Table(f"Factorized layers ({len(layers)})", columns, rows), legend
+
+
+def _untimed(layers: Sequence[LayerReport]) -> str:
+    """Why some layers have no speedup (the legend's words for their "—")."""
+    untimed = {layer.method for layer in layers if not (layer.latency and layer.latency.get("factorized_ms"))}
+    if not untimed:
+        return ""
+    if untimed <= {"prune", "heads"}:
+        return ("; —: not timed: pruned channels and heads run the same ops on smaller matrices, never slower "
+                "than dense")
+    return "; —: not timed"
 
 
 def _model_table(report: Report) -> _Table:
@@ -374,53 +387,87 @@ def _model_table(report: Report) -> _Table:
 
 
 def validation_text(check: Validation) -> str:
-    """What the held-out check found, and what it promises for new inputs (as much as is known), a line
-    each."""
+    """What the held-out check found (what was counted against the tolerance, what was exempt), and what it
+    promises for new inputs (as much as is known, and whether that is within the tolerance), a line each."""
     percent = check.metric in DISCRETE
     if check.tolerance is None:
         bound = "no tolerance set"
     else:
-        side = "within" if check.passed or (check.passed is None and check.value <= check.tolerance) else "ABOVE"
+        side = "within" if check.value <= check.tolerance else "ABOVE"
         bound = f"{side} the tolerance {_percent(check.tolerance) if percent else _g(check.tolerance)}"
-    confidence = None if check.confidence is None else f"with {100 * check.confidence:.3g}% confidence"
-    clauses = []
     if percent:
-        decisions, lost = check.decisions, check.lost
-        if decisions is None and check.metric == "accuracy":  # one decision per sample
-            decisions = check.samples
-        if lost is None and decisions is not None:
-            lost = round(check.value * decisions)
-        what = "samples lost" if check.metric == "accuracy" else "decisions changed"
-        if decisions is not None:
-            share = f" ({_against(lost / decisions, check.tolerance, True)})" if lost and decisions else ""
-            clauses.append(f"{what}: {lost:,}{share} of {decisions:,} held-out ({check.provider}), {bound}")
-        else:
-            clauses.append(f"{what}: {_against(check.value, check.tolerance, True)} on {check.samples:,} "
-                           f"held-out samples ({check.provider}), {bound}")
-        if check.unseen_bound is not None and confidence is not None:
-            verb = "of new inputs lose their decision" if check.metric == "accuracy" else "of new decisions change"
-            clauses.append(f"{confidence} at most {_upper(check.unseen_bound, True)} {verb}")
-        unit = "samples" if check.metric == "accuracy" else "decisions"
-        if check.threatened is not None:
-            total = check.calibration_decisions
-            if total is None and check.threatened and check.predicted_unseen:
-                total = round(check.threatened / check.predicted_unseen)
-            of = f" of {total:,}" if total is not None else ""
-            clauses.append(f"margins threatened: {check.threatened:,}{of} calibration {unit}")
-        if check.ties:
-            noun = unit[:-1] if check.ties == 1 else unit
-            ties_lost = f", {check.ties_lost:,} of them lost" if check.ties_lost else ""
-            clauses.append(f"near-ties: {check.ties:,} calibration {noun} (may flip either way; not held "
-                           f"against the tolerance{ties_lost})")
+        clauses = _decision_clauses(check, bound)
     else:
-        clauses.append(f"{check.metric} {_against(check.value, check.tolerance)} on {check.samples:,} held-out "
-                       f"samples ({check.provider}), {bound}")
-        if check.unseen_bound is not None and confidence is not None:
+        clauses = [(f"{check.metric} {_against(check.value, check.tolerance)} on {check.samples:,} held-out "
+                    f"samples ({check.provider}), {bound}")]
+        if check.unseen_bound is not None and check.confidence is not None:
+            confidence = f"with {100 * check.confidence:.3g}% confidence"
             if check.metric == "max-abs":
                 clauses.append(f"{confidence} at most {_upper(check.unseen_bound, True)} of new inputs exceed it")
             else:
-                clauses.append(f"{confidence} at most {_upper(check.unseen_bound)} on new inputs")
+                clauses.append(f"{confidence} at most {_upper(check.unseen_bound)} on new inputs"
+                               + _promise_against(check))
     return "\n".join(clauses)
+
+
+def _decision_clauses(check: Validation, bound: str) -> list[str]:
+    """validation_text for top1 / accuracy: the decisions changed (lost), which of them were near-ties and
+    whether those counted, what was held against the tolerance, the promise, the margins, the near-ties."""
+    decisions, lost = check.decisions, check.lost
+    if decisions is None and check.metric == "accuracy":  # one decision per sample
+        decisions = check.samples
+    if lost is None and decisions is not None:
+        lost = round(check.value * decisions)
+    what = "samples lost" if check.metric == "accuracy" else "decisions changed"
+    unit = "samples" if check.metric == "accuracy" else "decisions"
+    exempt = check.ties_exempt is not False  # reports from before --ties: near-ties were exempt
+    clauses = []
+    if decisions is not None and lost is not None:
+        share = f" ({_against(lost / decisions, check.tolerance, True)})" if lost and decisions else ""
+        counted = lost - (check.ties_lost or 0 if exempt else 0)
+        line = f"{what}: {lost:,}{share} of {decisions:,} held-out ({check.provider})"
+        if check.ties_lost:
+            noun = "a near-tie" if check.ties_lost == 1 else "near-ties"
+            line += (f", {check.ties_lost:,} of them {noun} (exempt): {counted:,} counted" if exempt
+                     else f", {check.ties_lost:,} of them {noun} (counted)")
+        if check.value <= counted / decisions * (1 + 1e-9):
+            clauses.append(f"{line}, {bound}")
+        else:  # the margins' prediction is larger than the count, and is what was held
+            held = _against(check.value, check.tolerance, True)
+            clauses += [line, (f"held against the tolerance: {held} of calibration {unit} predicted to change "
+                               f"(margins threatened, below), {bound}")]
+    else:
+        clauses.append(f"{what}: {_against(check.value, check.tolerance, True)} on {check.samples:,} "
+                       f"held-out samples ({check.provider}), {bound}")
+    if check.unseen_bound is not None and check.confidence is not None:
+        verb = "of new inputs lose their decision" if check.metric == "accuracy" else "of new decisions change"
+        clauses.append(f"with {100 * check.confidence:.3g}% confidence at most {_upper(check.unseen_bound, True)} "
+                       f"{verb}" + _promise_against(check))
+    if check.threatened is not None:
+        total = check.calibration_decisions
+        if total is None and check.threatened and check.predicted_unseen:
+            total = round(check.threatened / check.predicted_unseen)
+        of = f" of {total:,}" if total is not None else ""
+        clauses.append(f"margins threatened: {check.threatened:,}{of} calibration {unit}")
+    if check.ties:
+        noun = unit[:-1] if check.ties == 1 else unit
+        ties_lost = f", {check.ties_lost:,} of them lost" if check.ties_lost else ""
+        held = "not held against the tolerance" if exempt else "counted against the tolerance"
+        clauses.append(f"near-ties: {check.ties:,} calibration {noun} (may flip either way; {held}{ties_lost})")
+    return clauses
+
+
+def _promise_against(check: Validation) -> str:
+    """Where the promise for new inputs is above a positive tolerance the held-out value is within, a plain
+    statement of it (at tolerance 0, lossless, no finite number of samples could promise 0)."""
+    if not check.tolerance or check.unseen_bound is None or check.unseen_bound <= check.tolerance \
+            or check.value > check.tolerance:  # above the tolerance already: the promise is no news
+        return ""
+    tolerance = _percent(check.tolerance) if check.metric in ("accuracy", "top1") else _g(check.tolerance)
+    if check.accept == "bound":
+        return f": ABOVE the tolerance {tolerance}, which --accept bound requires of it"
+    return (f": ABOVE the tolerance {tolerance}, which only the held-out samples are within (--accept bound "
+            f"accepts only a promise within it)")
 
 
 def not_validated_text(report: Report) -> str:
@@ -534,7 +581,7 @@ def print_inspect(rows: Sequence[LayerInfo], console: Console, data: bool = Fals
             str(row.break_even),
             f"{row.effective_rank:.1f}",
             f"{row.rank_90}/{row.rank_99}",
-            f"{row.energy_at_break_even:.1%}",
+            "—" if row.energy_at_break_even is None else f"{row.energy_at_break_even:.1%}",
             "none" if best is None else f"{best[0]} {_g(best[1])}",
         ]
         shared = f" (+{len(row.shared_by)} sharing)" if row.shared_by else ""
@@ -545,7 +592,9 @@ def print_inspect(rows: Sequence[LayerInfo], console: Console, data: bool = Fals
         _legend(console, [
             "break-even: the largest rank that still saves parameters",
             "r90 / r99: the smallest ranks keeping 90% / 99% of the energy",
-            "energy kept: at the break-even rank",
+            "energy kept: at the break-even rank" + (
+                " (—: no SVD rank saves parameters, as in a depthwise convolution, whose groups are single rows; "
+                "another method may)" if any(row.energy_at_break_even is None for row in factorizable) else ""),
             "best at half size: the least predicted error at half the parameters, and its method",
         ] + (["groups: matrices factorized at one rank (conv groups, MatMul batch)"] if grouped else []))
     _print_grouped(console, "Not factorizable", [(row.node, row.op, row.reason) for row in rows if row.reason])

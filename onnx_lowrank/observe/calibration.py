@@ -102,12 +102,21 @@ def split(samples: Samples, seed: int, fraction: float = VALIDATION_FRACTION) ->
     held_out = max(MIN_VALIDATION, round(fraction * count))
     held_out = min(held_out, count - MIN_FIT) if count >= MIN_FIT + MIN_VALIDATION else held_out
     if count - held_out < MIN_FIT:
-        raise InputError(
-            f"too few calibration samples ({count}): need at least {MIN_FIT + MIN_VALIDATION} "
-            f"({MIN_FIT} to fit the statistics, {MIN_VALIDATION} to validate)"
-        )
+        raise InputError(f"too few calibration samples ({count}): need at least {MIN_FIT + MIN_VALIDATION} "
+                         f"({MIN_FIT} to fit the statistics, {MIN_VALIDATION} to validate){_split_words(fraction)}")
     order = np.random.default_rng(seed).permutation(count).tolist()
     return Split(fit=sorted(order[held_out:]), validation=sorted(order[:held_out]))
+
+
+def _split_words(fraction: float) -> str:
+    """How the samples are split at `fraction` held out, from how many on, in words (too-few-samples message)."""
+    share = {0.5: "half", 0.75: "three quarters"}.get(fraction, f"{fraction:.0%}")
+    full = next(n for n in range(MIN_FIT + MIN_VALIDATION, 10_000) if n - round(fraction * n) >= MIN_FIT)
+    held = round(fraction * full)
+    if full == MIN_FIT + MIN_VALIDATION:
+        return f"; {share} are held out to validate"
+    return (f"; {share} are held out to validate from {full} samples on ({held} validate, {full - held} fit), "
+            f"fewer below so that {MIN_FIT} fit")
 
 
 TOKEN_INPUT = "input_ids"  # the graph input the perplexity metric reads the text from ...

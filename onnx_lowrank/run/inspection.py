@@ -75,6 +75,7 @@ def _row(unit, candidate) -> LayerInfo:
     for option in candidate.options():
         if option.params <= unit.params / 2:
             at_half[option.method] = min(option.error, at_half.get(option.method, np.inf))
+    shrinks = unit.break_even > 0  # some rank saves parameters: the energy it keeps means something
     return LayerInfo(
         node=unit.name,
         op=unit.op,
@@ -87,7 +88,16 @@ def _row(unit, candidate) -> LayerInfo:
         effective_rank=spectrum.effective_rank,
         rank_90=spectrum.rank_for_energy(0.90),
         rank_99=spectrum.rank_for_energy(0.99),
-        energy_at_break_even=float(1.0 - spectrum.dropped[unit.break_even]),
+        energy_at_break_even=float(1.0 - spectrum.dropped[unit.break_even]) if shrinks else None,
         shared_by=[layer.node.name for layer in unit.layers[1:]],
         at_half=dict(sorted(at_half.items(), key=lambda item: item[1])),
+        reason=None if shrinks or any(o.params < unit.params for o in candidate.options()) else _unshrinkable(unit),
     )
+
+
+def _unshrinkable(unit) -> str:
+    """Why a layer no rank and no method shrinks is not factorizable (a depthwise convolution above all)."""
+    groups, (rows, cols) = unit.groups, unit.shape
+    each = f"each of its {groups} groups is a {rows}x{cols} matrix" if groups > 1 else f"its matrix is {rows}x{cols}"
+    kind = "depthwise convolution: " if unit.op == "Conv" and groups > 1 and rows == 1 else ""
+    return f"not factorizable ({kind}{each}, which no rank below {min(rows, cols)} shrinks, nor any other method)"

@@ -9,11 +9,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ..check.evaluator import Trial
 from ..check.metrics import DEFAULT_TOLERANCE, DISCRETE
-from ..choose.allocation import by_budget, by_energy
+from ..choose.allocation import by_budget, by_energy, short_of_budget
 from ..choose.ranks_file import explicit
 from ..choose.search import Search
 from ..errors import InputError, known
@@ -28,6 +29,7 @@ class Allocation:
 
     choices: list[Choice]
     trial: Trial | None = None
+    note: str | None = None  # what the report's notes should say of it (a size mode short of its target)
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class Outcome:
     int8_alone: float | None = None  # int8 of the original alone, when it was measured
     int8_kept: int = 0  # nodes int8 left weight-only or float
     int8: bool = False  # whether the written model is quantized
+    accept_bound: bool = False  # a candidate passes only when its bound for new inputs does too (--accept bound)
 
 
 class RankMode:
@@ -110,7 +113,16 @@ class Budget(RankMode):
     eager = gated = True
 
     def allocate(self, menus: Menus) -> Allocation:
-        return Allocation(by_budget(menus.decomposers, known(menus.settings.target_params, "--target-params")))
+        choices = by_budget(menus.decomposers, known(menus.settings.target_params, "--target-params"))
+        return self.noted(menus, Allocation(choices))
+
+    @staticmethod
+    def noted(menus: Menus, allocation: Allocation) -> Allocation:
+        """The allocation, with a note when it keeps clearly less than the target (allocation.short_of_budget)."""
+        settings = menus.settings
+        note = short_of_budget(menus.decomposers, allocation.choices, known(settings.target_params, "--target-params"),
+                               settings.objective)
+        return allocation if note is None else dataclasses.replace(allocation, note=note)
 
 
 class ValidatedBudget(Budget):
@@ -119,7 +131,7 @@ class ValidatedBudget(Budget):
     def allocate(self, menus: Menus) -> Allocation:
         search, sensitivity = known(menus.search, "the search"), known(menus.sensitivity, "the sensitivities")
         trial = search.at_budget(sensitivity, known(menus.settings.target_params, "--target-params"))
-        return Allocation(trial.choices, trial)
+        return self.noted(menus, Allocation(trial.choices, trial))
 
 
 class Compact(RankMode):
@@ -157,8 +169,11 @@ class Compact(RankMode):
         else:
             threatened = "" if closest.threat is None else \
                 f", with {closest.threat.threatened} calibration decision(s) threatened"
-            detail = f" (the closest that removes parameters reached {closest.error:.4g} on the held-out part{threatened})"
-        return f"no factorization keeps {outcome.metric} within {tolerance:g}{detail}"
+            bound = "" if closest.bound is None else f" and a bound of {closest.bound:.4g} for new inputs"
+            detail = (f" (the closest that removes parameters reached {closest.value:.4g} on the held-out part"
+                      f"{threatened}{bound})")
+        also = " (and its bound for new inputs, --accept bound)" if outcome.accept_bound else ""
+        return f"no factorization keeps {outcome.metric}{also} within {tolerance:g}{detail}"
 
 
 class Describe(RankMode):

@@ -21,6 +21,9 @@ def refusal(validation) -> str:
     if validation.threatened:
         seen += (f" and {validation.threatened} of {validation.calibration_decisions} calibration decisions "
                  f"have their margin threatened ({validation.predicted_unseen:.4g})")
+    if validation.value <= validation.tolerance and validation.unseen_bound is not None:  # --accept bound
+        return (f"{seen}, within the tolerance {validation.tolerance:g}, but its bound for new inputs "
+                f"({validation.unseen_bound:.4g} at {validation.confidence:g} confidence) is above it (--accept bound)")
     return f"{seen}, above the tolerance {validation.tolerance:g}"
 
 

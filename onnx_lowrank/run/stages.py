@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from ..check.evaluator import Evaluator
-from ..check.generalization import Decisions, weighted_fit
+from ..check.generalization import Decisions, ties_exempt, weighted_fit
 from ..check.latency import end_to_end
 from ..check.metrics import DISCRETE, check_metric, compared_outputs
 from ..check.overrides import overrides_for
@@ -199,7 +199,9 @@ def sensitivity(run: Run, advance: Advance) -> None:
     outputs = [o.name for o in run.original.graph.output]
     overrides = overrides_for(run.original, units, set(outputs)) if load.mode.probes else None
     evaluator = Evaluator(run.original, data.samples, data.provider, settings.batch_size, overrides,
-                          compared_outputs(settings.metric, outputs, settings.outputs), data.decisions)
+                          compared_outputs(settings.metric, outputs, settings.outputs), data.decisions,
+                          exempt_ties=ties_exempt(settings.ties, load.tolerance),
+                          bound_confidence=settings.confidence if settings.accept == "bound" else None)
     found = None
     if load.mode.probes:
         decomposers = run.menus_offered.decomposers
@@ -253,7 +255,8 @@ def _search(run: Run, evaluator: Evaluator, advance: Advance) -> Search:
         settings.batch_size, run.given.loaded.base_dir, memo)
     return Search(run.original, load.adapters, run.menus_offered.decomposers, evaluator, data.parts.validation,
                   settings.metric, data.samples.labels, advance, memo=memo, refit=refit,
-                  refit_candidates=refit is not None and settings.refit == "sequential")
+                  refit_candidates=refit is not None and settings.refit == "sequential",
+                  accept_bound=settings.accept == "bound")
 
 
 def _method_applies(run: Run) -> None:
@@ -347,7 +350,7 @@ def report(run: Run, advance: Advance) -> None:
         trace=[traced(t) for t in search.trials] if search else [],
         factorizable_params=sum(unit.params for unit in run.units),
         chosen=None if trial is None else Chosen(params=trial.params, error=trial.error),
-        objective=run.settings.objective, notes=list(offered.notes),
+        objective=run.settings.objective, notes=_notes(offered.notes, allocation.note),
         refit="sequential" if written.refit_layers else "none", refit_layers=written.refit_layers,
     )
     run.written = replace(written, factors={})
@@ -356,6 +359,11 @@ def report(run: Run, advance: Advance) -> None:
         report.quantization = run.int8.summary(written.factorized, written.model,
                                                written.factor_error if validated else None,
                                                written.error if validated else None)
+
+
+def _notes(gate: Sequence[str], allocation: str | None) -> list[str]:
+    """The report's notes: the latency gate's, then the allocation's (a size mode short of its target)."""
+    return [*gate, *([allocation] if allocation is not None and allocation not in gate else [])]
 
 
 def diagnose(run: Run, advance: Advance) -> None:
