@@ -13,6 +13,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from .calibration import DISCRETE_VALIDATION_FRACTION, VALIDATION_FRACTION, Samples, Split, split
 from .errors import BoundNotMet, InputError, known
 from .metrics import DEFAULT_TOLERANCE
@@ -149,7 +151,21 @@ class Compact(RankMode):
             detail = (f" (the closest that removes parameters reached {closest.value:.4g} on the held-out part"
                       f"{threatened}{bound})")
         also = " (and its bound for new inputs, --accept bound)" if run.settings.accept == "bound" else ""
-        raise BoundNotMet(f"no factorization keeps {run.settings.metric}{also} within {tolerance:g}{detail}", report)
+        raise BoundNotMet(f"no factorization keeps {run.settings.metric}{also} within {tolerance:g}{detail}"
+                          f"{energy_at_break_even(run.decomposers, run.statistics is not None)}", report)
+
+
+def energy_at_break_even(candidates: list[UnitDecomposers], data: bool) -> str:
+    """What `inspect` says of the layers, summarised for a refusal: the energy they keep at their break-even
+    ranks (the largest that still save parameters), of their outputs on the data or of their weights."""
+    kept = sorted(1.0 - float(c.primary.spectrum.dropped[c.unit.break_even]) for c in candidates if c.unit.break_even > 0)
+    if not kept:
+        return ""
+    spread = f"{kept[0]:.1%}" if kept[0] >= kept[-1] - 0.0005 else f"{kept[0]:.1%} to {kept[-1]:.1%}"
+    command = "onnx-lowrank inspect --calib" if data else "onnx-lowrank inspect"
+    return (f"; at their break-even ranks, the largest that still save parameters, its {len(kept)} layers keep "
+            f"{spread} of their {'output ' if data else ''}energy (median {float(np.median(kept)):.1%}; "
+            f"`{command}` lists them): even the least compression on offer drops what the tolerance does not allow")
 
 
 class Describe(RankMode):
