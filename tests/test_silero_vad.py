@@ -65,3 +65,21 @@ def test_silero_compressed_stays_close_on_unseen_recordings(rate):
     reference, got = np.concatenate(before), np.concatenate(after)
     error = np.linalg.norm(got - reference) / np.linalg.norm(reference)
     assert error <= (1.5 * TOLERANCE if rate == 16000 else 1e-6), error
+
+
+def test_a_refusal_comes_after_one_validation_and_says_what_inspect_says():
+    """Issue 30, item 5: when the least compression on offer already fails, compact mode refuses at once (one
+    validation on the selecting half of the held-out samples, no bisection), and the refusal says what
+    `inspect` says of the layers: the energy they keep at their break-even ranks."""
+    from onnx_lowrank.errors import BoundNotMet
+
+    with pytest.raises(BoundNotMet) as refused:
+        onnx_lowrank.compress(MODELS / "silero_vad.onnx", calibration=feeds("silero_calib")[:16], tolerance=0.001,
+                              objective="size", method="svd")
+    report = refused.value.report
+    selecting = [trial for trial in report.trace if trial.samples == 4]  # half of the 8 held out
+    assert len(selecting) == 1, report.trace  # fewer than 32 held out: one frontier, one validation
+    assert selecting[0].params == max(t.params for t in report.trace if t.params < report.factorizable_params)
+    message = str(refused.value)
+    assert "at their break-even ranks" in message and "of their output energy (median" in message
+    assert "onnx-lowrank inspect --calib" in message

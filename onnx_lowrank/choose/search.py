@@ -139,15 +139,17 @@ class Search:
         Bisection on half of the held-out samples selects; the whole held-out part confirms, and a
         search above the selection (galloping up) runs if it does not: choosing the edge on the same samples
         that certify it would favour candidates that pass by luck. The first candidate not smaller than
-        `below` (the dense end, when None) counts as passing without a validation; below another frontier's
-        best the search steps down from there (galloping), else it bisects the whole frontier, at the
-        interpolated edge where the metric is continuous (`interpolated`).
+        `below` (the dense end, when None) counts as passing without a validation; the one before it, the least
+        compression on offer, is validated first: when it fails, nothing on the frontier is searched (a model
+        that nothing compresses within the tolerance is refused after one validation per frontier, not a
+        bisection each). Below another frontier's best the search steps down from there (galloping), else it
+        bisects the whole frontier, at the interpolated edge where the metric is continuous (`interpolated`).
         """
         end = len(candidates) - 1 if below is None else sum(self.params(c) < below for c in candidates)
         edge = Edge(self.validated, [self.steered, self.indices], candidates, tolerance, end,
                     None if self.metric in DISCRETE else predicted_errors(candidates, sensitivity), self.passes)
-        if end == 0 or (below is not None and not edge.passes(end - 1, 1)):
-            return None  # nothing smaller, or the largest smaller one fails already
+        if end == 0 or not edge.passes(end - 1, 1):
+            return None  # nothing smaller, or the least compression on offer fails already: one validation says no
         # the smallest allocation (rank 1 nearly everywhere) is validated only when the bisection gets there
         chosen = edge.first_passing(-1, end, 1) if below is None else edge.galloping_down()
         if chosen < end and not edge.passes(chosen, 2):

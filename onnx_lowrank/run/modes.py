@@ -10,7 +10,10 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from ..check.evaluator import Trial
 from ..check.metrics import DEFAULT_TOLERANCE, DISCRETE
@@ -58,6 +61,8 @@ class Outcome:
     int8_kept: int = 0  # nodes int8 left weight-only or float
     int8: bool = False  # whether the written model is quantized
     accept_bound: bool = False  # a candidate passes only when its bound for new inputs does too (--accept bound)
+    decomposers: Sequence[UnitDecomposers] = ()  # the menus (a refusal says what they keep at break-even)
+    observed: bool = False  # whether the menus come from statistics of the data
 
 
 class RankMode:
@@ -173,7 +178,21 @@ class Compact(RankMode):
             detail = (f" (the closest that removes parameters reached {closest.value:.4g} on the held-out part"
                       f"{threatened}{bound})")
         also = " (and its bound for new inputs, --accept bound)" if outcome.accept_bound else ""
-        return f"no factorization keeps {outcome.metric}{also} within {tolerance:g}{detail}"
+        return (f"no factorization keeps {outcome.metric}{also} within {tolerance:g}{detail}"
+                f"{energy_at_break_even(outcome.decomposers, outcome.observed)}")
+
+
+def energy_at_break_even(candidates: Sequence[UnitDecomposers], data: bool) -> str:
+    """What `inspect` says of the layers, summarised for a refusal: the energy they keep at their break-even
+    ranks (the largest that still save parameters), of their outputs on the data or of their weights."""
+    kept = sorted(1.0 - float(c.primary.spectrum.dropped[c.unit.break_even]) for c in candidates if c.unit.break_even > 0)
+    if not kept:
+        return ""
+    spread = f"{kept[0]:.1%}" if kept[0] >= kept[-1] - 0.0005 else f"{kept[0]:.1%} to {kept[-1]:.1%}"
+    command = "onnx-lowrank inspect --calib" if data else "onnx-lowrank inspect"
+    return (f"; at their break-even ranks, the largest that still save parameters, its {len(kept)} layers keep "
+            f"{spread} of their {'output ' if data else ''}energy (median {float(np.median(kept)):.1%}; "
+            f"`{command}` lists them): even the least compression on offer drops what the tolerance does not allow")
 
 
 class Describe(RankMode):

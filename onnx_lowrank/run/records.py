@@ -229,4 +229,4 @@ class Run:
         return Outcome(allocation, bool(self.units), self.settings.metric, self.load.tolerance, error,
                        None if int8 is None else int8.alone_error,
                        0 if int8 is None else len(int8.floats) + len(int8.weight_only), int8 is not None,
-                       self.settings.accept == "bound")
+                       self.settings.accept == "bound", self.menus_offered.decomposers, self.statistics is not None)
