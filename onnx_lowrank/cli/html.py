@@ -309,7 +309,8 @@ def _validation(validation: Mapping | None) -> str:
     bound = validation.get("tolerance")
     rows = [
         ["Metric", f"<code>{_e(validation.get('metric', '—'))}</code>"],
-        ["Error on held-out samples", _num(validation.get("value"), 6)],
+        ["Held against the tolerance" if validation.get("metric") in ("top1", "accuracy") else
+         "Error on held-out samples", _num(validation.get("value"), 6)],
         ["Tolerance", _num(bound, 6) if bound is not None else "none asked for"],
         ["Result", _badge(validation.get("passed"))],
         ["Execution provider", _e(validation.get("provider", "—"))],
@@ -317,7 +318,7 @@ def _validation(validation: Mapping | None) -> str:
     ]
     fields = {f.name for f in dataclasses.fields(Validation)}
     promise = validation_text(Validation(**{k: v for k, v in validation.items() if k in fields}))
-    rows.append(["For new inputs", "<br>".join(_e(line) for line in promise.splitlines()[1:]) or "—"])
+    rows.append(["What was counted, and for new inputs", "<br>".join(_e(line) for line in promise.splitlines()) or "—"])
     return _table([("", False), ("", False)], rows, cls="kv")
 
 
