@@ -4,6 +4,7 @@ apart from what timing decides (seconds, phases, latencies).
 
     python tools/same_behaviour.py               # HEAD against the working tree
     python tools/same_behaviour.py --before REV
+    python tools/same_behaviour.py --more        # also the paths the four reference cases do not reach
 
 Every case runs with --objective size: the other objectives choose ranks by timing layers, which no two runs
 share. Exit status 0 when every case is identical, 1 otherwise.
@@ -30,6 +31,19 @@ CASES = {
     "minilm_l2 compact cosine 0.01": ["minilm_l2.onnx", "--calib", "minilm_sentences.npz", "--metric", "cosine",
                                       "--tolerance", "0.01"],
     "minilm_l2 target 0.7, no data": ["minilm_l2.onnx", "--target-params", "0.7"],
+}
+MORE = {  # int8 with its fallback, the refit, pruned pairs and attention heads, control-flow bodies
+    "minilm_l2 compact cosine 0.02 int8": ["minilm_l2.onnx", "--calib", "minilm_sentences.npz", "--metric", "cosine",
+                                           "--tolerance", "0.02", "--quantize", "int8"],
+    "minilm_l2 target 0.6 refit": ["minilm_l2.onnx", "--calib", "minilm_sentences.npz", "--metric", "cosine",
+                                   "--target-params", "0.6", "--refit", "sequential"],
+    "minilm_l2 heads compact 0.01": ["minilm_l2.onnx", "--calib", "minilm_sentences.npz", "--metric", "cosine",
+                                     "--tolerance", "0.01", "--method", "heads"],
+    "ppocr_cls prune target 0.8": ["ppocr_cls.onnx", "--calib", "ppocr_cls_lines.npz", "--labels",
+                                   "ppocr_cls_lines_labels.npy", "--metric", "accuracy", "--method", "prune",
+                                   "--target-params", "0.8"],
+    "silero_vad compact rel-l2 0.05": ["silero_vad.onnx", "--calib", "silero_calib", "--metric", "rel-l2",
+                                       "--tolerance", "0.05"],
 }
 MODEL_ARGUMENTS = {"--calib", "--labels"}  # followed by a file in models/
 TIMED = {"seconds", "phases", "latency"}  # report keys that timing decides
@@ -84,14 +98,16 @@ def checkout(revision: str, into: Path) -> Path:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", default="HEAD", help="the git revision to compare with (default HEAD)")
-    parser.add_argument("--case", action="append", choices=CASES, help="only these cases (default all)")
+    parser.add_argument("--case", action="append", choices=[*CASES, *MORE], help="only these cases (default all)")
+    parser.add_argument("--more", action="store_true", help="also the cases of MORE (several minutes more)")
     args = parser.parse_args()
+    cases = {**CASES, **MORE}
     same = True
     with tempfile.TemporaryDirectory(prefix="same-behaviour-") as work:
         old = checkout(args.before, Path(work))
-        for number, name in enumerate(args.case or CASES):
-            status_before, model_before, report_before = compress(old, CASES[name], Path(work, f"{number}-before"))
-            status_after, model_after, report_after = compress(ROOT, CASES[name], Path(work, f"{number}-after"))
+        for number, name in enumerate(args.case or (cases if args.more else CASES)):
+            status_before, model_before, report_before = compress(old, cases[name], Path(work, f"{number}-before"))
+            status_after, model_after, report_after = compress(ROOT, cases[name], Path(work, f"{number}-after"))
             changed = differences(untimed(report_before), untimed(report_after))
             if status_before != status_after:
                 changed.insert(0, f"exit status {status_before} -> {status_after}")
