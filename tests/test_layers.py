@@ -35,20 +35,32 @@ def test_every_folder_and_top_module_has_its_layer():
     assert set(layers) == folders | modules
 
 
-def test_a_type_checking_import_upwards_breaks_the_contract(tmp_path):
-    """The contract sees imports under `if TYPE_CHECKING` too: a copy of the package whose graph layer names
-    a type of the run layer that way is refused."""
+def _lint_copy(tmp_path: Path, module: str, added: str) -> subprocess.CompletedProcess:
+    """import-linter on a copy of the package with `added` appended to one of its modules."""
     import shutil
 
     copy = tmp_path / "onnx_lowrank"
     shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    layers = copy / "graph" / "layers.py"
-    layers.write_text(layers.read_text().replace(
-        "if TYPE_CHECKING:", "if TYPE_CHECKING:\n    from ..run.stages import Run  # noqa: F401\n", 1))
+    path = copy / module
+    path.write_text(path.read_text() + added)
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
-    done = subprocess.run([sys.executable, "-c", "from importlinter.cli import lint_imports_command; "
+    return subprocess.run([sys.executable, "-c", "from importlinter.cli import lint_imports_command; "
                            "lint_imports_command()", "--config", str(tmp_path / "pyproject.toml"), "--no-cache"],
                           cwd=tmp_path, capture_output=True, text=True, env={"PYTHONPATH": str(tmp_path),
                                                                               "PATH": "/usr/bin:/bin"})
+
+
+def test_a_type_checking_import_upwards_breaks_the_contract(tmp_path):
+    """The contract sees imports under `if TYPE_CHECKING` too: the graph layer naming a type of the run
+    layer that way is refused."""
+    done = _lint_copy(tmp_path, "graph/layers.py", "\nimport typing\n\nif typing.TYPE_CHECKING:\n"
+                      "    from ..run.stages import Run  # noqa: F401\n")
     assert done.returncode != 0
     assert "onnx_lowrank.graph.layers -> onnx_lowrank.run.stages" in done.stdout
+
+
+def test_a_circle_inside_a_folder_breaks_the_contract(tmp_path):
+    """graph.weights reads graph.model_io: model_io importing weights back closes a circle."""
+    done = _lint_copy(tmp_path, "graph/model_io.py", "\nfrom . import weights  # noqa: E402, F401\n")
+    assert done.returncode != 0
+    assert "No cycles are allowed in onnx_lowrank.graph" in done.stdout

@@ -12,7 +12,7 @@ import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import ClassVar, Protocol
 
 import numpy as np
 import onnx
@@ -20,9 +20,6 @@ import onnx_graphsurgeon as gs
 
 from .bodies import Scope, bodies, unobservable
 from .weights import ConstantIndex, Weight, resolve, weight_users
-
-if TYPE_CHECKING:  # the adapter protocol names what its rewrite receives (typing only)
-    from .splice import Emitter, Factorization
 
 
 @dataclass
@@ -197,6 +194,42 @@ class Skipped:
     reason: str
 
 
+class TwoFactors(Protocol):
+    """What an adapter's rewrite reads of a two-factor product (graph.splice.Factorization keeps it)."""
+
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def first(self) -> np.ndarray:
+        """(G, r, in): applied first."""
+        ...
+
+    @property
+    def second(self) -> np.ndarray:
+        """(G, out, r)."""
+        ...
+
+    @property
+    def bias_shift(self) -> np.ndarray | None: ...
+
+
+class Emits(Protocol):
+    """What an adapter's rewrite writes the chain through (graph.splice.Emitter keeps it): the node's
+    original inputs and outputs, and makers of constants, tensors and nodes."""
+
+    inputs: list
+    outputs: list
+
+    def bias(self, site: BiasSite | None, shift: np.ndarray) -> gs.Tensor: ...
+
+    def weight(self, role: str, value: np.ndarray, like: Weight | None = None) -> gs.Tensor: ...
+
+    def variable(self, role: str, dtype=None) -> gs.Variable: ...
+
+    def node(self, role: str, op: str, inputs: list, outputs: list, attrs: dict | None = None) -> gs.Node: ...
+
+
 class Adapter(Protocol):
     """One op type: `check` a node (a Layer, or why it is skipped) and `rewrite` it as a chain."""
 
@@ -213,7 +246,7 @@ class Adapter(Protocol):
     def rows(self, layer: Layer, array: np.ndarray) -> np.ndarray:
         """That tensor's values as (G, positions, channels): one row per vector the weight meets."""
 
-    def rewrite(self, layer: Layer, factors: Factorization, emit: Emitter) -> None:
+    def rewrite(self, layer: Layer, factors: TwoFactors, emit: Emits) -> None:
         """Emit nodes computing second @ first @ x per group (`first` (G, r, in), `second` (G, out, r)),
         moving `factors.bias_shift` (when set) into the layer's bias site."""
 

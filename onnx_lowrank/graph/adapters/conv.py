@@ -14,18 +14,14 @@ unless the bias is computed).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..layers import BiasSite, Layer, Skip, batchnorm_scale
-from ..splice import Factorization
+from ..layers import BiasSite, Emits, Layer, Skip, TwoFactors, batchnorm_scale
 from ..weights import ConstantIndex, Weight, resolve
 from .im2col import conv_patches
-
-if TYPE_CHECKING:
-    from ..splice import Emitter
 
 
 def _grouped_weight(node: gs.Node, index: ConstantIndex) -> tuple[Weight, int] | str:
@@ -95,7 +91,7 @@ class _ChannelStatistics:
         rows = np.moveaxis(array, 1, -1).reshape(-1, groups, channels)
         return rows.swapaxes(0, 1)
 
-    def _tail(self, layer: Layer, factors: Factorization, emit: Emitter, op: str, w2: np.ndarray) -> gs.Variable:
+    def _tail(self, layer: Layer, factors: TwoFactors, emit: Emits, op: str, w2: np.ndarray) -> gs.Variable:
         """The 1x1 node mapping g*r channels to the output, carrying the (shifted) bias."""
         bias = emit.inputs[2:]
         if factors.bias_shift is not None:
@@ -136,7 +132,7 @@ class ConvAdapter(_ChannelStatistics):
         layer.output_scale = batchnorm_scale(node, index, out_channels)
         return layer
 
-    def rewrite(self, layer: Layer, factors: Factorization, emit: Emitter) -> None:
+    def rewrite(self, layer: Layer, factors: TwoFactors, emit: Emits) -> None:
         kernel = layer.weight.shape
         groups, rank, spatial = layer.info["groups"], factors.rank, len(kernel) - 2
         w1 = factors.first.reshape(groups * rank, kernel[1], *kernel[2:])
@@ -164,7 +160,7 @@ class ConvTransposeAdapter(_ChannelStatistics):
         layer.output_scale = batchnorm_scale(node, index, groups * out_per_group)
         return layer
 
-    def rewrite(self, layer: Layer, factors: Factorization, emit: Emitter) -> None:
+    def rewrite(self, layer: Layer, factors: TwoFactors, emit: Emits) -> None:
         kernel = layer.weight.shape
         groups, rank, spatial = layer.info["groups"], factors.rank, len(kernel) - 2
         in_per_group = kernel[0] // groups

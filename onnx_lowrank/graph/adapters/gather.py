@@ -7,17 +7,13 @@ statistics are the lookup counts of each row.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..layers import Layer, Skip
-from ..splice import Factorization
+from ..layers import Emits, Layer, Skip, TwoFactors
 from ..weights import ConstantIndex, resolve, stored_constant
-
-if TYPE_CHECKING:
-    from ..splice import Emitter
 
 
 class GatherAdapter:
@@ -41,7 +37,7 @@ class GatherAdapter:
     def rows(self, layer: Layer, array: np.ndarray) -> np.ndarray:
         return array
 
-    def rewrite(self, layer: Layer, factors: Factorization, emit: Emitter) -> None:
+    def rewrite(self, layer: Layer, factors: TwoFactors, emit: Emits) -> None:
         lookup = factors.first[0].T  # (V, r)
         rebuild = factors.second[0].T  # (r, d)
         middle = emit.variable("mid")

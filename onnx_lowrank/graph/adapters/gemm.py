@@ -9,17 +9,13 @@ vectors; the output mean goes into C (added when absent, unless beta is 0 or C i
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..layers import BiasSite, Layer, Skip, batchnorm_scale
-from ..splice import Factorization
+from ..layers import BiasSite, Emits, Layer, Skip, TwoFactors, batchnorm_scale
 from ..weights import ConstantIndex, Weight, resolve
-
-if TYPE_CHECKING:
-    from ..splice import Emitter
 
 
 class GemmAdapter:
@@ -67,7 +63,7 @@ class GemmAdapter:
             vectors = array if layer.node.attrs.get("transB", 0) else array.T
         return vectors[None]
 
-    def rewrite(self, layer: Layer, factors: Factorization, emit: Emitter) -> None:
+    def rewrite(self, layer: Layer, factors: TwoFactors, emit: Emits) -> None:
         attrs = layer.node.attrs
         first, second = factors.first, factors.second
         side, transposed = layer.info["side"], layer.info["transposed"]

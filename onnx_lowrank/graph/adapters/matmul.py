@@ -9,18 +9,14 @@ Add that alone consumes the output (MatMul has no bias of its own).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from ...errors import known
-from ..layers import BiasSite, Layer, Skip
-from ..splice import Factorization
+from ..layers import BiasSite, Emits, Layer, Skip, TwoFactors
 from ..weights import ConstantIndex, Weight, resolve, weight_users
-
-if TYPE_CHECKING:
-    from ..splice import Emitter
 
 
 class MatMulAdapter:
@@ -70,7 +66,7 @@ class MatMulAdapter:
             return vectors.reshape(groups, -1, vectors.shape[-1])
         return vectors.reshape(1, -1, vectors.shape[-1])
 
-    def rewrite(self, layer: Layer, factors: Factorization, emit: Emitter) -> None:
+    def rewrite(self, layer: Layer, factors: TwoFactors, emit: Emits) -> None:
         first, second = factors.first, factors.second
         batch = layer.info["batch"]
         middle = emit.variable("mid")
