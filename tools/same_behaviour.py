@@ -74,6 +74,10 @@ def untimed(report: dict | None) -> dict | None:
     kept = {key: value for key, value in report.items() if key not in TIMED}
     kept["layers"] = [{k: v for k, v in layer.items() if k != "latency"} for layer in report.get("layers", [])]
     kept["notes"] = [note for note in report.get("notes", []) if "ran slower" not in note]
+    fallback = (kept.get("quantization") or {}).get("fallback")
+    if isinstance(fallback, dict):  # the int8 fallback search's own duration
+        kept["quantization"] = {**kept["quantization"], "fallback": {k: v for k, v in fallback.items()
+                                                                     if k != "seconds"}}
     return kept
 
 
