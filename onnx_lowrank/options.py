@@ -17,6 +17,7 @@ from .check.metrics import DEFAULT_METRIC, DEFAULT_TOLERANCE, METRICS, check_met
 from .choose.objective import DEFAULT_OBJECTIVE, OBJECTIVES
 from .choose.ranks_file import load_ranks_file, validate_ranks
 from .errors import InputError
+from .factorize.int4 import BLOCK_SIZES, DEFAULT_BLOCK
 from .factorize.refit import REFITS
 from .factorize.registry import METHODS
 from .graph.adapters import ADAPTERS
@@ -104,7 +105,12 @@ class Options:
         "(default %(default)s)", choices=OBJECTIVES))
     quantize: str | None = _option(None, Flag(  # also quantize, validated together
         "also quantize the weights (int8: dynamic for MatMul/Gemm/Gather, static QDQ with the calibration data "
-        "for Conv); the combined model is validated against the bound", choices=QUANTIZATIONS))
+        "for Conv; int4: MatMul weights in 4-bit blocks with a low-rank correction fitted to the calibration "
+        "data, offered beside each layer's factorizations and chosen by the same search); the combined model "
+        "is validated against the bound", choices=QUANTIZATIONS))
+    block_size: int | None = _option(None, Flag(  # int4.py
+        f"--quantize int4: weights per 4-bit block, {' | '.join(map(str, BLOCK_SIZES))} "
+        f"(default {DEFAULT_BLOCK})", "N", type=int))
     int8_range: str = _option("auto", Flag(  # reduced range where the CPU lacks VNNI (quantize.py)
         "int8 value range: full needs a CPU with VNNI (or AMX, or ARM dot-product) to be exact; reduced (7 bits) "
         "is right on every CPU; auto picks by this CPU (default %(default)s)", choices=INT8_RANGES))
@@ -146,12 +152,26 @@ class Options:
         if self.quantize not in (None, *QUANTIZATIONS):
             raise InputError(f"unknown quantization {self.quantize!r}; choose {', '.join(QUANTIZATIONS)}")
         _check_choice("int8 range", [self.int8_range], INT8_RANGES)
+        self._check_block_size()
         _check_choice("refit", [self.refit], REFITS)
         if isinstance(self.confidence, bool) or not isinstance(self.confidence, (int, float)) \
                 or not 0.5 <= self.confidence < 1:
             raise InputError(f"confidence must be a number in [0.5, 1), got {self.confidence!r}")
         _check_choice("provider", [self.provider], PROVIDERS)
         self._check_acceptance()
+
+    def _check_block_size(self) -> None:
+        if self.block_size is None:
+            return
+        if self.quantize != "int4":
+            raise InputError("--block-size applies to --quantize int4 only")
+        if isinstance(self.block_size, bool) or self.block_size not in BLOCK_SIZES:
+            raise InputError(f"block size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size!r}")
+
+    @property
+    def int4_block(self) -> int | None:
+        """The 4-bit block size when int4 is asked for (None otherwise)."""
+        return None if self.quantize != "int4" else self.block_size or DEFAULT_BLOCK
 
     def _check_acceptance(self) -> None:
         """--ties and --accept: known values, and only where they mean something."""

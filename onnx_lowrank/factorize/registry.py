@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING
 from ..graph.layers import Unit, detached
 from ..observe.statistics import Counts, Moments, Tied
 from ..system.parallel import Workers, blas_threads
-from .contracts import SpectralDecomposer
+from .contracts import Decomposer, SpectralDecomposer
 from .conv import ConvDecomposer, conv_decomposers
 from .coupled import HEADS, PRUNE, Pairing
 from .data_aware import OutputError, data_aware_svd
 from .heads import ATTENTION_HEADS
+from .int4 import Int4Corrected, Int4Decomposer, offers_int4
 from .menu import UnitDecomposers
 from .parking import Shelf
 from .prune import PRUNING
@@ -32,8 +33,10 @@ METHODS = ("auto", "svd", PRUNE, HEADS, *CONV_METHODS)  # pruning and heads: on 
 def decomposers_for(
     units: Sequence[Unit], method: str, statistics: Sequence | None, workers: Workers | None = None,
     eager: bool = False, advance: Callable[[int], None] | None = None, parking: Path | None = None,
+    int4_block: int | None = None,
 ) -> list[UnitDecomposers]:
-    """Per unit, its decomposers under `method`; `statistics` per unit from calibration, or None.
+    """Per unit, its decomposers under `method`; `statistics` per unit from calibration, or None;
+    `int4_block`: MatMul units also offer 4-bit blocks of that size with a low-rank correction (int4.py).
 
     Each unit is worked on detached from the graph (its weight read then), one after the other inline or
     by `workers` (the same results either way); `eager` also computes every option there, which the rank
@@ -46,6 +49,7 @@ def decomposers_for(
         list(statistics) if statistics is not None else [None] * len(units),
         [unit.layers[0].adapter.observed(unit.layers[0])[1] for unit in units],
         [eager] * len(units),
+        [int4_block] * len(units),
     )
     found: list[UnitDecomposers] = []
     shelf = Shelf()
@@ -66,12 +70,14 @@ def decomposers_for(
     return found
 
 
-def _candidates(unit: Unit, method: str, stats: Moments | Counts | Tied | None, side: str, eager: bool) -> UnitDecomposers:
+def _candidates(unit: Unit, method: str, stats: Moments | Counts | Tied | None, side: str, eager: bool,
+                int4_block: int | None = None) -> UnitDecomposers:
     with blas_threads(unit.params):
-        return _decomposers(unit, method, stats, side, eager)
+        return _decomposers(unit, method, stats, side, eager, int4_block)
 
 
-def _decomposers(unit: Unit, method: str, stats: Moments | Counts | Tied | None, side: str, eager: bool) -> UnitDecomposers:
+def _decomposers(unit: Unit, method: str, stats: Moments | Counts | Tied | None, side: str, eager: bool,
+                 int4_block: int | None = None) -> UnitDecomposers:
     layer = unit.layers[0]
     primary: SpectralDecomposer
     if stats is not None:
@@ -81,7 +87,7 @@ def _decomposers(unit: Unit, method: str, stats: Moments | Counts | Tied | None,
     else:
         primary = TruncatedSVD(unit.matrices)
     exact = stats is None or (isinstance(stats, Moments) and side == "input")
-    others: list[ConvDecomposer] = []
+    others: list[Decomposer] = []
     notes: list[str] = []
     if method == PRUNE:
         notes = [f"{PRUNE}: applies to the consumer of a producer -> activation -> consumer pair, and its producers"]
@@ -91,10 +97,13 @@ def _decomposers(unit: Unit, method: str, stats: Moments | Counts | Tied | None,
         wanted = set(CONV_METHODS) if method == "auto" else {method}
         if unit.op == "Conv" and exact:
             moments = stats if isinstance(stats, Moments) else None  # exact: input moments, or no statistics
-            others, notes = conv_decomposers(layer, OutputError(layer, moments), wanted)
+            convs, notes = conv_decomposers(layer, OutputError(layer, moments), wanted)
+            others.extend(convs)
         elif method != "auto":
             why = "applies to Conv only" if unit.op != "Conv" else "needs input-patch statistics (patch too large)"
             notes = [f"{method}: {why}"]
+    if int4_block is not None and len(unit.layers) == 1 and offers_int4(layer, stats, side):
+        others.append(Int4Decomposer(layer, stats if isinstance(stats, Moments) else None, int4_block))
     candidate = UnitDecomposers(unit, primary, others, include_primary=method in ("auto", "svd"), notes=notes)
     if eager:
         candidate.options()
@@ -103,7 +112,6 @@ def _decomposers(unit: Unit, method: str, stats: Moments | Counts | Tied | None,
 
 if TYPE_CHECKING:  # every decomposition keeps its contract (mypy checks these assignments)
     from ..graph.splice import Factorization, Factorized
-    from .contracts import Decomposer
     from .conv import (
         BlockLowRank,
         CanonicalPolyadic,
@@ -122,6 +130,7 @@ if TYPE_CHECKING:  # every decomposition keeps its contract (mypy checks these a
     _spectral_kept: list[type[SpectralDecomposer]] = [TruncatedSVD, DataAwareSVD, FrequencyWeightedSVD, ParkedSpectral]
     _decomposers_kept: list[type[Decomposer]] = [
         ConvDecomposer, Tucker2, CanonicalPolyadic, SpatialSeparable, DepthwiseSeparable, BlockLowRank, Parked,
-        ChannelPruning, KeptRows, HeadScores, QuerySide,
+        ChannelPruning, KeptRows, HeadScores, QuerySide, Int4Decomposer,
     ]
-    _factorized_kept: list[type[Factorized]] = [Factorization, ConvChain, PrunedInputs, KeptOutputs, HeadSide]
+    _factorized_kept: list[type[Factorized]] = [Factorization, ConvChain, PrunedInputs, KeptOutputs, HeadSide,
+                                                Int4Corrected]

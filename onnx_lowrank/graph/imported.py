@@ -153,6 +153,9 @@ def export(imported: Imported, original: onnx.ModelProto, metadata: dict[str, di
     for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
         setattr(model, name, getattr(original, name))
     model.opset_import.extend(original.opset_import)
+    declared = {entry.domain for entry in model.opset_import} | {"", "ai.onnx"}
+    for domain in sorted({node.domain for graph in all_graphs(model.graph) for node in graph.node} - declared):
+        model.opset_import.append(onnx.helper.make_opsetid(domain, 1))  # a chain's com.microsoft op (MatMulNBits)
     model.metadata_props.extend(original.metadata_props)
     model.functions.extend(original.functions)
     del model.graph.metadata_props[:]

@@ -158,9 +158,11 @@ class Emitter:
         return gs.Variable(self._splice.unique(f"{self._layer.node.name}.lowrank_{role}"),
                            dtype=self._layer.weight.node_dtype if dtype is None else dtype)
 
-    def node(self, role: str, op: str, inputs: list, outputs: list, attrs: dict | None = None) -> gs.Node:
+    def node(self, role: str, op: str, inputs: list, outputs: list, attrs: dict | None = None,
+             domain: str = "") -> gs.Node:
+        """A node of the chain (`domain`: an op set other than ONNX's, e.g. com.microsoft's MatMulNBits)."""
         name = self._splice.unique(f"{self._layer.node.name}.lowrank_{role}")
-        node = gs.Node(op, name=name, attrs=attrs or {}, inputs=inputs, outputs=outputs)
+        node = gs.Node(op, name=name, attrs=attrs or {}, inputs=inputs, outputs=outputs, domain=domain or None)
         scope = self._layer.scope  # a layer in a body gets its chain there
         (self._splice.graph if scope is None else scope.graph).nodes.append(node)
         self._splice.metadata[name] = {

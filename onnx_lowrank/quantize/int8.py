@@ -70,7 +70,7 @@ from ..errors import InputError
 from ..graph.bodies import all_graphs
 from ..system.cpu_features import full_int8_range, read_cpuinfo
 
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS = ("int8", "int4")  # int4: factorize/int4.py, options of the menus
 INT8_RANGES = ("auto", "full", "reduced")  # --int8-range: see int8_range_for
 
 SCHEMES = {

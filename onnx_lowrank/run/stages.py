@@ -175,7 +175,7 @@ def factorize(run: Run, advance: Advance) -> None:
     with executor_for(settings.jobs, settings.scheduler, factorizable, pays) as workers:
         parking = run.given.work if factorizable >= PARK_MIN_PARAMS else None
         decomposers = decomposers_for(units, settings.method, statistics, workers, eager=run.load.mode.eager,
-                                      advance=advance, parking=parking)
+                                      advance=advance, parking=parking, int4_block=settings.int4_block)
     for pairing, pairs in run.load.couplings:
         if pairs and statistics is not None:
             pairing.couple(pairs, decomposers, statistics, parking)
@@ -425,7 +425,7 @@ STAGES = (
     Stage("sensitivity", sensitivity, _has_data,
           ("sensitivity probes (layers)", lambda run: len(run.units) + len(coupled(run.menus_offered.decomposers))
            if run.load.mode.probes else 0)),
-    Stage("int8 fallback", int8_fallback, lambda run: run.settings.quantize is not None),
+    Stage("int8 fallback", int8_fallback, lambda run: run.settings.quantize == "int8"),
     Stage(lambda run: "search" if _has_data(run) else "choose", search,
           bar=("validated candidates", lambda run: None)),
     Stage(lambda run: "validate" if _has_data(run) else "rewrite", validate),
