@@ -132,7 +132,7 @@ def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
 
 
 def test_quantizations_offered():
-    assert QUANTIZATIONS == ("int8",)
+    assert QUANTIZATIONS == ("int8", "int4")  # int4: factorize/int4.py, options of the menus
 
 
 @pytest.mark.parametrize("int8_range", RANGES)
