@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Self
+from typing import Generic, Self, TypeVar
 
 import numpy as np
 
-from ..errors import known
 from ..graph.layers import Layer
 from ..graph.splice import Emitter
 from ..observe.statistics import Counts, Moments, outer_products
@@ -102,34 +101,51 @@ def rounded(matrix: np.ndarray, block: int) -> Blocks:
 
 
 @dataclass(frozen=True)
-class Int4Corrected:
-    """A layer's weight as 4-bit blocks plus a rank-r correction A (out x r) @ B (r x in) (r may be 0)."""
+class _Int4:
+    """4-bit blocks plus a rank-r correction A @ B (r may be 0): what both kinds of int4 layer hold."""
 
     method: str
     rank: int
     blocks: Blocks
-    correction_out: np.ndarray  # A: (out, r)
-    correction_in: np.ndarray  # B: (r, in)
+    correction_out: np.ndarray  # A
+    correction_in: np.ndarray  # B
     predicted_error: float
-    bias_shift: np.ndarray | None = None  # (1, out): what the layer's bias gains (its affine optimum)
     weight_bytes: int = 4  # bytes of one weight of the layer (the unit `params` counts in)
 
     @property
     def nbytes(self) -> int:
-        return self.blocks.nbytes + 4 * (self.correction_out.size + self.correction_in.size)
+        raise NotImplementedError
 
     @property
     def params(self) -> int:
         """Bytes in float-weight units: what the allocation weighs against the layer's parameters."""
         return math.ceil(self.nbytes / self.weight_bytes)
 
+    def _correction_bytes(self) -> int:
+        return 4 * (self.correction_out.size + self.correction_in.size)
+
     def in_float32(self) -> Self:
         return replace(self, correction_out=self.correction_out.astype(np.float32),
                        correction_in=self.correction_in.astype(np.float32))
 
+    def _approximation(self) -> np.ndarray:
+        """Q + A B in the stored orientation."""
+        return self.blocks.dequantized() + self.correction_out @ self.correction_in
+
+
+@dataclass(frozen=True)
+class Int4Corrected(_Int4):
+    """A MatMul's weight W (out x in) as 4-bit blocks along `in`, A (out x r), B (r x in)."""
+
+    bias_shift: np.ndarray | None = None  # (1, out): what the layer's bias gains (its affine optimum)
+
+    @property
+    def nbytes(self) -> int:
+        return self.blocks.nbytes + self._correction_bytes()
+
     def same_op_weight(self) -> np.ndarray:
         """Q + A B as (1, out, in): the layer's own MatMul computes the same with it."""
-        return (self.blocks.dequantized() + self.correction_out @ self.correction_in)[None]
+        return self._approximation()[None]
 
     def emit(self, layer: Layer, emit: Emitter) -> None:
         """MatMulNBits(x) for Q, plus (x B^T) A^T beside it, added; the bias shift moves into the bias site."""
@@ -141,44 +157,27 @@ class Int4Corrected:
                   [quantized], {"K": width, "N": out, "bits": BITS, "block_size": self.blocks.block},
                   domain=MS_DOMAIN)
         if self.rank:
-            middle, corrected = emit.variable("c_mid"), emit.variable("c")
+            middle = emit.variable("c_mid")
             emit.node("c_in", "MatMul", [emit.inputs[0], emit.weight("c_in", self.correction_in.T)], [middle])
-            emit.node("c_out", "MatMul", [middle, emit.weight("c_out", self.correction_out.T)], [corrected])
-            emit.node("add", "Add", [quantized, corrected], emit.outputs)
+            _add_correction(emit, quantized, "MatMul", [middle, emit.weight("c_out", self.correction_out.T)])
         if self.bias_shift is not None and layer.bias is not None:
             site = layer.bias
             site.node.inputs[site.index] = emit.bias(site, self.bias_shift)
 
 
 @dataclass(frozen=True)
-class Int4Lookup:
-    """An embedding table (V x d) as 4-bit blocks along its rows plus a rank-r correction A (V x r) @ B (r x d)."""
+class Int4Lookup(_Int4):
+    """An embedding table (V x d) as 4-bit blocks along its rows, A (V x r) looked up, B (r x d)."""
 
-    method: str
-    rank: int
-    blocks: Blocks  # rows: the table's
-    correction_out: np.ndarray  # A: (V, r), looked up
-    correction_in: np.ndarray  # B: (r, d)
-    predicted_error: float
-    weight_bytes: int = 4
     bias_shift: None = None  # a lookup has no bias
 
     @property
     def nbytes(self) -> int:
-        data, scales, zero_points = self.blocks.packed_rows()
-        return data.nbytes + scales.nbytes + zero_points.nbytes + 4 * (self.correction_out.size + self.correction_in.size)
-
-    @property
-    def params(self) -> int:
-        return math.ceil(self.nbytes / self.weight_bytes)
-
-    def in_float32(self) -> Self:
-        return replace(self, correction_out=self.correction_out.astype(np.float32),
-                       correction_in=self.correction_in.astype(np.float32))
+        return sum(array.nbytes for array in self.blocks.packed_rows()) + self._correction_bytes()
 
     def same_op_weight(self) -> np.ndarray:
         """The table's matrix view (1, d, V) of Q + A B: the layer's own Gather computes the same with it."""
-        return (self.blocks.dequantized() + self.correction_out @ self.correction_in).T[None]
+        return self._approximation().T[None]
 
     def emit(self, layer: Layer, emit: Emitter) -> None:
         """GatherBlockQuantized(indices) for Q, plus Gather(A, indices) @ B beside it, added."""
@@ -190,57 +189,108 @@ class Int4Lookup:
                   [quantized], {"gather_axis": 0, "quantize_axis": 1, "block_size": self.blocks.block,
                                 "bits": BITS}, domain=MS_DOMAIN)
         if self.rank:
-            looked_up, corrected = emit.variable("c_mid"), emit.variable("c")
+            looked_up = emit.variable("c_mid")
             emit.node("c_in", "Gather", [emit.weight("c_in", self.correction_out), emit.inputs[1]], [looked_up],
                       {"axis": 0})
-            emit.node("c_out", "MatMul", [looked_up, emit.weight("c_out", self.correction_in)], [corrected])
-            emit.node("add", "Add", [quantized, corrected], emit.outputs)
+            _add_correction(emit, quantized, "MatMul", [looked_up, emit.weight("c_out", self.correction_in)])
 
 
-class Int4TableDecomposer:
-    """An embedding table's int4 options: rows in 4-bit blocks with each correction rank on offer, the
-    rows weighted by their lookup counts (the frequency-weighted SVD's weights; uniform without counts)."""
+def _add_correction(emit: Emitter, quantized, op: str, inputs: list) -> None:
+    """The correction's last product, added to the quantized layer's output as the layer's output."""
+    corrected = emit.variable("c")
+    emit.node("c_out", op, inputs, [corrected])
+    emit.node("add", "Add", [quantized, corrected], emit.outputs)
+
+
+FitT = TypeVar("FitT", Int4Corrected, Int4Lookup)
+
+
+class _Int4Options(Generic[FitT]):
+    """A unit's int4 options: 4-bit blocks with each correction rank on offer, rounding and correction
+    fitted in turn (ALTERNATIONS times) and the fit with the least predicted error kept."""
 
     method = INT4
 
-    def __init__(self, layer: Layer, counts: Counts | None, block: int = DEFAULT_BLOCK):
-        self._table = np.asarray(layer.matrices, dtype=np.float64)[0].T  # (V, d)
+    def __init__(self, matrix: np.ndarray, block: int, weight_bytes: int):
+        self._matrix = matrix  # the stored orientation: a MatMul's W (out x in), a table (V x d)
         self._block = block
-        self._rows = row_weights(counts, self._table.shape[0])
-        self._total = float(np.sum(self._rows[:, None] * self._table**2))
-        self._weight_bytes = int(np.dtype(layer.weight.storage_dtype).itemsize)
-        self._fits: dict[int, Int4Lookup] = {}
+        self._weight_bytes = weight_bytes
+        self._fits: dict[int, FitT] = {}
 
     def options(self) -> list[Option]:
         return [Option(INT4, (rank,), fit.params, fit.predicted_error) for rank, fit in
                 ((rank, self._fit(rank)) for rank in self.ranks())]
 
     def ranks(self) -> list[int]:
-        limit = min(self._table.shape) // 16
+        limit = min(self._matrix.shape) // 16
         return [rank for rank in CORRECTION_RANKS if rank <= limit]
 
-    def factorize(self, config: tuple[int, ...]) -> Int4Lookup:
+    def factorize(self, config: tuple[int, ...]) -> FitT:
         if config[0] not in self.ranks():
             raise ValueError(f"int4 offers correction ranks {self.ranks()}, not {config[0]}")
         return self._fit(config[0])
 
-    def _fit(self, rank: int) -> Int4Lookup:
-        """Rounding and correction in turn, the fit with the least weighted row error kept."""
+    def _fit(self, rank: int) -> FitT:
         if rank not in self._fits:
-            table, roots, best = self._table, np.sqrt(self._rows)[:, None], None
-            correction = (np.zeros((table.shape[0], 0)), np.zeros((0, table.shape[1])))
+            matrix, fits = self._matrix, []
+            correction = (np.zeros((matrix.shape[0], 0)), np.zeros((0, matrix.shape[1])))
             for _ in range(ALTERNATIONS if rank else 1):
-                blocks = rounded(table - correction[0] @ correction[1], self._block)
-                residual = table - blocks.dequantized()
-                if rank:
-                    u, s, vt = np.linalg.svd(roots * residual, full_matrices=False)
-                    correction = (u[:, :rank] * s[:rank] / roots, vt[:rank])
-                left = residual - correction[0] @ correction[1]
-                error = float(np.sum(self._rows[:, None] * left**2) / self._total) if self._total > 0 else 0.0
-                if best is None or error < best.predicted_error:
-                    best = Int4Lookup(INT4, rank, blocks, *correction, error, self._weight_bytes)
-            self._fits[rank] = known(best, "an int4 fit")
+                blocks = rounded(matrix - correction[0] @ correction[1], self._block)
+                correction = self._correction(matrix - blocks.dequantized(), rank) if rank else correction
+                fits.append(self._made(rank, blocks, correction))
+            self._fits[rank] = min(fits, key=lambda fit: fit.predicted_error)
         return self._fits[rank]
+
+    def _correction(self, residual: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def _made(self, rank: int, blocks: Blocks, correction: tuple[np.ndarray, np.ndarray]) -> FitT:
+        raise NotImplementedError
+
+
+class Int4Decomposer(_Int4Options[Int4Corrected]):
+    """A MatMul unit's int4 options, the correction fitted against the layer's input statistics (its
+    weight alone without them)."""
+
+    def __init__(self, layer: Layer, moments: Moments | None, block: int = DEFAULT_BLOCK):
+        weight = np.asarray(layer.matrices, dtype=np.float64)[0]  # (out, in)
+        super().__init__(weight, block, int(np.dtype(layer.weight.storage_dtype).itemsize))
+        self._error = OutputError(layer, moments)
+        self._root = None if moments is None else linalg.sqrt_psd(
+            linalg.shrunk(moments, np.eye(weight.shape[1])[None]) + outer_products(moments.mean))[0]
+
+    def _correction(self, residual: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        """The best rank-r A, B for the residual under the input statistics: A = U_r, B = U_r^T R."""
+        weighted = residual if self._root is None else residual @ self._root
+        left = np.linalg.svd(weighted, full_matrices=False)[0][:, :rank]
+        return left, left.T @ residual
+
+    def _made(self, rank: int, blocks: Blocks, correction: tuple[np.ndarray, np.ndarray]) -> Int4Corrected:
+        approx = (blocks.dequantized() + correction[0] @ correction[1])[None]
+        return Int4Corrected(INT4, rank, blocks, *correction, predicted_error=self._error(approx),
+                             weight_bytes=self._weight_bytes, bias_shift=self._error.bias_shift(approx))
+
+
+class Int4TableDecomposer(_Int4Options[Int4Lookup]):
+    """An embedding table's int4 options, its rows weighted by their lookup counts (the frequency-weighted
+    SVD's weights; uniform without counts)."""
+
+    def __init__(self, layer: Layer, counts: Counts | None, block: int = DEFAULT_BLOCK):
+        table = np.asarray(layer.matrices, dtype=np.float64)[0].T  # (V, d)
+        super().__init__(table, block, int(np.dtype(layer.weight.storage_dtype).itemsize))
+        self._rows = row_weights(counts, table.shape[0])
+        self._total = float(np.sum(self._rows[:, None] * table**2))
+
+    def _correction(self, residual: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        """The best rank-r A, B for the residual with its rows weighted: min ||D (R - A B)||, D = diag(sqrt w)."""
+        roots = np.sqrt(self._rows)[:, None]
+        u, s, vt = np.linalg.svd(roots * residual, full_matrices=False)
+        return u[:, :rank] * s[:rank] / roots, vt[:rank]
+
+    def _made(self, rank: int, blocks: Blocks, correction: tuple[np.ndarray, np.ndarray]) -> Int4Lookup:
+        left = self._matrix - blocks.dequantized() - correction[0] @ correction[1]
+        error = float(np.sum(self._rows[:, None] * left**2) / self._total) if self._total > 0 else 0.0
+        return Int4Lookup(INT4, rank, blocks, *correction, predicted_error=error, weight_bytes=self._weight_bytes)
 
 
 def row_weights(counts: Counts | None, rows: int) -> np.ndarray:
@@ -265,57 +315,3 @@ def offers_int4(layer: Layer, statistics: object, side: str) -> bool:
     return (layer.node.op == "MatMul" and layer.info["side"] == "right" and not layer.info["batch"]
             and not layer.transposed and layer.weight.storage_dtype == np.float32
             and (statistics is None or (isinstance(statistics, Moments) and side == "input")))
-
-
-class Int4Decomposer:
-    """A MatMul unit's int4 options: 4-bit blocks of `block` weights with each correction rank on offer,
-    fitted against the layer's input statistics (its weight alone without them)."""
-
-    method = INT4
-
-    def __init__(self, layer: Layer, moments: Moments | None, block: int = DEFAULT_BLOCK):
-        self._weight = np.asarray(layer.matrices, dtype=np.float64)[0]  # (out, in)
-        self._block = block
-        self._error = OutputError(layer, moments)
-        self._root = None if moments is None else linalg.sqrt_psd(
-            linalg.shrunk(moments, np.eye(self._weight.shape[1])[None]) + outer_products(moments.mean))[0]
-        self._weight_bytes = int(np.dtype(layer.weight.storage_dtype).itemsize)
-        self._fits: dict[int, Int4Corrected] = {}
-
-    def options(self) -> list[Option]:
-        return [Option(INT4, (rank,), fit.params, fit.predicted_error) for rank, fit in
-                ((rank, self._fit(rank)) for rank in self.ranks())]
-
-    def ranks(self) -> list[int]:
-        limit = min(self._weight.shape) // 16
-        return [rank for rank in CORRECTION_RANKS if rank <= limit]
-
-    def factorize(self, config: tuple[int, ...]) -> Int4Corrected:
-        if config[0] not in self.ranks():
-            raise ValueError(f"int4 offers correction ranks {self.ranks()}, not {config[0]}")
-        return self._fit(config[0])
-
-    def _fit(self, rank: int) -> Int4Corrected:
-        """Rounding and correction in turn (ALTERNATIONS times), the fit with the least output error kept."""
-        if rank not in self._fits:
-            weight = self._weight
-            best_fit: Int4Corrected | None = None
-            correction = (np.zeros((weight.shape[0], 0)), np.zeros((0, weight.shape[1])))
-            for _ in range(ALTERNATIONS if rank else 1):
-                blocks = rounded(weight - correction[0] @ correction[1], self._block)
-                correction = self._correction(weight - blocks.dequantized(), rank)
-                approx = blocks.dequantized() + correction[0] @ correction[1]
-                fit = Int4Corrected(INT4, rank, blocks, *correction, self._error(approx[None]),
-                                    self._error.bias_shift(approx[None]), self._weight_bytes)
-                if best_fit is None or fit.predicted_error < best_fit.predicted_error:
-                    best_fit = fit
-            self._fits[rank] = known(best_fit, "an int4 fit")
-        return self._fits[rank]
-
-    def _correction(self, residual: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-        """The best rank-r A, B for the residual under the input statistics: A = U_r, B = U_r^T R."""
-        if rank == 0:
-            return np.zeros((residual.shape[0], 0)), np.zeros((0, residual.shape[1]))
-        weighted = residual if self._root is None else residual @ self._root
-        left = np.linalg.svd(weighted, full_matrices=False)[0][:, :rank]
-        return left, left.T @ residual
