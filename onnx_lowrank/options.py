@@ -60,8 +60,8 @@ def _tolerance_defaults() -> str:
 
 @dataclass(frozen=True)
 class Options:
-    """How to compress. At most one of `ranks`, `target_params`, `energy`; with none, calibration data
-    is needed and compact mode finds the fewest parameters within `tolerance`."""
+    """How to compress. At most one of `ranks`, `target_params`, `target_bytes`, `energy`; with none,
+    calibration data is needed and compact mode finds the fewest parameters within `tolerance`."""
 
     ranks: Mapping[str, int | str] | None = _option(None, Flag(  # {"node or weight name" | "*": int | "full"}
         'a .json file of ranks per node or weight name: {"name" | "*": int | "full"}', "FILE", type=Path,
@@ -69,6 +69,9 @@ class Options:
     target_params: float | None = _option(None, Flag(  # keep this fraction of the factorizable parameters
         "keep this fraction of the factorizable parameters, spent where it loses least energy", "F", type=float,
         exclusive="rank"))
+    target_bytes: float | None = _option(None, Flag(  # keep this fraction of the file's bytes (allocation.py)
+        "keep this fraction of the model file's bytes, the factorizable weights' spent where they lose least "
+        "(with --quantize int4, 4-bit layers count their bytes)", "F", type=float, exclusive="rank"))
     energy: float | None = _option(None, Flag(
         "per layer, the smallest rank keeping this fraction of the singular-value energy", "E", type=float,
         exclusive="rank"))
@@ -133,12 +136,13 @@ class Options:
     progress: bool = False  # progress bars on stderr (the command line turns them on in a terminal)
 
     def __post_init__(self) -> None:
-        given = [name for name in ("ranks", "target_params", "energy") if getattr(self, name) is not None]
+        given = [name for name in ("ranks", "target_params", "target_bytes", "energy") if getattr(self, name) is not None]
         if len(given) > 1:
-            raise InputError("choose ranks with only one of --ranks, --target-params or --energy")
+            raise InputError("choose ranks with only one of --ranks, --target-params, --target-bytes or --energy")
         if self.ranks is not None:
             object.__setattr__(self, "ranks", validate_ranks(self.ranks))
         _check_fraction("target-params", self.target_params)
+        _check_fraction("target-bytes", self.target_bytes)
         _check_fraction("energy", self.energy)
         self._check_tolerance()
         self._check_methods()
@@ -188,7 +192,7 @@ class Options:
         if self.tolerance == 0:
             raise InputError("--accept bound needs a positive tolerance: no number of samples bounds a rate at 0")
         if self.tolerance is None and (self.ranks is not None or self.target_params is not None
-                                       or self.energy is not None):
+                                       or self.target_bytes is not None or self.energy is not None):
             raise InputError("--accept bound needs a tolerance to hold the bound within (--tolerance)")
 
     def _check_tolerance(self) -> None:

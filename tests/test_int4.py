@@ -181,3 +181,26 @@ def test_gather_block_quantized_looks_up_the_table_we_predict_with(rank):
     expected = fit.same_op_weight()[0].T[indices].astype(np.float32)
     np.testing.assert_allclose(run(compressed, {"idx": indices})[0], expected, rtol=1e-5, atol=1e-5)
     assert fit.nbytes < (0.17 if rank == 0 else 0.25) * 400 * 128 * 4  # of the float table, correction included
+
+
+def test_target_bytes_keeps_that_share_of_the_file(tmp_path: Path):
+    report_path = tmp_path / "r.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "onnx_lowrank", "compress", str(MODELS / "minilm_l2.onnx"), "-o",
+         str(tmp_path / "m.onnx"), "--target-bytes", "0.25", "--quantize", "int4", "--objective", "size",
+         "--report", str(report_path), "--quiet"], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(report_path.read_text())
+    assert 0.2 * report["bytes_before"] < report["bytes_after"] <= 0.2525 * report["bytes_before"]
+
+
+@pytest.mark.parametrize("value, words", [
+    ("0", ("target-bytes", "(0, 1]")), ("1.5", ("target-bytes", "(0, 1]")),
+    ("0.003", ("--target-bytes 0.003", "outside its factorizable weights")),
+])
+def test_target_bytes_mistakes_are_one_line(tmp_path: Path, value, words):
+    done = subprocess.run([sys.executable, "-m", "onnx_lowrank", "compress", str(MODELS / "minilm_l2.onnx"),
+                           "-o", str(tmp_path / "m.onnx"), "--target-bytes", value],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1 and all(word in done.stderr for word in words), done.stderr

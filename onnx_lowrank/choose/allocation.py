@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..factorize.menu import Choice, UnitDecomposers, coupled, known_coupling, pareto_front
+from ..graph.layers import Unit
 
 
 def by_energy(candidates: Sequence[UnitDecomposers], keep: float, allow_larger: bool) -> list[Choice]:
@@ -22,8 +23,10 @@ def by_energy(candidates: Sequence[UnitDecomposers], keep: float, allow_larger: 
     return [keep_if_smaller(c, max(1, c.primary.spectrum.rank_for_energy(keep)), allow_larger) for c in candidates]
 
 
-def by_budget(candidates: Sequence[UnitDecomposers], fraction: float, weights: Sequence[float] | None = None) -> list[Choice]:
-    """Keep at most `fraction` of the units' parameters at the least total (weighted) predicted error."""
+def by_budget(candidates: Sequence[UnitDecomposers], fraction: float, weights: Sequence[float] | None = None,
+              asked: str | None = None) -> list[Choice]:
+    """Keep at most `fraction` of the units' parameters at the least total (weighted) predicted error;
+    `asked` names the option that set the budget (default: --target-params at `fraction`)."""
     options = _weighted_fronts(candidates, weights)
     # the budget is over every layer found, whatever the method: units nothing shrinks stay dense in it
     total = sum(c.unit.params for c in candidates)
@@ -31,8 +34,8 @@ def by_budget(candidates: Sequence[UnitDecomposers], fraction: float, weights: S
     floor = sum(o.params[0] for o in options)
     if floor > budget:
         raise InputError(
-            f"target-params {fraction:g} is below what the smallest rank everywhere keeps ({floor / total:.3f} of the "
-            "parameters; layers no decomposition of the chosen method shrinks stay whole)"
+            f"{asked or f'target-params {fraction:g}'} is below what the smallest rank everywhere keeps "
+            f"({floor / total:.3f} of the parameters; layers no decomposition of the chosen method shrinks stay whole)"
         )
     # params(lambda) grows with lambda: bisect log10(lambda) for the largest that fits the budget
     low, high = LOG_LAMBDA
@@ -54,7 +57,7 @@ BUDGET_SLACK = 0.005  # a size-mode result further below its target than this (o
 
 
 def short_of_budget(candidates: Sequence[UnitDecomposers], choices: Sequence[Choice], fraction: float,
-                    objective: str) -> str | None:
+                    objective: str, asked: str | None = None) -> str | None:
     """Why a --target-params allocation keeps clearly less than asked (None when it is within BUDGET_SLACK): the
     least predicted error within the target is what is chosen, and the options on offer move in steps (only some
     ranks under --objective balanced / latency), so the allocations nearer the target can predict more error
@@ -68,9 +71,23 @@ def short_of_budget(candidates: Sequence[UnitDecomposers], choices: Sequence[Cho
     least = f"; the least saving a layer offers is {min(steps):,} parameters ({min(steps) / total:.1%})" if steps else ""
     gate = "" if objective == "size" else (f"; --objective {objective} offers only ranks in hardware-friendly "
                                            "multiples, none slower than the dense layer: --objective size offers every rank")
-    return (f"--target-params {fraction:g} kept {kept / total:.1%} of the factorizable parameters: the least "
+    return (f"{asked or f'--target-params {fraction:g}'} kept {kept / total:.1%} of the factorizable parameters: the least "
             f"predicted error found within the target is there, the allocations nearer it predicting more (each "
             f"layer's options move in steps{least}){gate}")
+
+
+def bytes_budget(target: float, file_bytes: int, units: Sequence[Unit]) -> float:
+    """The share of the factorizable weights that leaves `target` of the file's bytes: what the model holds
+    outside them (graph, biases, norms, what no decomposition applies to) is kept as it is. The weights
+    are counted in bytes (exact where they share one element type, as an export's float weights do)."""
+    weights = sum(unit.params * np.dtype(unit.weight.storage_dtype).itemsize for unit in units)
+    rest = file_bytes - weights
+    fraction = (target * file_bytes - rest) / weights if weights else 0.0
+    if fraction <= 0:
+        raise InputError(f"--target-bytes {target:g} keeps {target * file_bytes:,.0f} bytes, less than the "
+                         f"{rest:,} the model holds outside its factorizable weights ({rest / file_bytes:.1%} of "
+                         "its file)")
+    return min(fraction, 1.0)
 
 
 def frontier(

@@ -156,13 +156,13 @@ class Search:
             chosen = edge.galloping_up(chosen)
         return None if chosen == end else edge.tried[(chosen, len(self.indices))]
 
-    def at_budget(self, sensitivity: Sequence[float], fraction: float) -> Trial:
+    def at_budget(self, sensitivity: Sequence[float], fraction: float, asked: str | None = None) -> Trial:
         """At the budget, the least validated error among allocations weighted by sensitivity**a; with
         several methods, also among those using the SVDs alone (predictions can mislead: the winners
         are validated)."""
         seen: dict[tuple, Trial] = {}
         for view, weights in self._weightings(sensitivity):
-            choices = by_budget(view, fraction, weights)
+            choices = by_budget(view, fraction, weights, asked)
             key = tuple(c.option for c in choices)
             if key not in seen:
                 seen[key] = self.validated(choices)

@@ -46,6 +46,7 @@ class Menus:
     search: Search | None = None
     sensitivity: list[float] | None = None
     share: float | None = None  # the tolerance left to the factorization (int8 may take some)
+    budget: float | None = None  # the size modes' share of the factorizable weights (--target-params / -bytes)
 
 
 @dataclass(frozen=True)
@@ -118,16 +119,24 @@ class Budget(RankMode):
     eager = gated = True
 
     def allocate(self, menus: Menus) -> Allocation:
-        choices = by_budget(menus.decomposers, known(menus.settings.target_params, "--target-params"))
+        choices = by_budget(menus.decomposers, known(menus.budget, "the budget"), asked=_asked(menus))
         return self.noted(menus, Allocation(choices))
 
     @staticmethod
     def noted(menus: Menus, allocation: Allocation) -> Allocation:
         """The allocation, with a note when it keeps clearly less than the target (allocation.short_of_budget)."""
         settings = menus.settings
-        note = short_of_budget(menus.decomposers, allocation.choices, known(settings.target_params, "--target-params"),
-                               settings.objective)
+        note = short_of_budget(menus.decomposers, allocation.choices, known(menus.budget, "the budget"),
+                               settings.objective, "--" + _asked(menus))
         return allocation if note is None else dataclasses.replace(allocation, note=note)
+
+
+def _asked(menus: Menus) -> str:
+    """The option that set the size modes' budget, as a message names it."""
+    settings, budget = menus.settings, known(menus.budget, "the budget")
+    if settings.target_bytes is None:
+        return f"target-params {budget:g}"
+    return f"target-bytes {settings.target_bytes:g} (a budget of {budget:.1%} of the factorizable weights)"
 
 
 class ValidatedBudget(Budget):
@@ -135,7 +144,7 @@ class ValidatedBudget(Budget):
 
     def allocate(self, menus: Menus) -> Allocation:
         search, sensitivity = known(menus.search, "the search"), known(menus.sensitivity, "the sensitivities")
-        trial = search.at_budget(sensitivity, known(menus.settings.target_params, "--target-params"))
+        trial = search.at_budget(sensitivity, known(menus.budget, "the budget"), _asked(menus))
         return self.noted(menus, Allocation(trial.choices, trial))
 
 
@@ -216,7 +225,7 @@ def rank_mode_for(settings: Options, has_data: bool) -> RankMode:
         return ExplicitRanks()
     if settings.energy is not None:
         return Energy()
-    if settings.target_params is not None:
+    if settings.target_params is not None or settings.target_bytes is not None:
         return ValidatedBudget() if has_data else Budget()
     if not has_data:
         raise InputError("choose ranks with --ranks, --target-params or --energy, or give --calib for compact mode")

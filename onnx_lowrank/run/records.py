@@ -21,6 +21,7 @@ import onnx
 from ..check.evaluator import Evaluator, Trial
 from ..check.generalization import Decisions
 from ..check.layer_timer import LayerTimer
+from ..choose.allocation import bytes_budget
 from ..choose.search import Search
 from ..errors import known
 from ..factorize.coupled import Pairing
@@ -221,7 +222,15 @@ class Run:
         """What the rank mode allocates from: the menus, `search` validating, within `share` of the tolerance."""
         judging = self.judging
         return Menus(self.settings, self.menus_offered.decomposers, set(self.load.known), search,
-                     None if judging is None else judging.sensitivity, share)
+                     None if judging is None else judging.sensitivity, share, self.budget)
+
+    @property
+    def budget(self) -> float | None:
+        """The size modes' share of the factorizable weights: --target-params, or what --target-bytes leaves."""
+        settings = self.settings
+        if settings.target_bytes is None:
+            return settings.target_params
+        return bytes_budget(settings.target_bytes, self.load.before.bytes, self.units)
 
     def outcome(self, allocation: Allocation, error: float | None) -> Outcome:
         """What the rank mode judges the written model by: its allocation and validated error."""

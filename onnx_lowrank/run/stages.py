@@ -23,6 +23,7 @@ from ..check.generalization import Decisions, ties_exempt, weighted_fit
 from ..check.latency import end_to_end
 from ..check.metrics import DISCRETE, check_metric, compared_outputs
 from ..check.overrides import overrides_for
+from ..choose.allocation import bytes_budget
 from ..choose.objective import restrict as restrict_to_objective
 from ..choose.search import Search
 from ..choose.sensitivity import positions_of, positions_seen, probe_count, sensitivities
@@ -111,7 +112,10 @@ def load(run: Run, advance: Advance) -> None:
     samples = _calibration(settings, original, given.calibration, given.labels)
     cache = Cache(settings.cache)
     data = None if samples is None else _calibrated(run, mode, samples, plan, cache)
-    run.loaded = Loaded(mode, model_stats(original), adapters, plan, tuple(couplings), frozenset(names), cache,
+    before = model_stats(original)
+    if settings.target_bytes is not None:  # a target below what the rest of the model weighs: say so now
+        bytes_budget(settings.target_bytes, before.bytes, plan.units)
+    run.loaded = Loaded(mode, before, adapters, plan, tuple(couplings), frozenset(names), cache,
                         mode.tolerance(settings), data)
 
 
