@@ -60,6 +60,9 @@ class LayerReport:
     spectrum: list[float] = field(default_factory=list)  # the SVD's energy per rank component, as a
     # fraction of the total (data-aware: of the layer's output energy), largest first: where the cut fell
     latency: dict[str, float] | None = None  # the gate's micro-benchmark: {"dense_ms", "factorized_ms"}
+    bytes_before: int | None = None  # the weight's bytes, and its replacement's (quantized: as stored)
+    bytes_after: int | None = None
+    quantization: dict[str, int] | None = None  # a quantized layer's scheme: {"bits", "block", "correction_rank"}
 
 
 @dataclass(frozen=True)

@@ -125,7 +125,11 @@ def test_quantize_int4_writes_a_smaller_model_within_its_bound(tmp_path: Path):
     report = json.loads(report_path.read_text())
     assert report["validation"]["passed"] and report["validation"]["value"] <= 0.02
     assert report["bytes_after"] < 0.2 * report["bytes_before"]  # 16.1%: tables and MatMuls int4
-    assert any(layer["method"] == "int4" for layer in report["layers"])
+    quantized = [layer for layer in report["layers"] if layer["method"] == "int4"]
+    assert quantized and all(layer["quantization"]["bits"] == 4 and layer["quantization"]["block"] == 32
+                             for layer in quantized)
+    assert all(layer["bytes_after"] < layer["bytes_before"] / 4 for layer in quantized)  # 4-bit and a little more
+    assert all(layer["bytes_before"] == 4 * layer["params_before"] for layer in report["layers"])
     written = onnx.load(str(out))
     assert any(node.op_type == "MatMulNBits" for node in written.graph.node)
     assert {entry.domain for entry in written.opset_import} >= {"", "com.microsoft"}

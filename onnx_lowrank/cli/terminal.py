@@ -336,10 +336,14 @@ def _layers_table(report: Report) -> tuple[_Table, list[str]]:
         legend.append("speedup: the layer alone, dense time / factorized time" + _untimed(layers))
     if any(layer.method == "prune" for layer in layers):
         legend.append("ch: the channels a pruned pair keeps between its layers (no rank: columns and rows are cut)")
+    if any(layer.quantization for layer in layers):
+        legend.append("int4 bN: 4-bit blocks of N weights (MatMulNBits, GatherBlockQuantized), its rank the low-rank "
+                      "correction's, its params its bytes in weights")
     rows = []
     for layer, params in zip(layers, _params(layers)):
         rank = str(layer.rank) if isinstance(layer.rank, int) else "x".join(map(str, layer.rank))
-        cells = ["x".join(map(str, layer.shape)), layer.method, f"{rank} ch" if layer.method == "prune" else rank,
+        method = f"{layer.method} b{layer.quantization['block']}" if layer.quantization else layer.method
+        cells = ["x".join(map(str, layer.shape)), method, f"{rank} ch" if layer.method == "prune" else rank,
                  params, _g(layer.predicted_error)]
         if sensitive:
             cells.append("" if layer.sensitivity is None else _g(layer.sensitivity))

@@ -101,7 +101,7 @@ def rounded(matrix: np.ndarray, block: int) -> Blocks:
 
 
 @dataclass(frozen=True)
-class _Int4:
+class Int4Weights:
     """4-bit blocks plus a rank-r correction A @ B (r may be 0): what both kinds of int4 layer hold."""
 
     method: str
@@ -128,13 +128,18 @@ class _Int4:
         return replace(self, correction_out=self.correction_out.astype(np.float32),
                        correction_in=self.correction_in.astype(np.float32))
 
+    @property
+    def scheme(self) -> dict[str, int]:
+        """What the report says of it: bits, block and the correction's rank."""
+        return {"bits": BITS, "block": self.blocks.block, "correction_rank": self.rank}
+
     def _approximation(self) -> np.ndarray:
         """Q + A B in the stored orientation."""
         return self.blocks.dequantized() + self.correction_out @ self.correction_in
 
 
 @dataclass(frozen=True)
-class Int4Corrected(_Int4):
+class Int4Corrected(Int4Weights):
     """A MatMul's weight W (out x in) as 4-bit blocks along `in`, A (out x r), B (r x in)."""
 
     bias_shift: np.ndarray | None = None  # (1, out): what the layer's bias gains (its affine optimum)
@@ -166,7 +171,7 @@ class Int4Corrected(_Int4):
 
 
 @dataclass(frozen=True)
-class Int4Lookup(_Int4):
+class Int4Lookup(Int4Weights):
     """An embedding table (V x d) as 4-bit blocks along its rows, A (V x r) looked up, B (r x d)."""
 
     bias_shift: None = None  # a lookup has no bias

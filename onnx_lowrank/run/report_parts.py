@@ -3,13 +3,16 @@ the one-line reasons a result is refused."""
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 
 from ..check.fusion import fused_as_given
 from ..check.layer_timer import LayerTimer
 from ..choose.search import Search
 from ..factorize.coupled import COUPLED_METHODS
+from ..factorize.int4 import Int4Weights
 from ..factorize.menu import Choice, UnitDecomposers, coupled, known_coupling
+from ..graph.layers import Unit
 from ..graph.splice import Factorized
 from ..observe.activations import Untimeable
 from ..report import Fusions, Latency, LayerReport, Report, TracePoint
@@ -75,9 +78,19 @@ def layer_reports(
                 alternatives=_alternatives(candidate, choice.option),
                 spectrum=_spectrum(candidate),
                 latency=None if timer is None else _layer_latency(timer, unit, factorization),
+                **_bytes(unit, factorization),
             )
         )
     return reports
+
+
+def _bytes(unit: Unit, factorization: Factorized) -> dict:
+    """The weight's bytes and its replacement's: a quantized layer's as stored, factors in the weight's type."""
+    size = np.dtype(unit.weight.storage_dtype).itemsize
+    if isinstance(factorization, Int4Weights):
+        return {"bytes_before": unit.params * size, "bytes_after": factorization.nbytes,
+                "quantization": factorization.scheme}
+    return {"bytes_before": unit.params * size, "bytes_after": factorization.params * size, "quantization": None}
 
 
 def _pair_sensitivity_positions(candidates: list[UnitDecomposers]) -> dict[int, int]:
