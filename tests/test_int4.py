@@ -208,3 +208,26 @@ def test_target_bytes_mistakes_are_one_line(tmp_path: Path, value, words):
                           capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1 and all(word in done.stderr for word in words), done.stderr
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("alpha, beta, with_c", [(1.0, 1.0, True), (0.5, 2.0, True), (1.5, 1.0, False),
+                                                  (1.0, 0.0, True)])
+@pytest.mark.parametrize("rank", [0, 8])
+def test_gemm_becomes_matmulnbits_with_its_alpha_beta_and_c(trans_b, alpha, beta, with_c, rank):
+    """A Gemm x @ B' (transA 0, B' stored transposed or not): alpha * x @ (Q + A B)^T + beta * C."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((150, 200))  # out x in
+    inputs = ["x", "b"] + (["c"] if with_c else [])
+    initializers = {"b": (w if trans_b else w.T).astype(np.float32)}
+    if with_c:
+        initializers["c"] = rng.standard_normal(150).astype(np.float32)
+    node = helper.make_node("Gemm", inputs, ["y"], name="gemm", alpha=alpha, beta=beta, transB=trans_b)
+    model = make_model([node], {"x": [4, 200]}, ["y"], initializers)
+    unit, found = decomposer(model, None, block=32)
+    fit = found.factorize((rank,))
+    compressed = build(model, ADAPTERS, {unit.key: fit})
+    onnx.checker.check_model(compressed, full_check=True)
+    x = rng.standard_normal((4, 200)).astype(np.float32)
+    expected = alpha * x @ fit.same_op_weight()[0].T + (beta * initializers["c"] if with_c else 0.0)
+    np.testing.assert_allclose(run(compressed, {"x": x})[0], expected, rtol=2e-4, atol=2e-4)

@@ -153,10 +153,13 @@ class Int4Corrected(Int4Weights):
         return self._approximation()[None]
 
     def emit(self, layer: Layer, emit: Emitter) -> None:
-        """MatMulNBits(x) for Q, plus (x B^T) A^T beside it, added; the bias shift moves into the bias site."""
+        """MatMulNBits(x) for Q, plus (x B^T) A^T beside it, added; the bias shift moves into the bias site
+        (a Gemm's alpha, beta and C then applied as it did)."""
         weights, scales, zero_points = self.blocks.packed()
         out, width = self.correction_out.shape[0], self.blocks.width
-        quantized = emit.variable("q") if self.rank else emit.outputs[0]
+        gemm = layer.node.op == "Gemm"
+        product = emit.variable("product") if gemm else emit.outputs[0]
+        quantized = emit.variable("q") if self.rank else product
         emit.node("q", "MatMulNBits", [emit.inputs[0], emit.constant("q_weight", weights),
                                        emit.constant("q_scales", scales), emit.constant("q_zero_points", zero_points)],
                   [quantized], {"K": width, "N": out, "bits": BITS, "block_size": self.blocks.block},
@@ -164,10 +167,35 @@ class Int4Corrected(Int4Weights):
         if self.rank:
             middle = emit.variable("c_mid")
             emit.node("c_in", "MatMul", [emit.inputs[0], emit.weight("c_in", self.correction_in.T)], [middle])
-            _add_correction(emit, quantized, "MatMul", [middle, emit.weight("c_out", self.correction_out.T)])
-        if self.bias_shift is not None and layer.bias is not None:
+            _add_correction(emit, quantized, "MatMul", [middle, emit.weight("c_out", self.correction_out.T)],
+                            [product])
+        if gemm:
+            _gemm_tail(layer, emit, product, self.bias_shift)
+        elif self.bias_shift is not None and layer.bias is not None:
             site = layer.bias
             site.node.inputs[site.index] = emit.bias(site, self.bias_shift)
+
+
+def _gemm_tail(layer: Layer, emit: Emitter, product, bias_shift: np.ndarray | None) -> None:
+    """alpha * product + beta * C, C moved by the bias shift (its site's scale is beta / alpha)."""
+    attrs = layer.node.attrs
+    alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
+    c = list(emit.inputs[2:3])
+    if bias_shift is not None and layer.bias is not None:
+        c = [emit.bias(layer.bias, bias_shift)]
+    scaled = product
+    if alpha != 1.0:
+        scaled = emit.variable("scaled") if c and beta != 0.0 else emit.outputs[0]
+        emit.node("alpha", "Mul", [product, emit.constant("alpha", np.asarray(alpha, np.float32))], [scaled])
+    if not c or beta == 0.0:
+        if scaled is product:
+            emit.node("out", "Identity", [product], emit.outputs)
+        return
+    bias = c[0]
+    if beta != 1.0:
+        bias = emit.variable("beta_c")
+        emit.node("beta", "Mul", [c[0], emit.constant("beta", np.asarray(beta, np.float32))], [bias])
+    emit.node("bias", "Add", [scaled, bias], emit.outputs)
 
 
 @dataclass(frozen=True)
@@ -197,14 +225,15 @@ class Int4Lookup(Int4Weights):
             looked_up = emit.variable("c_mid")
             emit.node("c_in", "Gather", [emit.weight("c_in", self.correction_out), emit.inputs[1]], [looked_up],
                       {"axis": 0})
-            _add_correction(emit, quantized, "MatMul", [looked_up, emit.weight("c_out", self.correction_in)])
+            _add_correction(emit, quantized, "MatMul", [looked_up, emit.weight("c_out", self.correction_in)],
+                            emit.outputs)
 
 
-def _add_correction(emit: Emitter, quantized, op: str, inputs: list) -> None:
-    """The correction's last product, added to the quantized layer's output as the layer's output."""
+def _add_correction(emit: Emitter, quantized, op: str, inputs: list, outputs: list) -> None:
+    """The correction's last product, added to the quantized layer's output into `outputs`."""
     corrected = emit.variable("c")
     emit.node("c_out", op, inputs, [corrected])
-    emit.node("add", "Add", [quantized, corrected], emit.outputs)
+    emit.node("add", "Add", [quantized, corrected], outputs)
 
 
 FitT = TypeVar("FitT", Int4Corrected, Int4Lookup)
@@ -315,8 +344,11 @@ def offers_int4_table(layer: Layer, statistics: object) -> bool:
 
 
 def offers_int4(layer: Layer, statistics: object, side: str) -> bool:
-    """Int4 blocks replace a MatMul x @ W with a 2-D float32 weight (MatMulNBits' layout), whose input's
-    moments (the correction's weighting) are known, or no statistics at all; not the head of a tied table."""
-    return (layer.node.op == "MatMul" and layer.info["side"] == "right" and not layer.info["batch"]
-            and not layer.transposed and layer.weight.storage_dtype == np.float32
+    """Int4 blocks replace a MatMul x @ W, or a Gemm x @ B' (transA 0), with a 2-D float32 weight
+    (MatMulNBits' layout), whose input's moments (the correction's weighting) are known, or no statistics
+    at all; not the head of a tied table."""
+    op, info = layer.node.op, layer.info
+    shaped = (op == "MatMul" and info["side"] == "right" and not info["batch"]) or (
+        op == "Gemm" and info["side"] == "B" and not layer.node.attrs.get("transA", 0))
+    return (shaped and not layer.transposed and layer.weight.storage_dtype == np.float32
             and (statistics is None or (isinstance(statistics, Moments) and side == "input")))
