@@ -71,7 +71,8 @@ class Options:
         exclusive="rank"))
     target_bytes: float | None = _option(None, Flag(  # keep this fraction of the file's bytes (allocation.py)
         "keep this fraction of the model file's bytes, the factorizable weights' spent where they lose least "
-        "(with --quantize int4, 4-bit layers count their bytes)", "F", type=float, exclusive="rank"))
+        "(with --quantize int4, 4-bit layers count their bytes)", "F", type=float))  # one of the rank group:
+    # __post_init__ says so (in argparse's group its usage line would not fit 80 columns)
     energy: float | None = _option(None, Flag(
         "per layer, the smallest rank keeping this fraction of the singular-value energy", "E", type=float,
         exclusive="rank"))

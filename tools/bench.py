@@ -2,7 +2,7 @@
 
 Not a test: figures depend on the machine. Every figure in a row is measured in the same run.
 
-    python tools/bench.py error-bound|generalization|methods|refit|latency [--models minilm,ppocr_cls,...] [--provider cpu|cuda]
+    python tools/bench.py error-bound|generalization|methods|refit|quantized|latency [--models minilm,ppocr_cls,...] [--provider cpu|cuda]
 
 error-bound: for each model, compact mode at several tolerances (data-aware factors, sensitivity-weighted
 allocation, validation in ONNX Runtime), and the weight-only path (--no-data) at the same parameter
@@ -18,6 +18,9 @@ acceptance criterion (margins, and the held-out count alone as before).
 methods: for the convnets, size mode at a budget with each decomposition alone and with auto.
 
 refit: size mode at budgets with --refit none and sequential (factorize/refit.py), the same parameters, eval errors.
+
+quantized (tools/bench_quantized.py): --quantize int4 and int8 against ONNX Runtime's weight-only quantizer,
+file sizes and eval errors.
 
 latency (tools/bench_latency.py): size, error, compression time and end-to-end latency of the original,
 weight-only, data-aware, latency-gated and int8 models, all of a case timed side by side; MiniLM at half
@@ -38,6 +41,7 @@ import bench_latency
 import onnx
 import onnxruntime as ort
 from bench_common import CASES, RESULTS, Case, data_for, machine, render_all  # puts this repository on sys.path
+from bench_quantized import QUANTIZED_CASES, quantized
 
 import onnx_lowrank
 from onnx_lowrank.check.evaluator import Evaluator
@@ -222,7 +226,8 @@ def refit(name: str, provider: str) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("suite", choices=["error-bound", "generalization", "methods", "refit", "latency", "render"],
+    parser.add_argument("suite", choices=["error-bound", "generalization", "methods", "refit", "quantized", "latency",
+                                          "render"],
                         help="render: only rewrite BENCHMARKS.md")
     parser.add_argument("--models", help="comma-separated cases (default: all of the suite's)")
     parser.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
@@ -243,7 +248,8 @@ def main() -> None:
               "generalization": (GENERALIZATION_CASES,
                                  lambda name: generalization(GENERALIZATION_CASES[name], args.provider)),
               "methods": (METHOD_CASES, lambda name: methods(name, args.provider)),
-              "refit": (REFIT_CASES, lambda name: refit(name, args.provider))}
+              "refit": (REFIT_CASES, lambda name: refit(name, args.provider)),
+              "quantized": (QUANTIZED_CASES, lambda name: quantized(name, args.provider, eval_error))}
     cases, run_case = suites[args.suite]
     names = args.models.split(",") if args.models else list(cases)
     rows = []

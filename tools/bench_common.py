@@ -200,6 +200,11 @@ def render(results: list[dict]) -> str:
                   f"{r['seconds']:.0f} s |" for r in run["rows"]], "",
             ]
             continue
+        if run["suite"] == "quantized":
+            from bench_quantized import render_quantized  # it imports this module
+
+            lines += [*render_quantized(run), ""]
+            continue
         if run["suite"] == "smollm2":
             lines += render_smollm2(run)
             continue
