@@ -109,9 +109,9 @@ class Options:
         "(default %(default)s)", choices=OBJECTIVES))
     quantize: str | None = _option(None, Flag(  # also quantize, validated together
         "also quantize the weights (int8: dynamic for MatMul/Gemm/Gather, static QDQ with the calibration data "
-        "for Conv; int4: MatMul weights in 4-bit blocks with a low-rank correction fitted to the calibration "
-        "data, offered beside each layer's factorizations and chosen by the same search); the combined model "
-        "is validated against the bound", choices=QUANTIZATIONS))
+        "for Conv; int4: MatMul, Gemm and embedding weights in 4-bit blocks with a low-rank correction fitted "
+        "to the calibration data, or 8-bit blocks, offered beside each layer's factorizations and chosen by the "
+        "same search); the combined model is validated against the bound", choices=QUANTIZATIONS))
     block_size: int | None = _option(None, Flag(  # int4.py
         f"--quantize int4: weights per 4-bit block, {' | '.join(map(str, BLOCK_SIZES))} "
         f"(default {DEFAULT_BLOCK})", "N", type=int))

@@ -337,8 +337,8 @@ def _layers_table(report: Report) -> tuple[_Table, list[str]]:
     if any(layer.method == "prune" for layer in layers):
         legend.append("ch: the channels a pruned pair keeps between its layers (no rank: columns and rows are cut)")
     if any(layer.quantization for layer in layers):
-        legend.append("int4 bN: 4-bit blocks of N weights (MatMulNBits, GatherBlockQuantized), its rank the low-rank "
-                      "correction's, its params its bytes in weights")
+        legend.append("int4 / int8-wo bN: 4- / 8-bit blocks of N weights (MatMulNBits, GatherBlockQuantized), its "
+                      "rank the low-rank correction's, its params its bytes in weights")
     rows = []
     for layer, params in zip(layers, _params(layers)):
         rank = str(layer.rank) if isinstance(layer.rank, int) else "x".join(map(str, layer.rank))

@@ -1,5 +1,6 @@
-"""4-bit block-wise weights with a data-aware low-rank correction (`--quantize int4`), as options of a
-MatMul's or an embedding table's menu beside its factorizations.
+"""4-bit block-wise weights with a data-aware low-rank correction (`--quantize int4`), and 8-bit block-wise
+weights beside them, as options of a MatMul's, a Gemm's or an embedding table's menu beside its
+factorizations: the allocation mixes precisions per layer.
 
 A layer y = W x (W: out x in) becomes y = Q(x) + (x B^T) A^T: Q is W rounded to 4 bits in blocks of
 `block` weights along the input dimension, each block with its own scale and zero point (asymmetric,
@@ -14,6 +15,9 @@ An embedding table (Gather) is rounded alike, in blocks along each row, stored a
 GatherBlockQuantized (com.microsoft), its correction a factorized table beside it (Gather on A, MatMul by
 B); its rows are weighted by how often calibration looked them up, as the frequency-weighted SVD weighs
 them (a share spread over every row, so rows never seen stay bounded).
+
+8-bit blocks ("int8-wo", weight-only: activations stay float) cost twice the bytes of 4-bit ones and lose
+about a sixteenth of their error; they need no correction (offered at rank 0).
 
 An option's cost is its bytes in float-weight units (`params`: bytes over the bytes of one weight), so an
 allocation that counts parameters counts bytes; its predicted error is the layer's relative output error
@@ -36,8 +40,8 @@ from .contracts import Option
 from .data_aware import FrequencyWeightedSVD, OutputError
 
 INT4 = "int4"
-BITS = 4
-LEVELS = 2**BITS - 1
+INT8_WEIGHT_ONLY = "int8-wo"
+METHOD_BITS = {INT4: 4, INT8_WEIGHT_ONLY: 8}
 BLOCK_SIZES = (32, 64, 128)
 DEFAULT_BLOCK = 32  # SmolLM2-135M, ONNX Runtime's RTN: perplexity x1.35 at block 32, x1.57 at 128
 CORRECTION_RANKS = (0, 8, 16, 32, 64)  # the correction ranks offered (those below a sixteenth of the smaller side)
@@ -47,13 +51,14 @@ MS_DOMAIN = "com.microsoft"
 
 @dataclass(frozen=True)
 class Blocks:
-    """A (out x in) matrix rounded to 4 bits in blocks along `in`: codes (out, blocks, block) in 0..15,
-    scales and zero points (out, blocks); `width` is `in` (the last block is padded with zeros)."""
+    """A (out x in) matrix rounded to `bits` in blocks along `in`: codes (out, blocks, block) in
+    0..2^bits - 1, scales and zero points (out, blocks); `width` is `in` (the last block is padded with zeros)."""
 
     codes: np.ndarray
     scales: np.ndarray
     zero_points: np.ndarray
     width: int
+    bits: int = 4
 
     @property
     def block(self) -> int:
@@ -65,44 +70,46 @@ class Blocks:
 
     @property
     def nbytes(self) -> int:
-        """What MatMulNBits stores: packed codes and zero points (two a byte), float32 scales."""
-        out, blocks, block = self.codes.shape
-        return out * blocks * block // 2 + out * math.ceil(blocks / 2) + 4 * out * blocks
+        """What MatMulNBits stores: codes and zero points (two a byte at 4 bits), float32 scales."""
+        return sum(array.nbytes for array in self.packed())
 
     def packed_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """GatherBlockQuantized's inputs: data (uint8 rows x width/2, unpadded), scales, zero points."""
+        """GatherBlockQuantized's inputs: data (uint8 rows x width * bits / 8, unpadded), scales, zero points."""
         weights, scales, zero_points = self.packed()
-        return weights.reshape(weights.shape[0], -1)[:, : self.width // 2], scales, zero_points
+        return weights.reshape(weights.shape[0], -1)[:, : self.width * self.bits // 8], scales, zero_points
 
     def packed(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """MatMulNBits' inputs B (uint8 out x blocks x block/2), scales (float32 out x blocks) and zero points
-        (uint8 out x ceil(blocks/2)), each pair of 4-bit values low nibble first."""
-        codes = self.codes.astype(np.uint8)
+        """MatMulNBits' inputs B (uint8 out x blocks x block * bits / 8), scales (float32 out x blocks) and
+        zero points (uint8 out x blocks, at 4 bits out x ceil(blocks / 2)); pairs of 4-bit values low nibble
+        first."""
+        codes, zero_points = self.codes.astype(np.uint8), self.zero_points.astype(np.uint8)
+        if self.bits == 8:
+            return codes, self.scales.astype(np.float32), zero_points
         weights = codes[:, :, 0::2] | (codes[:, :, 1::2] << 4)
-        zero_points = self.zero_points.astype(np.uint8)
         if zero_points.shape[1] % 2:
             zero_points = np.concatenate([zero_points, np.zeros_like(zero_points[:, :1])], axis=1)
         return weights, self.scales.astype(np.float32), zero_points[:, 0::2] | (zero_points[:, 1::2] << 4)
 
 
-def rounded(matrix: np.ndarray, block: int) -> Blocks:
-    """Round to nearest in blocks along the input dimension, each block's range mapped onto 0..15."""
+def rounded(matrix: np.ndarray, block: int, bits: int = 4) -> Blocks:
+    """Round to nearest in blocks along the input dimension, each block's range mapped onto 0..2^bits - 1."""
+    levels = 2**bits - 1
     out, width = matrix.shape
     padded = np.zeros((out, math.ceil(width / block) * block))
     padded[:, :width] = matrix
     blocks = padded.reshape(out, -1, block)
     low = np.minimum(blocks.min(axis=2), 0.0)
     high = np.maximum(blocks.max(axis=2), 0.0)
-    scales = (high - low) / LEVELS
+    scales = (high - low) / levels
     scales = np.where(scales > 0, scales, 1.0)
-    zero_points = np.clip(np.round(-low / scales), 0, LEVELS)
-    codes = np.clip(np.round(blocks / scales[:, :, None]) + zero_points[:, :, None], 0, LEVELS)
-    return Blocks(codes.astype(np.uint8), scales, zero_points.astype(np.uint8), width)
+    zero_points = np.clip(np.round(-low / scales), 0, levels)
+    codes = np.clip(np.round(blocks / scales[:, :, None]) + zero_points[:, :, None], 0, levels)
+    return Blocks(codes.astype(np.uint8), scales, zero_points.astype(np.uint8), width, bits)
 
 
 @dataclass(frozen=True)
-class Int4Weights:
-    """4-bit blocks plus a rank-r correction A @ B (r may be 0): what both kinds of int4 layer hold."""
+class BlockWeights:
+    """Blocks of 4 or 8 bits plus a rank-r correction A @ B (r may be 0): what both kinds of layer hold."""
 
     method: str
     rank: int
@@ -131,7 +138,7 @@ class Int4Weights:
     @property
     def scheme(self) -> dict[str, int]:
         """What the report says of it: bits, block and the correction's rank."""
-        return {"bits": BITS, "block": self.blocks.block, "correction_rank": self.rank}
+        return {"bits": self.blocks.bits, "block": self.blocks.block, "correction_rank": self.rank}
 
     def _approximation(self) -> np.ndarray:
         """Q + A B in the stored orientation."""
@@ -139,7 +146,7 @@ class Int4Weights:
 
 
 @dataclass(frozen=True)
-class Int4Corrected(Int4Weights):
+class BlockQuantized(BlockWeights):
     """A MatMul's weight W (out x in) as 4-bit blocks along `in`, A (out x r), B (r x in)."""
 
     bias_shift: np.ndarray | None = None  # (1, out): what the layer's bias gains (its affine optimum)
@@ -162,7 +169,7 @@ class Int4Corrected(Int4Weights):
         quantized = emit.variable("q") if self.rank else product
         emit.node("q", "MatMulNBits", [emit.inputs[0], emit.constant("q_weight", weights),
                                        emit.constant("q_scales", scales), emit.constant("q_zero_points", zero_points)],
-                  [quantized], {"K": width, "N": out, "bits": BITS, "block_size": self.blocks.block},
+                  [quantized], {"K": width, "N": out, "bits": self.blocks.bits, "block_size": self.blocks.block},
                   domain=MS_DOMAIN)
         if self.rank:
             middle = emit.variable("c_mid")
@@ -199,7 +206,7 @@ def _gemm_tail(layer: Layer, emit: Emitter, product, bias_shift: np.ndarray | No
 
 
 @dataclass(frozen=True)
-class Int4Lookup(Int4Weights):
+class BlockQuantizedTable(BlockWeights):
     """An embedding table (V x d) as 4-bit blocks along its rows, A (V x r) looked up, B (r x d)."""
 
     bias_shift: None = None  # a lookup has no bias
@@ -220,7 +227,7 @@ class Int4Lookup(Int4Weights):
                                                 emit.constant("q_scales", scales),
                                                 emit.constant("q_zero_points", zero_points)],
                   [quantized], {"gather_axis": 0, "quantize_axis": 1, "block_size": self.blocks.block,
-                                "bits": BITS}, domain=MS_DOMAIN)
+                                "bits": self.blocks.bits}, domain=MS_DOMAIN)
         if self.rank:
             looked_up = emit.variable("c_mid")
             emit.node("c_in", "Gather", [emit.weight("c_in", self.correction_out), emit.inputs[1]], [looked_up],
@@ -236,32 +243,33 @@ def _add_correction(emit: Emitter, quantized, op: str, inputs: list, outputs: li
     emit.node("add", "Add", [quantized, corrected], outputs)
 
 
-FitT = TypeVar("FitT", Int4Corrected, Int4Lookup)
+FitT = TypeVar("FitT", BlockQuantized, BlockQuantizedTable)
 
 
-class _Int4Options(Generic[FitT]):
+class _BlockOptions(Generic[FitT]):
     """A unit's int4 options: 4-bit blocks with each correction rank on offer, rounding and correction
     fitted in turn (ALTERNATIONS times) and the fit with the least predicted error kept."""
 
-    method = INT4
-
-    def __init__(self, matrix: np.ndarray, block: int, weight_bytes: int):
+    def __init__(self, matrix: np.ndarray, block: int, weight_bytes: int, method: str):
+        self.method = method  # INT4 or INT8_WEIGHT_ONLY
+        self._bits = METHOD_BITS[method]
         self._matrix = matrix  # the stored orientation: a MatMul's W (out x in), a table (V x d)
         self._block = block
         self._weight_bytes = weight_bytes
         self._fits: dict[int, FitT] = {}
 
     def options(self) -> list[Option]:
-        return [Option(INT4, (rank,), fit.params, fit.predicted_error) for rank, fit in
+        return [Option(self.method, (rank,), fit.params, fit.predicted_error) for rank, fit in
                 ((rank, self._fit(rank)) for rank in self.ranks())]
 
     def ranks(self) -> list[int]:
-        limit = min(self._matrix.shape) // 16
+        """The correction ranks on offer: up to a sixteenth of the smaller side at 4 bits, none at 8."""
+        limit = min(self._matrix.shape) // 16 if self._bits == 4 else 0
         return [rank for rank in CORRECTION_RANKS if rank <= limit]
 
     def factorize(self, config: tuple[int, ...]) -> FitT:
         if config[0] not in self.ranks():
-            raise ValueError(f"int4 offers correction ranks {self.ranks()}, not {config[0]}")
+            raise ValueError(f"{self.method} offers correction ranks {self.ranks()}, not {config[0]}")
         return self._fit(config[0])
 
     def _fit(self, rank: int) -> FitT:
@@ -269,7 +277,7 @@ class _Int4Options(Generic[FitT]):
             matrix, fits = self._matrix, []
             correction = (np.zeros((matrix.shape[0], 0)), np.zeros((0, matrix.shape[1])))
             for _ in range(ALTERNATIONS if rank else 1):
-                blocks = rounded(matrix - correction[0] @ correction[1], self._block)
+                blocks = rounded(matrix - correction[0] @ correction[1], self._block, self._bits)
                 correction = self._correction(matrix - blocks.dequantized(), rank) if rank else correction
                 fits.append(self._made(rank, blocks, correction))
             self._fits[rank] = min(fits, key=lambda fit: fit.predicted_error)
@@ -282,13 +290,13 @@ class _Int4Options(Generic[FitT]):
         raise NotImplementedError
 
 
-class Int4Decomposer(_Int4Options[Int4Corrected]):
+class BlocksDecomposer(_BlockOptions[BlockQuantized]):
     """A MatMul unit's int4 options, the correction fitted against the layer's input statistics (its
     weight alone without them)."""
 
-    def __init__(self, layer: Layer, moments: Moments | None, block: int = DEFAULT_BLOCK):
+    def __init__(self, layer: Layer, moments: Moments | None, block: int = DEFAULT_BLOCK, method: str = INT4):
         weight = np.asarray(layer.matrices, dtype=np.float64)[0]  # (out, in)
-        super().__init__(weight, block, int(np.dtype(layer.weight.storage_dtype).itemsize))
+        super().__init__(weight, block, int(np.dtype(layer.weight.storage_dtype).itemsize), method)
         self._error = OutputError(layer, moments)
         self._root = None if moments is None else linalg.sqrt_psd(
             linalg.shrunk(moments, np.eye(weight.shape[1])[None]) + outer_products(moments.mean))[0]
@@ -299,19 +307,19 @@ class Int4Decomposer(_Int4Options[Int4Corrected]):
         left = np.linalg.svd(weighted, full_matrices=False)[0][:, :rank]
         return left, left.T @ residual
 
-    def _made(self, rank: int, blocks: Blocks, correction: tuple[np.ndarray, np.ndarray]) -> Int4Corrected:
+    def _made(self, rank: int, blocks: Blocks, correction: tuple[np.ndarray, np.ndarray]) -> BlockQuantized:
         approx = (blocks.dequantized() + correction[0] @ correction[1])[None]
-        return Int4Corrected(INT4, rank, blocks, *correction, predicted_error=self._error(approx),
+        return BlockQuantized(self.method, rank, blocks, *correction, predicted_error=self._error(approx),
                              weight_bytes=self._weight_bytes, bias_shift=self._error.bias_shift(approx))
 
 
-class Int4TableDecomposer(_Int4Options[Int4Lookup]):
+class TableBlocksDecomposer(_BlockOptions[BlockQuantizedTable]):
     """An embedding table's int4 options, its rows weighted by their lookup counts (the frequency-weighted
     SVD's weights; uniform without counts)."""
 
-    def __init__(self, layer: Layer, counts: Counts | None, block: int = DEFAULT_BLOCK):
+    def __init__(self, layer: Layer, counts: Counts | None, block: int = DEFAULT_BLOCK, method: str = INT4):
         table = np.asarray(layer.matrices, dtype=np.float64)[0].T  # (V, d)
-        super().__init__(table, block, int(np.dtype(layer.weight.storage_dtype).itemsize))
+        super().__init__(table, block, int(np.dtype(layer.weight.storage_dtype).itemsize), method)
         self._rows = row_weights(counts, table.shape[0])
         self._total = float(np.sum(self._rows[:, None] * table**2))
 
@@ -321,10 +329,11 @@ class Int4TableDecomposer(_Int4Options[Int4Lookup]):
         u, s, vt = np.linalg.svd(roots * residual, full_matrices=False)
         return u[:, :rank] * s[:rank] / roots, vt[:rank]
 
-    def _made(self, rank: int, blocks: Blocks, correction: tuple[np.ndarray, np.ndarray]) -> Int4Lookup:
+    def _made(self, rank: int, blocks: Blocks, correction: tuple[np.ndarray, np.ndarray]) -> BlockQuantizedTable:
         left = self._matrix - blocks.dequantized() - correction[0] @ correction[1]
         error = float(np.sum(self._rows[:, None] * left**2) / self._total) if self._total > 0 else 0.0
-        return Int4Lookup(INT4, rank, blocks, *correction, predicted_error=error, weight_bytes=self._weight_bytes)
+        return BlockQuantizedTable(self.method, rank, blocks, *correction, predicted_error=error,
+                                   weight_bytes=self._weight_bytes)
 
 
 def row_weights(counts: Counts | None, rows: int) -> np.ndarray:

@@ -19,7 +19,15 @@ from .conv import ConvDecomposer, conv_decomposers
 from .coupled import HEADS, PRUNE, Pairing
 from .data_aware import OutputError, data_aware_svd
 from .heads import ATTENTION_HEADS
-from .int4 import Int4Corrected, Int4Decomposer, Int4Lookup, Int4TableDecomposer, offers_int4, offers_int4_table
+from .int4 import (
+    METHOD_BITS,
+    BlockQuantized,
+    BlockQuantizedTable,
+    BlocksDecomposer,
+    TableBlocksDecomposer,
+    offers_int4,
+    offers_int4_table,
+)
 from .menu import UnitDecomposers
 from .parking import Shelf
 from .prune import PRUNING
@@ -103,10 +111,13 @@ def _decomposers(unit: Unit, method: str, stats: Moments | Counts | Tied | None,
             why = "applies to Conv only" if unit.op != "Conv" else "needs input-patch statistics (patch too large)"
             notes = [f"{method}: {why}"]
     if int4_block is not None and len(unit.layers) == 1:
-        if offers_int4(layer, stats, side):
-            others.append(Int4Decomposer(layer, stats if isinstance(stats, Moments) else None, int4_block))
-        elif offers_int4_table(layer, stats):
-            others.append(Int4TableDecomposer(layer, stats if isinstance(stats, Counts) else None, int4_block))
+        for method in METHOD_BITS:  # 4-bit with its corrections, 8-bit weight-only: precision mixed per layer
+            if offers_int4(layer, stats, side):
+                others.append(BlocksDecomposer(layer, stats if isinstance(stats, Moments) else None, int4_block,
+                                               method))
+            elif offers_int4_table(layer, stats):
+                others.append(TableBlocksDecomposer(layer, stats if isinstance(stats, Counts) else None, int4_block,
+                                                    method))
     candidate = UnitDecomposers(unit, primary, others, include_primary=method in ("auto", "svd"), notes=notes)
     if eager:
         candidate.options()
@@ -133,7 +144,7 @@ if TYPE_CHECKING:  # every decomposition keeps its contract (mypy checks these a
     _spectral_kept: list[type[SpectralDecomposer]] = [TruncatedSVD, DataAwareSVD, FrequencyWeightedSVD, ParkedSpectral]
     _decomposers_kept: list[type[Decomposer]] = [
         ConvDecomposer, Tucker2, CanonicalPolyadic, SpatialSeparable, DepthwiseSeparable, BlockLowRank, Parked,
-        ChannelPruning, KeptRows, HeadScores, QuerySide, Int4Decomposer, Int4TableDecomposer,
+        ChannelPruning, KeptRows, HeadScores, QuerySide, BlocksDecomposer, TableBlocksDecomposer,
     ]
     _factorized_kept: list[type[Factorized]] = [Factorization, ConvChain, PrunedInputs, KeptOutputs, HeadSide,
-                                                Int4Corrected, Int4Lookup]
+                                                BlockQuantized, BlockQuantizedTable]

@@ -10,7 +10,7 @@ from ..check.fusion import fused_as_given
 from ..check.layer_timer import LayerTimer
 from ..choose.search import Search
 from ..factorize.coupled import COUPLED_METHODS
-from ..factorize.int4 import Int4Weights
+from ..factorize.int4 import BlockWeights
 from ..factorize.menu import Choice, UnitDecomposers, coupled, known_coupling
 from ..graph.layers import Unit
 from ..graph.splice import Factorized
@@ -87,7 +87,7 @@ def layer_reports(
 def _bytes(unit: Unit, factorization: Factorized) -> dict:
     """The weight's bytes and its replacement's: a quantized layer's as stored, factors in the weight's type."""
     size = np.dtype(unit.weight.storage_dtype).itemsize
-    if isinstance(factorization, Int4Weights):
+    if isinstance(factorization, BlockWeights):
         return {"bytes_before": unit.params * size, "bytes_after": factorization.nbytes,
                 "quantization": factorization.scheme}
     return {"bytes_before": unit.params * size, "bytes_after": factorization.params * size, "quantization": None}
