@@ -144,10 +144,7 @@ class FrequencyWeightedSVD(RankedOptions):
 
     def _fit(self, weight: np.ndarray, counts: Counts) -> None:
         self._matrix_shape = weight.shape
-        frequency = counts.count / max(int(counts.count.sum()), 1)
-        uniform = np.full(frequency.size, 1.0 / frequency.size)
-        share = self.UNSEEN_SHARE if counts.count.sum() else 1.0
-        self.row_weights = (1 - share) * frequency + share * uniform
+        self.row_weights = row_weights(counts, weight.shape[2])
         energies, basis = linalg.left_singular(weight * np.sqrt(self.row_weights))
         self._basis = linalg.fix_signs(basis)
         self._weight = weight
@@ -197,6 +194,16 @@ class TiedSVD(FrequencyWeightedSVD):
     def factorize(self, rank: int | tuple[int, ...]) -> Factorization:
         found = super().factorize(rank)  # of A W: (U_r^T A W, U_r)
         return replace(found, second=self._unmetric @ found.second)
+
+
+def row_weights(counts: Counts | None, rows: int) -> np.ndarray:
+    """How much each table row weighs: its lookup frequency, with FrequencyWeightedSVD.UNSEEN_SHARE spread
+    evenly over every row (all of it without lookups or counts), so rows never seen stay bounded."""
+    total = 0 if counts is None else int(counts.count.sum())
+    frequency = np.zeros(rows) if counts is None else counts.count / max(total, 1)
+    uniform = np.full(rows, 1.0 / rows)
+    share = FrequencyWeightedSVD.UNSEEN_SHARE if total else 1.0
+    return (1 - share) * frequency + share * uniform
 
 
 def _row_errors(table: np.ndarray, basis: np.ndarray) -> np.ndarray:

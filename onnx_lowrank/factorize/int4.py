@@ -14,7 +14,7 @@ correction absorbs what rounding the rest loses (ZeroQuant-V2's LoRC, LQER, QERA
 An embedding table (Gather) is rounded alike, in blocks along each row, stored and looked up as
 GatherBlockQuantized (com.microsoft), its correction a factorized table beside it (Gather on A, MatMul by
 B); its rows are weighted by how often calibration looked them up, as the frequency-weighted SVD weighs
-them (a share spread over every row, so rows never seen stay bounded).
+them (data_aware.row_weights: a share spread over every row, so rows never seen stay bounded).
 
 8-bit blocks ("int8-wo", weight-only: activations stay float) cost twice the bytes of 4-bit ones and lose
 about a sixteenth of their error; they need no correction (offered at rank 0).
@@ -37,7 +37,7 @@ from ..graph.splice import Emitter
 from ..observe.statistics import Counts, Moments, outer_products
 from . import linalg
 from .contracts import Option
-from .data_aware import FrequencyWeightedSVD, OutputError
+from .data_aware import OutputError, row_weights
 
 INT4 = "int4"
 INT8_WEIGHT_ONLY = "int8-wo"
@@ -334,16 +334,6 @@ class TableBlocksDecomposer(_BlockOptions[BlockQuantizedTable]):
         error = float(np.sum(self._rows[:, None] * left**2) / self._total) if self._total > 0 else 0.0
         return BlockQuantizedTable(self.method, rank, blocks, *correction, predicted_error=error,
                                    weight_bytes=self._weight_bytes)
-
-
-def row_weights(counts: Counts | None, rows: int) -> np.ndarray:
-    """How much each table row weighs: its lookup frequency with a share spread over every row
-    (FrequencyWeightedSVD's weights), uniform without counts."""
-    uniform = np.full(rows, 1.0 / rows)
-    if counts is None or not counts.count.sum():
-        return uniform
-    share = FrequencyWeightedSVD.UNSEEN_SHARE
-    return (1 - share) * counts.count / counts.count.sum() + share * uniform
 
 
 def offers_int4_table(layer: Layer, statistics: object) -> bool:

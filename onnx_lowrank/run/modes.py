@@ -1,10 +1,12 @@
 """How each unit's rank is chosen: one class per mode, picked once from the options (`rank_mode_for`).
 
 - ExplicitRanks (`--ranks`) and Energy (`--energy`): per unit, from a table or the spectrum.
-- Budget (`--target-params` without data): the least predicted error within the parameter budget.
-- ValidatedBudget (`--target-params` with data): allocations at the budget validated end to end.
+- Budget (`--target-params` or `--target-bytes` without data): the least predicted error within the budget.
+- ValidatedBudget (the same with data): allocations at the budget validated end to end.
 - Compact (data, none of the above): the fewest parameters whose validated error is within the tolerance;
-  when none is, it says how close the search came (`diagnose`).
+  when none is, it says how close the search came (`refusal`).
+
+A mode sees no run: it allocates from `Menus` and judges an `Outcome`.
 """
 
 from __future__ import annotations
@@ -228,7 +230,8 @@ def rank_mode_for(settings: Options, has_data: bool) -> RankMode:
     if settings.target_params is not None or settings.target_bytes is not None:
         return ValidatedBudget() if has_data else Budget()
     if not has_data:
-        raise InputError("choose ranks with --ranks, --target-params or --energy, or give --calib for compact mode")
+        raise InputError("choose ranks with --ranks, --target-params, --target-bytes or --energy, or give --calib "
+                         "for compact mode")
     return Compact()
 
 
