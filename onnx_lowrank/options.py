@@ -17,7 +17,7 @@ from .check.metrics import DEFAULT_METRIC, DEFAULT_TOLERANCE, METRICS, check_met
 from .choose.objective import DEFAULT_OBJECTIVE, OBJECTIVES
 from .choose.ranks_file import load_ranks_file, validate_ranks
 from .errors import InputError
-from .factorize.int4 import BLOCK_SIZES, DEFAULT_BLOCK
+from .factorize.int4 import BLOCK_SIZES
 from .factorize.refit import REFITS
 from .factorize.registry import METHODS
 from .graph.adapters import ADAPTERS
@@ -113,8 +113,8 @@ class Options:
         "to the calibration data, or 8-bit blocks, offered beside each layer's factorizations and chosen by the "
         "same search); the combined model is validated against the bound", choices=QUANTIZATIONS))
     block_size: int | None = _option(None, Flag(  # int4.py
-        f"--quantize int4: weights per 4-bit block, {' | '.join(map(str, BLOCK_SIZES))} "
-        f"(default {DEFAULT_BLOCK})", "N", type=int))
+        f"--quantize int4: weights per block, {' | '.join(map(str, BLOCK_SIZES))} (default: each layer's "
+        "chosen by the search among them)", "N", type=int))
     int8_range: str = _option("auto", Flag(  # reduced range where the CPU lacks VNNI (quantize.py)
         "int8 value range: full needs a CPU with VNNI (or AMX, or ARM dot-product) to be exact; reduced (7 bits) "
         "is right on every CPU; auto picks by this CPU (default %(default)s)", choices=INT8_RANGES))
@@ -174,9 +174,9 @@ class Options:
             raise InputError(f"block size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size!r}")
 
     @property
-    def int4_block(self) -> int | None:
-        """The 4-bit block size when int4 is asked for (None otherwise)."""
-        return None if self.quantize != "int4" else self.block_size or DEFAULT_BLOCK
+    def int4_blocks(self) -> tuple[int, ...] | None:
+        """The block sizes on offer when int4 is asked for (None otherwise)."""
+        return None if self.quantize != "int4" else (self.block_size,) if self.block_size else BLOCK_SIZES
 
     def _check_acceptance(self) -> None:
         """--ties and --accept: known values, and only where they mean something."""

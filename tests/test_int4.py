@@ -49,7 +49,7 @@ def decomposer(model: onnx.ModelProto, data: np.ndarray | None, block: int = 32)
     if data is not None:
         samples = load_calibration({"x": data}, model)
         (moments,) = unit_statistics(model, [unit], samples, list(range(len(samples))), "cpu", batch_size=8)
-    return unit, BlocksDecomposer(unit.layers[0], moments, block)
+    return unit, BlocksDecomposer(unit.layers[0], moments, (block,))
 
 
 @settings(max_examples=15, deadline=None)
@@ -57,10 +57,21 @@ def decomposer(model: onnx.ModelProto, data: np.ndarray | None, block: int = 32)
 def test_rounding_keeps_every_weight_within_half_a_step(blocks, out, block, seed):
     width = blocks * block - (seed % block)  # a last block padded
     matrix = np.random.default_rng(seed).standard_normal((out, width)) * 3
-    found = rounded(matrix, block)
-    assert found.codes.max() <= 15 and found.dequantized().shape == matrix.shape
-    step = np.repeat(found.scales, block, axis=1)[:, :width]
-    assert np.all(np.abs(found.dequantized() - matrix) <= step / 2 + 1e-9)
+    plain = rounded(matrix, block, shrinks=(1.0,))
+    assert plain.codes.max() <= 15 and plain.dequantized().shape == matrix.shape
+    step = np.repeat(plain.scales, block, axis=1)[:, :width]
+    assert np.all(np.abs(plain.dequantized() - matrix) <= step / 2 + 1e-9)
+    # the range search weighs columns by their importance, and no block loses more than plain rounding
+    importance = np.random.default_rng(seed + 1).exponential(size=width)
+    searched = rounded(matrix, block, importance=importance)
+
+    def block_losses(found):
+        lost = np.zeros((out, blocks * block))
+        lost[:, :width] = importance * (found.dequantized() - matrix) ** 2
+        return lost.reshape(out, blocks, block).sum(axis=2)
+
+    assert np.all(block_losses(searched) <= block_losses(rounded(matrix, block, importance=importance,
+                                                                 shrinks=(1.0,))) * (1 + 1e-3) + 1e-12)
 
 
 @pytest.mark.parametrize("rank", [0, 8])
@@ -70,7 +81,7 @@ def test_matmulnbits_computes_the_weight_we_predict_with(rank, bias):
     block), plus the correction: the chain equals x @ (Q + A B)^T, bias included."""
     model = matmul(200, 150, bias=bias)
     unit, found = decomposer(model, correlated(200), block=64)
-    fit = found.factorize((rank,))
+    fit = found.factorize((rank, 64))
     compressed = build(model, ADAPTERS, {unit.key: fit})
     onnx.checker.check_model(compressed, full_check=True)
     assert any(node.op_type == "MatMulNBits" and node.domain == "com.microsoft" for node in compressed.graph.node)
@@ -97,7 +108,7 @@ def test_the_correction_lowers_the_output_error_the_data_shows():
     assert errors[16] < 0.6 * errors[0]  # a few strong input directions: the correction takes much of it (0.55)
     dense = run(model, {"x": data})[0]
     for rank, error in errors.items():
-        compressed = build(model, ADAPTERS, {unit.key: found.factorize((rank,))})
+        compressed = build(model, ADAPTERS, {unit.key: found.factorize((rank, 32))})
         after = run(compressed, {"x": data})[0]
         measured = float(np.sum((after - dense) ** 2) / np.sum(dense**2))
         assert measured == pytest.approx(error, rel=0.5)
@@ -106,12 +117,12 @@ def test_the_correction_lowers_the_output_error_the_data_shows():
 def test_an_option_costs_its_bytes():
     model = matmul(256, 192)
     _, found = decomposer(model, None)
-    fit = found.factorize((8,))
-    packed = sum(array.nbytes for array in fit.blocks.packed()) + 4 * 8 * (256 + 192)
+    fit = found.factorize((8, 32))
+    packed = sum(array.nbytes for array in fit.blocks.packed()) + 2 * 8 * (256 + 192)  # float16 factors
     assert fit.nbytes == packed
     assert fit.params == -(-packed // 4)  # float32 weights: bytes in units of four
-    with pytest.raises(ValueError, match="correction ranks"):
-        found.factorize((5,))
+    with pytest.raises(ValueError, match="correction rank"):
+        found.factorize((5, 32))
 
 
 def test_quantize_int4_writes_a_smaller_model_within_its_bound(tmp_path: Path):
@@ -126,7 +137,7 @@ def test_quantize_int4_writes_a_smaller_model_within_its_bound(tmp_path: Path):
     assert report["validation"]["passed"] and report["validation"]["value"] <= 0.02
     assert report["bytes_after"] < 0.2 * report["bytes_before"]  # 16.1%: tables and MatMuls int4
     quantized = [layer for layer in report["layers"] if layer["method"] == "int4"]
-    assert quantized and all(layer["quantization"]["bits"] == 4 and layer["quantization"]["block"] == 32
+    assert quantized and all(layer["quantization"]["bits"] == 4 and layer["quantization"]["block"] in (32, 64, 128)
                              for layer in quantized)
     assert all(layer["bytes_after"] < layer["bytes_before"] / 4 for layer in quantized)  # 4-bit and a little more
     assert all(layer["bytes_before"] == 4 * layer["params_before"] for layer in report["layers"])
@@ -174,10 +185,10 @@ def test_gather_block_quantized_looks_up_the_table_we_predict_with(rank):
     (counts,) = unit_statistics(model, [unit], samples, list(range(len(samples))), "cpu", batch_size=8)
     from onnx_lowrank.factorize.int4 import TableBlocksDecomposer
 
-    found = TableBlocksDecomposer(unit.layers[0], counts, 32)
+    found = TableBlocksDecomposer(unit.layers[0], counts, (32,))
     errors = [option.error for option in found.options()]
     assert [option.config[0] for option in found.options()] == [0, 8] and errors[1] < errors[0]
-    fit = found.factorize((rank,))
+    fit = found.factorize((rank, 32))
     compressed = build(model, ADAPTERS, {unit.key: fit})
     onnx.checker.check_model(compressed, full_check=True)
     assert any(node.op_type == "GatherBlockQuantized" for node in compressed.graph.node)
@@ -225,7 +236,7 @@ def test_gemm_becomes_matmulnbits_with_its_alpha_beta_and_c(trans_b, alpha, beta
     node = helper.make_node("Gemm", inputs, ["y"], name="gemm", alpha=alpha, beta=beta, transB=trans_b)
     model = make_model([node], {"x": [4, 200]}, ["y"], initializers)
     unit, found = decomposer(model, None, block=32)
-    fit = found.factorize((rank,))
+    fit = found.factorize((rank, 32))
     compressed = build(model, ADAPTERS, {unit.key: fit})
     onnx.checker.check_model(compressed, full_check=True)
     x = rng.standard_normal((4, 200)).astype(np.float32)
@@ -240,21 +251,84 @@ def test_eight_bit_blocks_run_exactly_and_lose_far_less():
 
     model = matmul(200, 150, bias=True)
     unit, four = decomposer(model, correlated(200), block=64)
-    eight = BlocksDecomposer(unit.layers[0], None, 64, INT8_WEIGHT_ONLY)
-    assert [option.config for option in eight.options()] == [(0,)]
-    fit = eight.factorize((0,))
+    eight = BlocksDecomposer(unit.layers[0], None, (64,), INT8_WEIGHT_ONLY)
+    assert [option.config for option in eight.options()] == [(0, 64)]
+    fit = eight.factorize((0, 64))
     compressed = build(model, ADAPTERS, {unit.key: fit})
     onnx.checker.check_model(compressed, full_check=True)
     x = correlated(200, count=1)
     expected = x @ fit.same_op_weight()[0].T.astype(np.float32) + numpy_bias(model)
     np.testing.assert_allclose(run(compressed, {"x": x})[0], expected, rtol=2e-4, atol=2e-4)
     assert fit.scheme == {"bits": 8, "block": 64, "correction_rank": 0}
-    assert 1.8 < fit.nbytes / four.factorize((0,)).nbytes < 2.2
-    assert eight.options()[0].error < 0.02 * BlocksDecomposer(unit.layers[0], None, 64).options()[0].error
+    assert 1.8 < fit.nbytes / four.factorize((0, 64)).nbytes < 2.2
+    assert eight.options()[0].error < 0.02 * BlocksDecomposer(unit.layers[0], None, (64,)).options()[0].error
 
     table = lookup()
     (unit,) = find_layers(import_graph(table).graph, table, ADAPTERS).units
-    rows = TableBlocksDecomposer(unit.layers[0], None, 32, INT8_WEIGHT_ONLY).factorize((0,))
+    rows = TableBlocksDecomposer(unit.layers[0], None, (32,), INT8_WEIGHT_ONLY).factorize((0, 32))
     indices = np.array([[0, 5, 399, 7, 7]], dtype=np.int64)
     looked_up = run(build(table, ADAPTERS, {unit.key: rows}), {"idx": indices})[0]
     np.testing.assert_allclose(looked_up, rows.same_op_weight()[0].T[indices], rtol=1e-5, atol=1e-5)
+
+
+def tied_lm(rows: int = 300, width: int = 128, seed: int = 0) -> onnx.ModelProto:
+    """input_ids -> table lookup -> x @ W -> logits = h @ table^T: one table, the lookup and the LM head."""
+    rng = np.random.default_rng(seed)
+    table = rng.standard_normal((rows, width)).astype(np.float32)
+    hidden = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "input_ids"], ["h0"], name="embed"),
+         helper.make_node("MatMul", ["h0", "hidden"], ["h1"], name="mlp"),
+         helper.make_node("Transpose", ["table"], ["table_t"], name="tie", perm=[1, 0]),
+         helper.make_node("MatMul", ["h1", "table_t"], ["logits"], name="lm_head")], "tied",
+        [helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, ["N", 5])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 5, rows])],
+        [onnx.numpy_helper.from_array(table, "table"), onnx.numpy_helper.from_array(hidden, "hidden")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("rank", [0, 8])
+def test_a_tied_table_stays_one_stored_table_for_lookup_and_head(rank):
+    """The lookup runs GatherBlockQuantized and the head MatMulNBits on the same stored blocks (one copy),
+    and the correction's two factors are stored once; the logits are h @ (Q + A B)^T exactly."""
+    from onnx_lowrank.factorize.int4 import TableBlocksDecomposer, table_blocks
+    from onnx_lowrank.observe.statistics import Tied
+
+    model = tied_lm()
+    (unit,) = [unit for unit in find_layers(import_graph(model).graph, model, ADAPTERS).units if unit.tied]
+    samples = load_calibration({"input_ids": skewed_indices(300)}, model)
+    (tied,) = [s for s in unit_statistics(model, [unit], samples, list(range(len(samples))), "cpu", batch_size=8)]
+    assert isinstance(tied, Tied) and table_blocks(unit, tied, (32, 64, 96)) == [32, 64]
+    found = TableBlocksDecomposer(unit.layers[0], tied, (32,))
+    errors = [option.error for option in found.options()]
+    assert [option.config[0] for option in found.options()] == [0, 8] and errors[1] < errors[0]
+    fit = found.factorize((rank, 32))
+    compressed = build(model, ADAPTERS, {unit.key: fit})
+    onnx.checker.check_model(compressed, full_check=True)
+    ops = [node.op_type for node in compressed.graph.node]
+    assert "GatherBlockQuantized" in ops and "MatMulNBits" in ops
+    uint8 = [t for t in compressed.graph.initializer if t.data_type == onnx.TensorProto.UINT8]
+    assert len(uint8) == 2  # the blocks and their zero points, once for both uses
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    assert sum(int(np.prod(t.dims)) for t in compressed.graph.initializer if t.data_type in floats
+               and 300 in t.dims) == 300 * (rank + 128 // 32)  # scales, the correction's lookup factor: once
+    indices = np.array([[0, 1, 2, 299, 57]], dtype=np.int64)
+    approximation = fit.same_op_weight()[0].T  # (V, d): Q + A B
+    hidden = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "hidden"))
+    expected = (approximation[indices] @ hidden) @ approximation.T
+    np.testing.assert_allclose(run(compressed, {"input_ids": indices})[0], expected, rtol=1e-4, atol=1e-3)
+
+def test_compress_quantizes_a_tied_table_once_within_its_bound(tmp_path: Path):
+    """End to end with --quantize int4: the tied unit is offered blocks, and the written model holds no
+    float copy of the table."""
+    import onnx_lowrank
+
+    model = tied_lm()
+    data = {"input_ids": skewed_indices(300, count=96)}
+    new, report = onnx_lowrank.compress(model, calibration=data, quantize="int4", tolerance=0.05,
+                                        metric="rel-l2", objective="size")
+    row = next(layer for layer in report.layers if layer.node == "embed")
+    assert row.nodes == ["embed", "lm_head"]
+    assert row.quantization is not None and row.bytes_after < 0.3 * row.bytes_before
+    floats = [t for t in new.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and 300 * 128 <= np.prod(t.dims)]
+    assert not floats

@@ -72,6 +72,10 @@ def data_for(name: str) -> dict[str, Path]:
         return {"model": MODELS / "ppocr_cls.onnx", "calib": MODELS / "ppocr_cls_lines.npz",
                 "calib_labels": MODELS / "ppocr_cls_lines_labels.npy", "eval": MODELS / "ppocr_cls_lines_eval.npz",
                 "eval_labels": MODELS / "ppocr_cls_lines_eval_labels.npy"}
+    if name == "smollm2":  # built by tools/build_smollm2.py (torch, transformers, gguf)
+        import build_smollm2
+
+        return build_smollm2.paths()
     import real_models  # needs torch, transformers and the model packages
 
     return real_models.materialize(name)

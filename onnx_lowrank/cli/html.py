@@ -424,7 +424,9 @@ def _search(data: Mapping, trace: Sequence[TracePoint], chosen: Chosen | None, p
         return _note(f"No rank search: the ranks were given{mode}; the result was validated once "
                      f"(see Validation).")
     full = data.get("factorizable_params")
-    out = [plots.trace(trace, chosen, full, data.get("validation"))]
+    # --quantize int4: an option's cost is its bytes in float-weight units, so the trace is error against bytes
+    in_bytes = any(layer.get("quantization") for layer in data.get("layers", []))
+    out = [plots.trace(trace, chosen, full, data.get("validation"), in_bytes)]
     rows = []
     for point in sorted(trace, key=lambda p: (p.params, -(p.samples or 0))):
         rows.append([_int(point.params), _percent(point.params, full) if full else "—",
@@ -670,7 +672,8 @@ class _Plots:
             caption.append(f"Showing the {len(shown)} largest of {len(entries)} layers (by parameters).")
         return "<h3>Chosen ranks</h3>" + self._embed(figure, "chosen rank per layer", " ".join(caption))
 
-    def trace(self, trace: Sequence[TracePoint], chosen: Chosen | None, full: Any, validation: Mapping | None) -> str:
+    def trace(self, trace: Sequence[TracePoint], chosen: Chosen | None, full: Any, validation: Mapping | None,
+              in_bytes: bool = False) -> str:
         relative = _finite(full) and full > 0
         scale = (lambda p: p / full) if relative else (lambda p: p)
         sample_counts = sorted({int(p.samples or 0) for p in trace})
@@ -702,9 +705,11 @@ class _Plots:
                 from matplotlib.ticker import PercentFormatter
 
                 ax.xaxis.set_major_formatter(PercentFormatter(1.0))
-                ax.set_xlabel("parameters of the factorizable layers, as a fraction of their original count")
+                ax.set_xlabel("bytes of the factorizable layers, as a fraction of their float size" if in_bytes
+                              else "parameters of the factorizable layers, as a fraction of their original count")
             else:
-                ax.set_xlabel("parameters of the factorizable layers")
+                ax.set_xlabel("bytes of the factorizable layers, in float weights" if in_bytes
+                              else "parameters of the factorizable layers")
             ax.set_ylabel(f"validated error ({metric})" if metric else "validated error")
             low, high = min(p.error for p in trace), max(p.error for p in trace)
             if _finite(tolerance):

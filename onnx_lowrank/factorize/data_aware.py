@@ -183,17 +183,21 @@ class TiedSVD(FrequencyWeightedSVD):
 
     def __init__(self, layer: Layer, statistics: Tied):
         weight = np.asarray(layer.matrices, dtype=np.float64)  # (1, d, V)
-        width = weight.shape[1]
-        moments = statistics.moments
-        second = linalg.shrunk(moments, np.eye(width)[None]) + outer_products(moments.mean)
-        trace = max(float(np.trace(second[0])), np.finfo(float).tiny)
-        metric = linalg.sqrt_psd(np.eye(width)[None] / (2 * width) + second / (2 * trace))  # A, symmetric
+        metric = tied_metric(statistics.moments, weight.shape[1])[None]  # A, symmetric
         self._unmetric = np.linalg.inv(metric)
         self._fit(metric @ weight, statistics.counts)
 
     def factorize(self, rank: int | tuple[int, ...]) -> Factorization:
         found = super().factorize(rank)  # of A W: (U_r^T A W, U_r)
         return replace(found, second=self._unmetric @ found.second)
+
+
+def tied_metric(moments: Moments, width: int) -> np.ndarray:
+    """A tied table's metric on its d side (d x d, symmetric): A^2 = I / (2 d) + C / (2 tr C), half even
+    (the lookups' error counts in every direction), half the head's input second moment C."""
+    second = linalg.shrunk(moments, np.eye(width)[None]) + outer_products(moments.mean)
+    trace = max(float(np.trace(second[0])), np.finfo(float).tiny)
+    return linalg.sqrt_psd(np.eye(width)[None] / (2 * width) + second / (2 * trace))[0]
 
 
 def row_weights(counts: Counts | None, rows: int) -> np.ndarray:

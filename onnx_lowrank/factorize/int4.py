@@ -14,10 +14,18 @@ correction absorbs what rounding the rest loses (ZeroQuant-V2's LoRC, LQER, QERA
 An embedding table (Gather) is rounded alike, in blocks along each row, stored and looked up as
 GatherBlockQuantized (com.microsoft), its correction a factorized table beside it (Gather on A, MatMul by
 B); its rows are weighted by how often calibration looked them up, as the frequency-weighted SVD weighs
-them (data_aware.row_weights: a share spread over every row, so rows never seen stay bounded).
+them (data_aware.row_weights: a share spread over every row, so rows never seen stay bounded). A table
+that is also the LM head (logits = h @ table^T) stays one stored table: the head runs MatMulNBits on the
+very bytes, scales and zero points GatherBlockQuantized looks up (reshaped to its blocks), its correction
+the lookup's two factors transposed; its fit weighs the d side as the tied SVD does (data_aware.tied_metric).
 
 8-bit blocks ("int8-wo", weight-only: activations stay float) cost twice the bytes of 4-bit ones and lose
 about a sixteenth of their error; they need no correction (offered at rank 0).
+
+Each layer is offered every block size (32, 64, 128: larger blocks store fewer scales and lose more), or
+the one `--block-size` names. Scales and the correction's factors are stored in float16 where every value
+fits its range, and cast to float32 in the graph (ONNX Runtime folds the casts when it loads the model):
+predictions use the stored values.
 
 An option's cost is its bytes in float-weight units (`params`: bytes over the bytes of one weight), so an
 allocation that counts parameters counts bytes; its predicted error is the layer's relative output error
@@ -27,24 +35,27 @@ allocation that counts parameters counts bytes; its predicted error is the layer
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Generic, Self, TypeVar
 
 import numpy as np
+import onnx
 
-from ..graph.layers import Layer
+from ..graph.layers import Layer, Unit
 from ..graph.splice import Emitter
-from ..observe.statistics import Counts, Moments, outer_products
+from ..observe.statistics import Counts, Moments, Tied, outer_products
 from . import linalg
 from .contracts import Option
-from .data_aware import OutputError, row_weights
+from .data_aware import OutputError, row_weights, tied_metric
 
 INT4 = "int4"
 INT8_WEIGHT_ONLY = "int8-wo"
 METHOD_BITS = {INT4: 4, INT8_WEIGHT_ONLY: 8}
 BLOCK_SIZES = (32, 64, 128)
-DEFAULT_BLOCK = 32  # SmolLM2-135M, ONNX Runtime's RTN: perplexity x1.35 at block 32, x1.57 at 128
 CORRECTION_RANKS = (0, 8, 16, 32, 64)  # the correction ranks offered (those below a sixteenth of the smaller side)
+HALF = np.float16  # how scales and correction factors are stored where their values fit
+SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # 4-bit block ranges tried (rounded())
 ALTERNATIONS = 3  # rounding and correction fitted in turn this many times; the best fit is kept
 MS_DOMAIN = "com.microsoft"
 
@@ -70,7 +81,7 @@ class Blocks:
 
     @property
     def nbytes(self) -> int:
-        """What MatMulNBits stores: codes and zero points (two a byte at 4 bits), float32 scales."""
+        """What MatMulNBits stores: codes and zero points (two a byte at 4 bits), scales as stored."""
         return sum(array.nbytes for array in self.packed())
 
     def packed_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -81,30 +92,59 @@ class Blocks:
     def packed(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """MatMulNBits' inputs B (uint8 out x blocks x block * bits / 8), scales (float32 out x blocks) and
         zero points (uint8 out x blocks, at 4 bits out x ceil(blocks / 2)); pairs of 4-bit values low nibble
-        first."""
+        first. Scales are float16 where rounded() could keep them so (cast to float32 in the graph)."""
         codes, zero_points = self.codes.astype(np.uint8), self.zero_points.astype(np.uint8)
+        scales = self.scales if self.scales.dtype == HALF else self.scales.astype(np.float32)
         if self.bits == 8:
-            return codes, self.scales.astype(np.float32), zero_points
+            return codes, scales, zero_points
         weights = codes[:, :, 0::2] | (codes[:, :, 1::2] << 4)
         if zero_points.shape[1] % 2:
             zero_points = np.concatenate([zero_points, np.zeros_like(zero_points[:, :1])], axis=1)
-        return weights, self.scales.astype(np.float32), zero_points[:, 0::2] | (zero_points[:, 1::2] << 4)
+        return weights, scales, zero_points[:, 0::2] | (zero_points[:, 1::2] << 4)
 
 
-def rounded(matrix: np.ndarray, block: int, bits: int = 4) -> Blocks:
-    """Round to nearest in blocks along the input dimension, each block's range mapped onto 0..2^bits - 1."""
+def rounded(matrix: np.ndarray, block: int, bits: int = 4, importance: np.ndarray | None = None,
+            shrinks: Sequence[float] | None = None) -> Blocks:
+    """Round to nearest in blocks along the input dimension, each block's range mapped onto 0..2^bits - 1.
+
+    Activation-aware: each block's range is also tried shrunk by each of `shrinks` (the values beyond it
+    clipped, the rest on a finer grid) and the range that loses least is kept, its loss weighted by
+    `importance` (in,): how much each input column counts, the diagonal of the layer's input second moment
+    (uniform when None). Shrink 1 is plain round-to-nearest, so no block loses more than it would. The
+    scales are stored in float16 when every one is a normal float16, rounded up (the codes then use them).
+    """
     levels = 2**bits - 1
     out, width = matrix.shape
     padded = np.zeros((out, math.ceil(width / block) * block))
     padded[:, :width] = matrix
     blocks = padded.reshape(out, -1, block)
+    weights = np.zeros(padded.shape[1])
+    weights[:width] = 1.0 if importance is None else importance
+    weights = weights.reshape(-1, block)  # (blocks, block)
     low = np.minimum(blocks.min(axis=2), 0.0)
     high = np.maximum(blocks.max(axis=2), 0.0)
+    best_shrink, best_loss = np.ones(low.shape), np.full(low.shape, np.inf)
+    for shrink in (SHRINKS if bits == 4 else (1.0,)) if shrinks is None else shrinks:
+        codes, scales, zero_points = _on_grid(blocks, low * shrink, high * shrink, levels)
+        lost = np.sum(weights * (blocks - (codes - zero_points[:, :, None]) * scales[:, :, None]) ** 2, axis=2)
+        better = lost < best_loss
+        best_shrink, best_loss = np.where(better, shrink, best_shrink), np.where(better, lost, best_loss)
+    codes, scales, zero_points = _on_grid(blocks, low * best_shrink, high * best_shrink, levels, half=True)
+    return Blocks(codes.astype(np.uint8), scales, zero_points.astype(np.uint8), width, bits)
+
+
+def _on_grid(blocks: np.ndarray, low: np.ndarray, high: np.ndarray, levels: int, half: bool = False) -> tuple:
+    """Codes, scales and zero points of blocks (out, blocks, block) on the grid spanning low..high."""
     scales = (high - low) / levels
     scales = np.where(scales > 0, scales, 1.0)
+    if half:
+        stored = scales.astype(HALF)
+        stored = np.where(stored < scales, np.nextafter(stored, HALF(np.inf)), stored)  # rounded up: no code clips
+        if np.all(np.isfinite(stored)) and np.all(stored >= np.finfo(HALF).smallest_normal):
+            scales = stored
     zero_points = np.clip(np.round(-low / scales), 0, levels)
     codes = np.clip(np.round(blocks / scales[:, :, None]) + zero_points[:, :, None], 0, levels)
-    return Blocks(codes.astype(np.uint8), scales, zero_points.astype(np.uint8), width, bits)
+    return codes, scales, zero_points
 
 
 @dataclass(frozen=True)
@@ -129,7 +169,7 @@ class BlockWeights:
         return math.ceil(self.nbytes / self.weight_bytes)
 
     def _correction_bytes(self) -> int:
-        return 4 * (self.correction_out.size + self.correction_in.size)
+        return sum(_stored_factor(factor).nbytes for factor in (self.correction_out, self.correction_in))
 
     def in_float32(self) -> Self:
         return replace(self, correction_out=self.correction_out.astype(np.float32),
@@ -168,13 +208,14 @@ class BlockQuantized(BlockWeights):
         product = emit.variable("product") if gemm else emit.outputs[0]
         quantized = emit.variable("q") if self.rank else product
         emit.node("q", "MatMulNBits", [emit.inputs[0], emit.constant("q_weight", weights),
-                                       emit.constant("q_scales", scales), emit.constant("q_zero_points", zero_points)],
+                                       _in_float(emit, "q_scales", scales),
+                                       emit.constant("q_zero_points", zero_points)],
                   [quantized], {"K": width, "N": out, "bits": self.blocks.bits, "block_size": self.blocks.block},
                   domain=MS_DOMAIN)
         if self.rank:
             middle = emit.variable("c_mid")
-            emit.node("c_in", "MatMul", [emit.inputs[0], emit.weight("c_in", self.correction_in.T)], [middle])
-            _add_correction(emit, quantized, "MatMul", [middle, emit.weight("c_out", self.correction_out.T)],
+            emit.node("c_in", "MatMul", [emit.inputs[0], _factor(emit, "c_in", self.correction_in.T)], [middle])
+            _add_correction(emit, quantized, "MatMul", [middle, _factor(emit, "c_out", self.correction_out.T)],
                             [product])
         if gemm:
             _gemm_tail(layer, emit, product, self.bias_shift)
@@ -221,19 +262,73 @@ class BlockQuantizedTable(BlockWeights):
 
     def emit(self, layer: Layer, emit: Emitter) -> None:
         """GatherBlockQuantized(indices) for Q, plus Gather(A, indices) @ B beside it, added."""
-        data, scales, zero_points = self.blocks.packed_rows()
+        data, scales, zero_points = self._stored(emit)
         quantized = emit.variable("q") if self.rank else emit.outputs[0]
-        emit.node("q", "GatherBlockQuantized", [emit.constant("q_data", data), emit.inputs[1],
-                                                emit.constant("q_scales", scales),
-                                                emit.constant("q_zero_points", zero_points)],
+        emit.node("q", "GatherBlockQuantized", [data, emit.inputs[1], scales, zero_points],
                   [quantized], {"gather_axis": 0, "quantize_axis": 1, "block_size": self.blocks.block,
                                 "bits": self.blocks.bits}, domain=MS_DOMAIN)
         if self.rank:
             looked_up = emit.variable("c_mid")
-            emit.node("c_in", "Gather", [emit.weight("c_in", self.correction_out), emit.inputs[1]], [looked_up],
+            emit.node("c_in", "Gather", [_factor(emit, "c_in", self.correction_out), emit.inputs[1]], [looked_up],
                       {"axis": 0})
-            _add_correction(emit, quantized, "MatMul", [looked_up, emit.weight("c_out", self.correction_in)],
+            _add_correction(emit, quantized, "MatMul", [looked_up, _factor(emit, "c_out", self.correction_in)],
                             emit.outputs)
+
+    def emit_tied_head(self, layer: Layer, emit: Emitter) -> None:
+        """The LM head h @ table^T of the same table: MatMulNBits(h) on the lookup's stored blocks (its
+        bytes reshaped to MatMulNBits' rows x blocks x bytes), plus (h @ B^T) @ A^T, A and B the lookup's
+        correction constants read through Transposes: the model holds one copy of each."""
+        if self.blocks.width % self.blocks.block:
+            raise RuntimeError(f"the tied head {layer.node.name!r} needs whole blocks, not width {self.blocks.width}")
+        data, scales, zero_points = self._stored(emit)
+        rows = self.blocks.codes.shape[0]
+        blocks = emit.variable("q_blocks", dtype=np.uint8)
+        emit.node("q_blocks", "Reshape", [data, emit.constant("q_shape", np.array(
+            [rows, self.blocks.width // self.blocks.block, self.blocks.block * self.blocks.bits // 8], np.int64))],
+                  [blocks])
+        quantized = emit.variable("q") if self.rank else emit.outputs[0]
+        emit.node("q", "MatMulNBits", [emit.inputs[0], blocks, scales, zero_points], [quantized],
+                  {"K": self.blocks.width, "N": rows, "bits": self.blocks.bits, "block_size": self.blocks.block},
+                  domain=MS_DOMAIN)
+        if self.rank:
+            rebuild, lookup, middle = emit.variable("c_in_t"), emit.variable("c_out_t"), emit.variable("c_mid")
+            emit.node("c_in_t", "Transpose", [_factor(emit, "c_out", self.correction_in)], [rebuild], {"perm": [1, 0]})
+            emit.node("c_out_t", "Transpose", [_factor(emit, "c_in", self.correction_out)], [lookup], {"perm": [1, 0]})
+            emit.node("c_in", "MatMul", [emit.inputs[0], rebuild], [middle])
+            _add_correction(emit, quantized, "MatMul", [middle, lookup], emit.outputs)
+
+    def _stored(self, emit: Emitter) -> tuple:
+        """The table's blocks as constants, shared with a tied head: data, scales (as float32), zero points."""
+        data, scales, zero_points = self.blocks.packed_rows()
+        return (emit.constant("q_data", data, shared=True), _in_float(emit, "q_scales", scales),
+                emit.constant("q_zero_points", zero_points, shared=True))
+
+
+def _stored_factor(value: np.ndarray) -> np.ndarray:
+    """A correction factor as stored: float16 when it holds float16 values (the fits round them so)."""
+    half = value.astype(HALF)
+    return half if np.array_equal(half, value) else value.astype(np.float32)
+
+
+def _half_where_it_fits(value: np.ndarray) -> np.ndarray:
+    """A factor rounded to float16 (in float64) when no value overflows it, else as it is."""
+    half = value.astype(HALF)
+    return half.astype(np.float64) if np.all(np.isfinite(half)) else value
+
+
+def _in_float(emit: Emitter, role: str, value: np.ndarray) -> object:
+    """A stored constant (shared with a tied head) as the float32 input a node takes: through a Cast when
+    it is stored in float16."""
+    stored = emit.constant(role, value, shared=True)
+    if value.dtype != HALF:
+        return stored
+    cast = emit.variable(f"{role}_f32", dtype=np.float32)
+    emit.node(f"{role}_cast", "Cast", [stored], [cast], {"to": onnx.TensorProto.FLOAT})
+    return cast
+
+
+def _factor(emit: Emitter, role: str, value: np.ndarray) -> object:
+    return _in_float(emit, role, _stored_factor(value))
 
 
 def _add_correction(emit: Emitter, quantized, op: str, inputs: list, outputs: list) -> None:
@@ -247,41 +342,59 @@ FitT = TypeVar("FitT", BlockQuantized, BlockQuantizedTable)
 
 
 class _BlockOptions(Generic[FitT]):
-    """A unit's int4 options: 4-bit blocks with each correction rank on offer, rounding and correction
-    fitted in turn (ALTERNATIONS times) and the fit with the least predicted error kept."""
+    """A unit's block options: every block size on offer with each correction rank (config: rank, block),
+    rounding and correction fitted in turn (ALTERNATIONS times) and the fit with the least predicted error
+    kept; the correction's factors rounded to float16 where they fit, as they are stored."""
 
-    def __init__(self, matrix: np.ndarray, block: int, weight_bytes: int, method: str):
+    def __init__(self, matrix: np.ndarray, blocks: Sequence[int], weight_bytes: int, method: str):
         self.method = method  # INT4 or INT8_WEIGHT_ONLY
         self._bits = METHOD_BITS[method]
         self._matrix = matrix  # the stored orientation: a MatMul's W (out x in), a table (V x d)
-        self._block = block
+        self._blocks = tuple(blocks)
         self._weight_bytes = weight_bytes
-        self._fits: dict[int, FitT] = {}
+        self._fits: dict[tuple[int, int], FitT] = {}
+        self._plain: dict[int, tuple[Blocks, tuple[np.ndarray, np.ndarray]]] = {}
+        self._importance: np.ndarray | None = None  # per input column: what rounded() weighs its loss by
 
     def options(self) -> list[Option]:
-        return [Option(self.method, (rank,), fit.params, fit.predicted_error) for rank, fit in
-                ((rank, self._fit(rank)) for rank in self.ranks())]
+        return [Option(self.method, config, fit.params, fit.predicted_error) for config, fit in
+                ((config, self._fit(*config)) for config in self.configs())]
 
-    def ranks(self) -> list[int]:
-        """The correction ranks on offer: up to a sixteenth of the smaller side at 4 bits, none at 8."""
+    def configs(self) -> list[tuple[int, int]]:
+        """(correction rank, block) on offer: ranks up to a sixteenth of the smaller side at 4 bits, none
+        at 8; blocks as given, those wider than the row left out unless none is narrower."""
         limit = min(self._matrix.shape) // 16 if self._bits == 4 else 0
-        return [rank for rank in CORRECTION_RANKS if rank <= limit]
+        width = self._matrix.shape[1]
+        blocks = [block for block in self._blocks if block <= width] or [min(self._blocks)]
+        return [(rank, block) for block in blocks for rank in CORRECTION_RANKS if rank <= limit]
 
     def factorize(self, config: tuple[int, ...]) -> FitT:
-        if config[0] not in self.ranks():
-            raise ValueError(f"{self.method} offers correction ranks {self.ranks()}, not {config[0]}")
-        return self._fit(config[0])
+        if tuple(config) not in self.configs():
+            raise ValueError(f"{self.method} offers (correction rank, block) {self.configs()}, not {tuple(config)}")
+        return self._fit(*config)
 
-    def _fit(self, rank: int) -> FitT:
-        if rank not in self._fits:
+    def _fit(self, rank: int, block: int) -> FitT:
+        if (rank, block) not in self._fits:
             matrix, fits = self._matrix, []
-            correction = (np.zeros((matrix.shape[0], 0)), np.zeros((0, matrix.shape[1])))
-            for _ in range(ALTERNATIONS if rank else 1):
-                blocks = rounded(matrix - correction[0] @ correction[1], self._block, self._bits)
-                correction = self._correction(matrix - blocks.dequantized(), rank) if rank else correction
-                fits.append(self._made(rank, blocks, correction))
-            self._fits[rank] = min(fits, key=lambda fit: fit.predicted_error)
-        return self._fits[rank]
+            blocks, first = self._first(block)
+            correction = (first[0][:, :rank], first[1][:rank])  # the correction of plain rounding, at rank r
+            for alternation in range(ALTERNATIONS if rank else 1):
+                if alternation:
+                    blocks = rounded(matrix - correction[0] @ correction[1], block, self._bits, self._importance)
+                    correction = self._correction(matrix - blocks.dequantized(), rank)
+                fits.append(self._made(rank, blocks, (_half_where_it_fits(correction[0]),
+                                                      _half_where_it_fits(correction[1]))))
+            self._fits[rank, block] = min(fits, key=lambda fit: fit.predicted_error)
+        return self._fits[rank, block]
+
+    def _first(self, block: int) -> tuple[Blocks, tuple[np.ndarray, np.ndarray]]:
+        """The weight rounded as it is, and the correction of what that lost at the largest rank on offer:
+        every rank's first alternation takes its leading part (one decomposition for all of them)."""
+        if block not in self._plain:
+            blocks = rounded(self._matrix, block, self._bits, self._importance)
+            largest = max(rank for rank, size in self.configs() if size == block)
+            self._plain[block] = (blocks, self._correction(self._matrix - blocks.dequantized(), largest))
+        return self._plain[block]
 
     def _correction(self, residual: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
@@ -294,17 +407,22 @@ class BlocksDecomposer(_BlockOptions[BlockQuantized]):
     """A MatMul unit's int4 options, the correction fitted against the layer's input statistics (its
     weight alone without them)."""
 
-    def __init__(self, layer: Layer, moments: Moments | None, block: int = DEFAULT_BLOCK, method: str = INT4):
+    def __init__(self, layer: Layer, moments: Moments | None, blocks: Sequence[int] = BLOCK_SIZES,
+                 method: str = INT4):
         weight = np.asarray(layer.matrices, dtype=np.float64)[0]  # (out, in)
-        super().__init__(weight, block, int(np.dtype(layer.weight.storage_dtype).itemsize), method)
+        super().__init__(weight, blocks, int(np.dtype(layer.weight.storage_dtype).itemsize), method)
         self._error = OutputError(layer, moments)
-        self._root = None if moments is None else linalg.sqrt_psd(
-            linalg.shrunk(moments, np.eye(weight.shape[1])[None]) + outer_products(moments.mean))[0]
+        self._root = None
+        if moments is not None:
+            second = linalg.shrunk(moments, np.eye(weight.shape[1])[None]) + outer_products(moments.mean)
+            self._root = linalg.sqrt_psd(second)[0]
+            self._importance = np.diagonal(second[0]).copy()
 
     def _correction(self, residual: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-        """The best rank-r A, B for the residual under the input statistics: A = U_r, B = U_r^T R."""
+        """The best rank-r A, B for the residual under the input statistics: A = U_r, B = U_r^T R (their
+        leading r' columns and rows: the best of rank r')."""
         weighted = residual if self._root is None else residual @ self._root
-        left = np.linalg.svd(weighted, full_matrices=False)[0][:, :rank]
+        left = linalg.top_singular(weighted, rank)[0]
         return left, left.T @ residual
 
     def _made(self, rank: int, blocks: Blocks, correction: tuple[np.ndarray, np.ndarray]) -> BlockQuantized:
@@ -315,31 +433,51 @@ class BlocksDecomposer(_BlockOptions[BlockQuantized]):
 
 class TableBlocksDecomposer(_BlockOptions[BlockQuantizedTable]):
     """An embedding table's int4 options, its rows weighted by their lookup counts (the frequency-weighted
-    SVD's weights; uniform without counts)."""
+    SVD's weights; uniform without counts). A tied table (`statistics` Tied, or None for a tied unit
+    without statistics) also weighs its d side by the tied SVD's metric M: min ||D (R - A B) M||."""
 
-    def __init__(self, layer: Layer, counts: Counts | None, block: int = DEFAULT_BLOCK, method: str = INT4):
+    def __init__(self, layer: Layer, statistics: Counts | Tied | None, blocks: Sequence[int] = BLOCK_SIZES,
+                 method: str = INT4):
         table = np.asarray(layer.matrices, dtype=np.float64)[0].T  # (V, d)
-        super().__init__(table, block, int(np.dtype(layer.weight.storage_dtype).itemsize), method)
+        super().__init__(table, blocks, int(np.dtype(layer.weight.storage_dtype).itemsize), method)
+        counts = statistics.counts if isinstance(statistics, Tied) else statistics
         self._rows = row_weights(counts, table.shape[0])
-        self._total = float(np.sum(self._rows[:, None] * table**2))
+        self._metric = tied_metric(statistics.moments, table.shape[1]) if isinstance(statistics, Tied) else None
+        self._importance = None if self._metric is None else np.sum(self._metric**2, axis=0)
+        self._total = self._weighted(table)
+
+    def _weighted(self, rows: np.ndarray) -> float:
+        """sum_i w_i ||rows_i M||^2 (M = I for a table that is not tied)."""
+        measured = rows if self._metric is None else rows @ self._metric
+        return float(np.sum(self._rows[:, None] * measured**2))
 
     def _correction(self, residual: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-        """The best rank-r A, B for the residual with its rows weighted: min ||D (R - A B)||, D = diag(sqrt w)."""
+        """The best rank-r A, B for the residual with its rows weighted: min ||D (R - A B) M||, D = diag(sqrt w)."""
         roots = np.sqrt(self._rows)[:, None]
-        u, s, vt = np.linalg.svd(roots * residual, full_matrices=False)
-        return u[:, :rank] * s[:rank] / roots, vt[:rank]
+        if self._metric is None:
+            u, s, vt = linalg.top_singular(roots * residual, rank)
+            return u * s / roots, vt
+        u, s, vt = linalg.top_singular(roots * residual @ self._metric, rank)
+        return u * s / roots, np.linalg.solve(self._metric, vt.T).T  # M symmetric
 
     def _made(self, rank: int, blocks: Blocks, correction: tuple[np.ndarray, np.ndarray]) -> BlockQuantizedTable:
         left = self._matrix - blocks.dequantized() - correction[0] @ correction[1]
-        error = float(np.sum(self._rows[:, None] * left**2) / self._total) if self._total > 0 else 0.0
+        error = self._weighted(left) / self._total if self._total > 0 else 0.0
         return BlockQuantizedTable(self.method, rank, blocks, *correction, predicted_error=error,
                                    weight_bytes=self._weight_bytes)
 
 
-def offers_int4_table(layer: Layer, statistics: object) -> bool:
-    """Int4 rows replace a Gather on a float32 table (along its rows) of even width; not a tied table."""
-    return (layer.node.op == "Gather" and not layer.transposed and layer.weight.storage_dtype == np.float32
-            and layer.weight.shape[1] % 2 == 0 and (statistics is None or isinstance(statistics, Counts)))
+def table_blocks(unit: Unit, statistics: object, blocks: Sequence[int]) -> list[int]:
+    """The block sizes on offer to an embedding table (none: not offered): a Gather on a float32 table of
+    even width, rounded along its rows. A tied table's head reads the same blocks, so its width must be
+    whole blocks."""
+    layer = unit.layers[0]
+    if layer.node.op != "Gather" or layer.weight.storage_dtype != np.float32 or layer.weight.shape[1] % 2:
+        return []
+    if unit.tied:
+        fits = statistics is None or isinstance(statistics, Tied)
+        return [block for block in blocks if layer.weight.shape[1] % block == 0] if fits else []
+    return list(blocks) if len(unit.layers) == 1 and (statistics is None or isinstance(statistics, Counts)) else []
 
 
 def offers_int4(layer: Layer, statistics: object, side: str) -> bool:

@@ -26,7 +26,7 @@ from .int4 import (
     BlocksDecomposer,
     TableBlocksDecomposer,
     offers_int4,
-    offers_int4_table,
+    table_blocks,
 )
 from .menu import UnitDecomposers
 from .parking import Shelf
@@ -41,10 +41,11 @@ METHODS = ("auto", "svd", PRUNE, HEADS, *CONV_METHODS)  # pruning and heads: on 
 def decomposers_for(
     units: Sequence[Unit], method: str, statistics: Sequence | None, workers: Workers | None = None,
     eager: bool = False, advance: Callable[[int], None] | None = None, parking: Path | None = None,
-    int4_block: int | None = None,
+    int4_blocks: tuple[int, ...] | None = None,
 ) -> list[UnitDecomposers]:
     """Per unit, its decomposers under `method`; `statistics` per unit from calibration, or None;
-    `int4_block`: MatMul units also offer 4-bit blocks of that size with a low-rank correction (int4.py).
+    `int4_blocks`: MatMul, Gemm and table units also offer 4-bit blocks of those sizes with a low-rank
+    correction, and 8-bit blocks (int4.py).
 
     Each unit is worked on detached from the graph (its weight read then), one after the other inline or
     by `workers` (the same results either way); `eager` also computes every option there, which the rank
@@ -57,7 +58,7 @@ def decomposers_for(
         list(statistics) if statistics is not None else [None] * len(units),
         [unit.layers[0].adapter.observed(unit.layers[0])[1] for unit in units],
         [eager] * len(units),
-        [int4_block] * len(units),
+        [int4_blocks] * len(units),
     )
     found: list[UnitDecomposers] = []
     shelf = Shelf()
@@ -79,13 +80,13 @@ def decomposers_for(
 
 
 def _candidates(unit: Unit, method: str, stats: Moments | Counts | Tied | None, side: str, eager: bool,
-                int4_block: int | None = None) -> UnitDecomposers:
+                int4_blocks: tuple[int, ...] | None = None) -> UnitDecomposers:
     with blas_threads(unit.params):
-        return _decomposers(unit, method, stats, side, eager, int4_block)
+        return _decomposers(unit, method, stats, side, eager, int4_blocks)
 
 
 def _decomposers(unit: Unit, method: str, stats: Moments | Counts | Tied | None, side: str, eager: bool,
-                 int4_block: int | None = None) -> UnitDecomposers:
+                 int4_blocks: tuple[int, ...] | None = None) -> UnitDecomposers:
     layer = unit.layers[0]
     primary: SpectralDecomposer
     if stats is not None:
@@ -110,14 +111,15 @@ def _decomposers(unit: Unit, method: str, stats: Moments | Counts | Tied | None,
         elif method != "auto":
             why = "applies to Conv only" if unit.op != "Conv" else "needs input-patch statistics (patch too large)"
             notes = [f"{method}: {why}"]
-    if int4_block is not None and len(unit.layers) == 1:
+    if int4_blocks:
+        blocks = table_blocks(unit, stats, int4_blocks)
         for method in METHOD_BITS:  # 4-bit with its corrections, 8-bit weight-only: precision mixed per layer
-            if offers_int4(layer, stats, side):
-                others.append(BlocksDecomposer(layer, stats if isinstance(stats, Moments) else None, int4_block,
+            if len(unit.layers) == 1 and offers_int4(layer, stats, side):
+                others.append(BlocksDecomposer(layer, stats if isinstance(stats, Moments) else None, int4_blocks,
                                                method))
-            elif offers_int4_table(layer, stats):
-                others.append(TableBlocksDecomposer(layer, stats if isinstance(stats, Counts) else None, int4_block,
-                                                    method))
+            elif blocks:
+                others.append(TableBlocksDecomposer(layer, stats if isinstance(stats, Counts | Tied) else None,
+                                                    blocks, method))
     candidate = UnitDecomposers(unit, primary, others, include_primary=method in ("auto", "svd"), notes=notes)
     if eager:
         candidate.options()

@@ -98,6 +98,7 @@ class Unit:
 
     key: str
     layers: list[Layer]
+    head_left_out: bool = False  # a detached copy of a tied unit: its head layer was not copied
 
     @property
     def matrices(self) -> np.ndarray:
@@ -106,7 +107,7 @@ class Unit:
     @property
     def tied(self) -> bool:
         """An embedding table that is also the LM head (its second layer sees it transposed)."""
-        return any(layer.transposed for layer in self.layers)
+        return self.head_left_out or any(layer.transposed for layer in self.layers)
 
     @property
     def matrix_shape(self) -> tuple[int, int, int]:
@@ -175,7 +176,8 @@ def detached(unit: Unit) -> Unit:
     value = layer.weight.value
     weight = replace(layer.weight, stored=None, source=None, held=value)
     matrices = layer.viewed(value)
-    return Unit(unit.key, [replace(layer, node=node, weight=weight, view=None, held=matrices, bias=bias, scope=None)])
+    return Unit(unit.key, [replace(layer, node=node, weight=weight, view=None, held=matrices, bias=bias, scope=None)],
+                head_left_out=unit.tied)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, replace
-from typing import Protocol, Self
+from typing import Protocol, Self, runtime_checkable
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -15,6 +15,13 @@ from ..errors import known
 from .bodies import Names, every_graph
 from .layers import BiasSite, Layer
 from .weights import Weight
+
+
+@runtime_checkable
+class TiedHead(Protocol):
+    """Factors of a tied table that emit the LM head's chain themselves (not as a two-factor product)."""
+
+    def emit_tied_head(self, layer: Layer, emit: Emitter) -> None: ...
 
 
 class Factorized(Protocol):
@@ -149,9 +156,18 @@ class Emitter:
         self._splice._constants[key] = tensor
         return tensor
 
-    def constant(self, role: str, value: np.ndarray) -> gs.Constant:
-        """A constant of the chain stored as given (its element type is the one it replaces)."""
-        return gs.Constant(self._splice.unique(f"{self._layer.node.name}.lowrank_{role}"), np.ascontiguousarray(value))
+    def constant(self, role: str, value: np.ndarray, shared: bool = False) -> gs.Constant:
+        """A constant of the chain stored as given (its element type is the one it replaces); `shared`: one
+        constant for every chain of the layer's weight that stores this very value (a tied table's blocks)."""
+        stored = np.ascontiguousarray(value)
+        key = (self._layer.weight.name, hashlib.sha1(stored.tobytes() + repr((stored.shape, stored.dtype)).encode())
+               .hexdigest())
+        if shared and key in self._splice._constants:
+            return self._splice._constants[key]
+        tensor = gs.Constant(self._splice.unique(f"{self._layer.node.name}.lowrank_{role}"), stored)
+        if shared:
+            self._splice._constants[key] = tensor
+        return tensor
 
     def variable(self, role: str, dtype=None) -> gs.Variable:
         """An intermediate tensor of the chain, in the element type the layer computes in unless told."""
@@ -177,6 +193,9 @@ def _rewrite_tied_head(layer: Layer, factors: Factorized, emit: Emitter) -> None
     """The LM head x @ table^T of a tied embedding table whose unit's factors are the lookup's, W = table^T
     ~ second (d x r) @ first (r x V): x @ second @ first, each factor the very constant the Gather's chain
     stores (its V x r lookup, its r x d rebuild), read through a Transpose, so the model holds one copy."""
+    if isinstance(factors, TiedHead):
+        factors.emit_tied_head(layer, emit)
+        return
     if not isinstance(factors, Factorization):
         raise RuntimeError(f"the tied head {layer.node.name!r} takes two-factor products, not {factors.method}")
     rebuild = emit.variable("rebuild_t")

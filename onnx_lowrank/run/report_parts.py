@@ -69,7 +69,7 @@ def layer_reports(
                 weight=unit.weight.name,
                 shape=list(unit.weight.shape),
                 method=factorization.method,
-                rank=config[0] if len(config) == 1 else list(config),
+                rank=config[0] if len(config) == 1 or isinstance(factorization, BlockWeights) else list(config),
                 params_before=unit.params,
                 params_after=factorization.params,
                 predicted_error=factorization.predicted_error,

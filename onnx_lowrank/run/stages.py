@@ -179,7 +179,7 @@ def factorize(run: Run, advance: Advance) -> None:
     with executor_for(settings.jobs, settings.scheduler, factorizable, pays) as workers:
         parking = run.given.work if factorizable >= PARK_MIN_PARAMS else None
         decomposers = decomposers_for(units, settings.method, statistics, workers, eager=run.load.mode.eager,
-                                      advance=advance, parking=parking, int4_block=settings.int4_block)
+                                      advance=advance, parking=parking, int4_blocks=settings.int4_blocks)
     for pairing, pairs in run.load.couplings:
         if pairs and statistics is not None:
             pairing.couple(pairs, decomposers, statistics, parking)
