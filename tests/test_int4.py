@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from conftest import MODELS, make_model, run
 from hypothesis import given, settings
@@ -71,7 +72,7 @@ def test_rounding_keeps_every_weight_within_half_a_step(blocks, out, block, seed
         return lost.reshape(out, blocks, block).sum(axis=2)
 
     assert np.all(block_losses(searched) <= block_losses(rounded(matrix, block, importance=importance,
-                                                                 shrinks=(1.0,))) * (1 + 1e-3) + 1e-12)
+                                                                 shrinks=(1.0,))) + 1e-12)
 
 
 @pytest.mark.parametrize("rank", [0, 8])
@@ -105,7 +106,7 @@ def test_the_correction_lowers_the_output_error_the_data_shows():
     errors = {option.config[0]: option.error for option in found.options()}
     assert list(errors) == [0, 8, 16]  # ranks up to a sixteenth of the smaller side
     assert errors[16] < errors[8] < errors[0]
-    assert errors[16] < 0.6 * errors[0]  # a few strong input directions: the correction takes much of it (0.55)
+    assert errors[16] < 0.7 * errors[0]  # a few strong input directions: the correction takes much of it (GPTQ: 0.62)
     dense = run(model, {"x": data})[0]
     for rank, error in errors.items():
         compressed = build(model, ADAPTERS, {unit.key: found.factorize((rank, 32))})
@@ -144,6 +145,39 @@ def test_quantize_int4_writes_a_smaller_model_within_its_bound(tmp_path: Path):
     written = onnx.load(str(out))
     assert any(node.op_type == "MatMulNBits" for node in written.graph.node)
     assert {entry.domain for entry in written.opset_import} >= {"", "com.microsoft"}
+    # int8 activations were tried: kept only when validated and faster, and the notes say which
+    levels = {attribute.i for node in written.graph.node if node.op_type == "MatMulNBits"
+              for attribute in node.attribute if attribute.name == "accuracy_level"}
+    (note,) = [note for note in report["notes"] if "accuracy_level" in note]
+    assert (levels == {4}) == ("as fast as with float activations" in note)
+    assert levels in (set(), {4}) and ("activations kept float" in note) == (levels == set())
+
+
+def test_accuracy_level_is_set_on_every_matmulnbits_and_nothing_else():
+    from onnx_lowrank.quantize.accuracy_level import quantized_matmuls, with_accuracy_level
+
+    model = matmul(256, 192)
+    unit, found = decomposer(model, None)
+    compressed = build(model, ADAPTERS, {unit.key: found.factorize((8, 32))})
+    variant = with_accuracy_level(compressed)
+    assert quantized_matmuls(variant) == 1 and quantized_matmuls(model) == 0
+    (node,) = [node for node in variant.graph.node if node.op_type == "MatMulNBits"]
+    assert {a.name: a for a in node.attribute}["accuracy_level"].i == 4
+    # its float16 scales become float32 (ONNX Runtime's level 4 misreads scales that are not an initializer)
+    casts = [n for n in compressed.graph.node if n.op_type == "Cast"]
+    assert [n.op_type for n in variant.graph.node if n.op_type != "Cast"] == [
+        n.op_type for n in compressed.graph.node if n.op_type != "Cast"]
+    assert len([n for n in variant.graph.node if n.op_type == "Cast"]) == len(casts) - 1
+    scales = {t.name: t for t in variant.graph.initializer}[node.input[2]]
+    assert scales.data_type == onnx.TensorProto.FLOAT
+    assert len(variant.graph.initializer) == len(compressed.graph.initializer)  # the float16 copy is gone
+    x = correlated(256, count=2)
+    exact = run(compressed, {"x": x})[0]
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        session = ort.InferenceSession(variant.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        assert np.linalg.norm(session.run(None, {"x": x})[0] - exact) < 0.05 * np.linalg.norm(exact)
 
 
 @pytest.mark.parametrize("arguments, words", [
@@ -332,3 +366,27 @@ def test_compress_quantizes_a_tied_table_once_within_its_bound(tmp_path: Path):
     assert row.quantization is not None and row.bytes_after < 0.3 * row.bytes_before
     floats = [t for t in new.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and 300 * 128 <= np.prod(t.dims)]
     assert not floats
+
+
+def test_gptq_is_plain_rounding_without_correlations_and_beats_it_with_them():
+    """GPTQ against uncorrelated inputs of equal power rounds each weight to nearest (nothing to push onto
+    other columns); against correlated inputs its output error E||(W - Q) x||^2 is well below plain
+    rounding's, and the blocks it writes run in MatMulNBits exactly as predicted."""
+    from onnx_lowrank.factorize.gptq import inverse_cholesky
+    from onnx_lowrank.factorize.int4 import rounded_gptq
+
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((48, 200))
+    plain = rounded(weight, 32, shrinks=(1.0,))
+    alone = rounded_gptq(weight, 32, 4, inverse_cholesky(np.eye(200) * 2.0))
+    np.testing.assert_array_equal(alone.codes, plain.codes)
+    x = rng.standard_normal((2000, 12)) @ rng.standard_normal((12, 200)) + 0.1 * rng.standard_normal((2000, 200))
+    second = x.T @ x / len(x)  # a few strong input directions
+    found = rounded_gptq(weight, 32, 4, inverse_cholesky(second))
+
+    def output_error(blocks):
+        lost = weight - blocks.dequantized()
+        return float(np.sum((lost @ second) * lost))
+
+    assert output_error(found) < 0.6 * output_error(plain)
+    assert found.codes.max() <= 15 and found.scales.dtype == np.float16

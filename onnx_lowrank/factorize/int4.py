@@ -35,8 +35,9 @@ allocation that counts parameters counts bytes; its predicted error is the layer
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Generic, Self, TypeVar
 
 import numpy as np
@@ -48,6 +49,7 @@ from ..observe.statistics import Counts, Moments, Tied, outer_products
 from . import linalg
 from .contracts import Option
 from .data_aware import OutputError, row_weights, tied_metric
+from .gptq import gptq, inverse_cholesky, stored_scales
 
 INT4 = "int4"
 INT8_WEIGHT_ONLY = "int8-wo"
@@ -56,7 +58,7 @@ BLOCK_SIZES = (32, 64, 128)
 CORRECTION_RANKS = (0, 8, 16, 32, 64)  # the correction ranks offered (those below a sixteenth of the smaller side)
 HALF = np.float16  # how scales and correction factors are stored where their values fit
 SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # 4-bit block ranges tried (rounded())
-ALTERNATIONS = 3  # rounding and correction fitted in turn this many times; the best fit is kept
+ALTERNATIONS = 3  # rounding and correction fitted in turn this many times (the best rounding); the best fit is kept
 MS_DOMAIN = "com.microsoft"
 
 
@@ -129,19 +131,28 @@ def rounded(matrix: np.ndarray, block: int, bits: int = 4, importance: np.ndarra
         lost = np.sum(weights * (blocks - (codes - zero_points[:, :, None]) * scales[:, :, None]) ** 2, axis=2)
         better = lost < best_loss
         best_shrink, best_loss = np.where(better, shrink, best_shrink), np.where(better, lost, best_loss)
-    codes, scales, zero_points = _on_grid(blocks, low * best_shrink, high * best_shrink, levels, half=True)
-    return Blocks(codes.astype(np.uint8), scales, zero_points.astype(np.uint8), width, bits)
+    codes, scales, zero_points = _on_grid(blocks, low * best_shrink, high * best_shrink, levels)
+    return _blocks(codes, scales, zero_points, width, bits)
 
 
-def _on_grid(blocks: np.ndarray, low: np.ndarray, high: np.ndarray, levels: int, half: bool = False) -> tuple:
-    """Codes, scales and zero points of blocks (out, blocks, block) on the grid spanning low..high."""
-    scales = (high - low) / levels
-    scales = np.where(scales > 0, scales, 1.0)
-    if half:
-        stored = scales.astype(HALF)
-        stored = np.where(stored < scales, np.nextafter(stored, HALF(np.inf)), stored)  # rounded up: no code clips
-        if np.all(np.isfinite(stored)) and np.all(stored >= np.finfo(HALF).smallest_normal):
-            scales = stored
+def rounded_gptq(matrix: np.ndarray, block: int, bits: int, inverse_root: np.ndarray) -> Blocks:
+    """GPTQ's rounding against the input second moment (gptq.py: `inverse_root` from inverse_cholesky), as
+    Blocks."""
+    codes, scales, zero_points = gptq(matrix, inverse_root, block, bits)
+    return _blocks(codes, scales, zero_points, matrix.shape[1], bits)
+
+
+def _blocks(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, width: int, bits: int) -> Blocks:
+    """Blocks with their scales in float16 when every one is one (stored_scales rounded them so)."""
+    half = scales.astype(HALF)
+    return Blocks(codes.astype(np.uint8), half if np.array_equal(half, scales) else scales,
+                  zero_points.astype(np.uint8), width, bits)
+
+
+def _on_grid(blocks: np.ndarray, low: np.ndarray, high: np.ndarray, levels: int) -> tuple:
+    """Codes, scales (as stored: stored_scales) and zero points of blocks (out, blocks, block) on the grid
+    spanning low..high."""
+    scales = stored_scales((high - low) / levels)
     zero_points = np.clip(np.round(-low / scales), 0, levels)
     codes = np.clip(np.round(blocks / scales[:, :, None]) + zero_points[:, :, None], 0, levels)
     return codes, scales, zero_points
@@ -310,8 +321,12 @@ def _stored_factor(value: np.ndarray) -> np.ndarray:
     return half if np.array_equal(half, value) else value.astype(np.float32)
 
 
+def _stored_pair(first: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A correction's factors rounded to float16 (in float64) where no value overflows it, as stored."""
+    return _half_where_it_fits(first), _half_where_it_fits(second)
+
+
 def _half_where_it_fits(value: np.ndarray) -> np.ndarray:
-    """A factor rounded to float16 (in float64) when no value overflows it, else as it is."""
     half = value.astype(HALF)
     return half.astype(np.float64) if np.all(np.isfinite(half)) else value
 
@@ -353,7 +368,7 @@ class _BlockOptions(Generic[FitT]):
         self._blocks = tuple(blocks)
         self._weight_bytes = weight_bytes
         self._fits: dict[tuple[int, int], FitT] = {}
-        self._plain: dict[int, tuple[Blocks, tuple[np.ndarray, np.ndarray]]] = {}
+        self._plain: dict[int, list[tuple[Blocks, tuple[np.ndarray, np.ndarray]]]] = {}
         self._importance: np.ndarray | None = None  # per input column: what rounded() weighs its loss by
 
     def options(self) -> list[Option]:
@@ -374,26 +389,31 @@ class _BlockOptions(Generic[FitT]):
         return self._fit(*config)
 
     def _fit(self, rank: int, block: int) -> FitT:
+        """The fit with the least predicted error over every rounding on offer and every alternation."""
         if (rank, block) not in self._fits:
-            matrix, fits = self._matrix, []
-            blocks, first = self._first(block)
-            correction = (first[0][:, :rank], first[1][:rank])  # the correction of plain rounding, at rank r
-            for alternation in range(ALTERNATIONS if rank else 1):
-                if alternation:
-                    blocks = rounded(matrix - correction[0] @ correction[1], block, self._bits, self._importance)
-                    correction = self._correction(matrix - blocks.dequantized(), rank)
-                fits.append(self._made(rank, blocks, (_half_where_it_fits(correction[0]),
-                                                      _half_where_it_fits(correction[1]))))
-            self._fits[rank, block] = min(fits, key=lambda fit: fit.predicted_error)
+            matrix = self._matrix
+            starts = [(way, self._made(rank, blocks, _stored_pair(first[0][:, :rank], first[1][:rank])))
+                      for way, (blocks, first) in zip(self._roundings(), self._first(block))]
+            way, best = min(starts, key=lambda start: start[1].predicted_error)  # alternate the best rounding
+            fit = best
+            for _ in range(ALTERNATIONS - 1 if rank else 0):
+                blocks = way(matrix - fit.correction_out @ fit.correction_in, block)
+                fit = self._made(rank, blocks, _stored_pair(*self._correction(matrix - blocks.dequantized(), rank)))
+                best = min(best, fit, key=lambda fit: fit.predicted_error)
+            self._fits[rank, block] = best
         return self._fits[rank, block]
 
-    def _first(self, block: int) -> tuple[Blocks, tuple[np.ndarray, np.ndarray]]:
-        """The weight rounded as it is, and the correction of what that lost at the largest rank on offer:
-        every rank's first alternation takes its leading part (one decomposition for all of them)."""
+    def _roundings(self) -> list[Callable[[np.ndarray, int], Blocks]]:
+        """The ways to round on offer: activation-aware round to nearest (rounded)."""
+        return [partial(rounded, bits=self._bits, importance=self._importance)]
+
+    def _first(self, block: int) -> list[tuple[Blocks, tuple[np.ndarray, np.ndarray]]]:
+        """Per rounding, the weight rounded as it is and the correction of what that lost at the largest
+        rank on offer: every rank's first alternation takes its leading part (one decomposition for all)."""
         if block not in self._plain:
-            blocks = rounded(self._matrix, block, self._bits, self._importance)
             largest = max(rank for rank, size in self.configs() if size == block)
-            self._plain[block] = (blocks, self._correction(self._matrix - blocks.dequantized(), largest))
+            self._plain[block] = [(blocks, self._correction(self._matrix - blocks.dequantized(), largest))
+                                  for blocks in (way(self._matrix, block) for way in self._roundings())]
         return self._plain[block]
 
     def _correction(self, residual: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -413,10 +433,21 @@ class BlocksDecomposer(_BlockOptions[BlockQuantized]):
         super().__init__(weight, blocks, int(np.dtype(layer.weight.storage_dtype).itemsize), method)
         self._error = OutputError(layer, moments)
         self._root = None
+        self._second: np.ndarray | None = None
+        self._inverse_root: np.ndarray | None = None  # GPTQ's, made when first asked
         if moments is not None:
-            second = linalg.shrunk(moments, np.eye(weight.shape[1])[None]) + outer_products(moments.mean)
-            self._root = linalg.sqrt_psd(second)[0]
-            self._importance = np.diagonal(second[0]).copy()
+            self._second = (linalg.shrunk(moments, np.eye(weight.shape[1])[None]) + outer_products(moments.mean))[0]
+            self._root = linalg.sqrt_psd(self._second[None])[0]
+            self._importance = np.diagonal(self._second).copy()
+
+    def _roundings(self) -> list[Callable[[np.ndarray, int], Blocks]]:
+        """With input statistics, GPTQ beside activation-aware round to nearest: the better fit is kept."""
+        found = super()._roundings()
+        if self._second is not None:
+            if self._inverse_root is None:
+                self._inverse_root = inverse_cholesky(self._second)
+            found.append(partial(rounded_gptq, bits=self._bits, inverse_root=self._inverse_root))
+        return found
 
     def _correction(self, residual: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
         """The best rank-r A, B for the residual under the input statistics: A = U_r, B = U_r^T R (their
@@ -445,6 +476,17 @@ class TableBlocksDecomposer(_BlockOptions[BlockQuantizedTable]):
         self._metric = tied_metric(statistics.moments, table.shape[1]) if isinstance(statistics, Tied) else None
         self._importance = None if self._metric is None else np.sum(self._metric**2, axis=0)
         self._total = self._weighted(table)
+        self._inverse_root: np.ndarray | None = None  # GPTQ's against M^2 (a tied table), made when first asked
+
+    def _roundings(self) -> list[Callable[[np.ndarray, int], Blocks]]:
+        """A tied table also GPTQ against M^2: each row's error in the metric is what its rounding keeps
+        small (the LM head's input moments weigh half of it)."""
+        found = super()._roundings()
+        if self._metric is not None:
+            if self._inverse_root is None:
+                self._inverse_root = inverse_cholesky(self._metric @ self._metric)
+            found.append(partial(rounded_gptq, bits=self._bits, inverse_root=self._inverse_root))
+        return found
 
     def _weighted(self, rows: np.ndarray) -> float:
         """sum_i w_i ||rows_i M||^2 (M = I for a table that is not tied)."""

@@ -20,7 +20,7 @@ import onnx
 
 from ..check.evaluator import Evaluator
 from ..check.generalization import Decisions, ties_exempt, weighted_fit
-from ..check.latency import end_to_end
+from ..check.latency import end_to_end, time_side_by_side
 from ..check.metrics import DISCRETE, check_metric, compared_outputs
 from ..check.overrides import overrides_for
 from ..choose.allocation import bytes_budget
@@ -44,6 +44,7 @@ from ..observe.calibration import Samples, load_calibration, next_token_targets
 from ..observe.sessions import resolve_provider
 from ..observe.statistics import Tied, unit_statistics
 from ..options import Options
+from ..quantize.accuracy_level import INT8_ACTIVATIONS, quantized_matmuls, with_accuracy_level
 from ..quantize.share import Int8Share
 from ..report import Chosen, Report, SkippedLayer
 from ..system.parallel import executor_for, pool_pays
@@ -175,7 +176,7 @@ def factorize(run: Run, advance: Advance) -> None:
     timing_feed = None if data is None else next(data.samples.batches(data.fit, settings.batch_size))[1]
     factorizable = sum(unit.params for unit in units)
     pays = pool_pays(statistics is None, settings.method != "svd" and any(unit.op == "Conv" for unit in units),
-                     factorizable)
+                     factorizable, blocks=settings.quantize == "int4")
     with executor_for(settings.jobs, settings.scheduler, factorizable, pays) as workers:
         parking = run.given.work if factorizable >= PARK_MIN_PARAMS else None
         decomposers = decomposers_for(units, settings.method, statistics, workers, eager=run.load.mode.eager,
@@ -403,6 +404,33 @@ def fusion_check(run: Run, advance: Advance) -> None:
     report.bytes_after = model_stats(variant).bytes
 
 
+def accuracy_level(run: Run, advance: Advance) -> None:
+    """--quantize int4: MatMulNBits with int8 activations (accuracy_level 4), kept only where the model
+    validates with it and runs faster with it, timed side by side with the model as it was."""
+    report, written = known(run.report, "the report"), run.final
+    search = written.allocated.search
+    if search is None or not quantized_matmuls(written.model):
+        return
+    variant = with_accuracy_level(written.model)
+    validation = search.validation(variant, run.load.tolerance, run.settings.confidence)
+    metric = validation.metric
+    if validation.passed is False:
+        report.notes.append(f"MatMulNBits with int8 activations (accuracy_level {INT8_ACTIVATIONS}) would move {metric} "
+                            f"to {validation.value:.4g}, beyond what the bound allows: activations kept float")
+        return
+    before, after = time_side_by_side([written.model, variant], known(run.menus_offered.timing_feed, "the timing feed"),
+                                      run.calibrated.provider, min_runs=10, min_seconds=2.0, advance=advance)
+    speedup = before.median_ms / after.median_ms
+    if speedup <= 1.0:
+        report.notes.append(f"MatMulNBits with int8 activations (accuracy_level {INT8_ACTIVATIONS}) validated "
+                            f"({metric} {validation.value:.4g}) but ran {speedup:.2f}x as fast: activations kept float")
+        return
+    run.written = replace(written, model=variant, factorized=variant, validation=validation)
+    report.validation = validation
+    report.notes.append(f"MatMulNBits with int8 activations (accuracy_level {INT8_ACTIVATIONS}): {metric} "
+                        f"{validation.value:.4g}, {speedup:.2f}x as fast as with float activations")
+
+
 def latency(run: Run, advance: Advance) -> None:
     """The original and the written model timed end to end, side by side."""
     report, written = known(run.report, "the report"), run.final
@@ -436,6 +464,9 @@ STAGES = (
     Stage("report", report),
     Stage("diagnose", diagnose),
     Stage("fusion check", fusion_check, lambda run: run.final.rewritten),
+    Stage("accuracy level", accuracy_level, lambda run: _has_data(run) and run.settings.quantize == "int4"
+          and run.final.rewritten and run.load.tolerance is not None,  # size mode: the least error is the aim
+          ("accuracy level timing", lambda run: None)),
     Stage("latency", latency, lambda run: _has_data(run) and (run.final.rewritten or run.int8 is not None),
           ("end-to-end latency", lambda run: None)),
 )

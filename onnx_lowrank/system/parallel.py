@@ -87,10 +87,11 @@ class Workers:
             each(pending.popleft().result())
 
 
-def pool_pays(weight_only: bool, conv_methods: bool, params: int) -> bool:
+def pool_pays(weight_only: bool, conv_methods: bool, params: int, blocks: bool = False) -> bool:
     """Whether a default pool (no `jobs`) pays: for Conv decompositions (Tucker, CP: many small
-    single-threaded calls), and for weight-only SVDs of the largest models alone (SVD_POOL_MIN_PARAMS)."""
-    return conv_methods or (weight_only and params >= SVD_POOL_MIN_PARAMS)
+    single-threaded calls), for int4 blocks (`blocks`: GPTQ rounds column by column, single-threaded),
+    and for weight-only SVDs of the largest models alone (SVD_POOL_MIN_PARAMS)."""
+    return conv_methods or blocks or (weight_only and params >= SVD_POOL_MIN_PARAMS)
 
 
 @contextlib.contextmanager
