@@ -275,6 +275,7 @@ class Report:
     chosen: Chosen | None = None  # the search's chosen point
     objective: str = "size"  # size | latency | balanced: what the ranks were chosen for
     latency: Latency | None = None  # end to end, original vs compressed, side by side
+    decode_latency: Latency | None = field(default=None, metadata=OMITTED)  # a KV-cache decoder: one token, batch 1
     fusions: Fusions | None = None  # ONNX Runtime's fused nodes, original vs factorized
     notes: list[str] = field(default_factory=list)  # what the user should know about how it was done
     quantization: Quantization | None = None  # --quantize: what factorization and quantization each gave
@@ -296,6 +297,7 @@ class Report:
             "trace": [TracePoint(**point) for point in data.get("trace", [])],
             "chosen": _built(Chosen, data.get("chosen")),
             "latency": _built(Latency, data.get("latency")),
+            "decode_latency": _built(Latency, data.get("decode_latency")),
             "fusions": _built(Fusions, data.get("fusions")),
             "quantization": _built(Quantization, data.get("quantization")),
         })

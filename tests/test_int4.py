@@ -390,3 +390,14 @@ def test_gptq_is_plain_rounding_without_correlations_and_beats_it_with_them():
 
     assert output_error(found) < 0.6 * output_error(plain)
     assert found.codes.max() <= 15 and found.scales.dtype == np.float16
+
+
+def test_model_parameters_count_four_bit_weights_as_weights():
+    """The model table counts a 4-bit weight as one parameter (two a stored byte), not half of one."""
+    from onnx_lowrank.graph.model_io import model_stats
+
+    model = matmul(256, 192)
+    unit, found = decomposer(model, None)
+    compressed = build(model, ADAPTERS, {unit.key: found.factorize((0, 32))})
+    blocks = 256 // 32
+    assert model_stats(compressed).params == 256 * 192 + 192 * blocks + 192 * blocks  # weights, scales, zero points

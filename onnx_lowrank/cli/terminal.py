@@ -506,13 +506,13 @@ def _quantization_lines(q: Quantization, report: Report) -> list[str]:
     return lines
 
 
-def _latency_line(timing: Latency) -> str:
+def _latency_line(timing: Latency, what: str = "latency") -> str:
     """End to end, the original against the compressed model; or why onnxruntime could not time them."""
     setup = f"{timing.provider}, batch {timing.batch}"
     original, compressed, speedup = timing.original, timing.compressed, timing.speedup
     if original is None or compressed is None or speedup is None:  # the timing failed: only `error`
-        return f"latency ({setup}): {timing.error or 'not measured'}"
-    return (f"latency ({setup}, median of {timing.runs} runs): "
+        return f"{what} ({setup}): {timing.error or 'not measured'}"
+    return (f"{what} ({setup}, median of {timing.runs} runs): "
             f"{original.median_ms:.3g} ms → {compressed.median_ms:.3g} ms ({speedup:.2f}x)")
 
 
@@ -537,7 +537,9 @@ def print_compress(report: Report, console: Console, written: bool, output=None)
         for line in _quantization_lines(report.quantization, report):
             console.print(Text(line))
     if report.latency is not None:
-        console.print(Text(_latency_line(report.latency)))
+        console.print(Text(_latency_line(report.latency, "prompt latency" if report.decode_latency else "latency")))
+    if report.decode_latency is not None:
+        console.print(Text(_latency_line(report.decode_latency, "one-token decode latency")))
     if report.fusions is not None and report.fusions.unfactorized_match is False:
         # a completed fusion check (unfactorized_match set) lists its changes
         lost = ", ".join(entry.kind for entry in report.fusions.lost or [] if entry.layer is None)

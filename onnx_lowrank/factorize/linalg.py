@@ -5,7 +5,6 @@ float64 on (G, m, n) stacks of matrices, never failing on rank-deficient statist
 from __future__ import annotations
 
 import numpy as np
-import scipy.linalg
 
 from ..observe.statistics import Moments
 
@@ -49,23 +48,20 @@ def left_singular(matrices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return s**2, u
 
 
-def top_singular(matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The leading `rank` singular triplets (U_r, s_r, V_r^T) of a 2-D matrix, by eigh of the Gram matrix of
-    its smaller side for those eigenvalues only: an order faster than a full SVD when the rank is small.
-    Vectors of zero singular values come out zero."""
-    wide = matrix.shape[0] <= matrix.shape[1]
-    gram = matrix @ matrix.T if wide else matrix.T @ matrix
-    size = gram.shape[0]
-    keep = min(rank, size)
-    if keep == 0:
+def top_singular(matrix: np.ndarray, rank: int, iterations: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The leading `rank` singular triplets (U_r, s_r, V_r^T) of a 2-D matrix by randomized subspace
+    iteration (Halko, Martinsson and Tropp, 2011: a fixed-seed sketch of rank + 8 columns, `iterations`
+    power steps): a few matrix products instead of a full decomposition, for the small ranks of a
+    correction (a 1536 x 576 matrix at rank 32: milliseconds against 70 ms for eigh of its Gram matrix)."""
+    width = min(rank + 8, *matrix.shape)
+    if rank == 0:
         return np.zeros((matrix.shape[0], 0)), np.zeros(0), np.zeros((0, matrix.shape[1]))
-    values, vectors = scipy.linalg.eigh(gram, subset_by_index=[size - keep, size - 1])
-    values, vectors = values[::-1], vectors[:, ::-1]
-    singular = np.sqrt(np.maximum(values, 0.0))
-    inverse = np.divide(1.0, singular, out=np.zeros_like(singular), where=singular > singular[0] * 1e-12)
-    if wide:
-        return vectors, singular, (matrix.T @ vectors * inverse).T
-    return matrix @ vectors * inverse, singular, vectors.T
+    sketch = matrix @ np.random.default_rng(0).standard_normal((matrix.shape[1], width))
+    for _ in range(iterations):
+        sketch = matrix @ (matrix.T @ np.linalg.qr(sketch)[0])
+    basis = np.linalg.qr(sketch)[0]
+    left, singular, right = np.linalg.svd(basis.T @ matrix, full_matrices=False)
+    return (basis @ left)[:, :rank], singular[:rank], right[:rank]
 
 
 def energy(weight: np.ndarray, moment: np.ndarray) -> float:

@@ -352,16 +352,38 @@ class ModelStats:
 
 def model_stats(model: onnx.ModelProto) -> ModelStats:
     """Parameters (elements of floating-point and 8-bit integer constants: quantized weights, with their
-    zero points), serialized bytes and node counts by op type, bodies of If / Loop / Scan included."""
+    zero points; two a byte where MatMulNBits or GatherBlockQuantized read them as 4-bit), serialized bytes
+    and node counts by op type, bodies of If / Loop / Scan included."""
+    nibbles = _four_bit_constants(model)
     params = 0
     for tensor in _constant_tensors(model.graph):
         if tensor.data_type in FLOAT_TYPES or tensor.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
-            count = 1
+            count = 2 if tensor.name in nibbles else 1
             for dim in tensor.dims:
                 count *= dim
             params += count
     ops = collections.Counter(node.op_type for graph in all_graphs(model.graph) for node in graph.node)
     return ModelStats(params=params, bytes=_serialized_bytes(model), ops=dict(sorted(ops.items())))
+
+
+FOUR_BIT_INPUTS = {"MatMulNBits": (1, 3), "GatherBlockQuantized": (0, 3)}  # weights and zero points
+
+
+def _four_bit_constants(model: onnx.ModelProto) -> set[str]:
+    """Names of the constants com.microsoft's block-quantized ops read as packed 4-bit values (a Reshape
+    between them and the op, as a tied head reads its table's, included)."""
+    graphs = list(all_graphs(model.graph))
+    reshaped = {node.output[0]: node.input[0] for graph in graphs for node in graph.node if node.op_type == "Reshape"}
+    found = set()
+    for graph in graphs:
+        for node in graph.node:
+            bits = next((attribute.i for attribute in node.attribute if attribute.name == "bits"), 4)
+            if node.domain == "com.microsoft" and node.op_type in FOUR_BIT_INPUTS and bits == 4:
+                for position in FOUR_BIT_INPUTS[node.op_type]:
+                    if position < len(node.input) and node.input[position]:
+                        name = node.input[position]
+                        found.add(reshaped.get(name, name))
+    return found
 
 
 def _constant_tensors(graph: onnx.GraphProto):

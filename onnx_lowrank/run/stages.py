@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import onnx
 
+from ..check.decoding import decode_feed
 from ..check.evaluator import Evaluator
 from ..check.generalization import Decisions, ties_exempt, weighted_fit
 from ..check.latency import end_to_end, time_side_by_side
@@ -434,9 +435,12 @@ def accuracy_level(run: Run, advance: Advance) -> None:
 def latency(run: Run, advance: Advance) -> None:
     """The original and the written model timed end to end, side by side."""
     report, written = known(run.report, "the report"), run.final
-    report.latency = end_to_end(run.original, written.factorized, written.model if run.int8 is not None else None,
-                                known(run.menus_offered.timing_feed, "the timing feed"), run.calibrated.provider,
-                                advance)
+    feed, provider = known(run.menus_offered.timing_feed, "the timing feed"), run.calibrated.provider
+    quantized = written.model if run.int8 is not None else None
+    report.latency = end_to_end(run.original, written.factorized, quantized, feed, provider, advance)
+    decode = decode_feed(run.original, feed, provider)
+    if decode is not None:  # a decoder: the step its users wait for, one token against the cache
+        report.decode_latency = end_to_end(run.original, written.factorized, quantized, decode, provider, advance)
     slower = clearly_slower(report.latency)
     if slower:
         report.notes.append(slower)
