@@ -145,12 +145,24 @@ def test_quantize_int4_writes_a_smaller_model_within_its_bound(tmp_path: Path):
     written = onnx.load(str(out))
     assert any(node.op_type == "MatMulNBits" for node in written.graph.node)
     assert {entry.domain for entry in written.opset_import} >= {"", "com.microsoft"}
-    # int8 activations were tried: kept only when validated and faster, and the notes say which
+    assert not [note for note in report["notes"] if "accuracy_level" in note]  # --objective size: not tried
+
+
+def test_int8_activations_are_kept_only_where_validated_and_faster():
+    """Under the balanced objective MatMulNBits' accuracy_level 4 is tried on the written model: kept only
+    when it validates and runs faster, and the notes say which; the report's bytes are the file's."""
+    import onnx_lowrank
+    from onnx_lowrank.graph.model_io import model_stats
+
+    written, report = onnx_lowrank.compress(onnx.load(MODELS / "minilm_l2.onnx"), calibration=MODELS / "minilm_sentences.npz",
+                                            metric="cosine", tolerance=0.02, quantize="int4", batch_size=32)
     levels = {attribute.i for node in written.graph.node if node.op_type == "MatMulNBits"
               for attribute in node.attribute if attribute.name == "accuracy_level"}
-    (note,) = [note for note in report["notes"] if "accuracy_level" in note]
+    (note,) = [note for note in report.notes if "accuracy_level" in note]
     assert (levels == {4}) == ("as fast as with float activations" in note)
     assert levels in (set(), {4}) and ("activations kept float" in note) == (levels == set())
+    assert report.validation is not None and report.validation.passed
+    assert report.bytes_after == model_stats(written).bytes
 
 
 def test_accuracy_level_is_set_on_every_matmulnbits_and_nothing_else():

@@ -46,13 +46,15 @@ from bench_quantized import QUANTIZED_CASES, quantized
 import onnx_lowrank
 from onnx_lowrank.check.evaluator import Evaluator
 from onnx_lowrank.errors import BoundNotMet
-from onnx_lowrank.observe.calibration import load_calibration
+from onnx_lowrank.observe.calibration import load_calibration, next_token_targets
 
 
 def eval_error(original: onnx.ModelProto, model: onnx.ModelProto, paths, case: Case, provider: str) -> float:
     """The case's metric for `model` against the original on the evaluation set."""
     labels = paths.get("eval_labels")
     samples = load_calibration(paths["eval"], original, labels)
+    if case.metric == "perplexity":  # a language model's text is its own label
+        samples.labels = next_token_targets(samples)
     evaluator = Evaluator(original, samples, provider, case.batch_size)
     return evaluator.error(model, range(len(samples)), case.metric, samples.labels)
 

@@ -57,16 +57,19 @@ def onnxruntime_weight_only(original: onnx.ModelProto, config) -> onnx.ModelProt
     return quantizer.model.model
 
 
-def nncf_int4(original: onnx.ModelProto, calibration: Path) -> onnx.ModelProto:
-    """NNCF's ONNX weight compression with its data-aware methods, fed the calibration samples one by one."""
+def nncf_int4(original: onnx.ModelProto, calibration: Path | None) -> onnx.ModelProto:
+    """NNCF's ONNX weight compression (int4 symmetric, group 64), with its data-aware methods (AWQ, scale
+    estimation) fed the calibration samples one by one, or data-free without `calibration`."""
     import nncf
 
+    copy = onnx.ModelProto()
+    copy.CopyFrom(original)
+    if calibration is None:
+        return nncf.compress_weights(copy, mode=nncf.CompressWeightsMode.INT4_SYM, group_size=64)
     stored = np.load(calibration)
     names = [value.name for value in original.graph.input]
     count = len(stored[names[0]])
     samples = [{name: stored[name][i : i + 1] for name in names} for i in range(count)]
-    copy = onnx.ModelProto()
-    copy.CopyFrom(original)
     return nncf.compress_weights(copy, mode=nncf.CompressWeightsMode.INT4_SYM, group_size=64,
                                  dataset=nncf.Dataset(samples), awq=True, scale_estimation=True)
 
@@ -104,6 +107,7 @@ def quantized(name: str, provider: str, eval_error) -> list[dict]:
         ways.update({way: lambda config=config: (onnxruntime_weight_only(original, config()), {})
                      for way, config in peers().items()})
         ways["NNCF int4 sym, group 64, AWQ + scale estimation"] = lambda: (nncf_int4(original, paths["calib"]), {})
+        ways["NNCF int4 sym, group 64, data-free"] = lambda: (nncf_int4(original, None), {})
         for way, make in ways.items():
             started = time.perf_counter()
             try:

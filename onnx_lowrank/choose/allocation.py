@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import InputError
+from ..factorize.coupled import COUPLED_METHODS
 from ..factorize.menu import Choice, UnitDecomposers, coupled, known_coupling, pareto_front
 from ..graph.layers import Unit
 
@@ -106,6 +107,38 @@ def frontier(
         seen.setdefault(tuple(o.best(10**log_lambda) for o in options), None)
     seen.setdefault(tuple(len(o.params) - 1 for o in options), None)
     return [_scattered(options, list(picks), len(candidates)) for picks in seen]
+
+
+def descent(candidates: Sequence[UnitDecomposers], start: Sequence[Choice], weights: Sequence[float],
+            pinned: set[int], floor: float, steps: int = 400) -> list[list[Choice]]:
+    """Allocations below `start`, in growing size: from `start`, one unit at a time moves to a smaller option
+    of its own, the move that adds the least weighted predicted error per parameter saved, while the total
+    stays above `floor`; the units at `pinned` positions keep their choice, and no unit takes a pruning (its
+    producers would have to follow). Dense where the frontier's
+    lambda steps are coarse: a search near one allocation."""
+    current, found = list(start), []
+    sizes = [c.unit.params if ch.option is None else ch.option.params for c, ch in zip(candidates, current)]
+    total = sum(sizes)
+    for _ in range(steps):
+        move = None
+        for position, candidate in enumerate(candidates):
+            if position in pinned:
+                continue
+            chosen = current[position].option
+            error = 0.0 if chosen is None else chosen.error
+            for option in candidate.options():
+                saved = sizes[position] - option.params
+                if saved > 0 and option.method not in COUPLED_METHODS:  # a pruning moves its producers too
+                    cost = weights[position] * (option.error - error) / saved
+                    if move is None or cost < move[0]:
+                        move = (cost, position, option)
+        if move is None or total - (sizes[move[1]] - move[2].params) < floor:
+            break
+        _, position, option = move
+        total -= sizes[position] - option.params
+        sizes[position], current[position] = option.params, Choice(option)
+        found.append(list(current))
+    return found[::-1]
 
 
 LOG_LAMBDA = (-6.0, 24.0)  # errors are relative (<= 1 per unit), params counts below 1e12

@@ -12,21 +12,25 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import onnx
 
 from ..check.evaluator import Evaluator, Trial
 from ..check.metrics import DISCRETE
 from ..check.validation import validation
 from ..errors import known
-from ..factorize.menu import Choice, UnitDecomposers
+from ..factorize.coupled import COUPLED_METHODS
+from ..factorize.menu import Choice, UnitDecomposers, coupled, known_coupling
 from ..factorize.rewrite import build, factors_of
 from ..graph.splice import Factorized
 from ..report import Validation
-from .allocation import by_budget, frontier
+from .allocation import by_budget, descent, frontier
 from .bisection import Edge, predicted_errors
 
 SIZE_MODE_EXPONENTS = (0.0, 0.5, 1.0)
 FRONTIERS_MIN_SAMPLES = 32  # held-out samples compact mode needs to search the other weightings' frontiers
+PIN_SHARE = 0.5  # of the size between the chosen and the nearest failing allocation, one unit's step (_pinned_below)
+PIN_FLOOR = 0.8  # of the chosen allocation's size: how far below it the pinned search looks
 # too (Silero VAD, 9 held out: the smallest of three searches reached rel-l2 0.085 on new recordings, the
 # first one's stays within 0.075)
 
@@ -120,7 +124,36 @@ class Search:
                                            sensitivity)
             if found is not None:
                 best = found
-        return best
+        return None if best is None else self._pinned_below(best, tolerance, sensitivity)
+
+    def _pinned_below(self, best: Trial, tolerance: float, sensitivity: Sequence[float]) -> Trial:
+        """Where one unit's step holds most of the size between `best` and the failing allocation nearest
+        below it (a large table changing precision: its predicted error misled), the frontiers passed that
+        step only with every other unit as it was. That unit is pinned at its choice in `best` and the
+        others searched again below `best` (a few validations); the smaller passing allocation is kept."""
+        failed = [trial for trial in self.trials if trial.params < best.params and trial.value > tolerance]
+        if not failed:
+            return best
+        nearest = max(failed, key=lambda trial: trial.params)
+        position = {id(candidate): unit for unit, candidate in enumerate(self.candidates)}
+        kept = set()  # a pair pruned in `best`: its units keep their choices together
+        for consumer in coupled(self.candidates):
+            option = best.choices[position[id(consumer)]].option
+            if option is not None and option.method in COUPLED_METHODS:
+                kept |= {position[id(member)] for member in (consumer, *known_coupling(consumer).producers)}
+        steps = [-np.inf if unit in kept else self._size(best.choices, unit) - self._size(nearest.choices, unit)
+                 for unit in range(len(best.choices))]
+        unit = int(np.argmax(steps))
+        if steps[unit] <= PIN_SHARE * (best.params - nearest.params) or best.choices[unit].option is None:
+            return best
+        weights = [max(value, 1e-12) for value in sensitivity]
+        steps_down = descent(self.candidates, best.choices, weights, kept | {unit}, PIN_FLOOR * best.params)
+        found = self._smallest_passing([*steps_down, best.choices], tolerance, best.params, sensitivity)
+        return best if found is None else found
+
+    def _size(self, choices: Sequence[Choice], unit: int) -> int:
+        option = choices[unit].option
+        return self.candidates[unit].unit.params if option is None else option.params
 
     def _weightings(self, sensitivity: Sequence[float]) -> list[tuple[list[UnitDecomposers], list[float]]]:
         """The candidate views and weights (sensitivity**a) of the allocations compact mode and size mode

@@ -407,7 +407,9 @@ def fusion_check(run: Run, advance: Advance) -> None:
 
 def accuracy_level(run: Run, advance: Advance) -> None:
     """--quantize int4: MatMulNBits with int8 activations (accuracy_level 4), kept only where the model
-    validates with it and runs faster with it, timed side by side with the model as it was."""
+    validates with it and runs faster with it, timed side by side with the model as it was. Its scales are
+    then stored in float32 (quantize/accuracy_level.py): more bytes for speed, which --objective size
+    does not trade."""
     report, written = known(run.report, "the report"), run.final
     search = written.allocated.search
     if search is None or not quantized_matmuls(written.model):
@@ -428,6 +430,7 @@ def accuracy_level(run: Run, advance: Advance) -> None:
         return
     run.written = replace(written, model=variant, factorized=variant, validation=validation)
     report.validation = validation
+    report.bytes_after = model_stats(variant).bytes
     report.notes.append(f"MatMulNBits with int8 activations (accuracy_level {INT8_ACTIVATIONS}): {metric} "
                         f"{validation.value:.4g}, {speedup:.2f}x as fast as with float activations")
 
@@ -468,8 +471,9 @@ STAGES = (
     Stage("report", report),
     Stage("diagnose", diagnose),
     Stage("fusion check", fusion_check, lambda run: run.final.rewritten),
+    # not in size mode (the least error is its aim) nor under --objective size: its scales cost bytes
     Stage("accuracy level", accuracy_level, lambda run: _has_data(run) and run.settings.quantize == "int4"
-          and run.final.rewritten and run.load.tolerance is not None,  # size mode: the least error is the aim
+          and run.final.rewritten and run.load.tolerance is not None and run.settings.objective != "size",
           ("accuracy level timing", lambda run: None)),
     Stage("latency", latency, lambda run: _has_data(run) and (run.final.rewritten or run.int8 is not None),
           ("end-to-end latency", lambda run: None)),
