@@ -413,3 +413,20 @@ def test_model_parameters_count_four_bit_weights_as_weights():
     compressed = build(model, ADAPTERS, {unit.key: found.factorize((0, 32))})
     blocks = 256 // 32
     assert model_stats(compressed).params == 256 * 192 + 192 * blocks + 192 * blocks  # weights, scales, zero points
+
+
+def test_int4_with_a_cache_and_workers_writes_the_same_model(tmp_path: Path, monkeypatch):
+    """--cache (statistics and sensitivities stored, then read back) and --jobs 2 (the menus fitted in worker
+    processes, the pool's size threshold lowered for this small model) write the model an inline, uncached
+    run writes."""
+    import onnx_lowrank
+    from onnx_lowrank.system import parallel
+
+    model = tied_lm()
+    data = {"input_ids": skewed_indices(300, count=96)}
+    common = dict(calibration=data, quantize="int4", tolerance=0.05, metric="rel-l2", objective="size")
+    plain, _ = onnx_lowrank.compress(model, **common)
+    monkeypatch.setattr(parallel, "POOL_MIN_PARAMS", 0)
+    for _ in range(2):  # the first fills the cache, the second reads it
+        cached, report = onnx_lowrank.compress(model, cache=tmp_path / "cache", jobs=2, **common)
+        assert cached.graph == plain.graph and report.validation.passed

@@ -148,3 +148,24 @@ def test_target_params_clearly_missed_says_why_in_the_notes():
     assert "least predicted error" in notes[0] and "--objective size offers every rank" in notes[0]
     _, close = onnx_lowrank.compress(digits, target_params=0.8, objective="size")
     assert not any("--target-params" in note for note in close.notes)
+
+
+def test_descent_steps_below_an_allocation_one_move_at_a_time_keeping_the_pinned_unit():
+    """descent: allocations below a start, in growing size, each one move from the next (every unit's choice
+    the same or smaller), the pinned unit untouched, none below the floor; the cheapest moves first."""
+    from onnx_lowrank.choose.allocation import descent
+    from onnx_lowrank.factorize.menu import Choice
+
+    units = [make_unit(f"u{i}", decaying(30, 24, 0.8 + 0.05 * i, i)[None]) for i in range(4)]
+    candidates = candidates_of(units)
+    start = [Choice(c.options()[-1]) for c in candidates]  # each at its largest shrinking rank
+    size = sum(ch.option.params for ch in start)
+    found = descent(candidates, start, [1.0] * 4, {2}, 0.6 * size)
+    assert found, "no move below the start"
+    sizes = [sum(ch.option.params for ch in choices) for choices in found]
+    assert sizes == sorted(sizes) and sizes[-1] < size and sizes[0] >= 0.6 * size
+    for choices in found:
+        assert choices[2] == start[2]
+        assert all(ch.option.params <= first.option.params for ch, first in zip(choices, start))
+    moved = [sum(a != b for a, b in zip(one, two)) for one, two in zip(found[1:], found[:-1])]
+    assert set(moved) <= {1}

@@ -304,3 +304,31 @@ def test_layers_of_a_branch_the_timing_feed_skips_are_timed_on_a_feed_that_takes
     assert {names[key] for key in alone} == {"then_gemm"}
     assert {names[key]: activation.shape for key, activation in found.items()} == {
         "then_gemm": (4, DIM), "else_matmul": (4, DIM)}
+
+
+@pytest.mark.parametrize("build, make", [
+    (if_model, lambda count, seed: feeds(count, seed, lambda i: i % 2 == 0)),
+    (lambda: loop_model(False), lambda count, seed: feeds(count, seed)),
+])
+def test_int4_blocks_run_inside_bodies_within_the_bound(build, make):
+    """--quantize int4 inside If and Loop bodies: the MatMulNBits chain lives in the body, its opset is
+    declared, and the model validates within the bound on new inputs."""
+    original = build()
+    model, report = onnx_lowrank.compress(original, calibration=make(32, 1), tolerance=0.05, objective="size",
+                                          quantize="int4", block_size=32)
+    onnx.checker.check_model(model, full_check=True)
+    assert report.validation.passed and report.layers
+    assert all(layer.quantization for layer in report.layers)  # 4- or 8-bit blocks (24 wide: no rank pays)
+    inside = [node for graph in every_body(model.graph) for node in graph.node if node.op_type == "MatMulNBits"]
+    assert len(inside) == len(report.layers) and not [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    for feed in make(4, 99):
+        reference = run(original, feed)[0]
+        assert np.linalg.norm(run(model, feed)[0] - reference) <= 0.2 * np.linalg.norm(reference)
+
+
+def every_body(graph: onnx.GraphProto):
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield attribute.g
+                yield from every_body(attribute.g)
