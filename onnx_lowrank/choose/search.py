@@ -114,7 +114,8 @@ class Search:
         frontier only the allocations smaller than the best so far are (one validation when its largest such
         allocation fails): the predictions can mislead, and on PP-OCR another weighting is smaller. With
         fewer than FRONTIERS_MIN_SAMPLES held-out samples only the first: the smallest of several searches
-        on a few samples is the luckiest.
+        on a few samples is the luckiest. With as many, a unit whose step broke the edge is then pinned and
+        the others searched below (_pinned_below).
         """
         self.steered = self.indices[::2]
         best: Trial | None = None
@@ -124,7 +125,9 @@ class Search:
                                            sensitivity)
             if found is not None:
                 best = found
-        return None if best is None else self._pinned_below(best, tolerance, sensitivity)
+        if best is None or len(self.indices) < FRONTIERS_MIN_SAMPLES:  # few samples: more searches, luckier picks
+            return best
+        return self._pinned_below(best, tolerance, sensitivity)
 
     def _pinned_below(self, best: Trial, tolerance: float, sensitivity: Sequence[float]) -> Trial:
         """Where one unit's step holds most of the size between `best` and the failing allocation nearest
