@@ -430,3 +430,17 @@ def test_int4_with_a_cache_and_workers_writes_the_same_model(tmp_path: Path, mon
     for _ in range(2):  # the first fills the cache, the second reads it
         cached, report = onnx_lowrank.compress(model, cache=tmp_path / "cache", jobs=2, **common)
         assert cached.graph == plain.graph and report.validation.passed
+
+
+def test_a_model_with_nothing_to_quantize_says_so_and_is_factorized_as_today():
+    import onnx_lowrank
+
+    rng = np.random.default_rng(0)
+    kernel = (rng.standard_normal((16, 3)) @ rng.standard_normal((3, 72))).reshape(16, 8, 3, 3).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])
+    model = make_model([node], {"x": [1, 8, 10, 10]}, ["y"], {"w": kernel})
+    data = {"x": rng.standard_normal((40, 8, 10, 10)).astype(np.float32)}
+    _, report = onnx_lowrank.compress(model, calibration=data, quantize="int4", tolerance=0.2, objective="size")
+    _, plain = onnx_lowrank.compress(model, calibration=data, tolerance=0.2, objective="size")
+    assert any("no layer takes 4- or 8-bit blocks" in note for note in report.notes)
+    assert [(l.method, l.rank) for l in report.layers] == [(l.method, l.rank) for l in plain.layers]

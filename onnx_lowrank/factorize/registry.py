@@ -113,13 +113,13 @@ def _decomposers(unit: Unit, method: str, stats: Moments | Counts | Tied | None,
             notes = [f"{method}: {why}"]
     if int4_blocks:
         blocks = table_blocks(unit, stats, int4_blocks)
-        for method in METHOD_BITS:  # 4-bit with its corrections, 8-bit weight-only: precision mixed per layer
+        for scheme in METHOD_BITS:  # 4-bit with its corrections, 8-bit weight-only: precision mixed per layer
             if len(unit.layers) == 1 and offers_int4(layer, stats, side):
                 others.append(BlocksDecomposer(layer, stats if isinstance(stats, Moments) else None, int4_blocks,
-                                               method))
+                                               scheme))
             elif blocks:
                 others.append(TableBlocksDecomposer(layer, stats if isinstance(stats, Counts | Tied) else None,
-                                                    blocks, method))
+                                                    blocks, scheme))
     candidate = UnitDecomposers(unit, primary, others, include_primary=method in ("auto", "svd"), notes=notes)
     if eager:
         candidate.options()

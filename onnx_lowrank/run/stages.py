@@ -29,6 +29,7 @@ from ..choose.objective import restrict as restrict_to_objective
 from ..choose.search import Search
 from ..choose.sensitivity import positions_of, positions_seen, probe_count, sensitivities
 from ..errors import BoundNotMet, InputError, known
+from ..factorize.int4 import METHOD_BITS
 from ..factorize.menu import coupled
 from ..factorize.parking import PARK_MIN_PARAMS
 from ..factorize.refit import Refit
@@ -185,7 +186,11 @@ def factorize(run: Run, advance: Advance) -> None:
     for pairing, pairs in run.load.couplings:
         if pairs and statistics is not None:
             pairing.couple(pairs, decomposers, statistics, parking)
-    run.offered = Offered(decomposers, timing_feed)
+    blocks = any(option.method in METHOD_BITS for c in decomposers for option in c.options())
+    unused = () if settings.int4_blocks is None or blocks else (
+        "--quantize int4: no layer takes 4- or 8-bit blocks here (they apply to MatMul x @ W and Gemm with a "
+        "constant 2-D float32 weight, and to embedding tables): the model is factorized only",)
+    run.offered = Offered(decomposers, timing_feed, notes=unused)
 
 
 def latency_gate(run: Run, advance: Advance) -> None:
@@ -196,7 +201,7 @@ def latency_gate(run: Run, advance: Advance) -> None:
         settings.objective, offered.decomposers, data.provider if data else "cpu", run.original, run.load.adapters,
         offered.timing_feed, run.load.cache.file("latency.json"), advance, others,
     )
-    run.offered = replace(offered, timer=timer, notes=tuple(notes))
+    run.offered = replace(offered, timer=timer, notes=offered.notes + tuple(notes))
 
 
 def sensitivity(run: Run, advance: Advance) -> None:
