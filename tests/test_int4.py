@@ -225,22 +225,30 @@ def skewed_indices(rows: int, count: int = 64, seed: int = 2) -> np.ndarray:
     return np.minimum(rng.zipf(1.3, size=(count, 5)) - 1, rows - 1).astype(np.int64)
 
 
-@pytest.mark.parametrize("rank", [0, 8])
-def test_gather_block_quantized_looks_up_the_table_we_predict_with(rank):
-    """An embedding table as ONNX Runtime's GatherBlockQuantized on our packed rows (and the correction's
-    Gather and MatMul): every looked-up row is the row of Q + A B."""
-    model = lookup()
-    (unit,) = find_layers(import_graph(model).graph, model, ADAPTERS).units
-    samples = load_calibration({"idx": skewed_indices(400)}, model)
-    (counts,) = unit_statistics(model, [unit], samples, list(range(len(samples))), "cpu", batch_size=8)
+def table_fit(model: onnx.ModelProto, feed: dict, rank: int):
+    """The model's table unit (its tied unit, if any), its statistics from `feed`, its 4-bit fit at block 32
+    and `rank` (block 32 offers ranks 0 and 8, the correction lowering the error), and the model rebuilt with it."""
     from onnx_lowrank.factorize.int4 import TableBlocksDecomposer
 
-    found = TableBlocksDecomposer(unit.layers[0], counts, (32,))
+    units = find_layers(import_graph(model).graph, model, ADAPTERS).units
+    (unit,) = [unit for unit in units if unit.tied] or [unit for unit in units if unit.op == "Gather"]
+    samples = load_calibration(feed, model)
+    (statistics,) = unit_statistics(model, [unit], samples, list(range(len(samples))), "cpu", batch_size=8)
+    found = TableBlocksDecomposer(unit.layers[0], statistics, (32,))
     errors = [option.error for option in found.options()]
     assert [option.config[0] for option in found.options()] == [0, 8] and errors[1] < errors[0]
     fit = found.factorize((rank, 32))
     compressed = build(model, ADAPTERS, {unit.key: fit})
     onnx.checker.check_model(compressed, full_check=True)
+    return unit, statistics, fit, compressed
+
+
+@pytest.mark.parametrize("rank", [0, 8])
+def test_gather_block_quantized_looks_up_the_table_we_predict_with(rank):
+    """An embedding table as ONNX Runtime's GatherBlockQuantized on our packed rows (and the correction's
+    Gather and MatMul): every looked-up row is the row of Q + A B."""
+    model = lookup()
+    _, _, fit, compressed = table_fit(model, {"idx": skewed_indices(400)}, rank)
     assert any(node.op_type == "GatherBlockQuantized" for node in compressed.graph.node)
     indices = np.array([[0, 1, 2, 399, 57]], dtype=np.int64)
     expected = fit.same_op_weight()[0].T[indices].astype(np.float32)
@@ -341,20 +349,12 @@ def tied_lm(rows: int = 300, width: int = 128, seed: int = 0) -> onnx.ModelProto
 def test_a_tied_table_stays_one_stored_table_for_lookup_and_head(rank):
     """The lookup runs GatherBlockQuantized and the head MatMulNBits on the same stored blocks (one copy),
     and the correction's two factors are stored once; the logits are h @ (Q + A B)^T exactly."""
-    from onnx_lowrank.factorize.int4 import TableBlocksDecomposer, table_blocks
+    from onnx_lowrank.factorize.int4 import table_blocks
     from onnx_lowrank.observe.statistics import Tied
 
     model = tied_lm()
-    (unit,) = [unit for unit in find_layers(import_graph(model).graph, model, ADAPTERS).units if unit.tied]
-    samples = load_calibration({"input_ids": skewed_indices(300)}, model)
-    (tied,) = [s for s in unit_statistics(model, [unit], samples, list(range(len(samples))), "cpu", batch_size=8)]
+    unit, tied, fit, compressed = table_fit(model, {"input_ids": skewed_indices(300)}, rank)
     assert isinstance(tied, Tied) and table_blocks(unit, tied, (32, 64, 96)) == [32, 64]
-    found = TableBlocksDecomposer(unit.layers[0], tied, (32,))
-    errors = [option.error for option in found.options()]
-    assert [option.config[0] for option in found.options()] == [0, 8] and errors[1] < errors[0]
-    fit = found.factorize((rank, 32))
-    compressed = build(model, ADAPTERS, {unit.key: fit})
-    onnx.checker.check_model(compressed, full_check=True)
     ops = [node.op_type for node in compressed.graph.node]
     assert "GatherBlockQuantized" in ops and "MatMulNBits" in ops
     uint8 = [t for t in compressed.graph.initializer if t.data_type == onnx.TensorProto.UINT8]

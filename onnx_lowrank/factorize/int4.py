@@ -112,8 +112,8 @@ def rounded(matrix: np.ndarray, block: int, bits: int = 4, importance: np.ndarra
     Activation-aware: each block's range is also tried shrunk by each of `shrinks` (the values beyond it
     clipped, the rest on a finer grid) and the range that loses least is kept, its loss weighted by
     `importance` (in,): how much each input column counts, the diagonal of the layer's input second moment
-    (uniform when None). Shrink 1 is plain round-to-nearest, so no block loses more than it would. The
-    scales are stored in float16 when every one is a normal float16, rounded up (the codes then use them).
+    (uniform when None). Shrink 1 is plain round-to-nearest, so no block loses more than it would. Every
+    candidate uses its scales as stored (gptq.stored_scales: float16 where that fits, rounded up).
     """
     levels = 2**bits - 1
     out, width = matrix.shape
@@ -143,10 +143,8 @@ def rounded_gptq(matrix: np.ndarray, block: int, bits: int, inverse_root: np.nda
 
 
 def _blocks(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, width: int, bits: int) -> Blocks:
-    """Blocks with their scales in float16 when every one is one (stored_scales rounded them so)."""
-    half = scales.astype(HALF)
-    return Blocks(codes.astype(np.uint8), half if np.array_equal(half, scales) else scales,
-                  zero_points.astype(np.uint8), width, bits)
+    """Blocks with their scales as stored (stored_scales rounded them to float16 or float32 values)."""
+    return Blocks(codes.astype(np.uint8), _as_stored(scales), zero_points.astype(np.uint8), width, bits)
 
 
 def _on_grid(blocks: np.ndarray, low: np.ndarray, high: np.ndarray, levels: int) -> tuple:
@@ -180,7 +178,7 @@ class BlockWeights:
         return math.ceil(self.nbytes / self.weight_bytes)
 
     def _correction_bytes(self) -> int:
-        return sum(_stored_factor(factor).nbytes for factor in (self.correction_out, self.correction_in))
+        return sum(_as_stored(factor).nbytes for factor in (self.correction_out, self.correction_in))
 
     def in_float32(self) -> Self:
         return replace(self, correction_out=self.correction_out.astype(np.float32),
@@ -315,8 +313,9 @@ class BlockQuantizedTable(BlockWeights):
                 emit.constant("q_zero_points", zero_points, shared=True))
 
 
-def _stored_factor(value: np.ndarray) -> np.ndarray:
-    """A correction factor as stored: float16 when it holds float16 values (the fits round them so)."""
+def _as_stored(value: np.ndarray) -> np.ndarray:
+    """Scales or a correction factor as stored: float16 when every value is one (the fits round them so),
+    else float32."""
     half = value.astype(HALF)
     return half if np.array_equal(half, value) else value.astype(np.float32)
 
@@ -343,7 +342,7 @@ def _in_float(emit: Emitter, role: str, value: np.ndarray) -> object:
 
 
 def _factor(emit: Emitter, role: str, value: np.ndarray) -> object:
-    return _in_float(emit, role, _stored_factor(value))
+    return _in_float(emit, role, _as_stored(value))
 
 
 def _add_correction(emit: Emitter, quantized, op: str, inputs: list, outputs: list) -> None:
