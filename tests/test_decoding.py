@@ -10,6 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnx_lowrank
 from onnx_lowrank.check.decoding import cache_pairs, decode_feed
+from onnx_lowrank.errors import BoundNotMet
 
 VOCABULARY, WIDTH = 64, 64
 
@@ -68,3 +69,21 @@ def test_a_compressed_decoder_reports_prompt_and_decode_latency():
     decode = report.decode_latency
     assert decode is not None and decode.batch == 1 and decode.speedup is not None
     assert report.to_dict()["decode_latency"]["batch"] == 1
+
+
+def test_balanced_times_a_decoders_layers_at_one_token_decode():
+    """Under --objective balanced a decoder's layers are timed at its one-token decode (batch 1: what it is
+    used for) and the report says so; another model's are timed at its prompts, with no such note."""
+    def timed_at_decode(model):
+        try:
+            _, report = onnx_lowrank.compress(model, calibration=prompts(), quantize="int4", tolerance=0.05,
+                                              metric="rel-l2", objective="balanced")
+        except BoundNotMet as refused:  # 64 x 64 layers: the timings may leave no option within the bound
+            report = refused.report
+        return any("timed at one-token decode (batch 1)" in note for note in report.notes)
+
+    assert timed_at_decode(tiny_decoder())
+    encoder = tiny_decoder()
+    encoder.graph.output[1].name = "keys_out"
+    encoder.graph.node[-1].output[0] = "keys_out"
+    assert not timed_at_decode(encoder)

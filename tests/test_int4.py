@@ -23,6 +23,7 @@ from onnx_lowrank.factorize.rewrite import build
 from onnx_lowrank.graph.adapters import ADAPTERS
 from onnx_lowrank.graph.imported import import_graph
 from onnx_lowrank.graph.layers import find_layers
+from onnx_lowrank.graph.splice import Factorization
 from onnx_lowrank.observe.calibration import load_calibration
 from onnx_lowrank.observe.statistics import unit_statistics
 
@@ -317,7 +318,7 @@ def test_eight_bit_blocks_run_exactly_and_lose_far_less():
     x = correlated(200, count=1)
     expected = x @ fit.same_op_weight()[0].T.astype(np.float32) + numpy_bias(model)
     np.testing.assert_allclose(run(compressed, {"x": x})[0], expected, rtol=2e-4, atol=2e-4)
-    assert fit.scheme == {"bits": 8, "block": 64, "correction_rank": 0}
+    assert fit.scheme == {"bits": 8, "block": 64, "correction_rank": 0, "correction_bits": 0}
     assert 1.8 < fit.nbytes / four.factorize((0, 64)).nbytes < 2.2
     assert eight.options()[0].error < 0.02 * BlocksDecomposer(unit.layers[0], None, (64,)).options()[0].error
 
@@ -448,3 +449,94 @@ def test_a_model_with_nothing_to_quantize_says_so_and_is_factorized_as_today():
     _, plain = onnx_lowrank.compress(model, calibration=data, tolerance=0.2, objective="size")
     assert any("no layer takes 4- or 8-bit blocks" in note for note in report.notes)
     assert [(l.method, l.rank) for l in report.layers] == [(l.method, l.rank) for l in plain.layers]
+
+
+def gemm(trans_b: int, alpha: float, beta: float, seed: int = 3) -> onnx.ModelProto:
+    """y = alpha * x @ B' + beta * c, B' (200 x 150) stored transposed or not."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((150, 200))
+    initializers = {"b": (w if trans_b else w.T).astype(np.float32), "c": rng.standard_normal(150).astype(np.float32)}
+    node = helper.make_node("Gemm", ["x", "b", "c"], ["y"], name="gemm", alpha=alpha, beta=beta, transB=trans_b)
+    return make_model([node], {"x": ["N", 200]}, ["y"], initializers)
+
+
+def layer_statistics(model: onnx.ModelProto, feed: dict):
+    (unit,) = find_layers(import_graph(model).graph, model, ADAPTERS).units
+    samples = load_calibration(feed, model)
+    (moments,) = unit_statistics(model, [unit], samples, list(range(len(samples))), "cpu", batch_size=8)
+    return unit, moments
+
+
+def chain_output(model: onnx.ModelProto, unit, fit, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What ONNX Runtime computes with the fit spliced in, and the same layer given the predicted weight."""
+    compressed = build(model, ADAPTERS, {unit.key: fit})
+    onnx.checker.check_model(compressed, full_check=True)
+    assert any(node.op_type == "MatMulNBits" for node in compressed.graph.node)
+    weight = fit.same_op_weight()
+    same_op = build(model, ADAPTERS, {unit.key: Factorization("svd", 1, weight, np.eye(weight.shape[1])[None], 0.0,
+                                                                fit.bias_shift)})
+    return run(compressed, {"x": x})[0], run(same_op, {"x": x})[0]
+
+
+@pytest.mark.parametrize("model", [matmul(200, 150, bias=True), gemm(1, 0.5, 2.0), gemm(0, 1.5, 1.0)],
+                         ids=["matmul+bias", "gemm-transB", "gemm"])
+def test_eight_bit_corrections_run_exactly_and_cost_fewer_bytes(model):
+    """A correction in 8-bit blocks (config (rank, block, 8)): two MatMulNBits beside the 4-bit one compute
+    exactly the weight predicted with, for fewer bytes than its float16 factors and no more error (A is
+    refitted to the rounded B)."""
+    feed = correlated(200)[:, 0] if model.graph.node[0].op_type == "Gemm" else correlated(200)
+    unit, moments = layer_statistics(model, {"x": feed})
+    found = BlocksDecomposer(unit.layers[0], moments, (32,))
+    assert (8, 32, 8) in found.configs() and (0, 32, 8) not in found.configs()
+    for rank in (8,):
+        half, eight = found.factorize((rank, 32)), found.factorize((rank, 32, 8))
+        assert eight.scheme == {"bits": 4, "block": 32, "correction_rank": rank, "correction_bits": 8}
+        assert eight.nbytes == eight.blocks.nbytes + sum(blocks.nbytes for blocks in eight.correction_blocks)
+        assert eight.nbytes < half.nbytes and eight.predicted_error <= 1.01 * half.predicted_error
+        written, expected = chain_output(model, unit, eight, feed[:4])
+        np.testing.assert_allclose(written, expected, rtol=3e-4, atol=3e-4)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("model", [matmul(512, 320, bias=True), gemm(1, 0.5, 2.0)], ids=["matmul+bias", "gemm"])
+def test_svd_with_quantized_factors_runs_exactly_and_keeps_its_prediction(model, bits):
+    """The SVD with both factors in blocks ("svd-int4", "svd-int8"): two MatMulNBits compute exactly the
+    weight predicted with; its error falls with the rank and is no better on the calibration data than
+    predicted; A refitted to the rounded B loses less than the SVD's two factors rounded as they are."""
+    from onnx_lowrank.factorize.data_aware import OutputError
+    from onnx_lowrank.factorize.quantized_svd import FactorsDecomposer
+
+    width = model.graph.initializer[0].dims[0] if model.graph.node[0].op_type == "MatMul" else 200
+    data = correlated(width)
+    feed = data[:, 0] if model.graph.node[0].op_type == "Gemm" else data
+    unit, moments = layer_statistics(model, {"x": feed})
+    found = FactorsDecomposer(unit.layers[0], moments, (32,), bits)
+    options = found.options()
+    assert [option.method for option in options] == [f"svd-int{bits}"] * len(options) and options
+    assert [option.error for option in options] == sorted((option.error for option in options), reverse=True)
+    dense = run(model, {"x": feed})[0]
+    error = OutputError(unit.layers[0], moments)
+    for option in options:
+        fit = found.factorize(option.config)
+        assert fit.params == -(-fit.nbytes // 4) and fit.inner.bits == fit.outer.bits == bits
+        written, expected = chain_output(model, unit, fit, feed)
+        np.testing.assert_allclose(written, expected, rtol=3e-4, atol=3e-3)
+        measured = float(np.sum((written - dense) ** 2) / np.sum(dense**2))
+        assert measured <= 1.05 * option.error  # the prediction's shrunk statistics err on the safe side
+        rank = option.config[0]
+        u, s, vt = np.linalg.svd(unit.matrices[0].astype(np.float64), full_matrices=False)
+        basis, left = rounded(fit.inner.dequantized(), 32, bits), rounded(u[:, :rank] * s[:rank], 16, bits)
+        unrefitted = error((rounded(left.dequantized(), 16, bits).dequantized() @ basis.dequantized())[None])
+        assert option.error < unrefitted
+
+
+def test_tile_multiples_read_a_block_options_rank_not_its_block_or_bits():
+    """--objective balanced keeps ranks that are multiples of the provider's tile: a block option's rank is
+    its correction's (or its factors'), not its block size or its correction's bits."""
+    from onnx_lowrank.factorize.contracts import Option
+    from onnx_lowrank.factorize.menu import rank_multiple
+
+    tiles = rank_multiple(16)
+    assert tiles(Option("int4", (16, 32, 8), 1, 0.1)) and tiles(Option("int4", (0, 128), 1, 0.1))
+    assert not tiles(Option("int4", (8, 32), 1, 0.1)) and tiles(Option("svd-int4", (48, 32), 1, 0.1))
+    assert tiles(Option("tucker2", (16, 32), 1, 0.1)) and not tiles(Option("tucker2", (16, 24), 1, 0.1))

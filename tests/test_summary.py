@@ -417,3 +417,23 @@ def test_pruned_and_head_rows_say_what_their_cells_mean():
     legend = " ".join(text.split())
     assert "ch: the channels a pruned pair keeps between its layers" in legend
     assert "—: not timed: pruned channels and heads run the same ops on smaller matrices" in legend
+
+
+def test_block_layers_show_their_block_and_an_eight_bit_correction():
+    """The layer table names a block layer's scheme: int4 with its block size, `c8` where its correction is
+    stored in 8 bits, svd-int4 at its rank; the legend explains both."""
+    def block(node, method, rank, correction_bits):
+        return layer(node, rank=rank, method=method, bytes_before=589_824, bytes_after=90_000,
+                     quantization={"bits": 4, "block": 32, "correction_rank": 0 if method != "int4" else rank,
+                                   "correction_bits": correction_bits})
+
+    text = render(print_compress, report([block("/a/MatMul", "int4", 16, 8), block("/b/MatMul", "int4", 16, 16),
+                                          block("/c/MatMul", "svd-int4", 48, 0)]), written=True)
+    rows: dict[str, str] = {}
+    for line in text.splitlines():  # each layer's row: the first line naming it
+        for name in ("/a/MatMul", "/b/MatMul", "/c/MatMul"):
+            if name in line:
+                rows.setdefault(name, line)
+    assert "int4 b32 c8" in rows["/a/MatMul"] and "c8" not in rows["/b/MatMul"] and "int4 b32" in rows["/b/MatMul"]
+    assert "svd-int4 b32" in rows["/c/MatMul"] and " 48 " in rows["/c/MatMul"]
+    assert "c8: its factors in 8 bits" in " ".join(text.split()) and "svd-int4 / svd-int8" in text

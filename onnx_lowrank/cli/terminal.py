@@ -338,11 +338,12 @@ def _layers_table(report: Report) -> tuple[_Table, list[str]]:
         legend.append("ch: the channels a pruned pair keeps between its layers (no rank: columns and rows are cut)")
     if any(layer.quantization for layer in layers):
         legend.append("int4 / int8-wo bN: 4- / 8-bit blocks of N weights (MatMulNBits, GatherBlockQuantized), its "
-                      "rank the low-rank correction's, its params its bytes in weights")
+                      "rank the low-rank correction's (c8: its factors in 8 bits), its params its bytes in weights; "
+                      "svd-int4 / svd-int8: the SVD at its rank, both factors in 4- / 8-bit blocks")
     rows = []
     for layer, params in zip(layers, _params(layers)):
         rank = str(layer.rank) if isinstance(layer.rank, int) else "x".join(map(str, layer.rank))
-        method = f"{layer.method} b{layer.quantization['block']}" if layer.quantization else layer.method
+        method = _scheme(layer.method, layer.quantization)
         cells = ["x".join(map(str, layer.shape)), method, f"{rank} ch" if layer.method == "prune" else rank,
                  params, _g(layer.predicted_error)]
         if sensitive:
@@ -609,3 +610,11 @@ def print_inspect(rows: Sequence[LayerInfo], console: Console, data: bool = Fals
         f"{len(factorizable)} factorizable layers ({sum(r.params or 0 for r in factorizable):,} parameters), "
         f"{len(rows) - len(factorizable)} skipped."
     ))
+
+
+def _scheme(method: str, quantization: dict[str, int] | None) -> str:
+    """A layer's method, with its blocks' size and (c8) a correction stored in 8 bits."""
+    if not quantization:
+        return method
+    eight = " c8" if quantization.get("correction_bits") == 8 else ""
+    return f"{method} b{quantization['block']}{eight}"

@@ -22,6 +22,10 @@ the lookup's two factors transposed; its fit weighs the d side as the tied SVD d
 8-bit blocks ("int8-wo", weight-only: activations stay float) cost twice the bytes of 4-bit ones and lose
 about a sixteenth of their error; they need no correction (offered at rank 0).
 
+A MatMul's correction is also offered in 8 bits (config (rank, block, 8)): B rounded to 8-bit blocks along
+the input, A refitted to the rounded B under the input statistics, then rounded along r, the two run as
+MatMulNBits; about half the bytes of the float16 factors, at a predicted error the menu weighs as any other.
+
 Each layer is offered every block size (32, 64, 128: larger blocks store fewer scales and lose more), or
 the one `--block-size` names. Scales and the correction's factors are stored in float16 where every value
 fits its range, and cast to float32 in the graph (ONNX Runtime folds the casts when it loads the model):
@@ -56,6 +60,8 @@ INT8_WEIGHT_ONLY = "int8-wo"
 METHOD_BITS = {INT4: 4, INT8_WEIGHT_ONLY: 8}
 BLOCK_SIZES = (32, 64, 128)
 CORRECTION_RANKS = (0, 8, 16, 32, 64)  # the correction ranks offered (those below a sixteenth of the smaller side)
+CORRECTION_BITS = 8  # a MatMul's correction is also offered with its factors in 8-bit blocks
+CORRECTION_BLOCK = 32  # of those blocks along the input (along r: 16 for ranks up to 16)
 HALF = np.float16  # how scales and correction factors are stored where their values fit
 SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # 4-bit block ranges tried (rounded())
 ALTERNATIONS = 3  # rounding and correction fitted in turn this many times (the best rounding); the best fit is kept
@@ -142,6 +148,11 @@ def rounded_gptq(matrix: np.ndarray, block: int, bits: int, inverse_root: np.nda
     return _blocks(codes, scales, zero_points, matrix.shape[1], bits)
 
 
+def rank_block(rank: int) -> int:
+    """The blocks along r of an 8-bit factor (MatMulNBits' smallest block is 16)."""
+    return 16 if rank <= 16 else CORRECTION_BLOCK
+
+
 def _blocks(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, width: int, bits: int) -> Blocks:
     """Blocks with their scales as stored (stored_scales rounded them to float16 or float32 values)."""
     return Blocks(codes.astype(np.uint8), _as_stored(scales), zero_points.astype(np.uint8), width, bits)
@@ -167,6 +178,7 @@ class BlockWeights:
     correction_in: np.ndarray  # B
     predicted_error: float
     weight_bytes: int = 4  # bytes of one weight of the layer (the unit `params` counts in)
+    correction_blocks: tuple[Blocks, Blocks] | None = None  # B, A in 8-bit blocks where stored so (A, B: their values)
 
     @property
     def nbytes(self) -> int:
@@ -178,6 +190,8 @@ class BlockWeights:
         return math.ceil(self.nbytes / self.weight_bytes)
 
     def _correction_bytes(self) -> int:
+        if self.correction_blocks is not None:
+            return sum(blocks.nbytes for blocks in self.correction_blocks)
         return sum(_as_stored(factor).nbytes for factor in (self.correction_out, self.correction_in))
 
     def in_float32(self) -> Self:
@@ -186,8 +200,10 @@ class BlockWeights:
 
     @property
     def scheme(self) -> dict[str, int]:
-        """What the report says of it: bits, block and the correction's rank."""
-        return {"bits": self.blocks.bits, "block": self.blocks.block, "correction_rank": self.rank}
+        """What the report says of it: bits, block, the correction's rank and its factors' bits."""
+        bits = 0 if not self.rank else CORRECTION_BITS if self.correction_blocks is not None else 16
+        return {"bits": self.blocks.bits, "block": self.blocks.block, "correction_rank": self.rank,
+                "correction_bits": bits}
 
     def _approximation(self) -> np.ndarray:
         """Q + A B in the stored orientation."""
@@ -211,26 +227,45 @@ class BlockQuantized(BlockWeights):
     def emit(self, layer: Layer, emit: Emitter) -> None:
         """MatMulNBits(x) for Q, plus (x B^T) A^T beside it, added; the bias shift moves into the bias site
         (a Gemm's alpha, beta and C then applied as it did)."""
-        weights, scales, zero_points = self.blocks.packed()
-        out, width = self.correction_out.shape[0], self.blocks.width
-        gemm = layer.node.op == "Gemm"
-        product = emit.variable("product") if gemm else emit.outputs[0]
+        product = product_output(layer, emit)
         quantized = emit.variable("q") if self.rank else product
-        emit.node("q", "MatMulNBits", [emit.inputs[0], emit.constant("q_weight", weights),
-                                       _in_float(emit, "q_scales", scales),
-                                       emit.constant("q_zero_points", zero_points)],
-                  [quantized], {"K": width, "N": out, "bits": self.blocks.bits, "block_size": self.blocks.block},
-                  domain=MS_DOMAIN)
-        if self.rank:
+        matmul_nbits(emit, "q", emit.inputs[0], self.blocks, quantized)
+        if self.rank and self.correction_blocks is not None:
+            inner, outer = self.correction_blocks
+            middle, corrected = emit.variable("c_mid"), emit.variable("c")
+            matmul_nbits(emit, "c_in", emit.inputs[0], inner, middle)
+            matmul_nbits(emit, "c_out", middle, outer, corrected)
+            emit.node("add", "Add", [quantized, corrected], [product])
+        elif self.rank:
             middle = emit.variable("c_mid")
             emit.node("c_in", "MatMul", [emit.inputs[0], _factor(emit, "c_in", self.correction_in.T)], [middle])
             _add_correction(emit, quantized, "MatMul", [middle, _factor(emit, "c_out", self.correction_out.T)],
                             [product])
-        if gemm:
-            _gemm_tail(layer, emit, product, self.bias_shift)
-        elif self.bias_shift is not None and layer.bias is not None:
-            site = layer.bias
-            site.node.inputs[site.index] = emit.bias(site, self.bias_shift)
+        finish_product(layer, emit, product, self.bias_shift)
+
+
+def product_output(layer: Layer, emit: Emitter) -> object:
+    """Where a MatMul's or Gemm's replacement writes x @ W: the node's output, or a Gemm's product that
+    finish_product scales and biases."""
+    return emit.variable("product") if layer.node.op == "Gemm" else emit.outputs[0]
+
+
+def finish_product(layer: Layer, emit: Emitter, product, bias_shift: np.ndarray | None) -> None:
+    """A Gemm's alpha, beta and C applied to the product; the bias shift moved into the bias site."""
+    if layer.node.op == "Gemm":
+        _gemm_tail(layer, emit, product, bias_shift)
+    elif bias_shift is not None and layer.bias is not None:
+        site = layer.bias
+        site.node.inputs[site.index] = emit.bias(site, bias_shift)
+
+
+def matmul_nbits(emit: Emitter, role: str, x, blocks: Blocks, output) -> None:
+    """x @ blocks^T as MatMulNBits, its codes, scales and zero points constants named after `role`."""
+    weights, scales, zero_points = blocks.packed()
+    emit.node(role, "MatMulNBits", [x, emit.constant(f"{role}_weight", weights), _in_float(emit, f"{role}_scales", scales),
+                                    emit.constant(f"{role}_zero_points", zero_points)],
+              [output], {"K": blocks.width, "N": blocks.codes.shape[0], "bits": blocks.bits, "block_size": blocks.block},
+              domain=MS_DOMAIN)
 
 
 def _gemm_tail(layer: Layer, emit: Emitter, product, bias_shift: np.ndarray | None) -> None:
@@ -369,23 +404,35 @@ class _BlockOptions(Generic[FitT]):
         self._fits: dict[tuple[int, int], FitT] = {}
         self._plain: dict[int, list[tuple[Blocks, tuple[np.ndarray, np.ndarray]]]] = {}
         self._importance: np.ndarray | None = None  # per input column: what rounded() weighs its loss by
+        self._eight_bit_corrections = False  # whether corrections are also offered in 8-bit blocks
 
     def options(self) -> list[Option]:
         return [Option(self.method, config, fit.params, fit.predicted_error) for config, fit in
-                ((config, self._fit(*config)) for config in self.configs())]
+                ((config, self._option_fit(config)) for config in self.configs())]
 
-    def configs(self) -> list[tuple[int, int]]:
-        """(correction rank, block) on offer: ranks up to a sixteenth of the smaller side at 4 bits, none
-        at 8; blocks as given, those wider than the row left out unless none is narrower."""
+    def configs(self) -> list[tuple[int, ...]]:
+        """(correction rank, block) on offer, and (rank, block, 8) where the correction may be stored in 8
+        bits: ranks up to a sixteenth of the smaller side at 4 bits, none at 8; blocks as given, those wider
+        than the row left out unless none is narrower."""
         limit = min(self._matrix.shape) // 16 if self._bits == 4 else 0
         width = self._matrix.shape[1]
         blocks = [block for block in self._blocks if block <= width] or [min(self._blocks)]
-        return [(rank, block) for block in blocks for rank in CORRECTION_RANKS if rank <= limit]
+        found: list[tuple[int, ...]] = [(rank, block) for block in blocks for rank in CORRECTION_RANKS if rank <= limit]
+        if self._eight_bit_corrections:
+            found += [(rank, block, CORRECTION_BITS) for rank, block in found if rank]
+        return found
 
     def factorize(self, config: tuple[int, ...]) -> FitT:
         if tuple(config) not in self.configs():
-            raise ValueError(f"{self.method} offers (correction rank, block) {self.configs()}, not {tuple(config)}")
-        return self._fit(*config)
+            raise ValueError(f"{self.method} offers (correction rank, block[, correction bits]) {self.configs()}, "
+                             f"not {tuple(config)}")
+        return self._option_fit(tuple(config))
+
+    def _option_fit(self, config: tuple[int, ...]) -> FitT:
+        return self._eight_bit(*config[:2]) if len(config) == 3 else self._fit(*config)
+
+    def _eight_bit(self, rank: int, block: int) -> FitT:
+        raise NotImplementedError
 
     def _fit(self, rank: int, block: int) -> FitT:
         """The fit with the least predicted error over every rounding on offer and every alternation."""
@@ -410,7 +457,7 @@ class _BlockOptions(Generic[FitT]):
         """Per rounding, the weight rounded as it is and the correction of what that lost at the largest
         rank on offer: every rank's first alternation takes its leading part (one decomposition for all)."""
         if block not in self._plain:
-            largest = max(rank for rank, size in self.configs() if size == block)
+            largest = max(config[0] for config in self.configs() if config[1] == block)
             self._plain[block] = [(blocks, self._correction(self._matrix - blocks.dequantized(), largest))
                                   for blocks in (way(self._matrix, block) for way in self._roundings())]
         return self._plain[block]
@@ -438,6 +485,8 @@ class BlocksDecomposer(_BlockOptions[BlockQuantized]):
             self._second = (linalg.shrunk(moments, np.eye(weight.shape[1])[None]) + outer_products(moments.mean))[0]
             self._root = linalg.sqrt_psd(self._second[None])[0]
             self._importance = np.diagonal(self._second).copy()
+        self._eight_bit_corrections = self._bits == 4
+        self._eights: dict[tuple[int, int], BlockQuantized] = {}
 
     def _roundings(self) -> list[Callable[[np.ndarray, int], Blocks]]:
         """With input statistics, GPTQ beside activation-aware round to nearest: the better fit is kept."""
@@ -455,10 +504,30 @@ class BlocksDecomposer(_BlockOptions[BlockQuantized]):
         left = linalg.top_singular(weighted, rank)[0]
         return left, left.T @ residual
 
-    def _made(self, rank: int, blocks: Blocks, correction: tuple[np.ndarray, np.ndarray]) -> BlockQuantized:
+    def _eight_bit(self, rank: int, block: int) -> BlockQuantized:
+        """The float16 fit's correction in 8-bit blocks: B rounded along the input (weighted as the weight's
+        rounding is), A refitted to the rounded B under the input statistics, then rounded along r."""
+        if (rank, block) not in self._eights:
+            fit = self._fit(rank, block)
+            residual = self._matrix - fit.blocks.dequantized()
+            inner = rounded(fit.correction_in, CORRECTION_BLOCK, CORRECTION_BITS, self._importance)
+            outer = rounded(self.refitted(residual, inner.dequantized()), rank_block(rank), CORRECTION_BITS)
+            self._eights[rank, block] = self._made(rank, fit.blocks, (outer.dequantized(), inner.dequantized()),
+                                                   (inner, outer))
+        return self._eights[rank, block]
+
+    def refitted(self, target: np.ndarray, first: np.ndarray) -> np.ndarray:
+        """The A (out x r) that best completes A @ first ~= target (out x in) under the input statistics:
+        A = target E first^T (first E first^T)^+, E the input's second moment (the identity without it)."""
+        weighted = first.T if self._second is None else self._second @ first.T
+        return linalg.ridge_solve(first @ weighted, (target @ weighted).T).T
+
+    def _made(self, rank: int, blocks: Blocks, correction: tuple[np.ndarray, np.ndarray],
+              correction_blocks: tuple[Blocks, Blocks] | None = None) -> BlockQuantized:
         approx = (blocks.dequantized() + correction[0] @ correction[1])[None]
         return BlockQuantized(self.method, rank, blocks, *correction, predicted_error=self._error(approx),
-                             weight_bytes=self._weight_bytes, bias_shift=self._error.bias_shift(approx))
+                             weight_bytes=self._weight_bytes, correction_blocks=correction_blocks,
+                             bias_shift=self._error.bias_shift(approx))
 
 
 class TableBlocksDecomposer(_BlockOptions[BlockQuantizedTable]):

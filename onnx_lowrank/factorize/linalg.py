@@ -5,6 +5,7 @@ float64 on (G, m, n) stacks of matrices, never failing on rank-deficient statist
 from __future__ import annotations
 
 import numpy as np
+import scipy.linalg
 
 from ..observe.statistics import Moments
 
@@ -92,3 +93,10 @@ def fix_signs(vectors: np.ndarray) -> np.ndarray:
     signs = np.sign(np.take_along_axis(vectors, rows, axis=1))
     signs[signs == 0] = 1.0
     return vectors * signs
+
+
+def ridge_solve(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """gram^-1 rhs for a symmetric positive semi-definite gram, a whisker of ridge keeping a singular one
+    solvable (least squares refits: their Gram matrices lose rank where a factor does)."""
+    ridge = 1e-10 * max(float(np.trace(gram)) / len(gram), np.finfo(float).tiny)
+    return scipy.linalg.solve(gram + ridge * np.eye(len(gram)), rhs, assume_a="pos")

@@ -15,7 +15,9 @@ from ..graph.layers import Unit
 from ..graph.splice import Factorized
 from ..system.parallel import blas_threads
 from .contracts import Decomposer, Option, SpectralDecomposer
+from .int4 import METHOD_BITS
 from .parking import Parked, ParkedSpectral, Shelf
+from .quantized_svd import FACTOR_BITS
 
 
 @dataclass(frozen=True)
@@ -179,7 +181,12 @@ def pareto_front(options: Sequence[Option], dense_params: int) -> list[Option]:
 
 
 def rank_multiple(multiple: int) -> Callable[[Option], bool]:
-    """Options whose every rank is a multiple of `multiple` (what the hardware's kernels tile well)."""
-    return lambda option: all(rank % multiple == 0 for rank in option.config)
+    """Options whose every rank is a multiple of `multiple` (what the hardware's kernels tile well); a block
+    option's rank is its config's first entry (its block size and bits follow)."""
+    return lambda option: all(rank % multiple == 0 for rank in _ranks(option))
+
+
+def _ranks(option: Option) -> tuple[int, ...]:
+    return option.config[:1] if option.method in METHOD_BITS or option.method in FACTOR_BITS else option.config
 
 

@@ -31,6 +31,7 @@ from .int4 import (
 from .menu import UnitDecomposers
 from .parking import Shelf
 from .prune import PRUNING
+from .quantized_svd import FactorsDecomposer, QuantizedFactors
 from .svd import PARTIAL_MIN_SIDE, TruncatedSVD
 
 CONV_METHODS = ("tucker2", "cp", "spatial", "depthwise", "block")
@@ -113,13 +114,16 @@ def _decomposers(unit: Unit, method: str, stats: Moments | Counts | Tied | None,
             notes = [f"{method}: {why}"]
     if int4_blocks:
         blocks = table_blocks(unit, stats, int4_blocks)
+        matmul = len(unit.layers) == 1 and offers_int4(layer, stats, side)
         for scheme in METHOD_BITS:  # 4-bit with its corrections, 8-bit weight-only: precision mixed per layer
-            if len(unit.layers) == 1 and offers_int4(layer, stats, side):
+            if matmul:
                 others.append(BlocksDecomposer(layer, stats if isinstance(stats, Moments) else None, int4_blocks,
                                                scheme))
             elif blocks:
                 others.append(TableBlocksDecomposer(layer, stats if isinstance(stats, Counts | Tied) else None,
                                                     blocks, scheme))
+        if matmul:  # and today's SVD, its factors in 4 bits
+            others.append(FactorsDecomposer(layer, stats if isinstance(stats, Moments) else None, int4_blocks))
     candidate = UnitDecomposers(unit, primary, others, include_primary=method in ("auto", "svd"), notes=notes)
     if eager:
         candidate.options()
@@ -147,6 +151,7 @@ if TYPE_CHECKING:  # every decomposition keeps its contract (mypy checks these a
     _decomposers_kept: list[type[Decomposer]] = [
         ConvDecomposer, Tucker2, CanonicalPolyadic, SpatialSeparable, DepthwiseSeparable, BlockLowRank, Parked,
         ChannelPruning, KeptRows, HeadScores, QuerySide, BlocksDecomposer, TableBlocksDecomposer,
+        FactorsDecomposer,
     ]
     _factorized_kept: list[type[Factorized]] = [Factorization, ConvChain, PrunedInputs, KeptOutputs, HeadSide,
-                                                BlockQuantized, BlockQuantizedTable]
+                                                BlockQuantized, BlockQuantizedTable, QuantizedFactors]

@@ -12,10 +12,13 @@ from ..choose.search import Search
 from ..factorize.coupled import COUPLED_METHODS
 from ..factorize.int4 import BlockWeights
 from ..factorize.menu import Choice, UnitDecomposers, coupled, known_coupling
+from ..factorize.quantized_svd import QuantizedFactors
 from ..graph.layers import Unit
 from ..graph.splice import Factorized
 from ..observe.activations import Untimeable
 from ..report import Fusions, Latency, LayerReport, Report, TracePoint
+
+QUANTIZED = (BlockWeights, QuantizedFactors)  # stored in blocks: their bytes and scheme are reported
 
 
 def refusal(validation) -> str:
@@ -36,15 +39,16 @@ def traced(trial) -> TracePoint:
                       threatened=None if trial.threat is None else trial.threat.threatened)
 
 
-def clearly_slower(timing: Latency) -> str | None:
-    """A note when the compressed model ran slower end to end beyond the timings' spread (each layer's
-    gate cannot see effects between layers, such as a layout change)."""
+def clearly_slower(timing: Latency, where: str = "end to end") -> str | None:
+    """A note when the compressed model ran slower `where` (end to end; a decoder: at one-token decode, what
+    it is used for) beyond the timings' spread (each layer's gate cannot see effects between layers, such as
+    a layout change)."""
     original, compressed = timing.original, timing.compressed
     if timing.speedup is None or original is None or compressed is None:
         return None  # the timing failed (timing.error): nothing to compare
     if compressed.p10_ms <= original.p90_ms:
         return None
-    return (f"end to end the compressed model ran slower than the original ({timing.speedup:.2f}x, "
+    return (f"{where} the compressed model ran slower than the original ({timing.speedup:.2f}x, "
             f"{timing.provider}, batch {timing.batch}); try --objective latency")
 
 
@@ -69,7 +73,7 @@ def layer_reports(
                 weight=unit.weight.name,
                 shape=list(unit.weight.shape),
                 method=factorization.method,
-                rank=config[0] if len(config) == 1 or isinstance(factorization, BlockWeights) else list(config),
+                rank=config[0] if len(config) == 1 or isinstance(factorization, QUANTIZED) else list(config),
                 params_before=unit.params,
                 params_after=factorization.params,
                 predicted_error=factorization.predicted_error,
@@ -87,7 +91,7 @@ def layer_reports(
 def _bytes(unit: Unit, factorization: Factorized) -> dict:
     """The weight's bytes and its replacement's: a quantized layer's as stored, factors in the weight's type."""
     size = np.dtype(unit.weight.storage_dtype).itemsize
-    if isinstance(factorization, BlockWeights):
+    if isinstance(factorization, QUANTIZED):
         return {"bytes_before": unit.params * size, "bytes_after": factorization.nbytes,
                 "quantization": factorization.scheme}
     return {"bytes_before": unit.params * size, "bytes_after": factorization.params * size, "quantization": None}

@@ -32,6 +32,7 @@ from ..errors import BoundNotMet, InputError, known
 from ..factorize.int4 import METHOD_BITS
 from ..factorize.menu import coupled
 from ..factorize.parking import PARK_MIN_PARAMS
+from ..factorize.quantized_svd import FACTOR_BITS
 from ..factorize.refit import Refit
 from ..factorize.registry import PAIRINGS, decomposers_for
 from ..factorize.rewrite import build, check_rewritten, factors_of
@@ -186,7 +187,7 @@ def factorize(run: Run, advance: Advance) -> None:
     for pairing, pairs in run.load.couplings:
         if pairs and statistics is not None:
             pairing.couple(pairs, decomposers, statistics, parking)
-    blocks = any(option.method in METHOD_BITS for c in decomposers for option in c.options())
+    blocks = any(option.method in METHOD_BITS | FACTOR_BITS for c in decomposers for option in c.options())
     unused = () if settings.int4_blocks is None or blocks else (
         "--quantize int4: no layer takes 4- or 8-bit blocks here (they apply to MatMul x @ W and Gemm with a "
         "constant 2-D float32 weight, and to embedding tables): the model is factorized only",)
@@ -196,12 +197,18 @@ def factorize(run: Run, advance: Advance) -> None:
 def latency_gate(run: Run, advance: Advance) -> None:
     """The objective's restriction of the options: tile-multiple ranks, none slower than its dense layer."""
     offered, data, settings = run.menus_offered, run.data, run.settings
+    provider = data.provider if data else "cpu"
     others = (feed for _, feed in data.samples.batches(data.fit, settings.batch_size)) if data else ()
-    timer, notes = restrict_to_objective(
-        settings.objective, offered.decomposers, data.provider if data else "cpu", run.original, run.load.adapters,
-        offered.timing_feed, run.load.cache.file("latency.json"), advance, others,
-    )
-    run.offered = replace(offered, timer=timer, notes=offered.notes + tuple(notes))
+    feed = offered.timing_feed
+    used: tuple[str, ...] = ()
+    decode = None if feed is None or settings.objective == "size" else decode_feed(run.original, feed, provider)
+    if decode is not None:  # a decoder is used token by token: its layers are timed at that step
+        feed, others = decode, ()
+        used = (f"--objective {settings.objective}: a decoder with a KV cache, so every layer was timed at one-token "
+                "decode (batch 1), the step its users wait for, not at its prompts",)
+    timer, notes = restrict_to_objective(settings.objective, offered.decomposers, provider, run.original,
+                                         run.load.adapters, feed, run.load.cache.file("latency.json"), advance, others)
+    run.offered = replace(offered, timer=timer, notes=offered.notes + used + tuple(notes))
 
 
 def sensitivity(run: Run, advance: Advance) -> None:
@@ -449,7 +456,8 @@ def latency(run: Run, advance: Advance) -> None:
     decode = decode_feed(run.original, feed, provider)
     if decode is not None:  # a decoder: the step its users wait for, one token against the cache
         report.decode_latency = end_to_end(run.original, written.factorized, quantized, decode, provider, advance)
-    slower = clearly_slower(report.latency)
+    slower = clearly_slower(report.latency) if report.decode_latency is None else clearly_slower(
+        report.decode_latency, "at one-token decode")
     if slower:
         report.notes.append(slower)
 
