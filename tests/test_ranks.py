@@ -169,3 +169,50 @@ def test_descent_steps_below_an_allocation_one_move_at_a_time_keeping_the_pinned
         assert all(ch.option.params <= first.option.params for ch, first in zip(choices, start))
     moved = [sum(a != b for a, b in zip(one, two)) for one, two in zip(found[1:], found[:-1])]
     assert set(moved) <= {1}
+
+
+def test_size_mode_raises_the_largest_unit_and_lowers_the_others_within_the_budget():
+    """Search._raised (size mode, enough held-out samples): the unit holding the most of a budget allocation
+    is tried at larger options of its own (at least 1.25x its size), pinned, while the others step down
+    until the budget holds again; where no unit holds a tenth of the allocation, nothing is tried."""
+    from onnx_lowrank.choose.search import RAISED_BY, RAISED_FLOOR, Search
+
+    units = [make_unit("big", decaying(60, 48, 0.9, 0)[None])]
+    units += [make_unit(f"u{i}", decaying(30, 24, 0.8 + 0.05 * i, i + 1)[None]) for i in range(3)]
+    candidates = candidates_of(units)
+    search = Search(None, None, candidates, None, range(64), "rel-l2", None)
+    dense = sum(unit.params for unit in units)
+    choices = by_budget(candidates, 0.5, [1.0] * 4)
+    found = search._raised(choices, [1.0] * 4, 0.5 * dense)
+    assert 1 <= len(found) <= len(RAISED_BY)
+    for allocation in found:
+        assert allocation[0].option.params >= RAISED_BY[0] * choices[0].option.params
+        assert RAISED_FLOOR * 0.5 * dense <= search.params(allocation) <= 0.5 * dense
+        assert all(search._size(allocation, unit) <= search._size(choices, unit) for unit in range(1, 4))
+    many = candidates_of([make_unit(f"v{i}", decaying(30, 24, 0.85, i)[None]) for i in range(12)])
+    even = Search(None, None, many, None, range(64), "rel-l2", None)
+    assert even._raised(by_budget(many, 0.5, [1.0] * 12), [1.0] * 12, 0.5 * sum(c.unit.params for c in many)) == []
+
+
+def test_a_budget_below_what_the_svds_alone_reach_is_met_by_the_other_methods():
+    """Size mode's allocations of every method and of the SVDs alone (Search.at_budget): a budget below the
+    SVDs' least (rank 1 everywhere) but within another method's is met by that method, not refused (under
+    --quantize int4 an embedding table's blocks reach below its SVD); one no method reaches is refused."""
+    from onnx_lowrank.check.evaluator import Trial
+    from onnx_lowrank.choose.search import Search
+    from onnx_lowrank.factorize.contracts import Option
+
+    class Tiny:  # another method, whose one option is far smaller than any rank
+        method = "tiny"
+
+        def options(self):
+            return [Option("tiny", (1,), 10, 0.5)]
+
+    units = [make_unit(f"u{i}", decaying(30, 24, 0.85, i)[None]) for i in range(3)]
+    candidates = [UnitDecomposers(unit, TruncatedSVD(unit.matrices), [Tiny()]) for unit in units]
+    search = Search(None, None, candidates, None, range(8), "rel-l2", None)
+    search.validated = lambda choices: Trial(choices, search.params(choices), 0.1, 8)
+    trial = search.at_budget([1.0] * 3, 30 / sum(unit.params for unit in units))  # rank 1 is 54 a unit
+    assert [choice.option.method for choice in trial.choices] == ["tiny"] * 3
+    with pytest.raises(InputError, match="below what the smallest rank everywhere keeps"):
+        search.at_budget([1.0] * 3, 20 / sum(unit.params for unit in units))

@@ -5,7 +5,8 @@ evaluator), every trial kept (the report's trace). The sensitivities they weigh 
   ordered by size; a bisection over them, each step validated end to end, finds the smallest one whose
   validated error is within the tolerance; then the frontiers of size mode's other weightings, below it.
 - Size mode: at the parameter budget, allocations with sensitivity weights s**a (a = 0, 0.5, 1) are
-  validated and the least validated error wins.
+  validated, then (enough held-out samples) the best with one coarse unit raised a step and the others
+  lowered to fit (_raised), and the least validated error wins.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import onnx
 from ..check.evaluator import Evaluator, Trial
 from ..check.metrics import DISCRETE
 from ..check.validation import validation
-from ..errors import known
+from ..errors import InputError, known
 from ..factorize.coupled import COUPLED_METHODS
-from ..factorize.menu import Choice, UnitDecomposers, coupled, known_coupling
+from ..factorize.menu import Choice, UnitDecomposers, coupled, known_coupling, pareto_front
 from ..factorize.rewrite import build, factors_of
 from ..graph.splice import Factorized
 from ..report import Validation
@@ -30,6 +31,10 @@ from .bisection import Edge, predicted_errors
 SIZE_MODE_EXPONENTS = (0.0, 0.5, 1.0)
 FRONTIERS_MIN_SAMPLES = 32  # held-out samples compact mode needs to search the other weightings' frontiers
 PIN_SHARE = 0.5  # of the size between the chosen and the nearest failing allocation, one unit's step (_pinned_below)
+RAISED_SHARE = 0.1  # size mode: of the allocation, what the largest unit must hold to be tried larger (_raised)
+RAISED_BY = (1.25, 1.6, 2.0)  # the larger options it is tried at: the smallest at least these times its size
+RAISED_FLOOR = 0.9  # of the budget: how far below it the others step down
+RAISED_STEPS = 2000  # at most this many single steps down to get back within the budget
 PIN_FLOOR = 0.8  # of the chosen allocation's size: how far below it the pinned search looks
 # too (Silero VAD, 9 held out: the smallest of three searches reached rel-l2 0.085 on new recordings, the
 # first one's stays within 0.075)
@@ -197,12 +202,52 @@ class Search:
         several methods, also among those using the SVDs alone (predictions can mislead: the winners
         are validated)."""
         seen: dict[tuple, Trial] = {}
-        for view, weights in self._weightings(sensitivity):
-            choices = by_budget(view, fraction, weights, asked)
+        for number, (view, weights) in enumerate(self._weightings(sensitivity)):
+            try:
+                choices = by_budget(view, fraction, weights, asked)
+            except InputError:  # the budget is below what the SVDs alone can reach (every method's can)
+                if number == 0:
+                    raise
+                continue
+            key = tuple(c.option for c in choices)
+            if key not in seen:
+                seen[key] = self.validated(choices)
+        best = min(seen.values(), key=self.ranked)
+        if len(self.indices) < FRONTIERS_MIN_SAMPLES:  # few samples: more candidates, luckier picks
+            return best
+        budget = fraction * sum(c.unit.params for c in self.candidates)
+        for choices in self._raised(best.choices, sensitivity, budget):
             key = tuple(c.option for c in choices)
             if key not in seen:
                 seen[key] = self.validated(choices)
         return min(seen.values(), key=self.ranked)
+
+    def _raised(self, choices: list[Choice], sensitivity: Sequence[float], budget: float) -> list[list[Choice]]:
+        """Size mode's counterpart of _pinned_below: the unit holding the most of the allocation (at least
+        RAISED_SHARE of it: a large table, whose step between 4 and 8 bits its predicted error can misjudge)
+        takes a larger option of its own (the smallest at least RAISED_BY times its size, each), pinned,
+        and the others step down (descent) until the budget holds again."""
+        weights = [max(value, 1e-12) for value in sensitivity]
+        position = {id(candidate): unit for unit, candidate in enumerate(self.candidates)}
+        paired = {position[id(member)] for consumer in coupled(self.candidates)
+                  for member in (consumer, *known_coupling(consumer).producers)}
+        sizes = [-1 if unit in paired or choice.option is None else self._size(choices, unit)
+                 for unit, choice in enumerate(choices)]
+        unit = int(np.argmax(sizes))
+        if sizes[unit] < RAISED_SHARE * self.params(choices):
+            return []
+        candidate = self.candidates[unit]
+        front = pareto_front(candidate.options(), candidate.unit.params)
+        raised = {o for o in (next((o for o in front if o.params >= factor * sizes[unit]), None) for factor in RAISED_BY)
+                  if o is not None}
+        found = []
+        for option in sorted(raised, key=lambda option: option.params):
+            start = [Choice(option) if where == unit else choice for where, choice in enumerate(choices)]
+            within = [c for c in descent(self.candidates, start, weights, paired | {unit}, RAISED_FLOOR * budget,
+                                         RAISED_STEPS) if self.params(c) <= budget]
+            if within:
+                found.append(within[-1])
+        return found
 
     def ranked(self, trial: Trial) -> tuple[float, float]:
         """How a trial ranks among others at one size: by its bound first where that is what is accepted."""
