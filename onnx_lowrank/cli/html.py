@@ -433,13 +433,25 @@ def _search(data: Mapping, trace: Sequence[TracePoint], chosen: Chosen | None, p
                      _num(point.error, 6), _int(point.samples)])
     summary = f"{len(trace)} validated candidate{'s' if len(trace) != 1 else ''}"
     if chosen is not None and _finite(chosen.params):
-        summary += (f"; chosen: {_int(chosen.params)} parameters"
+        summary += (f"; chosen: {_int(chosen.params)} {'bytes in float weights' if in_bytes else 'parameters'}"
                     + (f" ({_percent(chosen.params, full)} of the factorizable ones)" if full else "")
                     + f", error {_num(chosen.error, 6)}")
+    size = "bytes of the units, in float weights" if in_bytes else "params of the units"
     out.append(f"<details><summary>{summary}</summary>"
-               + _table([("params of the units", True), ("of factorizable", True), ("error", True),
+               + _table([(size, True), ("of factorizable", True), ("error", True),
                          ("samples", True)], rows) + "</details>")
     return "\n".join(out)
+
+
+def _trace_words(in_bytes: bool) -> tuple[str, str]:
+    """The search trace's alt text and caption: under --quantize int4 its size axis is bytes (in float weights)."""
+    if in_bytes:
+        return "error versus bytes traced by the rank search", (
+            "Every candidate the rank search validated: error against bytes (in float weights: four bytes count "
+            "as one). Fewer bytes to the left; the search keeps the smallest candidate within the tolerance.")
+    return "error versus size traced by the rank search", (
+        "Every candidate the rank search validated: error against size. Fewer parameters to the left; the "
+        "search keeps the smallest candidate within the tolerance.")
 
 
 def _latency(latency: Latency | None, plots: _Plots) -> str:
@@ -728,9 +740,7 @@ class _Plots:
             margin = 0.05 * (right - left)
             ax.set_xlim(max(0.0, left - margin), right + margin)
             ax.legend(loc="upper right", frameon=True, framealpha=0.9)
-        caption = ("Every candidate the rank search validated: error against size. Fewer parameters to the "
-                   "left; the search keeps the smallest candidate within the tolerance.")
-        return self._embed(figure, "error versus size traced by the rank search", caption)
+        return self._embed(figure, *_trace_words(in_bytes))
 
     def latency(self, original: Timing | None, compressed: Timing | None, speedup: Any, setup: str) -> str:
         bars = [(name, stats) for name, stats in (("original", original), ("compressed", compressed))
