@@ -3,6 +3,7 @@
 Not a test: figures depend on the machine. Every figure in a row is measured in the same run.
 
     python tools/bench.py error-bound|generalization|methods|refit|quantized|latency [--models minilm,ppocr_cls,...] [--provider cpu|cuda]
+    python tools/bench.py quantized --models smollm2 --ways peers   # or ours, nncf, gptq, ...: some ways only
 
 error-bound: for each model, compact mode at several tolerances (data-aware factors, sensitivity-weighted
 allocation, validation in ONNX Runtime), and the weight-only path (--no-data) at the same parameter
@@ -19,8 +20,9 @@ methods: for the convnets, size mode at a budget with each decomposition alone a
 
 refit: size mode at budgets with --refit none and sequential (factorize/refit.py), the same parameters, eval errors.
 
-quantized (tools/bench_quantized.py): --quantize int4 and int8 against ONNX Runtime's weight-only quantizer,
-file sizes and eval errors.
+quantized (tools/bench_quantized.py): --quantize int4 and int8 against ONNX Runtime's weight-only quantizer
+and NNCF, file sizes and eval errors. `--ways` (ours, peers, or part of a way's name; comma-separated) runs
+some ways only, keeping the other ways' last rows.
 
 latency (tools/bench_latency.py): size, error, compression time and end-to-end latency of the original,
 weight-only, data-aware, latency-gated and int8 models, all of a case timed side by side; MiniLM at half
@@ -41,7 +43,7 @@ import bench_latency
 import onnx
 import onnxruntime as ort
 from bench_common import CASES, RESULTS, Case, data_for, machine, render_all  # puts this repository on sys.path
-from bench_quantized import QUANTIZED_CASES, quantized
+from bench_quantized import QUANTIZED_CASES, quantized, selected
 
 import onnx_lowrank
 from onnx_lowrank.check.evaluator import Evaluator
@@ -239,7 +241,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=30, help="latency: timed runs of every model, at least")
     parser.add_argument("--seconds", type=float, default=10.0,
                         help="latency: seconds of timing rounds per case, at least")
+    parser.add_argument("--ways", help="quantized: the ways to run, comma-separated: ours (onnx-lowrank's), peers, "
+                        "or part of a way's name (nncf, gptq, ...); the others' last rows stay")
     args = parser.parse_args()
+    if args.ways and args.suite != "quantized":
+        parser.error("--ways is for the quantized suite")
     if args.suite == "render":
         render_all()
         return
@@ -251,7 +257,7 @@ def main() -> None:
                                  lambda name: generalization(GENERALIZATION_CASES[name], args.provider)),
               "methods": (METHOD_CASES, lambda name: methods(name, args.provider)),
               "refit": (REFIT_CASES, lambda name: refit(name, args.provider)),
-              "quantized": (QUANTIZED_CASES, lambda name: quantized(name, args.provider, eval_error))}
+              "quantized": (QUANTIZED_CASES, lambda name: quantized(name, args.provider, eval_error, args.ways))}
     cases, run_case = suites[args.suite]
     names = args.models.split(",") if args.models else list(cases)
     rows = []
@@ -261,25 +267,41 @@ def main() -> None:
     path = args.out / f"{args.suite}_{args.provider}.json"
     run = {"suite": args.suite, "provider": args.provider, "machine": machine(args.provider),
            "onnxruntime": ort.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows}
-    if args.models and path.exists():  # some cases re-run: the others' rows stay, said in the note
-        run.update(_merged(json.loads(path.read_text()), run))
+    if (args.models or args.ways) and path.exists():  # some cases (ways) re-run: the others' rows stay, in the note
+        run.update(_merged(json.loads(path.read_text()), run, args.ways))
     path.write_text(json.dumps(run, indent=1))
     render_all()
 
 
-def _merged(previous: dict, run: dict) -> dict:
+def _merged(previous: dict, run: dict, ways: str | None = None) -> dict:
     """The previous run's rows of the models and metrics not re-run, then the new rows, each with the date it
     was run on, and a note saying which ran when; only when the previous run came from the same machine and
-    onnxruntime (as bench_latency.merged). A row carries its own date, so merging again never nests notes."""
+    onnxruntime (as bench_latency.merged). A row carries its own date, so merging again never nests notes.
+    With `ways` (the quantized suite's --ways), a re-run model keeps its rows of the ways not selected, and
+    its new rows take the place of the first row they replace (after its last row where none)."""
     rows = [{**row, "date": run["date"], "cpu": bench_common.cpu_model()} for row in run["rows"]]
     if (previous.get("machine"), previous.get("onnxruntime")) != (run["machine"], run["onnxruntime"]):
         return {"rows": rows}
-    ran = {(row["model"], row["metric"]) for row in rows}
-    kept = [{"date": previous["date"], **row} for row in previous["rows"]
-            if (row.get("model"), row.get("metric")) not in ran]
+    case = lambda row: (row.get("model"), row.get("metric"))  # noqa: E731
+    ran = {case(row) for row in rows}
+    stays = [case(row) not in ran or bool(ways and not selected(row.get("way", ""), ways)) for row in previous["rows"]]
+    kept = [{"date": previous["date"], **row} for row, stay in zip(previous["rows"], stays) if stay]
     if not kept:
         return {"rows": rows}
-    return {"rows": kept + rows, "note": dated(kept + rows)}
+    if not ways:
+        return {"rows": kept + rows, "note": dated(kept + rows)}
+    placed, emitted = [], set()
+    for row, stay in zip(previous["rows"], stays):  # a case's new rows where the first row they replace was
+        if stay:
+            placed.append({"date": previous["date"], **row})
+        elif case(row) not in emitted:
+            emitted.add(case(row))
+            placed += [new for new in rows if case(new) == case(row)]
+    for new in rows:  # a case none of whose previous rows was replaced: after its last row, or at the end
+        if case(new) not in emitted:
+            last = max((i for i, row in enumerate(placed) if case(row) == case(new)), default=len(placed) - 1)
+            placed.insert(last + 1, new)
+    return {"rows": placed, "note": dated(placed)}
 
 
 def dated(rows: list[dict]) -> str:

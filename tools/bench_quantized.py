@@ -1,11 +1,18 @@
-"""The quantized suite (`python tools/bench.py quantized [--models minilm_l2,minilm,smollm2]`): onnx-lowrank's
-`--quantize int4` (4-bit and 8-bit blocks, 4-bit with a low-rank correction, chosen per layer beside the
-factorizations) against ONNX Runtime's own weight-only quantizer
-(`matmul_nbits_quantizer`: RTN at block 32 and 128, HQQ, 8 bits) and NNCF's ONNX weight compression (int4
-symmetric, group 64, AWQ and scale estimation on the same calibration data; embeddings and the last
-MatMul 8-bit, its default), every way in the same run, each judged on the evaluation set the tool never
-saw. *file*: the written model's bytes over the original's; ours run on the command line in a child
-process (time and peak memory of the whole run), the peers in this process (time only).
+"""The quantized suite (`python tools/bench.py quantized [--models minilm_l2,minilm,smollm2] [--ways ...]`):
+onnx-lowrank's `--quantize int4` (4-bit and 8-bit blocks, 4-bit with a low-rank correction in float16 or 8
+bits, SVDs with 4-bit factors, chosen per layer beside the factorizations) against ONNX Runtime's own weight-only quantizer (`matmul_nbits_quantizer`: RTN
+at block 32 and 128, HQQ, GPTQ at block 32 on the calibration data, 8 bits) and NNCF's ONNX weight
+compression (int4 symmetric, group 64, AWQ and scale estimation on the same calibration data, or data-free;
+embeddings and the last MatMul 8-bit, its default), every way in the same run, each judged on the
+evaluation set the tool never saw. *file*: the written model's bytes over the original's; ours run on the
+command line in a child process (time and peak memory of the whole run), the peers in this process (time
+only). NNCF cannot read a MatMul weight that reaches it through a Transpose (SmolLM2's head reads the
+embedding table so, tied): it is given the model with that head reading its own transposed float copy
+("head untied"), as its user would do, and the copy's bytes count in its file.
+
+`--ways` (comma-separated) runs some ways only: `ours` (the onnx-lowrank rows), `peers` (the others), or
+any part of a way's name (`nncf`, `gptq`, `block 32`); the other ways' rows of the models run stay as they
+were in benchmarks/quantized_<provider>.json.
 """
 
 from __future__ import annotations
@@ -45,33 +52,126 @@ def ours(paths: dict, metric: str, batch: int | None, folder: Path, name: str, *
     return onnx.load(str(output)), extra
 
 
-def onnxruntime_weight_only(original: onnx.ModelProto, config) -> onnx.ModelProto:
-    """ONNX Runtime's MatMulNBits quantizer as a user calls it (it leaves Gather tables float)."""
+def onnxruntime_weight_only(original: onnx.ModelProto, config, **options) -> onnx.ModelProto:
+    """ONNX Runtime's MatMulNBits quantizer as a user calls it (it leaves Gather tables float); `options`: the
+    quantizer's own (GPTQ takes the block size from them, not from its config)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     copy = onnx.ModelProto()
     copy.CopyFrom(original)
-    quantizer = MatMulNBitsQuantizer(copy, algo_config=config)
+    quantizer = MatMulNBitsQuantizer(copy, algo_config=config, **options)
     quantizer.process()
     return quantizer.model.model
 
 
-def nncf_int4(original: onnx.ModelProto, calibration: Path | None) -> onnx.ModelProto:
-    """NNCF's ONNX weight compression (int4 symmetric, group 64), with its data-aware methods (AWQ, scale
-    estimation) fed the calibration samples one by one, or data-free without `calibration`."""
-    import nncf
+def samples(original: onnx.ModelProto, calibration: Path) -> list[dict]:
+    """The calibration samples one by one, as the peers with a data-aware method are fed them."""
+    stored = np.load(calibration)
+    names = [value.name for value in original.graph.input]
+    return [{name: stored[name][i : i + 1] for name in names} for i in range(len(stored[names[0]]))]
+
+
+def onnxruntime_gptq(original: onnx.ModelProto, calibration: Path) -> onnx.ModelProto:
+    """ONNX Runtime's GPTQ (int4, block 32, asymmetric: the RTN block-32 row's format) fed the calibration
+    samples one by one. ONNX Runtime ships the Intel Neural Compressor code it runs
+    (`onnxruntime.quantization.neural_compressor`, which imports torch), and that code packs the zero points
+    of a weight whose rows make an odd number of blocks wrongly (a reshape error: MiniLM's 384 rows and
+    SmolLM2's 576 at block 128), hence block 32 (both even). Its GPTQ update reads the upper Cholesky factor
+    of the inverse Hessian by column (`np.linalg.cholesky(...).T`, then `Hinv1[i:, i]`), which is zero below
+    the diagonal: no error is carried to the rows not yet quantized, and the weights come out exactly as
+    round-to-nearest's (checked on MiniLM-L6's MatMuls); the calibration passes (the whole model once per
+    weight input and sample) are its whole cost."""
+    from onnxruntime.quantization import CalibrationDataReader
+    from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+    class Reader(CalibrationDataReader):  # the quantizer reads a deep copy of it
+        def __init__(self, fed: list[dict]):
+            self.fed, self.at = fed, 0
+
+        def get_next(self) -> dict | None:
+            self.at += 1
+            return self.fed[self.at - 1] if self.at <= len(self.fed) else None
+
+    config = nbits.GPTQWeightOnlyQuantConfig(calibration_data_reader=Reader(samples(original, calibration)))
+    return onnxruntime_weight_only(original, config, block_size=32)
+
+
+def transposed_weights(original: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """MatMul / Gemm nodes reading a weight through a Transpose of an initializer (a head tied to the embedding
+    table): NNCF's graph counts such a weight, but its compression reads the Transpose's output as an
+    initializer and fails ("There is no tensor with the name ...")."""
+    initializers = {tensor.name for tensor in original.graph.initializer}
+    producers = {output: node for node in original.graph.node for output in node.output}
+    return [node for node in original.graph.node if node.op_type in ("MatMul", "Gemm") and any(
+        producers.get(name) is not None and producers[name].op_type == "Transpose"
+        and producers[name].input[0] in initializers for name in node.input[:2])]
+
+
+def untied(original: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy where every weight read through a Transpose of an initializer is its own initializer holding the
+    transposed values (a float copy of a tied table), the Transposes left unread removed."""
+    from onnx import numpy_helper
 
     copy = onnx.ModelProto()
     copy.CopyFrom(original)
+    graph = copy.graph
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    producers = {output: node for node in graph.node for output in node.output}
+    made: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type not in ("MatMul", "Gemm"):
+            continue
+        for port, name in enumerate(node.input[:2]):
+            transpose = producers.get(name)
+            if transpose is None or transpose.op_type != "Transpose" or transpose.input[0] not in initializers:
+                continue
+            if name not in made:
+                perm = next((list(attribute.ints) for attribute in transpose.attribute if attribute.name == "perm"),
+                            None)
+                table = numpy_helper.to_array(initializers[transpose.input[0]])
+                made[name] = f"{name}_untied"
+                graph.initializer.append(numpy_helper.from_array(
+                    np.ascontiguousarray(np.transpose(table, perm)), made[name]))
+            node.input[port] = made[name]
+    read = {name for node in graph.node for name in node.input} | {value.name for value in graph.output}
+    kept = [node for node in graph.node if node.op_type != "Transpose" or any(name in read for name in node.output)]
+    del graph.node[:]
+    graph.node.extend(kept)
+    return copy
+
+
+def nncf_int4(original: onnx.ModelProto, calibration: Path | None) -> onnx.ModelProto:
+    """NNCF's ONNX weight compression (int4 symmetric, group 64), with its data-aware methods (AWQ, scale
+    estimation) fed the calibration samples one by one, or data-free without `calibration`; on `untied`
+    (a copy of the original where there is nothing to untie)."""
+    import nncf
+
+    copy = untied(original)
     if calibration is None:
         return nncf.compress_weights(copy, mode=nncf.CompressWeightsMode.INT4_SYM, group_size=64)
-    stored = np.load(calibration)
-    names = [value.name for value in original.graph.input]
-    count = len(stored[names[0]])
-    samples = [{name: stored[name][i : i + 1] for name in names} for i in range(count)]
     return nncf.compress_weights(copy, mode=nncf.CompressWeightsMode.INT4_SYM, group_size=64,
-                                 dataset=nncf.Dataset(samples), awq=True, scale_estimation=True)
+                                 dataset=nncf.Dataset(samples(original, calibration)), awq=True, scale_estimation=True)
+
+
+def selected(way: str, ways: str | None) -> bool:
+    """Whether `--ways` (comma-separated: ours, peers, or a part of the way's name, any case) runs `way`."""
+    if not ways:
+        return True
+    ours_way = way.startswith("onnx-lowrank")
+    return any((wanted == "ours" and ours_way) or (wanted == "peers" and not ours_way) or wanted in way.lower()
+               for wanted in (part.strip().lower() for part in ways.split(",")) if wanted)
+
+
+GPTQ = "onnxruntime int4 GPTQ, block 32 (no-op update: RTN's weights)"
+GPTQ_NOT_RUN = {  # cases where the GPTQ row says why instead of running (measured once; see onnxruntime_gptq)
+    "smollm2": "not run: it runs the whole model once per weight input and sample (120 x 64 runs of 0.31 s here, "
+               "about 40 min) and its update is a no-op (it writes RTN block 32's weights)",
+}
+
+
+def _not_run(reason: str):
+    raise RuntimeError(reason)
 
 
 def peers() -> dict:
@@ -85,8 +185,9 @@ def peers() -> dict:
     }
 
 
-def quantized(name: str, provider: str, eval_error) -> list[dict]:
-    """Every way on one case; `eval_error(original, model, paths, case, provider)` judges the written models."""
+def quantized(name: str, provider: str, eval_error, ways: str | None = None) -> list[dict]:
+    """Every way on one case (those `ways` selects, see `selected`); `eval_error(original, model, paths, case,
+    provider)` judges the written models."""
     model_name, metric, batch, tolerances, sizes = QUANTIZED_CASES[name]
     paths = data_for(model_name)
     original = onnx.load(paths["model"])
@@ -95,20 +196,28 @@ def quantized(name: str, provider: str, eval_error) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-quantized-") as scratch:
         folder = Path(scratch)
-        ways = {**{f"onnx-lowrank int4, compact {t:g}": lambda t=t: ours(
-                       paths, metric, batch, folder, f"compact-{t:g}", "--quantize", "int4", "--tolerance", str(t))
-                   for t in tolerances},
-                **{f"onnx-lowrank int4, --target-bytes {f:g}": lambda f=f: ours(
-                       paths, metric, batch, folder, f"bytes-{f:g}", "--quantize", "int4", "--target-bytes", str(f))
-                   for f in sizes}}
+        run = {**{f"onnx-lowrank int4, compact {t:g}": lambda t=t: ours(
+                      paths, metric, batch, folder, f"compact-{t:g}", "--quantize", "int4", "--tolerance", str(t))
+                  for t in tolerances},
+               **{f"onnx-lowrank int4, --target-bytes {f:g}": lambda f=f: ours(
+                      paths, metric, batch, folder, f"bytes-{f:g}", "--quantize", "int4", "--target-bytes", str(f))
+                  for f in sizes}}
         if model_name == "minilm_l2":
-            ways[f"onnx-lowrank int8, compact {tolerances[0]:g}"] = lambda: ours(
+            run[f"onnx-lowrank int8, compact {tolerances[0]:g}"] = lambda: ours(
                 paths, metric, batch, folder, "int8", "--quantize", "int8", "--tolerance", str(tolerances[0]))
-        ways.update({way: lambda config=config: (onnxruntime_weight_only(original, config()), {})
-                     for way, config in peers().items()})
-        ways["NNCF int4 sym, group 64, AWQ + scale estimation"] = lambda: (nncf_int4(original, paths["calib"]), {})
-        ways["NNCF int4 sym, group 64, data-free"] = lambda: (nncf_int4(original, None), {})
-        for way, make in ways.items():
+        run.update({way: lambda config=config: (onnxruntime_weight_only(original, config()), {})
+                    for way, config in peers().items()})
+        run[GPTQ] = lambda: (onnxruntime_gptq(original, paths["calib"]), {})
+        if model_name in GPTQ_NOT_RUN:
+            run[GPTQ] = lambda: _not_run(GPTQ_NOT_RUN[model_name])
+        untie = ", head untied (its own float copy of the table)" if transposed_weights(original) else ""
+        run[f"NNCF int4 sym, group 64, AWQ + scale estimation{untie}"] = lambda: (
+            nncf_int4(original, paths["calib"]), {})
+        run[f"NNCF int4 sym, group 64, data-free{untie}"] = lambda: (nncf_int4(original, None), {})
+        chosen = {way: make for way, make in run.items() if selected(way, ways)}
+        if not chosen:
+            raise SystemExit(f"--ways {ways!r} selects no way of {model_name}: {'; '.join(run)}")
+        for way, make in chosen.items():
             started = time.perf_counter()
             try:
                 model, extra = make()
