@@ -540,3 +540,36 @@ def test_tile_multiples_read_a_block_options_rank_not_its_block_or_bits():
     assert tiles(Option("int4", (16, 32, 8), 1, 0.1)) and tiles(Option("int4", (0, 128), 1, 0.1))
     assert not tiles(Option("int4", (8, 32), 1, 0.1)) and tiles(Option("svd-int4", (48, 32), 1, 0.1))
     assert tiles(Option("tucker2", (16, 32), 1, 0.1)) and not tiles(Option("tucker2", (16, 24), 1, 0.1))
+
+
+@pytest.mark.parametrize("width, out, bias", [(512, 320, True), (256, 384, False)])
+def test_int8_dynamic_runs_int8_activations_within_its_prediction(width, out, bias):
+    """int8-dyn (int8 dynamic: 8-bit blocks, activations rounded to int8 per block at run time by
+    MatMulNBits' accuracy_level 4) needs the input statistics to predict what its activations lose: its
+    measured error is above int8-wo's (the activations' share), within its prediction; its scales are
+    float32 initializers (no Cast: ONNX Runtime 1.32 reads level 4's scales wrong through one), so it costs
+    int8-wo's bytes and two more per scale."""
+    from onnx_lowrank.factorize.int4 import INT8_DYNAMIC, INT8_WEIGHT_ONLY
+
+    model = matmul(width, out, bias=bias)
+    rng = np.random.default_rng(5)
+    data = (rng.standard_normal((64, 6, width)) * np.geomspace(3, 0.3, width)
+            + rng.standard_normal(width) * 0.5).astype(np.float32)
+    unit, moments = layer_statistics(model, {"x": data})
+    with pytest.raises(ValueError, match="input statistics"):
+        BlocksDecomposer(unit.layers[0], None, (32,), INT8_DYNAMIC)
+    dense = run(model, {"x": data})[0]
+    measured = {}
+    for method in (INT8_WEIGHT_ONLY, INT8_DYNAMIC):
+        fit = BlocksDecomposer(unit.layers[0], moments, (32,), method).factorize((0, 32))
+        compressed = build(model, ADAPTERS, {unit.key: fit})
+        onnx.checker.check_model(compressed, full_check=True)
+        (node,) = [node for node in compressed.graph.node if node.op_type == "MatMulNBits"]
+        levels = [attribute.i for attribute in node.attribute if attribute.name == "accuracy_level"]
+        assert levels == ([4] if method == INT8_DYNAMIC else [])
+        assert any(node.op_type == "Cast" for node in compressed.graph.node) == (method == INT8_WEIGHT_ONLY)
+        after = run(compressed, {"x": data})[0]
+        measured[method] = (fit, float(np.sum((after - dense) ** 2) / np.sum(dense**2)))
+    (weight_only, kept), (dynamic, lost) = measured[INT8_WEIGHT_ONLY], measured[INT8_DYNAMIC]
+    assert 1.5 * kept < lost <= dynamic.predicted_error
+    assert dynamic.nbytes == weight_only.nbytes + 2 * weight_only.blocks.scales.size

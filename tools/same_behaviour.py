@@ -44,6 +44,12 @@ MORE = {  # int8 with its fallback, the refit, pruned pairs and attention heads,
                                    "--target-params", "0.8"],
     "silero_vad compact rel-l2 0.05": ["silero_vad.onnx", "--calib", "silero_calib", "--metric", "rel-l2",
                                        "--tolerance", "0.05"],
+    "ppocr_cls int8 compact 0.01": ["ppocr_cls.onnx", "--calib", "ppocr_cls_lines.npz", "--labels",
+                                    "ppocr_cls_lines_labels.npy", "--metric", "accuracy", "--tolerance", "0.01",
+                                    "--quantize", "int8"],
+    "digits int8 compact 0.01": ["digits_cnn.onnx", "--calib", "digits_calib.npz", "--labels",
+                                 "digits_calib_labels.npy", "--metric", "accuracy", "--tolerance", "0.01",
+                                 "--quantize", "int8"],
 }
 MODEL_ARGUMENTS = {"--calib", "--labels"}  # followed by a file in models/
 TIMED = {"seconds", "phases", "latency"}  # report keys that timing decides

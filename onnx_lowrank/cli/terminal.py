@@ -339,6 +339,7 @@ def _layers_table(report: Report) -> tuple[_Table, list[str]]:
     if any(layer.quantization for layer in layers):
         legend.append("int4 / int8-wo bN: 4- / 8-bit blocks of N weights (MatMulNBits, GatherBlockQuantized), its "
                       "rank the low-rank correction's (c8: its factors in 8 bits), its params its bytes in weights; "
+                      "int8-dyn: 8-bit blocks with int8 activations (MatMulNBits accuracy_level 4); "
                       "svd-int4 / svd-int8: the SVD at its rank, both factors in 4- / 8-bit blocks")
     rows = []
     for layer, params in zip(layers, _params(layers)):

@@ -107,6 +107,11 @@ class OutputError:
         scaled = self.scale[:, :, None] * weight
         self._energy = linalg.energy(scaled, second_moment)
 
+    @property
+    def energy(self) -> float:
+        """E||D W x||^2: what the errors are relative to."""
+        return self._energy
+
     def _delta(self, approx: np.ndarray) -> np.ndarray:
         return self._weight - np.asarray(approx, dtype=np.float64).reshape(self._shape)
 

@@ -20,7 +20,14 @@ very bytes, scales and zero points GatherBlockQuantized looks up (reshaped to it
 the lookup's two factors transposed; its fit weighs the d side as the tied SVD does (data_aware.tied_metric).
 
 8-bit blocks ("int8-wo", weight-only: activations stay float) cost twice the bytes of 4-bit ones and lose
-about a sixteenth of their error; they need no correction (offered at rank 0).
+about a sixteenth of their error; they need no correction (offered at rank 0). "int8-dyn" is int8 dynamic
+quantization of a MatMul: the same 8-bit blocks run with int8 activations (MatMulNBits' accuracy_level 4:
+each row's activations rounded per block to int8 at run time, an integer kernel with VNNI or AMX), its
+scales float32 (ONNX Runtime 1.32 reads level 4's scales wrong through a Cast). It costs a little more
+than int8-wo and loses more, so only speed can choose it (the latency gate times it); its predicted error
+adds what rounding the activations loses: per block a step of max|x| / 127, max|x| taken as the block's
+largest |mean| plus sqrt(2 ln 2n) of its largest deviation (n the block's size: a Gaussian's expected
+maximum), spread through the weight's columns.
 
 A MatMul's correction is also offered in 8 bits (config (rank, block, 8)): B rounded to 8-bit blocks along
 the input, A refitted to the rounded B under the input statistics, then rounded along r, the two run as
@@ -47,6 +54,7 @@ from typing import Generic, Self, TypeVar
 import numpy as np
 import onnx
 
+from ..errors import known
 from ..graph.layers import Layer, Unit
 from ..graph.splice import Emitter
 from ..observe.statistics import Counts, Moments, Tied, outer_products
@@ -57,7 +65,10 @@ from .gptq import gptq, inverse_cholesky, stored_scales
 
 INT4 = "int4"
 INT8_WEIGHT_ONLY = "int8-wo"
-METHOD_BITS = {INT4: 4, INT8_WEIGHT_ONLY: 8}
+INT8_DYNAMIC = "int8-dyn"
+METHOD_BITS = {INT4: 4, INT8_WEIGHT_ONLY: 8, INT8_DYNAMIC: 8}
+TABLE_METHODS = (INT4, INT8_WEIGHT_ONLY)  # a lookup has no activations to quantize
+INT8_ACTIVATIONS = 4  # MatMulNBits' accuracy_level that quantizes its activations to int8 (int8-dyn)
 BLOCK_SIZES = (32, 64, 128)
 CORRECTION_RANKS = (0, 8, 16, 32, 64)  # the correction ranks offered (those below a sixteenth of the smaller side)
 CORRECTION_BITS = 8  # a MatMul's correction is also offered with its factors in 8-bit blocks
@@ -179,6 +190,7 @@ class BlockWeights:
     predicted_error: float
     weight_bytes: int = 4  # bytes of one weight of the layer (the unit `params` counts in)
     correction_blocks: tuple[Blocks, Blocks] | None = None  # B, A in 8-bit blocks where stored so (A, B: their values)
+    accuracy_level: int = 0  # MatMulNBits' (INT8_ACTIVATIONS: int8 dynamic)
 
     @property
     def nbytes(self) -> int:
@@ -229,7 +241,7 @@ class BlockQuantized(BlockWeights):
         (a Gemm's alpha, beta and C then applied as it did)."""
         product = product_output(layer, emit)
         quantized = emit.variable("q") if self.rank else product
-        matmul_nbits(emit, "q", emit.inputs[0], self.blocks, quantized)
+        matmul_nbits(emit, "q", emit.inputs[0], self.blocks, quantized, self.accuracy_level)
         if self.rank and self.correction_blocks is not None:
             inner, outer = self.correction_blocks
             middle, corrected = emit.variable("c_mid"), emit.variable("c")
@@ -259,12 +271,14 @@ def finish_product(layer: Layer, emit: Emitter, product, bias_shift: np.ndarray 
         site.node.inputs[site.index] = emit.bias(site, bias_shift)
 
 
-def matmul_nbits(emit: Emitter, role: str, x, blocks: Blocks, output) -> None:
+def matmul_nbits(emit: Emitter, role: str, x, blocks: Blocks, output, accuracy_level: int = 0) -> None:
     """x @ blocks^T as MatMulNBits, its codes, scales and zero points constants named after `role`."""
     weights, scales, zero_points = blocks.packed()
+    attributes = {"K": blocks.width, "N": blocks.codes.shape[0], "bits": blocks.bits, "block_size": blocks.block}
+    if accuracy_level:
+        attributes["accuracy_level"] = accuracy_level
     emit.node(role, "MatMulNBits", [x, emit.constant(f"{role}_weight", weights), _in_float(emit, f"{role}_scales", scales),
-                                    emit.constant(f"{role}_zero_points", zero_points)],
-              [output], {"K": blocks.width, "N": blocks.codes.shape[0], "bits": blocks.bits, "block_size": blocks.block},
+                                    emit.constant(f"{role}_zero_points", zero_points)], [output], attributes,
               domain=MS_DOMAIN)
 
 
@@ -396,7 +410,7 @@ class _BlockOptions(Generic[FitT]):
     kept; the correction's factors rounded to float16 where they fit, as they are stored."""
 
     def __init__(self, matrix: np.ndarray, blocks: Sequence[int], weight_bytes: int, method: str):
-        self.method = method  # INT4 or INT8_WEIGHT_ONLY
+        self.method = method  # one of METHOD_BITS
         self._bits = METHOD_BITS[method]
         self._matrix = matrix  # the stored orientation: a MatMul's W (out x in), a table (V x d)
         self._blocks = tuple(blocks)
@@ -486,6 +500,9 @@ class BlocksDecomposer(_BlockOptions[BlockQuantized]):
             self._root = linalg.sqrt_psd(self._second[None])[0]
             self._importance = np.diagonal(self._second).copy()
         self._eight_bit_corrections = self._bits == 4
+        self._mean = None if moments is None else moments.mean[0]
+        if method == INT8_DYNAMIC and moments is None:
+            raise ValueError(f"{INT8_DYNAMIC} predicts what its activations lose from the input statistics")
         self._eights: dict[tuple[int, int], BlockQuantized] = {}
 
     def _roundings(self) -> list[Callable[[np.ndarray, int], Blocks]]:
@@ -525,9 +542,25 @@ class BlocksDecomposer(_BlockOptions[BlockQuantized]):
     def _made(self, rank: int, blocks: Blocks, correction: tuple[np.ndarray, np.ndarray],
               correction_blocks: tuple[Blocks, Blocks] | None = None) -> BlockQuantized:
         approx = (blocks.dequantized() + correction[0] @ correction[1])[None]
-        return BlockQuantized(self.method, rank, blocks, *correction, predicted_error=self._error(approx),
+        error, level = self._error(approx), 0
+        if self.method == INT8_DYNAMIC:
+            blocks, level = replace(blocks, scales=blocks.scales.astype(np.float32)), INT8_ACTIVATIONS
+            error += self._activation_error(approx[0], blocks.block)
+        return BlockQuantized(self.method, rank, blocks, *correction, predicted_error=error,
                              weight_bytes=self._weight_bytes, correction_blocks=correction_blocks,
-                             bias_shift=self._error.bias_shift(approx))
+                             accuracy_level=level, bias_shift=self._error.bias_shift(approx))
+
+    def _activation_error(self, weight: np.ndarray, block: int) -> float:
+        """What rounding the activations to int8 per block adds to the relative output error (INT8_DYNAMIC;
+        see the module's docstring): sum_j ||D w_j||^2 step_b(j)^2 / 12 over the output energy."""
+        mean, second = known(self._mean, "the input mean"), known(self._second, "the input moments")
+        width = len(mean)
+        spread = np.sqrt(np.maximum(np.diagonal(second) - mean**2, 0.0))
+        padded = -(-width // block) * block
+        largest = [np.pad(np.abs(values), (0, padded - width)).reshape(-1, block).max(axis=1) for values in (mean, spread)]
+        steps = np.repeat((largest[0] + np.sqrt(2 * np.log(2 * block)) * largest[1]) / 127, block)[:width]
+        columns = np.sum((self._error.scale[0][:, None] * weight) ** 2, axis=0)
+        return float(np.sum(columns * steps**2 / 12) / self._error.energy) if self._error.energy > 0 else 0.0
 
 
 class TableBlocksDecomposer(_BlockOptions[BlockQuantizedTable]):

@@ -20,7 +20,9 @@ from .coupled import HEADS, PRUNE, Pairing
 from .data_aware import OutputError, data_aware_svd
 from .heads import ATTENTION_HEADS
 from .int4 import (
+    INT8_DYNAMIC,
     METHOD_BITS,
+    TABLE_METHODS,
     BlockQuantized,
     BlockQuantizedTable,
     BlocksDecomposer,
@@ -115,11 +117,11 @@ def _decomposers(unit: Unit, method: str, stats: Moments | Counts | Tied | None,
     if int4_blocks:
         blocks = table_blocks(unit, stats, int4_blocks)
         matmul = len(unit.layers) == 1 and offers_int4(layer, stats, side)
-        for scheme in METHOD_BITS:  # 4-bit with its corrections, 8-bit weight-only: precision mixed per layer
-            if matmul:
+        for scheme in METHOD_BITS:  # 4-bit with its corrections, 8-bit weight-only or dynamic: mixed per layer
+            if matmul and (scheme != INT8_DYNAMIC or isinstance(stats, Moments)):
                 others.append(BlocksDecomposer(layer, stats if isinstance(stats, Moments) else None, int4_blocks,
                                                scheme))
-            elif blocks:
+            elif blocks and scheme in TABLE_METHODS:
                 others.append(TableBlocksDecomposer(layer, stats if isinstance(stats, Counts | Tied) else None,
                                                     blocks, scheme))
         if matmul:  # and today's SVD, its factors in 4 bits
