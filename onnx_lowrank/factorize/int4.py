@@ -488,16 +488,16 @@ class BlocksDecomposer(_BlockOptions[BlockQuantized]):
     weight alone without them)."""
 
     def __init__(self, layer: Layer, moments: Moments | None, blocks: Sequence[int] = BLOCK_SIZES,
-                 method: str = INT4):
+                 method: str = INT4, error: OutputError | None = None):
+        """`error`: the layer's OutputError, shared by its decomposers (made here when not given)."""
         weight = np.asarray(layer.matrices, dtype=np.float64)[0]  # (out, in)
         super().__init__(weight, blocks, int(np.dtype(layer.weight.storage_dtype).itemsize), method)
-        self._error = OutputError(layer, moments)
-        self._root = None
+        self._error = OutputError(layer, moments) if error is None else error
+        self._root: np.ndarray | None = None  # S, S S^T = E[x x^T]: the corrections' weighting, made when first asked
         self._second: np.ndarray | None = None
         self._inverse_root: np.ndarray | None = None  # GPTQ's, made when first asked
         if moments is not None:
             self._second = (linalg.shrunk(moments, np.eye(weight.shape[1])[None]) + outer_products(moments.mean))[0]
-            self._root = linalg.sqrt_psd(self._second[None])[0]
             self._importance = np.diagonal(self._second).copy()
         self._eight_bit_corrections = self._bits == 4
         self._mean = None if moments is None else moments.mean[0]
@@ -506,9 +506,10 @@ class BlocksDecomposer(_BlockOptions[BlockQuantized]):
         self._eights: dict[tuple[int, int], BlockQuantized] = {}
 
     def _roundings(self) -> list[Callable[[np.ndarray, int], Blocks]]:
-        """With input statistics, GPTQ beside activation-aware round to nearest: the better fit is kept."""
+        """With input statistics, GPTQ beside activation-aware round to nearest: the better fit is kept
+        (int8-dyn rounds to nearest only: its activations lose several times what its weights do)."""
         found = super()._roundings()
-        if self._second is not None:
+        if self._second is not None and self.method != INT8_DYNAMIC:
             if self._inverse_root is None:
                 self._inverse_root = inverse_cholesky(self._second)
             found.append(partial(rounded_gptq, bits=self._bits, inverse_root=self._inverse_root))
@@ -517,6 +518,8 @@ class BlocksDecomposer(_BlockOptions[BlockQuantized]):
     def _correction(self, residual: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
         """The best rank-r A, B for the residual under the input statistics: A = U_r, B = U_r^T R (their
         leading r' columns and rows: the best of rank r')."""
+        if self._second is not None and self._root is None:
+            self._root = linalg.sqrt_psd(self._second[None])[0]
         weighted = residual if self._root is None else residual @ self._root
         left = linalg.top_singular(weighted, rank)[0]
         return left, left.T @ residual

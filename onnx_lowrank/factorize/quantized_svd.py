@@ -27,6 +27,7 @@ from ..graph.layers import Layer
 from ..graph.splice import Emitter
 from ..observe.statistics import Moments
 from .contracts import Option
+from .data_aware import OutputError
 from .int4 import BLOCK_SIZES, INT4, Blocks, BlocksDecomposer, finish_product, matmul_nbits, product_output, rounded
 
 FACTOR_BITS = {"svd-int4": 4, "svd-int8": 8}
@@ -78,8 +79,9 @@ class FactorsDecomposer(BlocksDecomposer):
     """A MatMul unit's SVD with quantized factors, at `bits`: the statistics, roundings and error of the
     unit's block options (BlocksDecomposer), another menu."""
 
-    def __init__(self, layer: Layer, moments: Moments | None, blocks: Sequence[int] = BLOCK_SIZES, bits: int = 4):
-        super().__init__(layer, moments, blocks, INT4)
+    def __init__(self, layer: Layer, moments: Moments | None, blocks: Sequence[int] = BLOCK_SIZES, bits: int = 4,
+                 error: OutputError | None = None):
+        super().__init__(layer, moments, blocks, INT4, error)
         self.method = next(method for method, factor_bits in FACTOR_BITS.items() if factor_bits == bits)
         self._bits = bits
         self._block = min(blocks)

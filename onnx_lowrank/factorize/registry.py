@@ -117,15 +117,16 @@ def _decomposers(unit: Unit, method: str, stats: Moments | Counts | Tied | None,
     if int4_blocks:
         blocks = table_blocks(unit, stats, int4_blocks)
         matmul = len(unit.layers) == 1 and offers_int4(layer, stats, side)
+        moments = stats if isinstance(stats, Moments) else None
+        error = OutputError(layer, moments) if matmul else None  # one for the layer's block menus
         for scheme in METHOD_BITS:  # 4-bit with its corrections, 8-bit weight-only or dynamic: mixed per layer
-            if matmul and (scheme != INT8_DYNAMIC or isinstance(stats, Moments)):
-                others.append(BlocksDecomposer(layer, stats if isinstance(stats, Moments) else None, int4_blocks,
-                                               scheme))
+            if matmul and (scheme != INT8_DYNAMIC or moments is not None):
+                others.append(BlocksDecomposer(layer, moments, int4_blocks, scheme, error))
             elif blocks and scheme in TABLE_METHODS:
                 others.append(TableBlocksDecomposer(layer, stats if isinstance(stats, Counts | Tied) else None,
                                                     blocks, scheme))
         if matmul:  # and today's SVD, its factors in 4 bits
-            others.append(FactorsDecomposer(layer, stats if isinstance(stats, Moments) else None, int4_blocks))
+            others.append(FactorsDecomposer(layer, moments, int4_blocks, error=error))
     candidate = UnitDecomposers(unit, primary, others, include_primary=method in ("auto", "svd"), notes=notes)
     if eager:
         candidate.options()
