@@ -573,3 +573,39 @@ def test_int8_dynamic_runs_int8_activations_within_its_prediction(width, out, bi
     (weight_only, kept), (dynamic, lost) = measured[INT8_WEIGHT_ONLY], measured[INT8_DYNAMIC]
     assert 1.5 * kept < lost <= dynamic.predicted_error
     assert dynamic.nbytes == weight_only.nbytes + 2 * weight_only.blocks.scales.size
+
+
+def test_a_tables_correction_in_eight_bits_looks_up_what_we_predict_with():
+    """A table's correction in 8 bits (not tied; ranks in whole blocks along r): A's rows looked up by
+    GatherBlockQuantized, B^T in MatMulNBits, every looked-up row that of Q + A B as predicted, for fewer
+    bytes than the float16 factors and no more error (B refitted to the rounded A). A tied table offers none."""
+    from onnx_lowrank.factorize.int4 import TableBlocksDecomposer
+
+    model = lookup(rows=600, width=256)
+    (unit,) = find_layers(import_graph(model).graph, model, ADAPTERS).units
+    samples = load_calibration({"idx": skewed_indices(600)}, model)
+    (counts,) = unit_statistics(model, [unit], samples, list(range(len(samples))), "cpu", batch_size=8)
+    found = TableBlocksDecomposer(unit.layers[0], counts, (32,))
+    assert [config for config in found.configs() if len(config) == 3] == [(16, 32, 8)]  # not 8: half a block
+    half, eight = found.factorize((16, 32)), found.factorize((16, 32, 8))
+    assert eight.nbytes < half.nbytes and eight.predicted_error <= 1.01 * half.predicted_error
+    compressed = build(model, ADAPTERS, {unit.key: eight})
+    onnx.checker.check_model(compressed, full_check=True)
+    assert [node.op_type for node in compressed.graph.node].count("GatherBlockQuantized") == 2
+    indices = np.array([[0, 1, 2, 599, 57]], dtype=np.int64)
+    expected = eight.same_op_weight()[0].T[indices].astype(np.float32)
+    np.testing.assert_allclose(run(compressed, {"idx": indices})[0], expected, rtol=1e-4, atol=1e-4)
+    tied = tied_configs(unit)
+    assert (16, 32) in tied and all(len(config) == 2 for config in tied)
+
+
+def tied_configs(unit) -> list[tuple[int, ...]]:
+    """The configs a tied table's decomposer offers (a Tied statistic: the head's moments beside the counts)."""
+    from onnx_lowrank.factorize.int4 import TableBlocksDecomposer
+    from onnx_lowrank.observe.statistics import Counts, Moments, Tied
+
+    width = unit.layers[0].weight.shape[1]
+    moments = Moments.empty(1, width)
+    moments.add(np.random.default_rng(0).standard_normal((1, 50, width)))
+    statistics = Tied(Counts(np.ones(unit.layers[0].weight.shape[0])), moments)
+    return TableBlocksDecomposer(unit.layers[0], statistics, (32,)).configs()

@@ -32,6 +32,9 @@ maximum), spread through the weight's columns.
 A MatMul's correction is also offered in 8 bits (config (rank, block, 8)): B rounded to 8-bit blocks along
 the input, A refitted to the rounded B under the input statistics, then rounded along r, the two run as
 MatMulNBits; about half the bytes of the float16 factors, at a predicted error the menu weighs as any other.
+A table's (not tied: its head would read A and B transposed) likewise at ranks of whole blocks: A's rows
+rounded along r and looked up by GatherBlockQuantized, B refitted under the row weights, B^T rounded for
+MatMulNBits.
 
 Each layer is offered every block size (32, 64, 128: larger blocks store fewer scales and lose more), or
 the one `--block-size` names. Scales and the correction's factors are stored in float16 where every value
@@ -189,7 +192,9 @@ class BlockWeights:
     correction_in: np.ndarray  # B
     predicted_error: float
     weight_bytes: int = 4  # bytes of one weight of the layer (the unit `params` counts in)
-    correction_blocks: tuple[Blocks, Blocks] | None = None  # B, A in 8-bit blocks where stored so (A, B: their values)
+    # the correction's factors in 8-bit blocks where stored so, in the order they run (a MatMul's B and A, a
+    # table's A and B^T; correction_out and correction_in then hold their values)
+    correction_blocks: tuple[Blocks, Blocks] | None = None
     accuracy_level: int = 0  # MatMulNBits' (INT8_ACTIVATIONS: int8 dynamic)
 
     @property
@@ -325,7 +330,18 @@ class BlockQuantizedTable(BlockWeights):
         emit.node("q", "GatherBlockQuantized", [data, emit.inputs[1], scales, zero_points],
                   [quantized], {"gather_axis": 0, "quantize_axis": 1, "block_size": self.blocks.block,
                                 "bits": self.blocks.bits}, domain=MS_DOMAIN)
-        if self.rank:
+        if self.rank and self.correction_blocks is not None:  # A looked up from 8-bit rows, then B^T's blocks
+            lookup, product = self.correction_blocks
+            looked_up, corrected = emit.variable("c_mid"), emit.variable("c")
+            data, scales, zero_points = lookup.packed_rows()
+            emit.node("c_in", "GatherBlockQuantized", [emit.constant("c_in_data", data), emit.inputs[1],
+                                                       _in_float(emit, "c_in_scales", scales),
+                                                       emit.constant("c_in_zero_points", zero_points)],
+                      [looked_up], {"gather_axis": 0, "quantize_axis": 1, "block_size": lookup.block,
+                                    "bits": lookup.bits}, domain=MS_DOMAIN)
+            matmul_nbits(emit, "c_out", looked_up, product, corrected)
+            emit.node("add", "Add", [quantized, corrected], emit.outputs)
+        elif self.rank:
             looked_up = emit.variable("c_mid")
             emit.node("c_in", "Gather", [_factor(emit, "c_in", self.correction_out), emit.inputs[1]], [looked_up],
                       {"axis": 0})
@@ -433,7 +449,7 @@ class _BlockOptions(Generic[FitT]):
         blocks = [block for block in self._blocks if block <= width] or [min(self._blocks)]
         found: list[tuple[int, ...]] = [(rank, block) for block in blocks for rank in CORRECTION_RANKS if rank <= limit]
         if self._eight_bit_corrections:
-            found += [(rank, block, CORRECTION_BITS) for rank, block in found if rank]
+            found += [(rank, block, CORRECTION_BITS) for rank, block in found if rank and self._eight_bits_fit(rank)]
         return found
 
     def factorize(self, config: tuple[int, ...]) -> FitT:
@@ -447,6 +463,10 @@ class _BlockOptions(Generic[FitT]):
 
     def _eight_bit(self, rank: int, block: int) -> FitT:
         raise NotImplementedError
+
+    def _eight_bits_fit(self, rank: int) -> bool:
+        """Whether a correction of this rank may be stored in 8 bits (MatMulNBits pads r to its block)."""
+        return True
 
     def _fit(self, rank: int, block: int) -> FitT:
         """The fit with the least predicted error over every rounding on offer and every alternation."""
@@ -581,6 +601,8 @@ class TableBlocksDecomposer(_BlockOptions[BlockQuantizedTable]):
         self._importance = None if self._metric is None else np.sum(self._metric**2, axis=0)
         self._total = self._weighted(table)
         self._inverse_root: np.ndarray | None = None  # GPTQ's against M^2 (a tied table), made when first asked
+        self._eight_bit_corrections = self._bits == 4 and self._metric is None  # a tied head reads A and B transposed
+        self._eights: dict[tuple[int, int], BlockQuantizedTable] = {}
 
     def _roundings(self) -> list[Callable[[np.ndarray, int], Blocks]]:
         """A tied table also GPTQ against M^2: each row's error in the metric is what its rounding keeps
@@ -606,11 +628,30 @@ class TableBlocksDecomposer(_BlockOptions[BlockQuantizedTable]):
         u, s, vt = linalg.top_singular(roots * residual @ self._metric, rank)
         return u * s / roots, np.linalg.solve(self._metric, vt.T).T  # M symmetric
 
-    def _made(self, rank: int, blocks: Blocks, correction: tuple[np.ndarray, np.ndarray]) -> BlockQuantizedTable:
+    def _eight_bits_fit(self, rank: int) -> bool:
+        """GatherBlockQuantized looks up whole blocks: r a multiple of its block along r."""
+        return rank % rank_block(rank) == 0
+
+    def _eight_bit(self, rank: int, block: int) -> BlockQuantizedTable:
+        """The float16 fit's correction in 8-bit blocks along r: A's rows (looked up by GatherBlockQuantized)
+        rounded, B refitted to them under the row weights, B^T rounded (MatMulNBits)."""
+        if (rank, block) not in self._eights:
+            fit = self._fit(rank, block)
+            lookup = rounded(fit.correction_out, rank_block(rank), CORRECTION_BITS)
+            rows = lookup.dequantized()
+            weighted = self._rows[:, None] * rows
+            basis = linalg.ridge_solve(rows.T @ weighted, weighted.T @ (self._matrix - fit.blocks.dequantized()))
+            product = rounded(basis.T, rank_block(rank), CORRECTION_BITS)
+            self._eights[rank, block] = self._made(rank, fit.blocks, (rows, product.dequantized().T),
+                                                   (lookup, product))
+        return self._eights[rank, block]
+
+    def _made(self, rank: int, blocks: Blocks, correction: tuple[np.ndarray, np.ndarray],
+              correction_blocks: tuple[Blocks, Blocks] | None = None) -> BlockQuantizedTable:
         left = self._matrix - blocks.dequantized() - correction[0] @ correction[1]
         error = self._weighted(left) / self._total if self._total > 0 else 0.0
         return BlockQuantizedTable(self.method, rank, blocks, *correction, predicted_error=error,
-                                   weight_bytes=self._weight_bytes)
+                                   weight_bytes=self._weight_bytes, correction_blocks=correction_blocks)
 
 
 def table_blocks(unit: Unit, statistics: object, blocks: Sequence[int]) -> list[int]:
