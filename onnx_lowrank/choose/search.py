@@ -202,6 +202,12 @@ class Search:
         several methods, also among those using the SVDs alone (predictions can mislead: the winners
         are validated)."""
         seen: dict[tuple, Trial] = {}
+
+        def validate(choices: list[Choice]) -> None:  # each distinct allocation once
+            key = tuple(c.option for c in choices)
+            if key not in seen:
+                seen[key] = self.validated(choices)
+
         for number, (view, weights) in enumerate(self._weightings(sensitivity)):
             try:
                 choices = by_budget(view, fraction, weights, asked)
@@ -209,17 +215,12 @@ class Search:
                 if number == 0:
                     raise
                 continue
-            key = tuple(c.option for c in choices)
-            if key not in seen:
-                seen[key] = self.validated(choices)
+            validate(choices)
         best = min(seen.values(), key=self.ranked)
         if len(self.indices) < FRONTIERS_MIN_SAMPLES:  # few samples: more candidates, luckier picks
             return best
-        budget = fraction * sum(c.unit.params for c in self.candidates)
-        for choices in self._raised(best.choices, sensitivity, budget):
-            key = tuple(c.option for c in choices)
-            if key not in seen:
-                seen[key] = self.validated(choices)
+        for choices in self._raised(best.choices, sensitivity, fraction * sum(c.unit.params for c in self.candidates)):
+            validate(choices)
         return min(seen.values(), key=self.ranked)
 
     def _raised(self, choices: list[Choice], sensitivity: Sequence[float], budget: float) -> list[list[Choice]]:
